@@ -1,1 +1,36 @@
-//! helpers
+//! Harness for precedent's root integration tests and the demo: throw-away network
+//! namespaces joined by veth pairs, a tiny HTTP server, and a supervised daemon process.
+//!
+//! Every resource is owned by a guard whose `Drop` removes it, so a failing test (a panic)
+//! still cleans up. Traffic only ever flows between the test's own namespace and the host end
+//! of its own veth pair.
+pub mod daemon;
+pub mod http_server;
+pub mod netns;
+
+pub use daemon::Daemon;
+pub use http_server::HttpServer;
+pub use netns::TestNet;
+
+/// True when running as root (the integration tests need CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Path of the `precedent` binary under test: $PRECEDENT_BIN, else the workspace's debug build.
+pub fn precedent_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PRECEDENT_BIN") {
+        return p.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/precedent");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p precedent`; `cargo xtask test` does this)",
+        bin.display()
+    );
+    bin
+}

@@ -1,0 +1,117 @@
+//! A `precedent daemon` child process whose stdout (alert/request JSON lines) and stderr (logs)
+//! are collected on background threads. Dropping it sends SIGTERM, then SIGKILL if needed.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args` and waits until its log says it is running (or it dies).
+    pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("PRECEDENT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let mut d = Self { child, lines, log };
+        d.wait_for_log("precedent daemon running", Duration::from_secs(30))?;
+        Ok(d)
+    }
+
+    /// Waits until a stderr line contains `needle`; fails if the daemon exits first.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                // Give the stderr thread a moment to collect the last words.
+                std::thread::sleep(Duration::from_millis(100));
+                bail!("daemon exited ({status}) before logging {needle:?}; log:\n{}", self.log_text());
+            }
+            if start.elapsed() > timeout {
+                bail!("daemon did not log {needle:?} within {timeout:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Next stdout line, or None after `timeout` without one.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Collects stdout lines until `n` arrived or no line came for `quiet`.
+    pub fn collect_lines(&self, n: usize, quiet: Duration) -> Vec<String> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.next_line(quiet) {
+                Some(l) => out.push(l),
+                None => break,
+            }
+        }
+        out
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM and wait for exit (SIGKILL after `timeout`).
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        if let Some(s) = self.child.try_wait()? {
+            return Ok(s);
+        }
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                bail!("daemon ignored SIGTERM for {timeout:?}; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::from_secs(5));
+    }
+}

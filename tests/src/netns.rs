@@ -1,0 +1,88 @@
+//! A network namespace with a veth pair to the host, created and destroyed by a guard.
+use std::{
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+/// `ns` holds one end of a veth pair (`ns_if`, address `ns_ip`); the other end (`host_if`,
+/// `host_ip`) stays in the caller's namespace. Dropping it deletes both.
+pub struct TestNet {
+    pub ns: String,
+    pub host_if: String,
+    pub ns_if: String,
+    pub host_ip: Ipv4Addr,
+    pub ns_ip: Ipv4Addr,
+}
+
+impl TestNet {
+    /// `tag` (at most 8 characters) makes names unique per test; `subnet` picks 10.231.`subnet`.0/24.
+    pub fn new(tag: &str, subnet: u8) -> anyhow::Result<Self> {
+        assert!(tag.len() <= 8, "tag {tag:?} too long for an interface name");
+        let net = Self {
+            ns: format!("prec-{tag}"),
+            host_if: format!("pr{tag}h"),
+            ns_if: format!("pr{tag}n"),
+            host_ip: Ipv4Addr::new(10, 231, subnet, 1),
+            ns_ip: Ipv4Addr::new(10, 231, subnet, 2),
+        };
+        // Leftovers of an earlier run killed before its guard ran.
+        net.remove();
+        // From here on, `net` owns what exists: an error below still cleans up on drop.
+        ip(&["netns", "add", &net.ns])?;
+        ip(&["link", "add", &net.host_if, "type", "veth", "peer", "name", &net.ns_if])?;
+        ip(&["link", "set", &net.ns_if, "netns", &net.ns])?;
+        ip(&["addr", "add", &format!("{}/24", net.host_ip), "dev", &net.host_if])?;
+        ip(&["link", "set", &net.host_if, "up"])?;
+        ip(&["-n", &net.ns, "addr", "add", &format!("{}/24", net.ns_ip), "dev", &net.ns_if])?;
+        ip(&["-n", &net.ns, "link", "set", &net.ns_if, "up"])?;
+        ip(&["-n", &net.ns, "link", "set", "lo", "up"])?;
+        Ok(net)
+    }
+
+    /// Runs `f` on a thread that has joined the namespace, so its sockets live there.
+    pub fn run_in_ns<F, R>(&self, f: F) -> anyhow::Result<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let path = format!("/run/netns/{}", self.ns);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::spawn(move || {
+            // SAFETY: setns on this thread only; the fd is valid for the call.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    fn remove(&self) {
+        // Deleting the namespace destroys its veth end, and with it the host end.
+        let _ = quiet_ip(&["netns", "del", &self.ns]);
+        let _ = quiet_ip(&["link", "del", &self.host_if]);
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (package iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn quiet_ip(args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
+    Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status()
+}
