@@ -59,10 +59,16 @@ impl Daemon {
             if let Some(status) = self.child.try_wait()? {
                 // Give the stderr thread a moment to collect the last words.
                 std::thread::sleep(Duration::from_millis(100));
-                bail!("daemon exited ({status}) before logging {needle:?}; log:\n{}", self.log_text());
+                bail!(
+                    "daemon exited ({status}) before logging {needle:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             if start.elapsed() > timeout {
-                bail!("daemon did not log {needle:?} within {timeout:?}; log:\n{}", self.log_text());
+                bail!(
+                    "daemon did not log {needle:?} within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -76,7 +76,9 @@ fn serve(conn: TcpStream, served: &AtomicU64) {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         if !matches!(req.parse(&head), Ok(httparse::Status::Complete(_))) {
-            let _ = writer.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = writer.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
             return;
         }
         let header = |name: &str| {
@@ -85,7 +87,9 @@ fn serve(conn: TcpStream, served: &AtomicU64) {
                 .find(|h| h.name.eq_ignore_ascii_case(name))
                 .map(|h| String::from_utf8_lossy(h.value).to_string())
         };
-        let body_len: usize = header("content-length").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let body_len: usize = header("content-length")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let mut body = vec![0; body_len.min(1 << 20)];
         if reader.read_exact(&mut body).is_err() {
@@ -93,7 +97,8 @@ fn serve(conn: TcpStream, served: &AtomicU64) {
         }
         served.fetch_add(1, Ordering::Relaxed);
         let conn_hdr = if close { "close" } else { "keep-alive" };
-        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: {conn_hdr}\r\n\r\nok");
+        let resp =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: {conn_hdr}\r\n\r\nok");
         if writer.write_all(resp.as_bytes()).is_err() || close {
             return;
         }

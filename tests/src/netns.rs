@@ -32,11 +32,34 @@ impl TestNet {
         net.remove();
         // From here on, `net` owns what exists: an error below still cleans up on drop.
         ip(&["netns", "add", &net.ns])?;
-        ip(&["link", "add", &net.host_if, "type", "veth", "peer", "name", &net.ns_if])?;
+        ip(&[
+            "link",
+            "add",
+            &net.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &net.ns_if,
+        ])?;
         ip(&["link", "set", &net.ns_if, "netns", &net.ns])?;
-        ip(&["addr", "add", &format!("{}/24", net.host_ip), "dev", &net.host_if])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", net.host_ip),
+            "dev",
+            &net.host_if,
+        ])?;
         ip(&["link", "set", &net.host_if, "up"])?;
-        ip(&["-n", &net.ns, "addr", "add", &format!("{}/24", net.ns_ip), "dev", &net.ns_if])?;
+        ip(&[
+            "-n",
+            &net.ns,
+            "addr",
+            "add",
+            &format!("{}/24", net.ns_ip),
+            "dev",
+            &net.ns_if,
+        ])?;
         ip(&["-n", &net.ns, "link", "set", &net.ns_if, "up"])?;
         ip(&["-n", &net.ns, "link", "set", "lo", "up"])?;
         Ok(net)
@@ -54,7 +77,10 @@ impl TestNet {
             // SAFETY: setns on this thread only; the fd is valid for the call.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             if rc != 0 {
-                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+                return Err(anyhow::anyhow!(
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
             Ok(f())
         })
@@ -76,13 +102,24 @@ impl Drop for TestNet {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (package iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (package iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 fn quiet_ip(args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
-    Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status()
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
 }

@@ -15,7 +15,11 @@ const PORT: u16 = 8080;
 
 /// One request/response on `stream`; returns the response status line.
 fn roundtrip(stream: &mut TcpStream, method: &str, path: &str, close: bool) -> String {
-    let body = if method == "POST" || method == "PUT" || method == "PATCH" { "x=1" } else { "" };
+    let body = if method == "POST" || method == "PUT" || method == "PATCH" {
+        "x=1"
+    } else {
+        ""
+    };
     let conn = if close { "close" } else { "keep-alive" };
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: api.test\r\nConnection: {conn}\r\nContent-Length: {}\r\n\r\n{body}",
@@ -31,7 +35,11 @@ fn roundtrip(stream: &mut TcpStream, method: &str, path: &str, close: bool) -> S
     }
     let mut rest = [0u8; 2];
     stream.read_exact(&mut rest).unwrap();
-    String::from_utf8_lossy(&resp).lines().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&resp)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -74,16 +82,27 @@ fn captures_every_request_on_fresh_and_keepalive_connections() {
     let lines = daemon.collect_lines(100, Duration::from_secs(5));
     let mut seen: HashMap<String, serde_json::Value> = HashMap::new();
     for l in &lines {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}"));
         let full = match v["query"].as_str() {
             Some(q) => format!("{}?{q}", v["path"].as_str().unwrap()),
             None => v["path"].as_str().unwrap().to_string(),
         };
-        assert!(seen.insert(full.clone(), v).is_none(), "request {full} reported twice");
+        assert!(
+            seen.insert(full.clone(), v).is_none(),
+            "request {full} reported twice"
+        );
     }
-    assert_eq!(lines.len(), 100, "expected 100 request lines; log:\n{}", daemon.log_text());
+    assert_eq!(
+        lines.len(),
+        100,
+        "expected 100 request lines; log:\n{}",
+        daemon.log_text()
+    );
     for (method, path, port) in &sent {
-        let v = seen.get(path).unwrap_or_else(|| panic!("{method} {path} not captured"));
+        let v = seen
+            .get(path)
+            .unwrap_or_else(|| panic!("{method} {path} not captured"));
         assert_eq!(v["method"], method.as_str(), "{path}");
         assert_eq!(v["client"], format!("{}:{port}", net.ns_ip), "{path}");
         assert_eq!(v["server"], format!("{}:{PORT}", net.host_ip), "{path}");
@@ -92,7 +111,11 @@ fn captures_every_request_on_fresh_and_keepalive_connections() {
         assert!(v["ts"].as_str().unwrap().ends_with('Z'));
     }
     let status = daemon.stop(Duration::from_secs(5)).unwrap();
-    assert!(status.success(), "daemon exit {status}; log:\n{}", daemon.log_text());
+    assert!(
+        status.success(),
+        "daemon exit {status}; log:\n{}",
+        daemon.log_text()
+    );
     assert!(daemon.log_text().contains("xdp program detached"));
 }
 
@@ -138,7 +161,11 @@ fn plain_tcp_data_produces_no_event() {
     assert_eq!(server.served(), 1);
 
     let lines = daemon.collect_lines(10, Duration::from_secs(3));
-    assert_eq!(lines.len(), 1, "only the sentinel should be reported, got {lines:#?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "only the sentinel should be reported, got {lines:#?}"
+    );
     let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(v["path"], "/sentinel");
 }
@@ -153,6 +180,9 @@ fn unknown_interface_is_a_one_line_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("precedent: interface nosuch0 not found; available:"), "{err}");
+    assert!(
+        last.starts_with("precedent: interface nosuch0 not found; available:"),
+        "{err}"
+    );
     assert!(last.contains("lo"), "{err}");
 }

@@ -1,1 +1,94 @@
-fn main(){}
+//! `cargo xtask <task>`: everything a newcomer needs on a fresh machine, each task doing its
+//! own set-up first.
+mod demo;
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "precedent's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (pinned nightly, bpf-linker) and the system packages tests need.
+    Setup,
+    /// Set up if needed, then build the `precedent` binary (debug).
+    Build,
+    /// Set up if needed, then run unit tests and the root integration tests.
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit_only: bool,
+    },
+    /// Set up if needed, then show precedent capturing a client's walk through an API.
+    Demo,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => setup::ensure().and_then(|()| build_agent()).map(|_| ()),
+        Task::Test { unit_only } => test::run(unit_only),
+        Task::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent dir")
+        .to_path_buf()
+}
+
+/// Builds `precedent` (debug) and returns the binary's path.
+pub fn build_agent() -> anyhow::Result<PathBuf> {
+    step("building precedent");
+    cargo(&["build", "--package", "precedent"])?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("debug/precedent"))
+}
+
+/// Runs cargo (the one that runs us) in the workspace root; fails if it fails.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    exec(Command::new(cargo).args(args).current_dir(workspace_root()))
+}
+
+/// Runs a command with inherited stdio; fails with the command line if it fails.
+pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+pub fn is_root() -> bool {
+    precedent_tests::is_root()
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask test`: set-up, unit tests (no root), then the root integration tests,
+//! single-threaded because they create network namespaces and attach XDP programs.
+use crate::{build_agent, cargo, is_root, setup, step};
+
+pub fn run(unit_only: bool) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    setup::ensure()?;
+    let bin = build_agent()?;
+
+    step("unit tests");
+    // Default members only: the eBPF crate cannot build for the host.
+    cargo(&["test"])?;
+
+    if unit_only {
+        eprintln!("skipping root integration tests (--unit-only)");
+    } else {
+        if !is_root() {
+            anyhow::bail!(
+                "the integration tests need root (network namespaces, XDP): rerun as root, \
+                 e.g. `sudo -E cargo xtask test`, or pass --unit-only"
+            );
+        }
+        step("root integration tests (single-threaded)");
+        // SAFETY: single-threaded here; the child cargo reads it.
+        unsafe { std::env::set_var("PRECEDENT_BIN", &bin) };
+        cargo(&[
+            "test",
+            "--package",
+            "precedent-tests",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ])?;
+    }
+    eprintln!("all tests passed in {:.0}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
