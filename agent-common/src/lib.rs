@@ -5,19 +5,21 @@
 #![no_std]
 
 /// Largest request prefix an event can carry (request line plus the first headers).
-pub const CAPTURE_MAX: usize = 512;
+pub const CAPTURE_MAX: usize = 4096;
+/// Capture length used when userspace has not configured one.
+pub const CAPTURE_DEFAULT: u32 = 512;
 
-/// Address family tags used in [`RequestEvent::family`].
+/// Address family tags used in [`EventHeader::family`].
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
-/// One captured HTTP/1.x request start, sent from XDP to userspace through the ring buffer.
+/// Fixed part of a ring buffer event; `captured_len` payload bytes follow it directly.
 ///
 /// Addresses are stored in 16 bytes; an IPv4 address occupies the first 4 (network order).
 /// Ports are in host byte order.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct RequestEvent {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds at capture.
     pub ts_ns: u64,
     pub saddr: [u8; 16],
@@ -31,16 +33,115 @@ pub struct RequestEvent {
     pub _pad: [u8; 3],
     /// TCP payload length of the packet as it was on the wire (may exceed `captured_len`).
     pub payload_len: u32,
-    /// How many bytes of `data` are valid.
+    /// How many payload bytes follow the header.
     pub captured_len: u32,
     pub _pad2: u32,
+}
+
+pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+const _: () = assert!(EVENT_HEADER_LEN == 64);
+
+/// Header plus room for the largest capture: the per-CPU scratch buffer the XDP program
+/// assembles an event in before copying `EVENT_HEADER_LEN + captured_len` bytes to the ring.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EventBuf {
+    pub header: EventHeader,
     pub data: [u8; CAPTURE_MAX],
 }
 
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 64 + CAPTURE_MAX);
+/// Runtime settings for the XDP program: entry 0 of the `CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bytes of payload to capture per request; 0 means [`CAPTURE_DEFAULT`]; capped at
+    /// [`CAPTURE_MAX`].
+    pub capture_len: u32,
+    pub _pad: u32,
+}
+
+/// Value of a block-map entry (LPM tries keyed by source prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// CLOCK_MONOTONIC nanoseconds after which the block no longer applies. The kernel side
+    /// compares against its own clock, so a block ends on time even if userspace is gone.
+    pub expires_ns: u64,
+    /// Packets dropped because of this entry (updated atomically by the XDP program).
+    pub dropped: u64,
+}
+
+/// Indexes into the per-CPU `COUNTERS` array: one slot per outcome.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets given XDP_PASS.
+    Passed = 0,
+    /// Packets dropped because their source is blocked.
+    Blocked,
+    /// Requests sent to the ring buffer.
+    Captured,
+    /// Captured requests whose payload was longer than the capture length.
+    Truncated,
+    /// Requests lost because the ring buffer was full.
+    RingbufFull,
+    /// Packets from a blocked prefix that the allowlist let through.
+    Allowlisted,
+    /// Packets whose source matched a block that had already expired.
+    BlockExpired,
+    /// HTTP/2 connection prefaces seen (counted, not captured).
+    Http2Preface,
+    /// Requests whose bytes lay outside what the program can read (non-linear buffers).
+    NonlinearSkipped,
+    /// Packets whose headers were inconsistent or truncated.
+    ParseGaveUp,
+    /// IPv6 packets with extension headers (passed without capture).
+    Ipv6ExtHeader,
+}
+
+pub const COUNTER_COUNT: u32 = 11;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Passed,
+        Counter::Blocked,
+        Counter::Captured,
+        Counter::Truncated,
+        Counter::RingbufFull,
+        Counter::Allowlisted,
+        Counter::BlockExpired,
+        Counter::Http2Preface,
+        Counter::NonlinearSkipped,
+        Counter::ParseGaveUp,
+        Counter::Ipv6ExtHeader,
+    ];
+
+    /// Stable snake_case name, used in logs, `status` and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Passed => "passed",
+            Counter::Blocked => "blocked",
+            Counter::Captured => "captured",
+            Counter::Truncated => "truncated",
+            Counter::RingbufFull => "ringbuf_full",
+            Counter::Allowlisted => "allowlisted",
+            Counter::BlockExpired => "block_expired",
+            Counter::Http2Preface => "http2_preface",
+            Counter::NonlinearSkipped => "nonlinear_skipped",
+            Counter::ParseGaveUp => "parse_gave_up",
+            Counter::Ipv6ExtHeader => "ipv6_ext_header",
+        }
+    }
+}
+
+/// Maximum entries per block / allow map (each of IPv4 and IPv6).
+pub const MAX_BLOCKS: u32 = 65_536;
+pub const MAX_ALLOW: u32 = 4_096;
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: RequestEvent is repr(C), Copy, and every bit pattern is valid for its fields.
-    unsafe impl aya::Pod for super::RequestEvent {}
+    // SAFETY: all are repr(C), Copy, padded explicitly, and valid for every bit pattern.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::BlockEntry {}
 }

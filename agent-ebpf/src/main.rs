@@ -1,164 +1,219 @@
 //! precedent's XDP program.
 //!
-//! For every IPv4/TCP segment whose payload starts with an HTTP/1.x method token and a space,
-//! copy the start of the payload (request line and first headers) into the `EVENTS` ring
-//! buffer. Every packet gets `XDP_PASS`: this program only observes.
+//! For every packet: if its source address is in a block map (and the block has not expired
+//! and the allowlist does not cover it), drop it. Otherwise, if it is a TCP segment whose
+//! payload starts with an HTTP/1.x method token and a space, copy the start of the payload
+//! into the `EVENTS` ring buffer. The only verdicts are pass and drop; packets are never
+//! modified. Every outcome is counted in the per-CPU `COUNTERS` array.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-use agent_common::{CAPTURE_MAX, FAMILY_IPV4, RequestEvent};
+mod parse;
+
+use agent_common::{
+    BlockEntry, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EVENT_HEADER_LEN,
+    EventBuf, MAX_ALLOW, MAX_BLOCKS,
+};
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_ktime_get_ns, generated::bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::RingBuf,
+    maps::{Array, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 
-/// 256 KiB holds about 450 events: enough to ride out a burst while userspace wakes up.
-#[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-const ETH_HDR_LEN: usize = 14;
-const ETH_P_IPV4: u16 = 0x0800;
-const IPPROTO_TCP: u8 = 6;
+use crate::parse::{Headers, Skip};
+
+/// Default 4 MiB (about 7,000 events of 512 bytes); userspace may resize it at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Where an event is assembled: too big for the 512-byte BPF stack.
+#[map]
+static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static BLOCK_V4: LpmTrie<[u8; 4], BlockEntry> = LpmTrie::with_max_entries(MAX_BLOCKS, 0);
+#[map]
+static BLOCK_V6: LpmTrie<[u8; 16], BlockEntry> = LpmTrie::with_max_entries(MAX_BLOCKS, 0);
+#[map]
+static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
+#[map]
+static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
 
 #[xdp]
 pub fn precedent(ctx: XdpContext) -> u32 {
-    // Every path passes the packet; the result only tells us whether we captured it.
-    let _ = try_capture(&ctx);
+    if inspect(&ctx) == Verdict::Drop {
+        bump(Counter::Blocked);
+        xdp_action::XDP_DROP
+    } else {
+        bump(Counter::Passed);
+        xdp_action::XDP_PASS
+    }
+}
+
+/// An empty program built alongside, so `cargo xtask bench-xdp` can report the cost of
+/// `precedent` relative to doing nothing at all.
+#[xdp]
+pub fn baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Bounds-checked pointer to a `T` at `offset` in the linear part of the packet.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return Err(());
-    }
-    Ok((start + offset) as *const T)
+#[derive(PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
 }
 
 #[inline(always)]
-fn try_capture(ctx: &XdpContext) -> Result<(), ()> {
-    // Ethernet: only untagged IPv4 for now.
-    let ethertype = u16::from_be(unsafe { *ptr_at::<u16>(ctx, 12)? });
-    if ethertype != ETH_P_IPV4 {
-        return Err(());
+fn bump(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it, so a plain increment is exact.
+        unsafe { *slot += 1 };
     }
+}
 
-    // IPv4: version/IHL, total length, protocol, addresses.
-    let ip = ETH_HDR_LEN;
-    let ver_ihl: u8 = unsafe { *ptr_at(ctx, ip)? };
-    if ver_ihl >> 4 != 4 {
-        return Err(());
-    }
-    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-    if ihl < 20 {
-        return Err(());
-    }
-    let total_len = u16::from_be(unsafe { *ptr_at::<u16>(ctx, ip + 2)? }) as usize;
-    let proto: u8 = unsafe { *ptr_at(ctx, ip + 9)? };
-    if proto != IPPROTO_TCP {
-        return Err(());
-    }
-    let saddr: [u8; 4] = unsafe { *ptr_at(ctx, ip + 12)? };
-    let daddr: [u8; 4] = unsafe { *ptr_at(ctx, ip + 16)? };
-
-    // TCP: ports and data offset. The header starts after the IPv4 options.
-    let tcp = ip + ihl;
-    let ports: [u16; 2] = unsafe { *ptr_at(ctx, tcp)? };
-    let doff_byte: u8 = unsafe { *ptr_at(ctx, tcp + 12)? };
-    let doff = ((doff_byte >> 4) as usize) * 4;
-    if doff < 20 {
-        return Err(());
-    }
-
-    // The IP total length is the truth about payload size (XDP buffers may carry Ethernet
-    // padding after it).
-    let payload_len = total_len.checked_sub(ihl + doff).ok_or(())?;
-    let payload_off = tcp + doff;
-    if payload_len < 4 {
-        return Err(());
-    }
-
-    // Look at the first 8 bytes: enough for the longest method token plus its space.
-    let mut head = [0u8; 8];
-    let head_len = if payload_len < 8 { payload_len } else { 8 };
-    load_bytes(ctx, payload_off, &mut head, head_len)?;
-    if !is_http_method(&head) {
-        return Err(());
-    }
-
-    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
-        return Err(());
+#[inline(always)]
+fn inspect(ctx: &XdpContext) -> Verdict {
+    let h = match parse::headers(ctx) {
+        Ok(h) => h,
+        Err(skip) => {
+            count_skip(skip);
+            return Verdict::Pass;
+        }
     };
-    let ev = entry.as_mut_ptr();
-    let captured = if payload_len < CAPTURE_MAX {
-        payload_len
+    // Blocking applies to every packet from the source, whatever its protocol, SYNs included.
+    let blocked = if h.is_v6 {
+        is_blocked(&BLOCK_V6, &ALLOW_V6, Key::new(128, h.saddr))
     } else {
-        CAPTURE_MAX
+        let mut v4 = [0u8; 4];
+        v4.copy_from_slice(&h.saddr[..4]);
+        is_blocked(&BLOCK_V4, &ALLOW_V4, Key::new(32, v4))
     };
-    // bpf_xdp_load_bytes also reads from fragments of multi-buffer packets, so a request
-    // whose start lies past the linear area is still captured safely.
-    let copied = unsafe { load_bytes(ctx, payload_off, &mut (*ev).data, captured) };
-    if copied.is_err() {
-        entry.discard(0);
-        return Err(());
+    if blocked {
+        return Verdict::Drop;
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&saddr);
-    dst[..4].copy_from_slice(&daddr);
+    if h.ipv6_ext {
+        bump(Counter::Ipv6ExtHeader);
+        return Verdict::Pass;
+    }
+    if let Err(skip) = capture(ctx, &h) {
+        count_skip(skip);
+    }
+    Verdict::Pass
+}
+
+#[inline(always)]
+fn count_skip(skip: Skip) {
+    match skip {
+        Skip::NotInteresting => {}
+        Skip::Malformed => bump(Counter::ParseGaveUp),
+        Skip::Nonlinear => bump(Counter::NonlinearSkipped),
+        Skip::Http2 => bump(Counter::Http2Preface),
+    }
+}
+
+/// Looks the source up in the block trie (longest prefix); an expired block or an allowlist
+/// match lets the packet through.
+#[inline(always)]
+fn is_blocked<K>(block: &LpmTrie<K, BlockEntry>, allow: &LpmTrie<K, u8>, key: Key<K>) -> bool {
+    let Some(entry) = block.get(&key) else {
+        return false;
+    };
+    if unsafe { bpf_ktime_get_ns() } >= entry.expires_ns {
+        bump(Counter::BlockExpired);
+        return false;
+    }
+    if allow.get(&key).is_some() {
+        bump(Counter::Allowlisted);
+        return false;
+    }
+    // Map values are shared by all CPUs: add atomically (BPF_ATOMIC_ADD). The BPF target
+    // exposes no stable atomic types, hence the intrinsic.
+    let dropped = &entry.dropped as *const u64 as *mut u64;
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dropped, 1) };
+    true
+}
+
+/// Sends the start of an HTTP/1.x request to the ring buffer, if the payload is one.
+#[inline(always)]
+fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
+    if !h.is_tcp || h.payload_len < 4 {
+        return Err(Skip::NotInteresting);
+    }
+    let mut head = [0u8; 8];
+    parse::payload_head(ctx, h, &mut head)?;
+    if !parse::is_http_method(head) {
+        if parse::is_http2_preface(head) {
+            return Err(Skip::Http2);
+        }
+        return Err(Skip::NotInteresting);
+    }
+
+    let limit = match CONFIG.get(0) {
+        Some(c) if c.capture_len != 0 => c.capture_len as usize,
+        _ => CAPTURE_DEFAULT as usize,
+    };
+    let mut captured = if h.payload_len < limit {
+        h.payload_len
+    } else {
+        limit
+    };
+    if captured > CAPTURE_MAX {
+        captured = CAPTURE_MAX;
+    }
+    if captured == 0 {
+        return Err(Skip::NotInteresting);
+    }
+
+    let buf = SCRATCH.get_ptr_mut(0).ok_or(Skip::NotInteresting)?;
+    // bpf_xdp_load_bytes also reads from the fragments of multi-buffer packets.
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            h.payload_off as u32,
+            (*buf).data.as_mut_ptr().cast(),
+            captured as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(parse::out_of_reach(ctx));
+    }
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).saddr = src;
-        (*ev).daddr = dst;
-        (*ev).sport = u16::from_be(ports[0]);
-        (*ev).dport = u16::from_be(ports[1]);
-        (*ev).ifindex = (*ctx.ctx).ingress_ifindex;
-        (*ev).family = FAMILY_IPV4;
-        (*ev)._pad = [0; 3];
-        (*ev).payload_len = payload_len as u32;
-        (*ev).captured_len = captured as u32;
-        (*ev)._pad2 = 0;
+        let hdr = &mut (*buf).header;
+        hdr.ts_ns = bpf_ktime_get_ns();
+        hdr.saddr = h.saddr;
+        hdr.daddr = h.daddr;
+        hdr.sport = h.sport;
+        hdr.dport = h.dport;
+        hdr.ifindex = (*ctx.ctx).ingress_ifindex;
+        hdr.family = if h.is_v6 { 6 } else { 4 };
+        hdr.payload_len = h.payload_len as u32;
+        hdr.captured_len = captured as u32;
     }
-    entry.submit(0);
+    // Only the header and the captured bytes go to the ring, not the whole scratch buffer.
+    let event = unsafe {
+        core::slice::from_raw_parts(buf.cast::<u8>().cast_const(), EVENT_HEADER_LEN + captured)
+    };
+    if EVENTS.output::<[u8]>(event, 0).is_err() {
+        bump(Counter::RingbufFull);
+        return Ok(());
+    }
+    bump(Counter::Captured);
+    if h.payload_len > captured {
+        bump(Counter::Truncated);
+    }
     Ok(())
-}
-
-/// Copy `len` bytes (1..=buf.len()) at `offset` of the packet into `buf`.
-#[inline(always)]
-fn load_bytes<const N: usize>(
-    ctx: &XdpContext,
-    offset: usize,
-    buf: &mut [u8; N],
-    len: usize,
-) -> Result<(), ()> {
-    // The verifier needs len provably within 1..=N.
-    if len == 0 || len > N {
-        return Err(());
-    }
-    let rc =
-        unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, buf.as_mut_ptr().cast(), len as u32) };
-    if rc < 0 { Err(()) } else { Ok(()) }
-}
-
-/// Does the payload start with an HTTP/1.x request method followed by a space?
-#[inline(always)]
-fn is_http_method(h: &[u8; 8]) -> bool {
-    match h[0] {
-        b'G' => h[..4] == *b"GET ",
-        b'H' => h[..5] == *b"HEAD ",
-        b'P' => h[..4] == *b"PUT " || h[..5] == *b"POST " || h[..6] == *b"PATCH ",
-        b'D' => h[..7] == *b"DELETE ",
-        b'O' => h == b"OPTIONS ",
-        b'C' => h == b"CONNECT ",
-        b'T' => h[..6] == *b"TRACE ",
-        _ => false,
-    }
 }
 
 #[cfg(not(test))]

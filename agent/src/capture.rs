@@ -1,27 +1,38 @@
-//! Loads the XDP program onto interfaces and turns its ring buffer into a stream of events.
+//! The kernel side of capture: loads the XDP program, attaches it to interfaces, configures
+//! it, reads its counters, and turns its ring buffer into a stream of [`CapturedRequest`]s.
 //!
-//! This is the only module that talks to the kernel's capture side. Everything downstream
-//! receives plain [`RequestEvent`] values and does not know how they were obtained.
+//! This is the only module that loads programs. The block and allow maps it creates are
+//! handed to [`crate::enforce`]; everything downstream receives plain values.
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
-use agent_common::{FAMILY_IPV4, RequestEvent};
-use aya::{
-    Ebpf,
-    maps::{MapData, RingBuf},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+use agent_common::{
+    CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EVENT_HEADER_LEN, EventHeader, FAMILY_IPV4,
 };
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use serde::Serialize;
 use thiserror::Error;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use crate::{clock, enforce::Enforcer};
 
 /// The XDP object built by agent/build.rs (empty when built with AYA_BUILD_SKIP=1).
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/precedent"));
 
-const PROGRAM: &str = "precedent";
+/// The capturing/blocking program, and the empty one benchmarks compare it with.
+pub const PROGRAM: &str = "precedent";
+pub const BASELINE_PROGRAM: &str = "baseline";
 const EVENTS_MAP: &str = "EVENTS";
+/// Maps that hold operator state and are pinned when pinning is on, so blocks survive restarts.
+pub const PINNED_MAPS: [&str; 4] = ["BLOCK_V4", "BLOCK_V6", "ALLOW_V4", "ALLOW_V6"];
 
 /// Capture set-up failures, each phrased so the operator knows what to do next.
 #[derive(Debug, Error)]
@@ -44,19 +55,123 @@ pub enum CaptureError {
     UnknownInterface { name: String, available: String },
     #[error("no interface given; pass --iface NAME (available: {available})")]
     NoInterface { available: String },
-    #[error("attaching XDP to {iface} failed: {source}")]
+    #[error("attaching XDP to {iface} in {mode} mode failed: {detail}")]
     Attach {
         iface: String,
-        source: aya::programs::ProgramError,
+        mode: AttachMode,
+        detail: String,
     },
+    #[error("capture length {0} out of range: must be 1..={CAPTURE_MAX}")]
+    CaptureLen(u32),
+    #[error("ring buffer size {0} invalid: must be a power of two, at least 64 KiB")]
+    RingSize(u32),
+    #[error("pin directory {path}: {detail}")]
+    PinDir { path: PathBuf, detail: String },
     #[error("loading the XDP program failed: {0}")]
     Load(String),
+    #[error("BPF map {map}: {detail}")]
+    Map { map: &'static str, detail: String },
+}
+
+/// How the program is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) XDP where the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    /// Driver mode only: fail if the driver lacks XDP support.
+    Native,
+    /// Generic (skb) mode: works on every interface, at a higher cost per packet.
+    Generic,
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        })
+    }
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            other => Err(format!(
+                "unknown attach mode {other:?}: use auto, native or generic"
+            )),
+        }
+    }
+}
+
+/// Load-time settings.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Payload bytes captured per request (1..=4096).
+    pub capture_len: u32,
+    /// Ring buffer size in bytes (power of two).
+    pub ring_bytes: u32,
+    /// Pin the block and allow maps in this bpffs directory and re-use them on the next start.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            capture_len: agent_common::CAPTURE_DEFAULT,
+            ring_bytes: 4 << 20,
+            pin_dir: None,
+        }
+    }
+}
+
+/// An interface the program is attached to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    pub iface: String,
+    /// `native` or `generic`: what the kernel accepted.
+    pub mode: AttachMode,
+}
+
+/// Sums over CPUs of the XDP program's per-CPU counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters([u64; COUNTER_COUNT as usize]);
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Counter::ALL.iter().map(|c| (c.name(), self.0[*c as usize]))
+    }
+
+    /// Per-counter difference `self − earlier` (counters only grow while the program is loaded).
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let mut d = *self;
+        for (v, e) in d.0.iter_mut().zip(earlier.0) {
+            *v = v.saturating_sub(e);
+        }
+        d
+    }
+}
+
+impl Serialize for Counters {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
 }
 
 /// A captured request start with addresses decoded; the payload is still raw bytes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapturedRequest {
-    /// CLOCK_REALTIME nanoseconds since the Unix epoch.
+    /// Unix time in nanoseconds.
     pub ts_unix_ns: u64,
     pub client: SocketAddr,
     pub server: SocketAddr,
@@ -67,131 +182,242 @@ pub struct CapturedRequest {
 }
 
 impl CapturedRequest {
-    /// Decodes a kernel event. `mono_to_unix_ns` converts CLOCK_MONOTONIC to wall time.
-    pub fn from_event(ev: &RequestEvent, mono_to_unix_ns: i128) -> Self {
+    /// Decodes one ring buffer record (header + payload). `mono_to_unix_ns` converts the
+    /// kernel's CLOCK_MONOTONIC stamp to wall time. None for a record too short to be one.
+    pub fn decode(record: &[u8], mono_to_unix_ns: i128) -> Option<Self> {
+        let header = record.get(..EVENT_HEADER_LEN)?;
+        // SAFETY: EventHeader is Pod-like (repr(C), any bit pattern valid) and the slice
+        // holds exactly its size; read_unaligned because the ring promises no alignment.
+        let h: EventHeader = unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
+        let payload = &record[EVENT_HEADER_LEN..];
+        let len = (h.captured_len as usize).min(payload.len());
         let ip = |raw: &[u8; 16]| -> IpAddr {
-            if ev.family == FAMILY_IPV4 {
+            if h.family == FAMILY_IPV4 {
                 IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
             } else {
                 IpAddr::V6(Ipv6Addr::from(*raw))
             }
         };
-        let len = (ev.captured_len as usize).min(ev.data.len());
-        Self {
-            ts_unix_ns: (ev.ts_ns as i128 + mono_to_unix_ns).max(0) as u64,
-            client: SocketAddr::new(ip(&ev.saddr), ev.sport),
-            server: SocketAddr::new(ip(&ev.daddr), ev.dport),
-            ifindex: ev.ifindex,
-            payload_len: ev.payload_len,
-            data: ev.data[..len].to_vec(),
-        }
+        Some(Self {
+            ts_unix_ns: (h.ts_ns as i128 + mono_to_unix_ns).max(0) as u64,
+            client: SocketAddr::new(ip(&h.saddr), h.sport),
+            server: SocketAddr::new(ip(&h.daddr), h.dport),
+            ifindex: h.ifindex,
+            payload_len: h.payload_len,
+            data: payload[..len].to_vec(),
+        })
+    }
+
+    /// The capture ended before the request did.
+    pub fn truncated(&self) -> bool {
+        self.payload_len as usize > self.data.len()
     }
 }
 
-/// The loaded program, attached to one or more interfaces. Dropping it detaches everything.
-pub struct Capture {
+/// The loaded programs and maps, attached to zero or more interfaces. Dropping it detaches.
+pub struct Datapath {
     ebpf: Ebpf,
-    links: Vec<(String, XdpLinkId)>,
+    attachments: Vec<(Attachment, XdpLinkId)>,
 }
 
-impl Capture {
-    /// Loads the XDP program and attaches it to every interface in `ifaces`.
-    pub fn attach(ifaces: &[String]) -> Result<Self, CaptureError> {
-        if ifaces.is_empty() {
-            return Err(CaptureError::NoInterface {
-                available: available_interfaces(),
-            });
-        }
-        // Check interfaces first: the cheapest error to hit and the most common typo.
-        for name in ifaces {
-            if !Path::new("/sys/class/net").join(name).exists() {
-                return Err(CaptureError::UnknownInterface {
-                    name: name.clone(),
-                    available: available_interfaces(),
-                });
-            }
-        }
+impl Datapath {
+    /// Loads the XDP object and configures it; attaches nothing yet.
+    pub fn load(opts: &LoadOptions) -> Result<Self, CaptureError> {
         if XDP_OBJECT.is_empty() {
             return Err(CaptureError::NoProgram);
+        }
+        if !(1..=CAPTURE_MAX as u32).contains(&opts.capture_len) {
+            return Err(CaptureError::CaptureLen(opts.capture_len));
+        }
+        if !opts.ring_bytes.is_power_of_two() || opts.ring_bytes < 64 * 1024 {
+            return Err(CaptureError::RingSize(opts.ring_bytes));
         }
         if !Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(CaptureError::NoBtf);
         }
         raise_memlock_rlimit();
 
-        let mut ebpf = Ebpf::load(XDP_OBJECT).map_err(|e| classify(e, "creating BPF maps"))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| CaptureError::Load(format!("program {PROGRAM} missing from object")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| classify(e, "loading the XDP program"))?;
-
-        let mut links = Vec::new();
-        for iface in ifaces {
-            let link = program
-                .attach(iface, XdpMode::default())
-                .map_err(|source| {
-                    if has_errno(&source, &[libc::EPERM, libc::EACCES]) {
-                        CaptureError::Permission {
-                            doing: "attaching XDP",
-                        }
-                    } else {
-                        CaptureError::Attach {
-                            iface: iface.clone(),
-                            source,
-                        }
-                    }
-                })?;
-            tracing::info!(iface = %iface, "xdp program attached");
-            links.push((iface.clone(), link));
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(EVENTS_MAP, opts.ring_bytes);
+        let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
         }
-        Ok(Self { ebpf, links })
+        let mut ebpf = loader
+            .load(XDP_OBJECT)
+            .map_err(|e| classify(e, "creating BPF maps"))?;
+        for name in [PROGRAM, BASELINE_PROGRAM] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|e| classify(e, "loading the XDP program"))?;
+        }
+        let mut dp = Self {
+            ebpf,
+            attachments: Vec::new(),
+        };
+        dp.set_capture_len(opts.capture_len)?;
+        Ok(dp)
     }
 
-    /// Takes the ring buffer out of the program, for [`read_events`].
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
-        let map = self
-            .ebpf
-            .take_map(EVENTS_MAP)
-            .ok_or_else(|| CaptureError::Load(format!("map {EVENTS_MAP} missing")))?;
-        RingBuf::try_from(map).map_err(|e| CaptureError::Load(e.to_string()))
+    /// Attaches the capturing program to `iface`. `Auto` tries native XDP first and falls
+    /// back to generic when the driver refuses.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, CaptureError> {
+        if !Path::new("/sys/class/net").join(iface).exists() {
+            return Err(CaptureError::UnknownInterface {
+                name: iface.to_string(),
+                available: available_interfaces(),
+            });
+        }
+        let prog = program(&mut self.ebpf, PROGRAM)?;
+        let try_mode = |prog: &mut Xdp, m: AttachMode| {
+            let flags = if m == AttachMode::Generic {
+                XdpMode::Skb
+            } else {
+                XdpMode::Driver
+            };
+            prog.attach(iface, flags).map_err(|e| {
+                if has_errno(&e, &[libc::EPERM, libc::EACCES]) {
+                    CaptureError::Permission {
+                        doing: "attaching XDP",
+                    }
+                } else {
+                    CaptureError::Attach {
+                        iface: iface.to_string(),
+                        mode: m,
+                        detail: chain(&e),
+                    }
+                }
+            })
+        };
+        let (link, used) = match mode {
+            AttachMode::Auto => match try_mode(prog, AttachMode::Native) {
+                Ok(l) => (l, AttachMode::Native),
+                Err(CaptureError::Attach { detail, .. }) => {
+                    tracing::info!(iface, reason = %detail, "native XDP refused; using generic mode");
+                    (try_mode(prog, AttachMode::Generic)?, AttachMode::Generic)
+                }
+                Err(e) => return Err(e),
+            },
+            m => (try_mode(prog, m)?, m),
+        };
+        tracing::info!(iface, mode = %used, "xdp program attached");
+        self.attachments.push((
+            Attachment {
+                iface: iface.to_string(),
+                mode: used,
+            },
+            link,
+        ));
+        Ok(used)
+    }
+
+    pub fn attachments(&self) -> Vec<Attachment> {
+        self.attachments.iter().map(|(a, _)| a.clone()).collect()
     }
 
     /// Detaches from every interface, logging each.
-    pub fn detach(mut self) {
-        let Some(program) = self.ebpf.program_mut(PROGRAM) else {
+    pub fn detach_all(&mut self) {
+        let Ok(prog) = program(&mut self.ebpf, PROGRAM) else {
             return;
         };
-        let Ok(program): Result<&mut Xdp, _> = program.try_into() else {
-            return;
-        };
-        for (iface, link) in self.links.drain(..) {
-            match program.detach(link) {
-                Ok(()) => tracing::info!(iface = %iface, "xdp program detached"),
-                Err(e) => tracing::warn!(iface = %iface, error = %e, "xdp detach failed"),
+        for (a, link) in self.attachments.drain(..) {
+            match prog.detach(link) {
+                Ok(()) => tracing::info!(iface = %a.iface, "xdp program detached"),
+                Err(e) => tracing::warn!(iface = %a.iface, error = %e, "xdp detach failed"),
             }
         }
     }
+
+    /// Changes how many payload bytes each captured request carries; takes effect at once.
+    pub fn set_capture_len(&mut self, len: u32) -> Result<(), CaptureError> {
+        if !(1..=CAPTURE_MAX as u32).contains(&len) {
+            return Err(CaptureError::CaptureLen(len));
+        }
+        let map = self.ebpf.map_mut("CONFIG").ok_or(missing("CONFIG"))?;
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(map).map_err(map_err("CONFIG"))?;
+        config
+            .set(
+                0,
+                Config {
+                    capture_len: len,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err("CONFIG"))
+    }
+
+    /// The kernel counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, CaptureError> {
+        let map = self.ebpf.map("COUNTERS").ok_or(missing("COUNTERS"))?;
+        let per_cpu: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err("COUNTERS"))?;
+        let mut out = Counters::default();
+        for (i, slot) in out.0.iter_mut().enumerate() {
+            let values = per_cpu.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Takes the ring buffer out, for [`read_events`] (or a test draining it directly).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, CaptureError> {
+        let map = self.ebpf.take_map(EVENTS_MAP).ok_or(missing(EVENTS_MAP))?;
+        RingBuf::try_from(map).map_err(map_err(EVENTS_MAP))
+    }
+
+    /// Takes the block and allow maps out, for the enforcement side.
+    pub fn take_enforcer(&mut self) -> Result<Enforcer, CaptureError> {
+        Enforcer::from_ebpf(&mut self.ebpf)
+    }
+
+    /// Runs `program` once per repeat on `packet` through BPF_PROG_TEST_RUN; returns the
+    /// verdict and the kernel's average run time. For unit tests and benchmarks.
+    pub fn test_run(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), CaptureError> {
+        let prog = program(&mut self.ebpf, name)?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.repeat = repeat.max(1);
+        let r = prog
+            .test_run(opts)
+            .map_err(|e| CaptureError::Load(chain(&e)))?;
+        Ok((r.return_value, r.duration))
+    }
 }
 
-/// Reads the ring buffer until `tx` closes, decoding each event.
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// Reads the ring buffer until `tx` closes, decoding each record.
 ///
-/// The kernel drops events itself when the ring is full, so this reader never blocks the
-/// kernel; when the channel downstream is full, the event is counted in `dropped` rather
-/// than stalling the ring.
+/// The reader never waits for downstream: when the channel is full the request is counted
+/// in `overflow` and dropped, so the ring keeps draining (a full ring would lose requests in
+/// the kernel instead, counted there as `ringbuf_full`).
 pub async fn read_events(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<CapturedRequest>,
+    overflow: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> io::Result<()> {
-    let offset = mono_to_unix_offset_ns();
+    let offset = clock::mono_to_unix_offset_ns();
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged while the AsyncFd
     // owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let mut dropped: u64 = 0;
     loop {
         let mut guard = tokio::select! {
             g = fd.readable_mut() => g?,
@@ -199,19 +425,16 @@ pub async fn read_events(
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<RequestEvent>() {
+            let Some(req) = CapturedRequest::decode(&item, offset) else {
                 continue;
-            }
-            // SAFETY: the kernel wrote a whole RequestEvent (checked length); read_unaligned
-            // because the ring gives no alignment guarantee we can name in types.
-            let ev: RequestEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            };
             drop(item);
-            match tx.try_send(CapturedRequest::from_event(&ev, offset)) {
+            match tx.try_send(req) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    dropped += 1;
-                    if dropped.is_power_of_two() {
-                        tracing::warn!(dropped, "pipeline full: captured requests dropped");
+                    let n = overflow.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(dropped = n, "engine behind: captured requests dropped");
                     }
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
@@ -221,18 +444,48 @@ pub async fn read_events(
     }
 }
 
-/// CLOCK_REALTIME − CLOCK_MONOTONIC, in nanoseconds: converts `bpf_ktime_get_ns` to wall time.
-fn mono_to_unix_offset_ns() -> i128 {
-    let read = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid clock id and out-pointer.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, CaptureError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| CaptureError::Load(format!("program {name} missing from object")))?
+        .try_into()
+        .map_err(|e: ProgramError| CaptureError::Load(e.to_string()))
+}
+
+fn missing(map: &'static str) -> CaptureError {
+    CaptureError::Map {
+        map,
+        detail: "missing from the object".into(),
+    }
+}
+
+fn map_err<E: std::error::Error + 'static>(map: &'static str) -> impl Fn(E) -> CaptureError {
+    move |e| CaptureError::Map {
+        map,
+        detail: chain(&e),
+    }
+}
+
+/// The pin directory must be on a BPF filesystem; create it if needed.
+fn prepare_pin_dir(dir: &Path) -> Result<(), CaptureError> {
+    let err = |detail: String| CaptureError::PinDir {
+        path: dir.to_path_buf(),
+        detail,
     };
-    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| err(e.to_string()))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(err(io::Error::last_os_error().to_string()));
+    }
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(err(
+            "not on a BPF filesystem (mount -t bpf bpf /sys/fs/bpf)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so loading cannot fail there.
@@ -247,7 +500,7 @@ fn raise_memlock_rlimit() {
     }
 }
 
-fn available_interfaces() -> String {
+pub fn available_interfaces() -> String {
     let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -276,21 +529,114 @@ fn has_errno(err: &(dyn std::error::Error + 'static), codes: &[i32]) -> bool {
     false
 }
 
+/// An error and all its sources on one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
 /// Maps load-time errors onto the ones an operator can act on.
 fn classify<E: std::error::Error + 'static>(err: E, doing: &'static str) -> CaptureError {
-    if has_errno(&err, &[libc::EPERM, libc::EACCES]) {
+    // The verifier also answers EACCES (for a rejected program), so EACCES only means missing
+    // privileges when we are not root.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if has_errno(&err, &[libc::EPERM]) || (!root && has_errno(&err, &[libc::EACCES])) {
         return CaptureError::Permission { doing };
     }
-    let text = format!("{err}");
+    let text = chain(&err);
     if text.contains(EVENTS_MAP) && has_errno(&err, &[libc::EINVAL]) {
         return CaptureError::NoRingBuf;
     }
-    let mut full = text;
-    let mut src = err.source();
-    while let Some(s) = src {
-        full.push_str(": ");
-        full.push_str(&s.to_string());
-        src = s.source();
+    CaptureError::Load(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(h: EventHeader, payload: &[u8]) -> Vec<u8> {
+        // SAFETY: EventHeader is repr(C) plain data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&h as *const EventHeader).cast::<u8>(), EVENT_HEADER_LEN)
+        };
+        let mut v = bytes.to_vec();
+        v.extend_from_slice(payload);
+        v
     }
-    CaptureError::Load(full)
+
+    #[test]
+    fn decodes_ipv4_event_and_converts_clock() {
+        let mut h = EventHeader {
+            ts_ns: 1_000,
+            sport: 40000,
+            dport: 80,
+            family: 4,
+            ..Default::default()
+        };
+        h.saddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        h.daddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        h.payload_len = 700;
+        h.captured_len = 5;
+        let r = CapturedRequest::decode(&record(h, b"GET /"), 5_000).unwrap();
+        assert_eq!(r.client, "10.0.0.2:40000".parse().unwrap());
+        assert_eq!(r.server, "10.0.0.1:80".parse().unwrap());
+        assert_eq!(r.ts_unix_ns, 6_000);
+        assert_eq!(r.data, b"GET /");
+        assert!(r.truncated());
+    }
+
+    #[test]
+    fn decodes_ipv6_event() {
+        let mut h = EventHeader {
+            family: 6,
+            sport: 1,
+            dport: 443,
+            ..Default::default()
+        };
+        h.saddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        h.captured_len = 3;
+        h.payload_len = 3;
+        let r = CapturedRequest::decode(&record(h, b"GET"), 0).unwrap();
+        assert_eq!(r.client, "[fd00::2]:1".parse().unwrap());
+        assert!(!r.truncated());
+    }
+
+    #[test]
+    fn short_or_lying_records_are_safe() {
+        assert!(CapturedRequest::decode(&[0u8; 10], 0).is_none());
+        // captured_len claims more than the record holds: clamp, don't panic.
+        let h = EventHeader {
+            family: 4,
+            captured_len: 4000,
+            payload_len: 4000,
+            ..Default::default()
+        };
+        assert_eq!(
+            CapturedRequest::decode(&record(h, b"GET /x"), 0)
+                .unwrap()
+                .data,
+            b"GET /x"
+        );
+    }
+
+    #[test]
+    fn attach_mode_parses_and_rejects() {
+        assert_eq!(
+            "generic".parse::<AttachMode>().unwrap(),
+            AttachMode::Generic
+        );
+        assert!(
+            "turbo"
+                .parse::<AttachMode>()
+                .unwrap_err()
+                .contains("auto, native or generic")
+        );
+    }
 }

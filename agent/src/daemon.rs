@@ -2,7 +2,10 @@
 //!
 //! Signals are handled in one place (here) and become a single shutdown path: the program is
 //! detached from every interface before the process exits.
-use std::time::{Duration, UNIX_EPOCH};
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, UNIX_EPOCH},
+};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -12,15 +15,20 @@ use tokio::{
 };
 
 use crate::{
-    capture::{self, Capture, CapturedRequest},
+    capture::{self, AttachMode, CapturedRequest, Datapath, LoadOptions},
     http,
 };
 
 /// Captured requests waiting for the engine; beyond this the reader counts and drops.
 const PIPELINE_DEPTH: usize = 8192;
 
+/// How often counters are logged and expired blocks swept.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
 pub struct DaemonOptions {
     pub ifaces: Vec<String>,
+    pub attach_mode: AttachMode,
+    pub load: LoadOptions,
 }
 
 /// One JSON line per parsed request on stdout.
@@ -39,15 +47,39 @@ struct RequestLine<'a> {
 }
 
 pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
-    let mut capture = Capture::attach(&opts.ifaces)?;
-    let ring = capture.take_events()?;
+    if opts.ifaces.is_empty() {
+        anyhow::bail!(capture::CaptureError::NoInterface {
+            available: capture::available_interfaces()
+        });
+    }
+    // Check every interface name before loading anything: the commonest mistake, cheapest error.
+    for iface in &opts.ifaces {
+        if !std::path::Path::new("/sys/class/net").join(iface).exists() {
+            anyhow::bail!(capture::CaptureError::UnknownInterface {
+                name: iface.clone(),
+                available: capture::available_interfaces(),
+            });
+        }
+    }
+    let mut datapath = Datapath::load(&opts.load)?;
+    for iface in &opts.ifaces {
+        datapath.attach(iface, opts.attach_mode)?;
+    }
+    let mut enforcer = datapath.take_enforcer()?;
+    let ring = datapath.take_events()?;
+    let overflow = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = mpsc::channel(PIPELINE_DEPTH);
-    let reader = tokio::spawn(capture::read_events(ring, tx));
+    let reader = tokio::spawn(capture::read_events(ring, tx, overflow.clone()));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut housekeeping = tokio::time::interval_at(
+        tokio::time::Instant::now() + HOUSEKEEPING_EVERY,
+        HOUSEKEEPING_EVERY,
+    );
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut skipped: u64 = 0;
-    tracing::info!(interfaces = ?opts.ifaces, "precedent daemon running");
+    tracing::info!(interfaces = ?opts.ifaces, capture_len = opts.load.capture_len, "precedent daemon running");
     loop {
         tokio::select! {
             Some(req) = rx.recv() => {
@@ -55,15 +87,37 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                     skipped += 1;
                 }
             }
+            _ = housekeeping.tick() => {
+                match enforcer.sweep() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "expired blocks swept"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping expired blocks failed"),
+                }
+                log_counters(&datapath, &overflow, skipped);
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
         }
     }
     drop(rx);
     reader.abort();
-    capture.detach();
-    tracing::info!(skipped, "precedent daemon stopped");
+    log_counters(&datapath, &overflow, skipped);
+    datapath.detach_all();
+    tracing::info!("precedent daemon stopped");
     Ok(())
+}
+
+/// One structured log line with the kernel counters and the userspace drops.
+fn log_counters(datapath: &Datapath, overflow: &AtomicU64, skipped: u64) {
+    match datapath.counters() {
+        Ok(c) => tracing::info!(
+            kernel = %serde_json::to_string(&c).unwrap_or_default(),
+            engine_overflow = overflow.load(std::sync::atomic::Ordering::Relaxed),
+            unparsed = skipped,
+            "counters"
+        ),
+        Err(e) => tracing::warn!(error = %e, "reading kernel counters failed"),
+    }
 }
 
 /// Prints the request as a JSON line; returns false when the bytes were not a usable request.
@@ -84,7 +138,7 @@ fn emit(req: &CapturedRequest) -> bool {
         path: &parsed.path,
         query: parsed.query.as_deref(),
         version: parsed.version,
-        truncated: (req.payload_len as usize) > req.data.len(),
+        truncated: req.truncated(),
     };
     match serde_json::to_string(&line) {
         Ok(json) => println!("{json}"),

@@ -1,6 +1,11 @@
 //! `precedent`: command-line entry point. Subcommands are thin; the work lives in the library.
 use clap::{Parser, Subcommand};
-use precedent::daemon::{self, DaemonOptions};
+use std::path::PathBuf;
+
+use precedent::{
+    capture::{AttachMode, LoadOptions},
+    daemon::{self, DaemonOptions},
+};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +25,15 @@ enum Command {
         /// Interface to watch; repeat for several.
         #[arg(long = "iface", value_name = "NAME", required = true)]
         ifaces: Vec<String>,
+        /// XDP attach mode: auto (native, falling back to generic), native, or generic.
+        #[arg(long, default_value = "auto")]
+        xdp_mode: AttachMode,
+        /// Payload bytes captured per request (1..=4096).
+        #[arg(long, default_value_t = agent_common::CAPTURE_DEFAULT)]
+        capture_len: u32,
+        /// Pin the block and allow maps here (on bpffs) so blocks survive restarts.
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
     },
 }
 
@@ -35,12 +49,28 @@ fn main() -> std::process::ExitCode {
 
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Daemon { ifaces } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(daemon::run(DaemonOptions { ifaces }))),
+        Command::Daemon {
+            ifaces,
+            xdp_mode,
+            capture_len,
+            pin_dir,
+        } => {
+            let opts = DaemonOptions {
+                ifaces,
+                attach_mode: xdp_mode,
+                load: LoadOptions {
+                    capture_len,
+                    pin_dir,
+                    ..LoadOptions::default()
+                },
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(daemon::run(opts)))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

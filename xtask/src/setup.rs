@@ -178,10 +178,12 @@ fn ensure_packages() -> anyhow::Result<()> {
     }
     step(&format!("installing {} (apt-get)", missing.join(", ")));
     exec(Command::new("apt-get").arg("update").arg("-q"))?;
-    exec(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 fn on_path(cmd: &str) -> bool {

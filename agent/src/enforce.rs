@@ -1,0 +1,292 @@
+//! The userspace side of blocking: the LPM-trie block and allow maps the XDP program reads.
+//!
+//! Blocks are source prefixes with an expiry on the kernel's monotonic clock, so they end on
+//! time even if this process is gone. The allowlist always wins, in the kernel and here.
+use std::{net::IpAddr, time::Duration};
+
+use agent_common::BlockEntry;
+use aya::{
+    Ebpf,
+    maps::{LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{capture::CaptureError, clock};
+
+type Trie<K, V> = LpmTrie<MapData, K, V>;
+
+/// Owner of the four block/allow maps.
+pub struct Enforcer {
+    block_v4: Trie<[u8; 4], BlockEntry>,
+    block_v6: Trie<[u8; 16], BlockEntry>,
+    allow_v4: Trie<[u8; 4], u8>,
+    allow_v6: Trie<[u8; 16], u8>,
+}
+
+/// One block as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Block {
+    pub net: IpNet,
+    /// Time left; zero once expired (the kernel already ignores it; `sweep` removes it).
+    #[serde(with = "humantime_serde_secs")]
+    pub remaining: Duration,
+    /// Packets dropped because of this entry.
+    pub dropped: u64,
+}
+
+/// A change to apply in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockOp {
+    Block { net: IpNet, ttl: Duration },
+    Unblock { net: IpNet },
+}
+
+/// Refusals and map failures.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnforceError {
+    #[error(
+        "{net} is covered by the allowlist entry {allow}; allowlisted clients are never blocked"
+    )]
+    Allowlisted { net: IpNet, allow: IpNet },
+    #[error("block TTL must be positive")]
+    ZeroTtl,
+    #[error("BPF map {map}: {detail}")]
+    Map { map: &'static str, detail: String },
+}
+
+impl Enforcer {
+    pub(crate) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, CaptureError> {
+        fn take<K: aya::Pod, V: aya::Pod>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<Trie<K, V>, CaptureError> {
+            let map = ebpf.take_map(name).ok_or(CaptureError::Map {
+                map: name,
+                detail: "missing from the object".into(),
+            })?;
+            LpmTrie::try_from(map).map_err(|e| CaptureError::Map {
+                map: name,
+                detail: e.to_string(),
+            })
+        }
+        Ok(Self {
+            block_v4: take(ebpf, "BLOCK_V4")?,
+            block_v6: take(ebpf, "BLOCK_V6")?,
+            allow_v4: take(ebpf, "ALLOW_V4")?,
+            allow_v6: take(ebpf, "ALLOW_V6")?,
+        })
+    }
+
+    /// Blocks `net` for `ttl` (replacing any block of the same prefix). Refused when the
+    /// allowlist covers any part of `net`.
+    pub fn block(&mut self, net: IpNet, ttl: Duration) -> Result<(), EnforceError> {
+        if ttl.is_zero() {
+            return Err(EnforceError::ZeroTtl);
+        }
+        let net = net.trunc();
+        if let Some(allow) = self.allow_overlapping(net) {
+            return Err(EnforceError::Allowlisted { net, allow });
+        }
+        let expires_ns =
+            clock::monotonic_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64);
+        let entry = BlockEntry {
+            expires_ns,
+            dropped: 0,
+        };
+        match net {
+            IpNet::V4(n) => self.block_v4.insert(
+                &Key::new(n.prefix_len().into(), n.addr().octets()),
+                entry,
+                0,
+            ),
+            IpNet::V6(n) => self.block_v6.insert(
+                &Key::new(n.prefix_len().into(), n.addr().octets()),
+                entry,
+                0,
+            ),
+        }
+        .map_err(map_err("block"))?;
+        tracing::info!(%net, ttl = %humantime::format_duration(ttl), "blocked");
+        Ok(())
+    }
+
+    /// Removes the block of exactly `net`; false when there was none.
+    pub fn unblock(&mut self, net: IpNet) -> Result<bool, EnforceError> {
+        let net = net.trunc();
+        let r = match net {
+            IpNet::V4(n) => self
+                .block_v4
+                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
+            IpNet::V6(n) => self
+                .block_v6
+                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!(%net, "unblocked");
+                Ok(true)
+            }
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(map_err("block")(e)),
+        }
+    }
+
+    /// Every block entry, expired ones included (with zero time left).
+    pub fn blocks(&self) -> Result<Vec<Block>, EnforceError> {
+        let now = clock::monotonic_ns();
+        let mut out = Vec::new();
+        let remaining = |e: &BlockEntry| Duration::from_nanos(e.expires_ns.saturating_sub(now));
+        for item in self.block_v4.iter() {
+            let (k, e) = item.map_err(map_err("block"))?;
+            let net = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8).map_err(|e| {
+                EnforceError::Map {
+                    map: "block",
+                    detail: e.to_string(),
+                }
+            })?;
+            out.push(Block {
+                net,
+                remaining: remaining(&e),
+                dropped: e.dropped,
+            });
+        }
+        for item in self.block_v6.iter() {
+            let (k, e) = item.map_err(map_err("block"))?;
+            let net = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8).map_err(|e| {
+                EnforceError::Map {
+                    map: "block",
+                    detail: e.to_string(),
+                }
+            })?;
+            out.push(Block {
+                net,
+                remaining: remaining(&e),
+                dropped: e.dropped,
+            });
+        }
+        out.sort_by(|a, b| a.net.cmp(&b.net));
+        Ok(out)
+    }
+
+    /// Removes expired blocks; returns how many. The kernel ignores them already; this keeps
+    /// the maps from filling up with dead entries.
+    pub fn sweep(&mut self) -> Result<usize, EnforceError> {
+        let expired: Vec<IpNet> = self
+            .blocks()?
+            .into_iter()
+            .filter(|b| b.remaining.is_zero())
+            .map(|b| b.net)
+            .collect();
+        for net in &expired {
+            self.unblock(*net)?;
+        }
+        Ok(expired.len())
+    }
+
+    /// Applies several changes; each succeeds or fails on its own (results in order).
+    pub fn apply(&mut self, ops: &[BlockOp]) -> Vec<Result<(), EnforceError>> {
+        ops.iter()
+            .map(|op| match op {
+                BlockOp::Block { net, ttl } => self.block(*net, *ttl),
+                BlockOp::Unblock { net } => self.unblock(*net).map(|_| ()),
+            })
+            .collect()
+    }
+
+    /// Adds `net` to the allowlist. Existing blocks inside it stop applying at once (the
+    /// kernel checks the allowlist on every blocked packet).
+    pub fn allow(&mut self, net: IpNet) -> Result<(), EnforceError> {
+        let net = net.trunc();
+        match net {
+            IpNet::V4(n) => {
+                self.allow_v4
+                    .insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1u8, 0)
+            }
+            IpNet::V6(n) => {
+                self.allow_v6
+                    .insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1u8, 0)
+            }
+        }
+        .map_err(map_err("allow"))?;
+        tracing::info!(%net, "allowlisted");
+        Ok(())
+    }
+
+    /// Removes exactly `net` from the allowlist; false when it was not there.
+    pub fn disallow(&mut self, net: IpNet) -> Result<bool, EnforceError> {
+        let net = net.trunc();
+        let r = match net {
+            IpNet::V4(n) => self
+                .allow_v4
+                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
+            IpNet::V6(n) => self
+                .allow_v6
+                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(map_err("allow")(e)),
+        }
+    }
+
+    pub fn allowlist(&self) -> Result<Vec<IpNet>, EnforceError> {
+        let mut out = Vec::new();
+        for k in self.allow_v4.keys() {
+            let k = k.map_err(map_err("allow"))?;
+            out.extend(IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8).ok());
+        }
+        for k in self.allow_v6.keys() {
+            let k = k.map_err(map_err("allow"))?;
+            out.extend(IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8).ok());
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Is `ip` covered by the allowlist?
+    pub fn is_allowlisted(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.allow_v4.get(&Key::new(32, a.octets()), 0).is_ok(),
+            IpAddr::V6(a) => self.allow_v6.get(&Key::new(128, a.octets()), 0).is_ok(),
+        }
+    }
+
+    /// An allowlist entry that overlaps `net` (contains it or lies inside it).
+    fn allow_overlapping(&self, net: IpNet) -> Option<IpNet> {
+        if self.is_allowlisted(net.network()) {
+            return self
+                .allowlist()
+                .ok()?
+                .into_iter()
+                .find(|a| a.contains(&net.network()));
+        }
+        self.allowlist().ok()?.into_iter().find(|a| net.contains(a))
+    }
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> EnforceError {
+    move |e| EnforceError::Map {
+        map,
+        detail: e.to_string(),
+    }
+}
+
+/// Durations serialise as whole seconds in JSON (`remaining_secs` reads well in scripts).
+mod humantime_serde_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+}
