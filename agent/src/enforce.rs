@@ -78,14 +78,15 @@ impl Enforcer {
         })
     }
 
-    /// Blocks `net` for `ttl` (replacing any block of the same prefix). Refused when the
-    /// allowlist covers any part of `net`.
+    /// Blocks `net` for `ttl` (replacing any block of the same prefix). Refused when an
+    /// allowlist entry covers all of `net`; allowlisted parts of a wider block stay reachable
+    /// because the kernel checks the allowlist before dropping.
     pub fn block(&mut self, net: IpNet, ttl: Duration) -> Result<(), EnforceError> {
         if ttl.is_zero() {
             return Err(EnforceError::ZeroTtl);
         }
         let net = net.trunc();
-        if let Some(allow) = self.allow_overlapping(net) {
+        if let Some(allow) = self.allow_covering(net) {
             return Err(EnforceError::Allowlisted { net, allow });
         }
         let expires_ns =
@@ -253,16 +254,15 @@ impl Enforcer {
         }
     }
 
-    /// An allowlist entry that overlaps `net` (contains it or lies inside it).
-    fn allow_overlapping(&self, net: IpNet) -> Option<IpNet> {
-        if self.is_allowlisted(net.network()) {
-            return self
-                .allowlist()
-                .ok()?
-                .into_iter()
-                .find(|a| a.contains(&net.network()));
+    /// An allowlist entry that contains all of `net`.
+    fn allow_covering(&self, net: IpNet) -> Option<IpNet> {
+        if !self.is_allowlisted(net.network()) {
+            return None;
         }
-        self.allowlist().ok()?.into_iter().find(|a| net.contains(a))
+        self.allowlist()
+            .ok()?
+            .into_iter()
+            .find(|a| a.contains(&net))
     }
 }
 

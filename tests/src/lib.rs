@@ -7,10 +7,12 @@
 pub mod daemon;
 pub mod http_server;
 pub mod netns;
+pub mod packet;
 
 pub use daemon::Daemon;
 pub use http_server::HttpServer;
 pub use netns::TestNet;
+pub use packet::Packet;
 
 /// True when running as root (the integration tests need CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN).
 pub fn is_root() -> bool {

@@ -1,0 +1,551 @@
+//! The XDP program against crafted packets, through BPF_PROG_TEST_RUN: no network needed,
+//! but loading a program needs root. Each test checks the verdict, the counters and the
+//! bytes of any event the program emitted.
+use std::{net::IpAddr, time::Duration};
+
+use agent_common::{Counter, EVENT_HEADER_LEN, EventHeader};
+use aya::maps::{MapData, RingBuf};
+use precedent::{
+    capture::{CapturedRequest, Counters, Datapath, LoadOptions, PROGRAM},
+    enforce::{EnforceError, Enforcer},
+};
+use precedent_tests::Packet;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+struct Harness {
+    dp: Datapath,
+    ring: RingBuf<MapData>,
+    enforcer: Enforcer,
+}
+
+/// What one packet did.
+struct Outcome {
+    verdict: u32,
+    counters: Counters,
+    events: Vec<Vec<u8>>,
+}
+
+impl Outcome {
+    /// Asserts exactly these counters moved, by these amounts.
+    fn assert_counters(&self, expected: &[(Counter, u64)]) {
+        for c in Counter::ALL {
+            let want = expected
+                .iter()
+                .find(|(e, _)| *e == c)
+                .map_or(0, |(_, n)| *n);
+            assert_eq!(self.counters.get(c), want, "counter {}", c.name());
+        }
+    }
+
+    fn header(&self) -> EventHeader {
+        assert_eq!(self.events.len(), 1, "expected one event");
+        // SAFETY: EventHeader is plain repr(C) data; the record is at least its size.
+        unsafe { std::ptr::read_unaligned(self.events[0].as_ptr().cast()) }
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.events[0][EVENT_HEADER_LEN..]
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(LoadOptions::default())
+    }
+
+    fn with(opts: LoadOptions) -> Self {
+        let mut dp = Datapath::load(&opts).expect("load XDP program (needs root)");
+        let ring = dp.take_events().unwrap();
+        let enforcer = dp.take_enforcer().unwrap();
+        Self { dp, ring, enforcer }
+    }
+
+    fn run(&mut self, pkt: &Packet) -> Outcome {
+        self.run_bytes(&pkt.build())
+    }
+
+    fn run_bytes(&mut self, frame: &[u8]) -> Outcome {
+        let before = self.dp.counters().unwrap();
+        let (verdict, _) = self.dp.test_run(PROGRAM, frame, 1).unwrap();
+        let counters = self.dp.counters().unwrap().since(&before);
+        let mut events = Vec::new();
+        while let Some(item) = self.ring.next() {
+            events.push(item.to_vec());
+        }
+        Outcome {
+            verdict,
+            counters,
+            events,
+        }
+    }
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: api.test\r\nUser-Agent: t\r\n\r\n").into_bytes()
+}
+
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap()
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ipv4_request_is_captured_with_addresses_ports_and_bytes() {
+    let mut h = Harness::new();
+    let mut pkt = Packet::tcp("10.9.0.2", "10.9.0.1", &get("/accounts/7/balance"));
+    pkt.sport = 51_234;
+    pkt.dport = 8080;
+    let o = h.run(&pkt);
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    let hdr = o.header();
+    assert_eq!(hdr.family, 4);
+    assert_eq!(&hdr.saddr[..4], &[10, 9, 0, 2]);
+    assert_eq!(&hdr.daddr[..4], &[10, 9, 0, 1]);
+    assert_eq!(&hdr.saddr[4..], &[0; 12]);
+    assert_eq!((hdr.sport, hdr.dport), (51_234, 8080));
+    assert_eq!(hdr.payload_len as usize, pkt.payload.len());
+    assert_eq!(hdr.captured_len as usize, pkt.payload.len());
+    assert!(hdr.ts_ns > 0);
+    assert_eq!(o.payload(), &pkt.payload[..]);
+    // And userspace decodes the same record.
+    let req = CapturedRequest::decode(&o.events[0], 0).unwrap();
+    assert_eq!(req.client.to_string(), "10.9.0.2:51234");
+    assert!(!req.truncated());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ipv6_request_is_captured() {
+    let mut h = Harness::new();
+    let pkt = Packet::tcp("fd00:9::2", "fd00:9::1", &get("/v6"));
+    let o = h.run(&pkt);
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    let hdr = o.header();
+    assert_eq!(hdr.family, 6);
+    assert_eq!(
+        IpAddr::from(hdr.saddr),
+        "fd00:9::2".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(
+        IpAddr::from(hdr.daddr),
+        "fd00:9::1".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(o.payload(), &pkt.payload[..]);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn vlan_tagged_requests_are_captured() {
+    let mut h = Harness::new();
+    for tpid in [0x8100, 0x88a8] {
+        for (src, dst) in [("10.9.0.2", "10.9.0.1"), ("fd00:9::2", "fd00:9::1")] {
+            let mut pkt = Packet::tcp(src, dst, &get("/tagged"));
+            pkt.vlan = Some(tpid);
+            let o = h.run(&pkt);
+            assert_eq!(o.verdict, XDP_PASS);
+            o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+            assert_eq!(o.payload(), &pkt.payload[..], "tpid {tpid:#x} {src}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ip_and_tcp_options_move_the_payload_and_are_skipped() {
+    let mut h = Harness::new();
+    for (ip_opts, tcp_opts) in [(4, 0), (0, 12), (40, 40), (8, 20)] {
+        let mut pkt = Packet::tcp("10.9.0.2", "10.9.0.1", &get("/opts"));
+        pkt.ip_options = ip_opts;
+        pkt.tcp_options = tcp_opts;
+        let o = h.run(&pkt);
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+        assert_eq!(o.payload(), &pkt.payload[..], "ip {ip_opts} tcp {tcp_opts}");
+    }
+    // The same with IPv6 and TCP options.
+    let mut pkt = Packet::tcp("fd00:9::2", "fd00:9::1", &get("/opts6"));
+    pkt.tcp_options = 32;
+    let o = h.run(&pkt);
+    assert_eq!(o.payload(), &pkt.payload[..]);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn every_http_method_is_captured() {
+    let mut h = Harness::new();
+    for m in [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ] {
+        let payload = format!("{m} /x HTTP/1.1\r\n\r\n");
+        let o = h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", payload.as_bytes()));
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+        assert_eq!(o.payload(), payload.as_bytes(), "{m}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn non_http_and_lookalike_payloads_pass_without_event() {
+    let mut h = Harness::new();
+    let payloads: &[&[u8]] = &[
+        b"hello world\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", // TLS ClientHello
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"GETS /x HTTP/1.1\r\n\r\n",
+        b"get /x HTTP/1.1\r\n\r\n",
+        b"POSTX /x HTTP/1.1\r\n\r\n",
+        b"DELETE\t/x HTTP/1.1\r\n\r\n",
+        b"OPTIONS/ HTTP/1.1\r\n\r\n",
+        b"PUTT / HTTP/1.1\r\n\r\n",
+        b"GET",
+        b"HEA",
+    ];
+    for p in payloads {
+        let o = h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", p));
+        assert_eq!(o.verdict, XDP_PASS, "{:?}", String::from_utf8_lossy(p));
+        o.assert_counters(&[(Counter::Passed, 1)]);
+        assert!(
+            o.events.is_empty(),
+            "{:?} produced an event",
+            String::from_utf8_lossy(p)
+        );
+    }
+    // Not TCP at all: UDP carrying a request-looking payload.
+    let mut udp = Packet::tcp("10.9.0.2", "10.9.0.1", &get("/udp"));
+    udp.protocol = 17;
+    let o = h.run(&udp);
+    o.assert_counters(&[(Counter::Passed, 1)]);
+    assert!(o.events.is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn zero_length_payload_passes_quietly() {
+    let mut h = Harness::new();
+    for flags in [0x10u8, 0x02] {
+        let mut ack = Packet::tcp("10.9.0.2", "10.9.0.1", b"");
+        ack.tcp_flags = flags;
+        let o = h.run(&ack);
+        assert_eq!(o.verdict, XDP_PASS);
+        o.assert_counters(&[(Counter::Passed, 1)]);
+        assert!(o.events.is_empty());
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn truncated_headers_give_up_and_pass() {
+    let mut h = Harness::new();
+    let full = Packet::tcp("10.9.0.2", "10.9.0.1", &get("/t")).build();
+    // Cut inside the IPv4 header, inside the TCP header, and a frame of only Ethernet.
+    for cut in [14 + 10, 14 + 20 + 8, 14] {
+        let o = h.run_bytes(&full[..cut]);
+        assert_eq!(o.verdict, XDP_PASS, "cut at {cut}");
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::ParseGaveUp, 1)]);
+        assert!(o.events.is_empty());
+    }
+    // An IPv4 header whose total length is shorter than its own header length.
+    let mut lying = full.clone();
+    lying[16..18].copy_from_slice(&10u16.to_be_bytes());
+    let o = h.run_bytes(&lying);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::ParseGaveUp, 1)]);
+    // A TCP data offset below 5 words.
+    let mut bad_doff = full.clone();
+    bad_doff[14 + 20 + 12] = 0x30;
+    let o = h.run_bytes(&bad_doff);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::ParseGaveUp, 1)]);
+    // The IP header says the payload is longer than the frame: what is there is unreadable
+    // past the end, so the capture gives up rather than reading beyond the packet.
+    let mut long = full.clone();
+    let claimed = (full.len() - 14 + 200) as u16;
+    long[16..18].copy_from_slice(&claimed.to_be_bytes());
+    let o = h.run_bytes(&long);
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::ParseGaveUp, 1)]);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ipv6_extension_headers_pass_uncaptured_and_counted() {
+    let mut h = Harness::new();
+    let mut pkt = Packet::tcp("fd00:9::2", "fd00:9::1", &get("/ext"));
+    pkt.ipv6_hop_by_hop = true;
+    let o = h.run(&pkt);
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Ipv6ExtHeader, 1)]);
+    assert!(o.events.is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn long_requests_are_truncated_to_the_configured_capture_length() {
+    let mut h = Harness::new();
+    let mut long = format!(
+        "POST /upload HTTP/1.1\r\nHost: api.test\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(1200)
+    )
+    .into_bytes();
+    long.truncate(1000);
+    let pkt = Packet::tcp("10.9.0.2", "10.9.0.1", &long);
+
+    let o = h.run(&pkt);
+    o.assert_counters(&[
+        (Counter::Passed, 1),
+        (Counter::Captured, 1),
+        (Counter::Truncated, 1),
+    ]);
+    assert_eq!(
+        (o.header().payload_len, o.header().captured_len),
+        (1000, 512)
+    );
+    assert_eq!(o.payload(), &long[..512]);
+
+    h.dp.set_capture_len(100).unwrap();
+    let o = h.run(&pkt);
+    assert_eq!(o.header().captured_len, 100);
+    assert_eq!(o.payload(), &long[..100]);
+
+    h.dp.set_capture_len(4096).unwrap();
+    let o = h.run(&pkt);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    assert_eq!(o.payload(), &long[..]);
+
+    assert!(h.dp.set_capture_len(0).is_err());
+    assert!(h.dp.set_capture_len(4097).is_err());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn http2_preface_is_counted_not_captured() {
+    let mut h = Harness::new();
+    let o = h.run(&Packet::tcp(
+        "10.9.0.2",
+        "10.9.0.1",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ));
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Http2Preface, 1)]);
+    assert!(o.events.is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn blocked_ipv4_sources_are_dropped_exact_and_by_prefix() {
+    let mut h = Harness::new();
+    h.enforcer
+        .block(net("10.9.0.2/32"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer
+        .block(net("10.8.0.0/16"), Duration::from_secs(60))
+        .unwrap();
+
+    let o = h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", &get("/x")));
+    assert_eq!(o.verdict, XDP_DROP);
+    o.assert_counters(&[(Counter::Blocked, 1)]);
+    assert!(
+        o.events.is_empty(),
+        "a blocked request must not be captured"
+    );
+
+    // Inside the /16, a SYN and a UDP packet: everything from the source is dropped.
+    let mut syn = Packet::tcp("10.8.200.7", "10.9.0.1", b"");
+    syn.tcp_flags = 0x02;
+    assert_eq!(h.run(&syn).verdict, XDP_DROP);
+    let mut udp = Packet::tcp("10.8.0.1", "10.9.0.1", b"dns?");
+    udp.protocol = 17;
+    assert_eq!(h.run(&udp).verdict, XDP_DROP);
+
+    // Neighbours outside both prefixes pass.
+    let o = h.run(&Packet::tcp("10.9.0.3", "10.9.0.1", &get("/x")));
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+
+    let blocks = h.enforcer.blocks().unwrap();
+    let b16 = blocks.iter().find(|b| b.net == net("10.8.0.0/16")).unwrap();
+    assert_eq!(b16.dropped, 2);
+    assert!(b16.remaining > Duration::from_secs(50));
+    assert_eq!(
+        blocks
+            .iter()
+            .find(|b| b.net == net("10.9.0.2/32"))
+            .unwrap()
+            .dropped,
+        1
+    );
+
+    // Unblocking lets it through again.
+    assert!(h.enforcer.unblock(net("10.9.0.2/32")).unwrap());
+    assert!(!h.enforcer.unblock(net("10.9.0.2/32")).unwrap());
+    assert_eq!(
+        h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", &get("/x")))
+            .verdict,
+        XDP_PASS
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn blocked_ipv6_sources_are_dropped_exact_and_by_prefix() {
+    let mut h = Harness::new();
+    h.enforcer
+        .block(net("fd00:9::2/128"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer
+        .block(net("fd00:8:0:1::/64"), Duration::from_secs(60))
+        .unwrap();
+    let o = h.run(&Packet::tcp("fd00:9::2", "fd00:9::1", &get("/x")));
+    assert_eq!(o.verdict, XDP_DROP);
+    o.assert_counters(&[(Counter::Blocked, 1)]);
+    assert_eq!(
+        h.run(&Packet::tcp("fd00:8:0:1::abcd", "fd00:9::1", &get("/x")))
+            .verdict,
+        XDP_DROP
+    );
+    assert_eq!(
+        h.run(&Packet::tcp("fd00:8:0:2::1", "fd00:9::1", &get("/x")))
+            .verdict,
+        XDP_PASS
+    );
+    // Blocking applies even when extension headers stop the capture.
+    let mut ext = Packet::tcp("fd00:9::2", "fd00:9::1", &get("/x"));
+    ext.ipv6_hop_by_hop = true;
+    assert_eq!(h.run(&ext).verdict, XDP_DROP);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn expired_blocks_stop_applying_in_the_kernel_and_are_swept() {
+    let mut h = Harness::new();
+    h.enforcer
+        .block(net("10.9.0.2/32"), Duration::from_millis(50))
+        .unwrap();
+    assert_eq!(
+        h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", &get("/x")))
+            .verdict,
+        XDP_DROP
+    );
+    std::thread::sleep(Duration::from_millis(120));
+    let o = h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", &get("/x")));
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[
+        (Counter::Passed, 1),
+        (Counter::Captured, 1),
+        (Counter::BlockExpired, 1),
+    ]);
+    assert_eq!(h.enforcer.sweep().unwrap(), 1);
+    assert!(h.enforcer.blocks().unwrap().is_empty());
+    assert_eq!(
+        h.enforcer.block(net("10.9.0.2/32"), Duration::ZERO),
+        Err(EnforceError::ZeroTtl)
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn allowlist_inside_a_blocked_prefix_wins() {
+    let mut h = Harness::new();
+    h.enforcer
+        .block(net("10.7.0.0/16"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer.allow(net("10.7.1.0/24")).unwrap();
+    let o = h.run(&Packet::tcp("10.7.1.9", "10.9.0.1", &get("/x")));
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[
+        (Counter::Passed, 1),
+        (Counter::Captured, 1),
+        (Counter::Allowlisted, 1),
+    ]);
+    assert_eq!(
+        h.run(&Packet::tcp("10.7.2.9", "10.9.0.1", &get("/x")))
+            .verdict,
+        XDP_DROP
+    );
+    // A block entirely inside the allowlist is refused outright.
+    assert!(matches!(
+        h.enforcer
+            .block(net("10.7.1.5/32"), Duration::from_secs(60)),
+        Err(EnforceError::Allowlisted { .. })
+    ));
+    assert!(h.enforcer.is_allowlisted("10.7.1.200".parse().unwrap()));
+    assert_eq!(h.enforcer.allowlist().unwrap(), vec![net("10.7.1.0/24")]);
+    // IPv6 the same way.
+    h.enforcer
+        .block(net("fd00:7::/48"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer.allow(net("fd00:7:0:1::/64")).unwrap();
+    assert_eq!(
+        h.run(&Packet::tcp("fd00:7:0:1::5", "fd00:9::1", &get("/x")))
+            .verdict,
+        XDP_PASS
+    );
+    assert_eq!(
+        h.run(&Packet::tcp("fd00:7:0:2::5", "fd00:9::1", &get("/x")))
+            .verdict,
+        XDP_DROP
+    );
+    assert!(h.enforcer.disallow(net("fd00:7:0:1::/64")).unwrap());
+    assert_eq!(
+        h.run(&Packet::tcp("fd00:7:0:1::5", "fd00:9::1", &get("/x")))
+            .verdict,
+        XDP_DROP
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_full_ring_buffer_is_counted_not_fatal() {
+    // The smallest ring (64 KiB) holds about 100 events of 600 bytes; send more undrained.
+    let mut dp = Datapath::load(&LoadOptions {
+        ring_bytes: 64 * 1024,
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    let long = format!("GET /fill HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "p".repeat(600));
+    let frame = Packet::tcp("10.9.0.2", "10.9.0.1", long.as_bytes()).build();
+    let before = dp.counters().unwrap();
+    let (verdict, _) = dp.test_run(PROGRAM, &frame, 300).unwrap();
+    assert_eq!(verdict, XDP_PASS);
+    let c = dp.counters().unwrap().since(&before);
+    assert_eq!(c.get(Counter::Passed), 300);
+    assert!(c.get(Counter::RingbufFull) > 0, "{c:?}");
+    assert_eq!(c.get(Counter::Captured) + c.get(Counter::RingbufFull), 300);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn batch_updates_report_each_result() {
+    use precedent::enforce::BlockOp;
+    let mut h = Harness::new();
+    h.enforcer.allow(net("10.6.0.0/24")).unwrap();
+    let results = h.enforcer.apply(&[
+        BlockOp::Block {
+            net: net("10.5.0.0/24"),
+            ttl: Duration::from_secs(30),
+        },
+        BlockOp::Block {
+            net: net("10.6.0.9/32"),
+            ttl: Duration::from_secs(30),
+        },
+        BlockOp::Block {
+            net: net("fd00:5::/64"),
+            ttl: Duration::from_secs(30),
+        },
+        BlockOp::Unblock {
+            net: net("10.5.0.0/24"),
+        },
+    ]);
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(EnforceError::Allowlisted { .. })));
+    assert!(results[2].is_ok() && results[3].is_ok());
+    let nets: Vec<_> = h
+        .enforcer
+        .blocks()
+        .unwrap()
+        .into_iter()
+        .map(|b| b.net)
+        .collect();
+    assert_eq!(nets, vec![net("fd00:5::/64")]);
+}
