@@ -465,22 +465,49 @@ fn map_err<E: std::error::Error + 'static>(map: &'static str) -> impl Fn(E) -> C
     }
 }
 
-/// The pin directory must be on a BPF filesystem; create it if needed.
+/// The pin directory must be on a BPF filesystem; create it if needed. Like bpftool, mount
+/// bpffs at /sys/fs/bpf when the directory lives there and nothing is mounted yet (systemd
+/// normally does it; minimal systems and containers often don't).
 fn prepare_pin_dir(dir: &Path) -> Result<(), CaptureError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    const BPFFS_ROOT: &str = "/sys/fs/bpf";
     let err = |detail: String| CaptureError::PinDir {
         path: dir.to_path_buf(),
         detail,
     };
-    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|e| err(e.to_string()))?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(err(io::Error::last_os_error().to_string()));
+    let on_bpffs = |p: &Path| -> Result<bool, String> {
+        let c =
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and out-pointer.
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error().to_string());
+        }
+        Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    };
+    if dir.starts_with(BPFFS_ROOT) && !on_bpffs(Path::new(BPFFS_ROOT)).map_err(err)? {
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: constant, NUL-terminated arguments.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                c"mode=0700".as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(err(format!(
+                "mounting bpffs on {BPFFS_ROOT}: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        tracing::info!(path = BPFFS_ROOT, "mounted bpffs for pinned maps");
     }
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    if st.f_type as i64 != BPF_FS_MAGIC {
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    if !on_bpffs(dir).map_err(err)? {
         return Err(err(
             "not on a BPF filesystem (mount -t bpf bpf /sys/fs/bpf)".into(),
         ));

@@ -1,6 +1,6 @@
 //! A network namespace with a veth pair to the host, created and destroyed by a guard.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
     process::{Command, Stdio},
 };
@@ -15,10 +15,13 @@ pub struct TestNet {
     pub ns_if: String,
     pub host_ip: Ipv4Addr,
     pub ns_ip: Ipv4Addr,
+    pub host_ip6: Ipv6Addr,
+    pub ns_ip6: Ipv6Addr,
 }
 
 impl TestNet {
-    /// `tag` (at most 8 characters) makes names unique per test; `subnet` picks 10.231.`subnet`.0/24.
+    /// `tag` (at most 8 characters) makes names unique per test; `subnet` picks
+    /// 10.231.`subnet`.0/24 and fd00:231:`subnet`::/64.
     pub fn new(tag: &str, subnet: u8) -> anyhow::Result<Self> {
         assert!(tag.len() <= 8, "tag {tag:?} too long for an interface name");
         let net = Self {
@@ -27,6 +30,8 @@ impl TestNet {
             ns_if: format!("pr{tag}n"),
             host_ip: Ipv4Addr::new(10, 231, subnet, 1),
             ns_ip: Ipv4Addr::new(10, 231, subnet, 2),
+            host_ip6: Ipv6Addr::new(0xfd00, 0x231, subnet.into(), 0, 0, 0, 0, 1),
+            ns_ip6: Ipv6Addr::new(0xfd00, 0x231, subnet.into(), 0, 0, 0, 0, 2),
         };
         // Leftovers of an earlier run killed before its guard ran.
         net.remove();
@@ -62,6 +67,27 @@ impl TestNet {
         ])?;
         ip(&["-n", &net.ns, "link", "set", &net.ns_if, "up"])?;
         ip(&["-n", &net.ns, "link", "set", "lo", "up"])?;
+        // nodad: usable at once, instead of after duplicate address detection (~2 s).
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", net.host_ip6),
+            "dev",
+            &net.host_if,
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            &net.ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", net.ns_ip6),
+            "dev",
+            &net.ns_if,
+            "nodad",
+        ])?;
         Ok(net)
     }
 

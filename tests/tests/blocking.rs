@@ -1,0 +1,203 @@
+//! Blocking over real TCP: a client in a namespace talks to a server through a veth pair with
+//! the XDP program attached, gets blocked (new and existing connections stop), is unblocked,
+//! and works again. IPv4 and IPv6. Also: pinned maps outlive the program that created them.
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use agent_common::Counter;
+use precedent::capture::{AttachMode, Datapath, LoadOptions};
+use precedent_tests::{HttpServer, TestNet};
+
+const PORT: u16 = 8080;
+
+/// One GET on `s`; Ok(status line) or the I/O error (a timeout when blocked).
+fn request(s: &mut TcpStream) -> std::io::Result<String> {
+    s.write_all(b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")?;
+    let mut resp = Vec::new();
+    let mut b = [0u8; 1];
+    while !resp.ends_with(b"\r\n\r\nok") {
+        s.read_exact(&mut b)?;
+        resp.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&resp)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&target, Duration::from_millis(800))?;
+    s.set_read_timeout(Some(Duration::from_millis(800)))?;
+    Ok(s)
+}
+
+fn block_cycle(server_ip: IpAddr, client_ip: IpAddr, tag: &str, net: &TestNet) {
+    let server = HttpServer::start(SocketAddr::new(server_ip, PORT)).unwrap();
+    let mut dp = Datapath::load(&LoadOptions::default()).unwrap();
+    dp.attach(&net.host_if, AttachMode::Auto).unwrap();
+    let mut enforcer = dp.take_enforcer().unwrap();
+    let target = SocketAddr::new(server_ip, PORT);
+
+    // A keep-alive connection opened before the block, used again after it.
+    let (mut existing, first) = net
+        .run_in_ns(move || {
+            let mut s = connect(target).unwrap();
+            let status = request(&mut s).unwrap();
+            (s, status)
+        })
+        .unwrap();
+    assert!(first.contains("200"), "{tag}: {first}");
+
+    let client_net = ipnet::IpNet::from(client_ip);
+    enforcer
+        .block(client_net, Duration::from_secs(300))
+        .unwrap();
+    let (existing_after, new_after) = net
+        .run_in_ns(move || {
+            let existing = request(&mut existing).map(|_| ()).map_err(|e| e.kind());
+            let new = connect(target).map(|_| ()).map_err(|e| e.kind());
+            (existing, new)
+        })
+        .unwrap();
+    assert!(
+        existing_after.is_err(),
+        "{tag}: existing connection still served while blocked"
+    );
+    assert!(
+        new_after.is_err(),
+        "{tag}: new connection accepted while blocked"
+    );
+    let blocked = dp.counters().unwrap().get(Counter::Blocked);
+    assert!(blocked > 0, "{tag}: no packet counted as blocked");
+    let entry = enforcer
+        .blocks()
+        .unwrap()
+        .into_iter()
+        .find(|b| b.net == client_net)
+        .unwrap();
+    assert!(entry.dropped > 0);
+
+    assert!(enforcer.unblock(client_net).unwrap());
+    let again = net
+        .run_in_ns(move || {
+            let mut s = connect(target).unwrap();
+            request(&mut s).unwrap()
+        })
+        .unwrap();
+    assert!(again.contains("200"), "{tag}: {again}");
+    assert!(server.served() >= 2);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ipv4_client_is_blocked_then_unblocked() {
+    let net = TestNet::new("blk4", 11).unwrap();
+    block_cycle(net.host_ip.into(), net.ns_ip.into(), "ipv4", &net);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ipv6_client_is_blocked_then_unblocked() {
+    let net = TestNet::new("blk6", 12).unwrap();
+    block_cycle(net.host_ip6.into(), net.ns_ip6.into(), "ipv6", &net);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn pinned_block_maps_survive_a_restart() {
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/precedent-test-{}", std::process::id()));
+    let opts = LoadOptions {
+        pin_dir: Some(dir.clone()),
+        ..LoadOptions::default()
+    };
+    let cleanup = scopeguard(dir.clone());
+    {
+        let mut dp = Datapath::load(&opts).unwrap();
+        let mut enforcer = dp.take_enforcer().unwrap();
+        enforcer
+            .block("10.44.0.0/16".parse().unwrap(), Duration::from_secs(600))
+            .unwrap();
+        enforcer.allow("10.44.1.0/24".parse().unwrap()).unwrap();
+    }
+    // A new load (a restarted daemon) finds the same entries.
+    let mut dp = Datapath::load(&opts).unwrap();
+    let enforcer = dp.take_enforcer().unwrap();
+    let blocks = enforcer.blocks().unwrap();
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].net, "10.44.0.0/16".parse().unwrap());
+    assert!(blocks[0].remaining > Duration::from_secs(500));
+    assert_eq!(
+        enforcer.allowlist().unwrap(),
+        vec!["10.44.1.0/24".parse().unwrap()]
+    );
+    // Without pinning, a fresh load starts empty.
+    let mut fresh = Datapath::load(&LoadOptions::default()).unwrap();
+    assert!(fresh.take_enforcer().unwrap().blocks().unwrap().is_empty());
+    drop(cleanup);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn attaches_in_each_mode_and_to_several_interfaces() {
+    let a = TestNet::new("mode1", 13).unwrap();
+    let b = TestNet::new("mode2", 14).unwrap();
+    let mut dp = Datapath::load(&LoadOptions::default()).unwrap();
+    assert_eq!(
+        dp.attach(&a.host_if, AttachMode::Generic).unwrap(),
+        AttachMode::Generic
+    );
+    // veth supports native XDP, so auto picks it.
+    assert_eq!(
+        dp.attach(&b.host_if, AttachMode::Auto).unwrap(),
+        AttachMode::Native
+    );
+    let ifaces: Vec<String> = dp.attachments().into_iter().map(|x| x.iface).collect();
+    assert_eq!(ifaces, vec![a.host_if.clone(), b.host_if.clone()]);
+    let link = |iface: &str| {
+        String::from_utf8(
+            std::process::Command::new("ip")
+                .args(["link", "show", iface])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+    };
+    assert!(
+        link(&a.host_if).contains("xdpgeneric"),
+        "{}",
+        link(&a.host_if)
+    );
+    assert!(link(&b.host_if).contains("xdp"), "{}", link(&b.host_if));
+    dp.detach_all();
+    assert!(
+        !link(&a.host_if).contains("xdp"),
+        "still attached after detach: {}",
+        link(&a.host_if)
+    );
+    assert!(!link(&b.host_if).contains("xdp"));
+    let err = dp
+        .attach("nosuch0", AttachMode::Auto)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("interface nosuch0 not found; available:"),
+        "{err}"
+    );
+}
+
+/// Removes the pin directory (and its maps) when dropped, even if the test panics.
+fn scopeguard(dir: std::path::PathBuf) -> impl Drop {
+    struct Guard(std::path::PathBuf);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    Guard(dir)
+}
