@@ -46,13 +46,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut skipped: u64 = 0;
+    let mut parser = http::Parser::new(http::HttpConfig::default());
+    let mut skipped = http::SkipCounters::default();
     tracing::info!(interfaces = ?opts.ifaces, "precedent daemon running");
     loop {
         tokio::select! {
             Some(req) = rx.recv() => {
-                if !emit(&req) {
-                    skipped += 1;
+                if let Err(reason) = emit(&mut parser, &req) {
+                    skipped.record(reason);
                 }
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
@@ -62,17 +63,17 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     drop(rx);
     reader.abort();
     capture.detach();
-    tracing::info!(skipped, "precedent daemon stopped");
+    tracing::info!(skipped = skipped.total(), "precedent daemon stopped");
     Ok(())
 }
 
-/// Prints the request as a JSON line; returns false when the bytes were not a usable request.
-fn emit(req: &CapturedRequest) -> bool {
-    let parsed = match http::parse_request(&req.data) {
+/// Prints the request as a JSON line; the skip reason when the bytes were not a usable request.
+fn emit(parser: &mut http::Parser, req: &CapturedRequest) -> Result<(), http::SkipReason> {
+    let parsed = match parser.parse(&req.data) {
         Ok(p) => p,
         Err(reason) => {
-            tracing::debug!(client = %req.client, %reason, "captured bytes skipped");
-            return false;
+            tracing::debug!(client = %req.client, reason = reason.as_str(), "captured bytes skipped");
+            return Err(reason);
         }
     };
     let ts = UNIX_EPOCH + Duration::from_nanos(req.ts_unix_ns);
@@ -80,9 +81,9 @@ fn emit(req: &CapturedRequest) -> bool {
         ts: humantime::format_rfc3339_micros(ts).to_string(),
         client: req.client.to_string(),
         server: req.server.to_string(),
-        method: &parsed.method,
-        path: &parsed.path,
-        query: parsed.query.as_deref(),
+        method: parsed.method.as_str(),
+        path: parsed.path,
+        query: parsed.query,
         version: parsed.version,
         truncated: (req.payload_len as usize) > req.data.len(),
     };
@@ -90,5 +91,5 @@ fn emit(req: &CapturedRequest) -> bool {
         Ok(json) => println!("{json}"),
         Err(e) => tracing::warn!(error = %e, "could not serialise request line"),
     }
-    true
+    Ok(())
 }
