@@ -18,7 +18,10 @@ const MAX_HEADERS: usize = 128;
 
 /// The request methods precedent follows (the ones the XDP program recognises).
 /// A closed set keeps every per-method structure downstream small and bounded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Method {
     Get,
     Head,

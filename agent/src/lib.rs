@@ -4,4 +4,5 @@
 //! `daemon` (the long-running process that wires the stages together).
 pub mod capture;
 pub mod daemon;
+pub mod discovery;
 pub mod http;
