@@ -6,3 +6,4 @@ pub mod capture;
 pub mod daemon;
 pub mod discovery;
 pub mod http;
+pub mod session;
