@@ -6,4 +6,5 @@ pub mod capture;
 pub mod daemon;
 pub mod discovery;
 pub mod http;
+pub mod rules;
 pub mod session;
