@@ -78,13 +78,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         HOUSEKEEPING_EVERY,
     );
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut skipped: u64 = 0;
+    let mut parser = http::Parser::new(http::HttpConfig::default());
+    let mut skipped = http::SkipCounters::default();
     tracing::info!(interfaces = ?opts.ifaces, capture_len = opts.load.capture_len, "precedent daemon running");
     loop {
         tokio::select! {
             Some(req) = rx.recv() => {
-                if !emit(&req) {
-                    skipped += 1;
+                if let Err(reason) = emit(&mut parser, &req) {
+                    skipped.record(reason);
                 }
             }
             _ = housekeeping.tick() => {
@@ -93,7 +94,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                     Ok(n) => tracing::info!(removed = n, "expired blocks swept"),
                     Err(e) => tracing::warn!(error = %e, "sweeping expired blocks failed"),
                 }
-                log_counters(&datapath, &overflow, skipped);
+                log_counters(&datapath, &overflow, &skipped);
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
@@ -101,42 +102,38 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
     drop(rx);
     reader.abort();
-    log_counters(&datapath, &overflow, skipped);
+    log_counters(&datapath, &overflow, &skipped);
     datapath.detach_all();
     tracing::info!("precedent daemon stopped");
     Ok(())
 }
 
 /// One structured log line with the kernel counters and the userspace drops.
-fn log_counters(datapath: &Datapath, overflow: &AtomicU64, skipped: u64) {
+fn log_counters(datapath: &Datapath, overflow: &AtomicU64, skipped: &http::SkipCounters) {
     match datapath.counters() {
         Ok(c) => tracing::info!(
             kernel = %serde_json::to_string(&c).unwrap_or_default(),
             engine_overflow = overflow.load(std::sync::atomic::Ordering::Relaxed),
-            unparsed = skipped,
+            unparsed = skipped.total(),
             "counters"
         ),
         Err(e) => tracing::warn!(error = %e, "reading kernel counters failed"),
     }
 }
 
-/// Prints the request as a JSON line; returns false when the bytes were not a usable request.
-fn emit(req: &CapturedRequest) -> bool {
-    let parsed = match http::parse_request(&req.data) {
-        Ok(p) => p,
-        Err(reason) => {
-            tracing::debug!(client = %req.client, %reason, "captured bytes skipped");
-            return false;
-        }
-    };
+/// Prints the request as a JSON line, or says why the bytes were not a usable request.
+fn emit(parser: &mut http::Parser, req: &CapturedRequest) -> Result<(), http::SkipReason> {
+    let parsed = parser.parse(&req.data).inspect_err(|reason| {
+        tracing::debug!(client = %req.client, reason = reason.as_str(), "captured bytes skipped");
+    })?;
     let ts = UNIX_EPOCH + Duration::from_nanos(req.ts_unix_ns);
     let line = RequestLine {
         ts: humantime::format_rfc3339_micros(ts).to_string(),
         client: req.client.to_string(),
         server: req.server.to_string(),
-        method: &parsed.method,
-        path: &parsed.path,
-        query: parsed.query.as_deref(),
+        method: parsed.method.as_str(),
+        path: parsed.path,
+        query: parsed.query,
         version: parsed.version,
         truncated: req.truncated(),
     };
@@ -144,5 +141,5 @@ fn emit(req: &CapturedRequest) -> bool {
         Ok(json) => println!("{json}"),
         Err(e) => tracing::warn!(error = %e, "could not serialise request line"),
     }
-    true
+    Ok(())
 }

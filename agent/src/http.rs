@@ -1,122 +1,804 @@
 //! Captured bytes → HTTP request.
 //!
 //! The XDP program sends only the first bytes of a request, so input is routinely cut off
-//! mid-header. Parsing accepts that, as long as the request line itself is complete.
+//! mid-header: parsing accepts that as long as the request line is whole, and keeps the
+//! headers whose lines fitted. Anything else that is not a clean HTTP/1.x request is skipped
+//! with a named [`SkipReason`] (counted by [`SkipCounters`]), never a panic.
+use std::fmt;
+
+use smallvec::SmallVec;
 use thiserror::Error;
 
-/// A request line (and the headers that fitted in the capture).
+/// Default cap on the path length; longer paths are skipped as [`SkipReason::PathTooLong`].
+pub const DEFAULT_MAX_PATH_LEN: usize = 2048;
+
+/// Headers httparse may read per request. A capture is at most 4096 bytes, so a legitimate
+/// request never comes close; more is treated as [`Request::headers_dropped`].
+const MAX_HEADERS: usize = 128;
+
+/// The request methods precedent follows (the ones the XDP program recognises).
+/// A closed set keeps every per-method structure downstream small and bounded.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Patch,
+    Options,
+    Trace,
+    Connect,
+}
+
+impl Method {
+    pub const ALL: [Method; 9] = [
+        Method::Get,
+        Method::Head,
+        Method::Post,
+        Method::Put,
+        Method::Delete,
+        Method::Patch,
+        Method::Options,
+        Method::Trace,
+        Method::Connect,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+            Method::Patch => "PATCH",
+            Method::Options => "OPTIONS",
+            Method::Trace => "TRACE",
+            Method::Connect => "CONNECT",
+        }
+    }
+
+    /// Exact, case-sensitive match (methods are case-sensitive per RFC 9110).
+    pub fn parse(token: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.as_str() == token)
+    }
+
+    /// Dense index 0..9, for per-method arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the parser keeps besides the request line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    /// Path without the query string.
-    pub path: String,
-    pub query: Option<String>,
+pub struct HttpConfig {
+    /// Header names (case-insensitive) whose values the session identifier may need, e.g.
+    /// `authorization`. `Host` and `Cookie` are always kept.
+    pub session_headers: Vec<String>,
+    /// Paths longer than this (bytes, before the query) are skipped.
+    pub max_path_len: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            session_headers: vec!["authorization".into()],
+            max_path_len: DEFAULT_MAX_PATH_LEN,
+        }
+    }
+}
+
+/// The headers kept for session identification, borrowed from the capture.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SelectedHeaders<'a> {
+    entries: SmallVec<[(&'a str, &'a str); 4]>,
+}
+
+impl<'a> SelectedHeaders<'a> {
+    /// First value of the header `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        self.entries
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+
+    /// Every value of `name`, in order (a client may send several `Cookie` lines).
+    pub fn get_all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a str> + 's {
+        self.entries
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Values are secrets (tokens, cookies): Debug shows names and lengths only.
+impl fmt::Debug for SelectedHeaders<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(
+                self.entries
+                    .iter()
+                    .map(|(n, v)| format!("{n}: <{} bytes redacted>", v.len())),
+            )
+            .finish()
+    }
+}
+
+/// A parsed request, borrowing from the capture (or from the [`Parser`]'s scratch buffer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub method: Method,
+    /// Path without the query string, as sent (normalisation is discovery's job).
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// From an absolute-form target, else the `Host` header; as sent (may carry a port).
+    pub host: Option<&'a str>,
     /// "HTTP/1.0" or "HTTP/1.1".
     pub version: &'static str,
+    /// Host, Cookie and the configured session headers.
+    pub headers: SelectedHeaders<'a>,
+    /// The capture ended before the header section did: headers after the cut are missing.
+    pub truncated: bool,
+    /// More header lines than the parser reads: the request line is kept, headers are not.
+    pub headers_dropped: bool,
 }
 
-/// Why captured bytes were not turned into a request.
-#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+/// Why captured bytes were not turned into a request. [`SkipReason::as_str`] is stable
+/// (counter and log names).
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SkipReason {
+    #[error("empty capture")]
+    Empty,
+    #[error("not an HTTP/1.x request (bad method token or binary data)")]
+    NotHttp,
+    #[error("method is not one precedent follows")]
+    UnknownMethod,
     #[error("request line incomplete (capture truncated before the version)")]
     IncompleteRequestLine,
-    #[error("malformed request line or header")]
-    Malformed,
+    #[error("request line without a valid HTTP/1.x version")]
+    BadVersion,
+    #[error("request target is not origin-form or absolute-form")]
+    BadTarget,
+    #[error("request line or selected header is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("path longer than the configured maximum")]
+    PathTooLong,
+    #[error("malformed header line")]
+    MalformedHeader,
+    #[error("CR, LF, NUL or line folding inside a header (header injection attempt)")]
+    HeaderInjection,
+    #[error("more than one Host header")]
+    DuplicateHost,
+    #[error("Host header with characters no host name has")]
+    BadHost,
 }
 
-/// Headers read at most; requests with more are still accepted (the rest is ignored).
-const MAX_HEADERS: usize = 32;
+impl SkipReason {
+    pub const ALL: [SkipReason; 12] = [
+        SkipReason::Empty,
+        SkipReason::NotHttp,
+        SkipReason::UnknownMethod,
+        SkipReason::IncompleteRequestLine,
+        SkipReason::BadVersion,
+        SkipReason::BadTarget,
+        SkipReason::InvalidUtf8,
+        SkipReason::PathTooLong,
+        SkipReason::MalformedHeader,
+        SkipReason::HeaderInjection,
+        SkipReason::DuplicateHost,
+        SkipReason::BadHost,
+    ];
 
-pub fn parse_request(bytes: &[u8]) -> Result<Request, SkipReason> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(bytes) {
-        Ok(_) => {}
-        // Too many headers or a header cut off: the request line may still be complete,
-        // so fall back to parsing just that line.
-        Err(httparse::Error::TooManyHeaders) => return parse_request_line_only(bytes),
-        Err(_) => return Err(SkipReason::Malformed),
+    /// Stable snake_case name for counters and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Empty => "empty",
+            SkipReason::NotHttp => "not_http",
+            SkipReason::UnknownMethod => "unknown_method",
+            SkipReason::IncompleteRequestLine => "incomplete_request_line",
+            SkipReason::BadVersion => "bad_version",
+            SkipReason::BadTarget => "bad_target",
+            SkipReason::InvalidUtf8 => "invalid_utf8",
+            SkipReason::PathTooLong => "path_too_long",
+            SkipReason::MalformedHeader => "malformed_header",
+            SkipReason::HeaderInjection => "header_injection",
+            SkipReason::DuplicateHost => "duplicate_host",
+            SkipReason::BadHost => "bad_host",
+        }
     }
-    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
-        return Err(SkipReason::IncompleteRequestLine);
-    };
-    Ok(build(method, target, minor))
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
-fn parse_request_line_only(bytes: &[u8]) -> Result<Request, SkipReason> {
-    let end = bytes
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .ok_or(SkipReason::IncompleteRequestLine)?;
-    let mut line = bytes[..end + 2].to_vec();
-    line.extend_from_slice(b"\r\n");
-    let mut no_headers = [httparse::EMPTY_HEADER; 0];
-    let mut req = httparse::Request::new(&mut no_headers);
-    req.parse(&line).map_err(|_| SkipReason::Malformed)?;
+/// Per-reason counts of skipped captures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkipCounters {
+    counts: [u64; SkipReason::ALL.len()],
+}
+
+impl SkipCounters {
+    pub fn record(&mut self, reason: SkipReason) {
+        self.counts[reason.index()] += 1;
+    }
+
+    pub fn get(&self, reason: SkipReason) -> u64 {
+        self.counts[reason.index()]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// `(name, count)` for every reason, zeros included, in a fixed order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        SkipReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.counts[r.index()]))
+    }
+}
+
+/// Reusable parser. Owns a scratch buffer so a capture cut mid-header can be re-parsed
+/// without allocating once the buffer has grown to the capture size.
+#[derive(Debug)]
+pub struct Parser {
+    config: HttpConfig,
+    scratch: Vec<u8>,
+}
+
+impl Parser {
+    pub fn new(mut config: HttpConfig) -> Self {
+        for h in &mut config.session_headers {
+            h.make_ascii_lowercase();
+        }
+        Parser {
+            config,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &HttpConfig {
+        &self.config
+    }
+
+    /// Parses one captured request. The result borrows from `bytes` or from `self`.
+    pub fn parse<'a>(&'a mut self, bytes: &'a [u8]) -> Result<Request<'a>, SkipReason> {
+        if bytes.is_empty() {
+            return Err(SkipReason::Empty);
+        }
+        // Strict line endings: a bare LF is accepted as a line end by some servers and not by
+        // others, which is exactly what header smuggling exploits. Bare CR likewise.
+        let head_end = find(bytes, b"\r\n\r\n").map(|i| i + 4);
+        let head = &bytes[..head_end.unwrap_or(bytes.len())];
+        if let Some(reason) = injection_in(head) {
+            // Only meaningful once the request line is known to be HTTP-ish.
+            if looks_like_request_line(bytes) {
+                return Err(reason);
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(bytes) {
+            Ok(httparse::Status::Complete(_)) => {
+                let (m, p, v) = line_parts(&req)?;
+                let hdrs: &[httparse::Header<'a>] = req.headers;
+                return build(&self.config, m, p, v, hdrs, false, false);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                let (m, p, v) = line_parts(&req)?;
+                return build(&self.config, m, p, v, &[], head_end.is_none(), true);
+            }
+            Err(e) => return Err(classify(e, bytes, &self.config)),
+        }
+        // Partial: either the request line itself is cut, or some header is.
+        if req.version.is_none() {
+            if req.method.is_some() && bytes.len() > self.config.max_path_len + 16 {
+                return Err(SkipReason::PathTooLong);
+            }
+            if req.method.is_none() && !bytes.iter().all(|b| b.is_ascii_uppercase()) {
+                return Err(SkipReason::NotHttp);
+            }
+            return Err(SkipReason::IncompleteRequestLine);
+        }
+        // Keep the complete lines only (a header cut mid-value would hash to a wrong session
+        // key) and close the header section so httparse accepts it.
+        let last_line_end = rfind(bytes, b"\r\n").map(|i| i + 2).unwrap_or(bytes.len());
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&bytes[..last_line_end]);
+        self.scratch.extend_from_slice(b"\r\n");
+        let scratch: &'a [u8] = &self.scratch;
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(scratch) {
+            Ok(httparse::Status::Complete(_)) => {
+                let (m, p, v) = line_parts(&req)?;
+                let hdrs: &[httparse::Header<'a>] = req.headers;
+                build(&self.config, m, p, v, hdrs, true, false)
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                let (m, p, v) = line_parts(&req)?;
+                build(&self.config, m, p, v, &[], true, true)
+            }
+            Ok(httparse::Status::Partial) => Err(SkipReason::MalformedHeader),
+            Err(e) => Err(classify(e, scratch, &self.config)),
+        }
+    }
+}
+
+/// One-off parse with a fresh [`Parser`]; prefer keeping a `Parser` on a hot path.
+pub fn parse_request_owned(bytes: &[u8], config: &HttpConfig) -> Result<OwnedRequest, SkipReason> {
+    let mut p = Parser::new(config.clone());
+    p.parse(bytes).map(|r| OwnedRequest::from(&r))
+}
+
+/// An owned copy of the request line fields (no header values: those are secrets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub host: Option<String>,
+    pub version: &'static str,
+    pub truncated: bool,
+}
+
+impl From<&Request<'_>> for OwnedRequest {
+    fn from(r: &Request<'_>) -> Self {
+        OwnedRequest {
+            method: r.method,
+            path: r.path.to_string(),
+            query: r.query.map(str::to_string),
+            host: r.host.map(str::to_string),
+            version: r.version,
+            truncated: r.truncated,
+        }
+    }
+}
+
+type LineParts<'a> = (&'a str, &'a str, u8);
+
+fn line_parts<'a>(req: &httparse::Request<'_, 'a>) -> Result<LineParts<'a>, SkipReason> {
     match (req.method, req.path, req.version) {
-        (Some(m), Some(p), Some(v)) => Ok(build(m, p, v)),
+        (Some(m), Some(p), Some(v)) => Ok((m, p, v)),
         _ => Err(SkipReason::IncompleteRequestLine),
     }
 }
 
-fn build(method: &str, target: &str, minor: u8) -> Request {
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (target.to_string(), None),
+fn build<'a>(
+    config: &HttpConfig,
+    method: &'a str,
+    target: &'a str,
+    minor: u8,
+    headers: &[httparse::Header<'a>],
+    truncated: bool,
+    headers_dropped: bool,
+) -> Result<Request<'a>, SkipReason> {
+    let method = Method::parse(method).ok_or(SkipReason::UnknownMethod)?;
+    let (authority, rest) = split_target(target)?;
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
     };
-    let version = if minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" };
-    Request {
-        method: method.to_string(),
+    // A fragment never belongs in a request target; drop it rather than key on it.
+    let query = query.map(|q| q.split_once('#').map_or(q, |(q, _)| q));
+    let path = path.split_once('#').map_or(path, |(p, _)| p);
+    if path.len() > config.max_path_len {
+        return Err(SkipReason::PathTooLong);
+    }
+    let mut host = authority;
+    let mut host_header_seen = false;
+    let mut selected = SelectedHeaders::default();
+    for h in headers {
+        let keep_as_host = h.name.eq_ignore_ascii_case("host");
+        let keep = keep_as_host
+            || h.name.eq_ignore_ascii_case("cookie")
+            || config
+                .session_headers
+                .iter()
+                .any(|n| h.name.eq_ignore_ascii_case(n));
+        if !keep {
+            continue;
+        }
+        let value = std::str::from_utf8(h.value).map_err(|_| SkipReason::InvalidUtf8)?;
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(SkipReason::HeaderInjection);
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if keep_as_host {
+            if host_header_seen {
+                return Err(SkipReason::DuplicateHost);
+            }
+            host_header_seen = true;
+            if !valid_host(value) {
+                return Err(SkipReason::BadHost);
+            }
+            // RFC 9112 §3.2.2: an absolute-form target's authority wins over Host.
+            if host.is_none() && !value.is_empty() {
+                host = Some(value);
+            }
+        } else {
+            selected.entries.push((h.name, value));
+        }
+    }
+    Ok(Request {
+        method,
         path,
         query,
-        version,
+        host,
+        version: if minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
+        headers: selected,
+        truncated,
+        headers_dropped,
+    })
+}
+
+/// Origin-form `/p?q` or absolute-form `http://host/p?q`; returns (authority, path+query).
+fn split_target(target: &str) -> Result<(Option<&str>, &str), SkipReason> {
+    if target.starts_with('/') {
+        return Ok((None, target));
     }
+    let rest = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"))
+        .ok_or(SkipReason::BadTarget)?;
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], &rest[i..]),
+        // "http://h?q" has an empty path, which means "/".
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') || !valid_host(authority) {
+        return Err(SkipReason::BadTarget);
+    }
+    let path = if path.starts_with('?') { "/" } else { path };
+    Ok((Some(authority), path))
+}
+
+fn valid_host(h: &str) -> bool {
+    h.len() <= 255
+        && h.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+        })
+}
+
+/// CR or LF not part of CRLF, NUL, or a line that starts with whitespace (obs-fold) in the
+/// request head.
+fn injection_in(head: &[u8]) -> Option<SkipReason> {
+    let bad = head.iter().enumerate().any(|(i, &b)| match b {
+        0 => true,
+        b'\r' => head.get(i + 1).is_some_and(|&n| n != b'\n'),
+        b'\n' => i == 0 || head[i - 1] != b'\r' || matches!(head.get(i + 1), Some(b' ' | b'\t')),
+        _ => false,
+    });
+    bad.then_some(SkipReason::HeaderInjection)
+}
+
+/// Method token (uppercase letters) then a space: worth naming a header problem rather than
+/// calling the bytes junk.
+fn looks_like_request_line(bytes: &[u8]) -> bool {
+    let n = bytes
+        .iter()
+        .take(16)
+        .take_while(|b| b.is_ascii_uppercase())
+        .count();
+    n > 0 && bytes.get(n) == Some(&b' ')
+}
+
+fn classify(e: httparse::Error, bytes: &[u8], config: &HttpConfig) -> SkipReason {
+    let line_end = find(bytes, b"\r\n").unwrap_or(bytes.len());
+    let line = &bytes[..line_end];
+    match e {
+        httparse::Error::HeaderName | httparse::Error::HeaderValue | httparse::Error::NewLine => {
+            injection_in(bytes).unwrap_or(SkipReason::MalformedHeader)
+        }
+        httparse::Error::Version => SkipReason::BadVersion,
+        httparse::Error::Token | httparse::Error::Status => {
+            if !looks_like_request_line(bytes) {
+                return SkipReason::NotHttp;
+            }
+            if std::str::from_utf8(line).is_err() {
+                return SkipReason::InvalidUtf8;
+            }
+            if line.len() > config.max_path_len + 16 {
+                return SkipReason::PathTooLong;
+            }
+            // "GET /index.html" (HTTP/0.9 style): a target and no version after it.
+            if line.iter().filter(|&&b| b == b' ').count() == 1 && line.last() != Some(&b' ') {
+                return SkipReason::BadVersion;
+            }
+            SkipReason::BadTarget
+        }
+        httparse::Error::TooManyHeaders => SkipReason::MalformedHeader,
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(bytes: &[u8]) -> Result<OwnedRequest, SkipReason> {
+        parse_request_owned(bytes, &HttpConfig::default())
+    }
+
     #[test]
-    fn parses_complete_request() {
-        let r = parse_request(b"GET /a/b?x=1 HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
-        assert_eq!(r.method, "GET");
+    fn parses_complete_request_with_host_and_session_headers() {
+        let mut p = Parser::new(HttpConfig::default());
+        let raw = b"GET /a/b?x=1 HTTP/1.1\r\nHost: api.example\r\nAuthorization: Bearer t0k\r\nCookie: sid=1\r\nAccept: */*\r\n\r\n";
+        let r = p.parse(raw).unwrap();
+        assert_eq!(r.method, Method::Get);
         assert_eq!(r.path, "/a/b");
-        assert_eq!(r.query.as_deref(), Some("x=1"));
+        assert_eq!(r.query, Some("x=1"));
+        assert_eq!(r.host, Some("api.example"));
         assert_eq!(r.version, "HTTP/1.1");
-    }
-
-    #[test]
-    fn accepts_capture_truncated_mid_header() {
-        let r = parse_request(b"POST /transfer HTTP/1.0\r\nHost: api\r\nContent-Ty").unwrap();
+        assert_eq!(r.headers.get("AUTHORIZATION"), Some("Bearer t0k"));
+        assert_eq!(r.headers.get("cookie"), Some("sid=1"));
         assert_eq!(
-            (r.method.as_str(), r.path.as_str(), r.version),
-            ("POST", "/transfer", "HTTP/1.0")
+            r.headers.get("accept"),
+            None,
+            "unselected headers are not kept"
         );
+        assert!(!r.truncated);
     }
 
     #[test]
-    fn rejects_request_line_cut_before_version() {
+    fn truncated_mid_header_keeps_request_line_and_whole_header_lines() {
+        let mut p = Parser::new(HttpConfig::default());
+        let raw =
+            b"POST /transfer HTTP/1.0\r\nHost: api\r\nAuthorization: Bearer abc\r\nCookie: sid=12";
+        let r = p.parse(raw).unwrap();
         assert_eq!(
-            parse_request(b"GET /very/long/pa"),
+            (r.method, r.path, r.version),
+            (Method::Post, "/transfer", "HTTP/1.0")
+        );
+        assert_eq!(r.host, Some("api"));
+        assert_eq!(r.headers.get("authorization"), Some("Bearer abc"));
+        assert_eq!(
+            r.headers.get("cookie"),
+            None,
+            "a header cut mid-value must not be used"
+        );
+        assert!(r.truncated);
+    }
+
+    #[test]
+    fn truncation_right_after_request_line_is_fine() {
+        let r = parse(b"GET /x HTTP/1.1\r\nHo").unwrap();
+        assert_eq!(r.path, "/x");
+        assert!(r.truncated);
+    }
+
+    #[test]
+    fn request_line_cut_before_version_is_incomplete() {
+        assert_eq!(
+            parse(b"GET /very/long/pa"),
+            Err(SkipReason::IncompleteRequestLine)
+        );
+        assert_eq!(
+            parse(b"GET /x HTTP/1."),
             Err(SkipReason::IncompleteRequestLine)
         );
     }
 
     #[test]
-    fn rejects_binary_junk() {
+    fn binary_junk_is_not_http() {
         assert_eq!(
-            parse_request(b"\x00\x01\x02 \xff\xfe\r\n\r\n"),
-            Err(SkipReason::Malformed)
+            parse(b"\x00\x01\x02 \xff\xfe\r\n\r\n"),
+            Err(SkipReason::NotHttp)
+        );
+        assert_eq!(
+            parse(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+            Err(SkipReason::NotHttp)
+        );
+        assert_eq!(parse(b""), Err(SkipReason::Empty));
+    }
+
+    #[test]
+    fn invalid_utf8_in_path_or_selected_header_is_skipped() {
+        assert_eq!(
+            parse(b"GET /caf\xc3\x28 HTTP/1.1\r\n\r\n"),
+            Err(SkipReason::InvalidUtf8)
+        );
+        assert_eq!(
+            parse(b"GET /ok HTTP/1.1\r\nAuthorization: Bearer \xff\xfe\r\n\r\n"),
+            Err(SkipReason::InvalidUtf8)
         );
     }
 
     #[test]
-    fn too_many_headers_still_yields_request_line() {
+    fn path_of_100kb_is_too_long() {
+        let mut raw = b"GET /".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 100 * 1024));
+        let mut complete = raw.clone();
+        complete.extend_from_slice(b" HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(parse(&complete), Err(SkipReason::PathTooLong));
+        // The same path cut off before its version (a capture) is still "too long".
+        assert_eq!(parse(&raw), Err(SkipReason::PathTooLong));
+        // At the cap it is fine.
+        let mut at_cap = b"GET /".to_vec();
+        at_cap.extend(std::iter::repeat_n(b'a', DEFAULT_MAX_PATH_LEN - 1));
+        at_cap.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+        assert_eq!(parse(&at_cap).unwrap().path.len(), DEFAULT_MAX_PATH_LEN);
+    }
+
+    #[test]
+    fn request_line_without_version_is_bad_version() {
+        assert_eq!(
+            parse(b"GET /index.html\r\nHost: h\r\n\r\n"),
+            Err(SkipReason::BadVersion)
+        );
+        assert_eq!(
+            parse(b"GET /index.html HTTP/2.0\r\n\r\n"),
+            Err(SkipReason::BadVersion)
+        );
+    }
+
+    #[test]
+    fn header_injection_attempts_are_named() {
+        for raw in [
+            &b"GET / HTTP/1.1\r\nX-A: a\rInjected: b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nX-A: a\nAuthorization: Bearer evil\r\n\r\n",
+            b"GET / HTTP/1.1\r\nAuthorization: Bearer a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nAuthorization: Bearer a\x00b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n\tfold\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw),
+                Err(SkipReason::HeaderInjection),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_header_name_and_duplicate_host() {
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n"),
+            Err(SkipReason::MalformedHeader)
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            Err(SkipReason::DuplicateHost)
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
+            Err(SkipReason::BadHost)
+        );
+    }
+
+    #[test]
+    fn huge_header_count_keeps_request_line_and_drops_headers() {
         let mut raw = b"GET /h HTTP/1.1\r\n".to_vec();
-        for i in 0..40 {
+        for i in 0..1000 {
             raw.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
         }
-        assert_eq!(parse_request(&raw).unwrap().path, "/h");
+        raw.extend_from_slice(b"\r\n");
+        let mut p = Parser::new(HttpConfig::default());
+        {
+            let r = p.parse(&raw).unwrap();
+            assert_eq!(r.path, "/h");
+            assert!(r.headers_dropped);
+            assert!(r.headers.is_empty());
+        }
+        // And the same, truncated (no end of header section).
+        let cut = &raw[..3000];
+        let r = p.parse(cut).unwrap();
+        assert!(r.headers_dropped && r.truncated);
+    }
+
+    #[test]
+    fn every_followed_method_parses_and_absurd_ones_are_skipped() {
+        for m in Method::ALL {
+            let raw = format!("{} /x HTTP/1.1\r\n\r\n", m.as_str());
+            assert_eq!(parse(raw.as_bytes()).unwrap().method, m);
+        }
+        assert_eq!(
+            parse(b"get /x HTTP/1.1\r\n\r\n"),
+            Err(SkipReason::UnknownMethod)
+        );
+        assert_eq!(
+            parse(b"BREW /pot HTTP/1.1\r\n\r\n"),
+            Err(SkipReason::UnknownMethod)
+        );
+        let long = format!("{} /x HTTP/1.1\r\n\r\n", "A".repeat(5000));
+        assert_eq!(parse(long.as_bytes()), Err(SkipReason::UnknownMethod));
+    }
+
+    #[test]
+    fn absolute_form_target_sets_host_and_path() {
+        let r =
+            parse(b"GET http://api.example:8080/v1/x?q=1 HTTP/1.1\r\nHost: other\r\n\r\n").unwrap();
+        assert_eq!(r.host.as_deref(), Some("api.example:8080"));
+        assert_eq!(r.path, "/v1/x");
+        assert_eq!(r.query.as_deref(), Some("q=1"));
+        assert_eq!(
+            parse(b"OPTIONS * HTTP/1.1\r\n\r\n"),
+            Err(SkipReason::BadTarget)
+        );
+        assert_eq!(
+            parse(b"CONNECT h:443 HTTP/1.1\r\n\r\n"),
+            Err(SkipReason::BadTarget)
+        );
+    }
+
+    #[test]
+    fn debug_output_redacts_header_values() {
+        let mut p = Parser::new(HttpConfig::default());
+        let r = p
+            .parse(b"GET / HTTP/1.1\r\nAuthorization: Bearer sekrit-token\r\n\r\n")
+            .unwrap();
+        let dbg = format!("{r:?}");
+        assert!(!dbg.contains("sekrit-token"), "{dbg}");
+        assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn skip_counters_count_per_reason() {
+        let mut c = SkipCounters::default();
+        c.record(SkipReason::NotHttp);
+        c.record(SkipReason::NotHttp);
+        c.record(SkipReason::PathTooLong);
+        assert_eq!(c.get(SkipReason::NotHttp), 2);
+        assert_eq!(c.total(), 3);
+        assert_eq!(
+            c.iter().find(|(n, _)| *n == "path_too_long"),
+            Some(("path_too_long", 1))
+        );
+        let names: std::collections::HashSet<_> =
+            SkipReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), SkipReason::ALL.len(), "names are unique");
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // Cheap deterministic fuzz: xorshift bytes, some with an HTTP-looking prefix.
+        let mut s: u64 = 0x9E3779B97F4A7C15;
+        let mut p = Parser::new(HttpConfig::default());
+        for i in 0..20_000 {
+            let len = (i % 300) + 1;
+            let mut buf = if i % 2 == 0 {
+                b"GET /".to_vec()
+            } else {
+                Vec::new()
+            };
+            for _ in 0..len {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                buf.push(if s.is_multiple_of(5) {
+                    b"\r\n :/?"[(s >> 8) as usize % 6]
+                } else {
+                    (s >> 16) as u8
+                });
+            }
+            let _ = p.parse(&buf);
+        }
     }
 }

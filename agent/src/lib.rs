@@ -1,10 +1,14 @@
 //! precedent: a host agent that protects HTTP APIs against sequential abuse.
 //!
 //! Modules follow the data: `capture` (XDP program and ring buffer) → `http` (request
-//! parsing) → … → `enforce` (block maps) → `daemon` (the long-running process that wires the
-//! stages together). `clock` converts between the kernel's clock and wall time.
+//! parsing) → `discovery` (path → operation) → `session` (per-client steps) → `rules`
+//! (precedence and deny rules) → … → `enforce` (block maps) → `daemon` (the long-running
+//! process that wires the stages together). `clock` converts the kernel's clock to wall time.
 pub mod capture;
 pub mod clock;
 pub mod daemon;
+pub mod discovery;
 pub mod enforce;
 pub mod http;
+pub mod rules;
+pub mod session;
