@@ -14,6 +14,8 @@ pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
 /// Fixed part of a ring buffer event; `captured_len` payload bytes follow it directly.
+/// The record may be longer than header + `captured_len` (sizes come in a few fixed buckets);
+/// bytes past `captured_len` are meaningless.
 ///
 /// Addresses are stored in 16 bytes; an IPv4 address occupies the first 4 (network order).
 /// Ports are in host byte order.
@@ -41,15 +43,6 @@ pub struct EventHeader {
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 const _: () = assert!(EVENT_HEADER_LEN == 64);
 
-/// Header plus room for the largest capture: the per-CPU scratch buffer the XDP program
-/// assembles an event in before copying `EVENT_HEADER_LEN + captured_len` bytes to the ring.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct EventBuf {
-    pub header: EventHeader,
-    pub data: [u8; CAPTURE_MAX],
-}
-
 /// Runtime settings for the XDP program: entry 0 of the `CONFIG` array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,12 +53,21 @@ pub struct Config {
     pub _pad: u32,
 }
 
+/// Bits of the `ENFORCE_FLAGS` array map (entry 0): which block/allow maps hold entries.
+/// The XDP program skips lookups in empty maps, which keeps the common path cheap; the
+/// userspace enforcer keeps these bits in step with the maps.
+pub const FLAG_BLOCK_V4: u32 = 1 << 0;
+pub const FLAG_BLOCK_V6: u32 = 1 << 1;
+pub const FLAG_ALLOW_V4: u32 = 1 << 2;
+pub const FLAG_ALLOW_V6: u32 = 1 << 3;
+
 /// Value of a block-map entry (LPM tries keyed by source prefix).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockEntry {
     /// CLOCK_MONOTONIC nanoseconds after which the block no longer applies. The kernel side
-    /// compares against its own clock, so a block ends on time even if userspace is gone.
+    /// compares against its own (coarse, ~4 ms resolution) clock, so a block ends on time even
+    /// if userspace is gone.
     pub expires_ns: u64,
     /// Packets dropped because of this entry (updated atomically by the XDP program).
     pub dropped: u64,

@@ -13,12 +13,15 @@
 mod parse;
 
 use agent_common::{
-    BlockEntry, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EVENT_HEADER_LEN,
-    EventBuf, MAX_ALLOW, MAX_BLOCKS,
+    BlockEntry, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EventHeader,
+    FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, MAX_ALLOW, MAX_BLOCKS,
 };
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_ns, generated::bpf_xdp_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+    },
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
@@ -38,9 +41,9 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
-/// Where an event is assembled: too big for the 512-byte BPF stack.
+/// Which block/allow maps hold entries (FLAG_* bits), written by userspace.
 #[map]
-static SCRATCH: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
+static ENFORCE_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static BLOCK_V4: LpmTrie<[u8; 4], BlockEntry> = LpmTrie::with_max_entries(MAX_BLOCKS, 0);
@@ -93,12 +96,30 @@ fn inspect(ctx: &XdpContext) -> Verdict {
         }
     };
     // Blocking applies to every packet from the source, whatever its protocol, SYNs included.
+    // Empty maps are not searched at all: most of the time there is nothing to find.
+    let flags = ENFORCE_FLAGS.get(0).copied().unwrap_or(0);
     let blocked = if h.is_v6 {
-        is_blocked(&BLOCK_V6, &ALLOW_V6, Key::new(128, h.saddr))
+        flags & FLAG_BLOCK_V6 != 0
+            && match parse::source_v6(ctx, &h) {
+                Ok(src) => is_blocked(
+                    &BLOCK_V6,
+                    &ALLOW_V6,
+                    flags & FLAG_ALLOW_V6 != 0,
+                    Key::new(128, src),
+                ),
+                Err(_) => false,
+            }
     } else {
-        let mut v4 = [0u8; 4];
-        v4.copy_from_slice(&h.saddr[..4]);
-        is_blocked(&BLOCK_V4, &ALLOW_V4, Key::new(32, v4))
+        flags & FLAG_BLOCK_V4 != 0
+            && match parse::source_v4(ctx, &h) {
+                Ok(src) => is_blocked(
+                    &BLOCK_V4,
+                    &ALLOW_V4,
+                    flags & FLAG_ALLOW_V4 != 0,
+                    Key::new(32, src),
+                ),
+                Err(_) => false,
+            }
     };
     if blocked {
         return Verdict::Drop;
@@ -126,15 +147,21 @@ fn count_skip(skip: Skip) {
 /// Looks the source up in the block trie (longest prefix); an expired block or an allowlist
 /// match lets the packet through.
 #[inline(always)]
-fn is_blocked<K>(block: &LpmTrie<K, BlockEntry>, allow: &LpmTrie<K, u8>, key: Key<K>) -> bool {
+fn is_blocked<K>(
+    block: &LpmTrie<K, BlockEntry>,
+    allow: &LpmTrie<K, u8>,
+    allow_in_use: bool,
+    key: Key<K>,
+) -> bool {
     let Some(entry) = block.get(&key) else {
         return false;
     };
-    if unsafe { bpf_ktime_get_ns() } >= entry.expires_ns {
+    // The coarse clock is enough for expiry and cheaper than a precise read.
+    if unsafe { bpf_ktime_get_coarse_ns() } >= entry.expires_ns {
         bump(Counter::BlockExpired);
         return false;
     }
-    if allow.get(&key).is_some() {
+    if allow_in_use && allow.get(&key).is_some() {
         bump(Counter::Allowlisted);
         return false;
     }
@@ -151,7 +178,7 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     if !h.is_tcp || h.payload_len < 4 {
         return Err(Skip::NotInteresting);
     }
-    let mut head = [0u8; 8];
+    let mut head = 0u64;
     parse::payload_head(ctx, h, &mut head)?;
     if !parse::is_http_method(head) {
         if parse::is_http2_preface(head) {
@@ -164,51 +191,77 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         Some(c) if c.capture_len != 0 => c.capture_len as usize,
         _ => CAPTURE_DEFAULT as usize,
     };
-    let mut captured = if h.payload_len < limit {
+    let captured = if h.payload_len < limit {
         h.payload_len
     } else {
         limit
     };
-    if captured > CAPTURE_MAX {
-        captured = CAPTURE_MAX;
+    // The ring only accepts reservations of a size the verifier knows, so records come in a
+    // few sizes; the payload is copied once, straight from the packet into the ring.
+    if captured <= 128 {
+        emit::<128>(ctx, h, captured)
+    } else if captured <= 512 {
+        emit::<512>(ctx, h, captured)
+    } else if captured <= 1024 {
+        emit::<1024>(ctx, h, captured)
+    } else {
+        emit::<CAPTURE_MAX>(ctx, h, captured)
     }
-    if captured == 0 {
+}
+
+/// A ring buffer record: the header and up to `N` payload bytes.
+#[repr(C)]
+struct Record<const N: usize> {
+    header: EventHeader,
+    data: [u8; N],
+}
+
+#[inline(always)]
+fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Result<(), Skip> {
+    if captured == 0 || captured > N {
         return Err(Skip::NotInteresting);
     }
-
-    let buf = SCRATCH.get_ptr_mut(0).ok_or(Skip::NotInteresting)?;
+    let Some(mut entry) = EVENTS.reserve::<Record<N>>(0) else {
+        bump(Counter::RingbufFull);
+        return Ok(());
+    };
+    let rec = entry.as_mut_ptr();
     // bpf_xdp_load_bytes also reads from the fragments of multi-buffer packets.
     let rc = unsafe {
         bpf_xdp_load_bytes(
             ctx.ctx,
             h.payload_off as u32,
-            (*buf).data.as_mut_ptr().cast(),
+            (&raw mut (*rec).data).cast(),
             captured as u32,
         )
     };
     if rc < 0 {
+        entry.discard(0);
         return Err(parse::out_of_reach(ctx));
     }
-    unsafe {
-        let hdr = &mut (*buf).header;
-        hdr.ts_ns = bpf_ktime_get_ns();
-        hdr.saddr = h.saddr;
-        hdr.daddr = h.daddr;
-        hdr.sport = h.sport;
-        hdr.dport = h.dport;
-        hdr.ifindex = (*ctx.ctx).ingress_ifindex;
-        hdr.family = if h.is_v6 { 6 } else { 4 };
-        hdr.payload_len = h.payload_len as u32;
-        hdr.captured_len = captured as u32;
-    }
-    // Only the header and the captured bytes go to the ring, not the whole scratch buffer.
-    let event = unsafe {
-        core::slice::from_raw_parts(buf.cast::<u8>().cast_const(), EVENT_HEADER_LEN + captured)
+    let (saddr, daddr, sport, dport) = match parse::endpoints(ctx, h) {
+        Ok(e) => e,
+        Err(skip) => {
+            entry.discard(0);
+            return Err(skip);
+        }
     };
-    if EVENTS.output::<[u8]>(event, 0).is_err() {
-        bump(Counter::RingbufFull);
-        return Ok(());
+    unsafe {
+        (*rec).header = EventHeader {
+            ts_ns: bpf_ktime_get_ns(),
+            saddr,
+            daddr,
+            sport,
+            dport,
+            ifindex: (*ctx.ctx).ingress_ifindex,
+            family: if h.is_v6 { 6 } else { 4 },
+            _pad: [0; 3],
+            payload_len: h.payload_len as u32,
+            captured_len: captured as u32,
+            _pad2: 0,
+        };
     }
+    entry.submit(0);
     bump(Counter::Captured);
     if h.payload_len > captured {
         bump(Counter::Truncated);

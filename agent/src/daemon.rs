@@ -62,10 +62,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }
     }
     let mut datapath = Datapath::load(&opts.load)?;
+    // The enforcer tells the kernel which (possibly pinned) block maps hold entries: take it
+    // before attaching so pinned blocks apply from the first packet.
+    let mut enforcer = datapath.take_enforcer()?;
     for iface in &opts.ifaces {
         datapath.attach(iface, opts.attach_mode)?;
     }
-    let mut enforcer = datapath.take_enforcer()?;
     let ring = datapath.take_events()?;
     let overflow = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = mpsc::channel(PIPELINE_DEPTH);

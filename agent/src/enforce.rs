@@ -2,12 +2,12 @@
 //!
 //! Blocks are source prefixes with an expiry on the kernel's monotonic clock, so they end on
 //! time even if this process is gone. The allowlist always wins, in the kernel and here.
-use std::{net::IpAddr, time::Duration};
+use std::{collections::HashSet, net::IpAddr, time::Duration};
 
-use agent_common::BlockEntry;
+use agent_common::{BlockEntry, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6};
 use aya::{
     Ebpf,
-    maps::{LpmTrie, MapData, MapError, lpm_trie::Key},
+    maps::{Array, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use ipnet::IpNet;
 use serde::Serialize;
@@ -16,12 +16,18 @@ use crate::{capture::CaptureError, clock};
 
 type Trie<K, V> = LpmTrie<MapData, K, V>;
 
-/// Owner of the four block/allow maps.
+/// Owner of the four block/allow maps, and of the flags telling the kernel which of them
+/// hold entries (it skips lookups in empty ones).
 pub struct Enforcer {
     block_v4: Trie<[u8; 4], BlockEntry>,
     block_v6: Trie<[u8; 16], BlockEntry>,
     allow_v4: Trie<[u8; 4], u8>,
     allow_v6: Trie<[u8; 16], u8>,
+    flags: Array<MapData, u32>,
+    /// The keys of the block and allow maps. A trie lookup is a longest-prefix match and
+    /// cannot say whether an exact key exists; this mirror can, and gives the FLAG_* bits.
+    blocked: HashSet<IpNet>,
+    allowed: HashSet<IpNet>,
 }
 
 /// One block as the kernel holds it.
@@ -70,12 +76,72 @@ impl Enforcer {
                 detail: e.to_string(),
             })
         }
-        Ok(Self {
+        let flags_map = ebpf.take_map("ENFORCE_FLAGS").ok_or(CaptureError::Map {
+            map: "ENFORCE_FLAGS",
+            detail: "missing from the object".into(),
+        })?;
+        let flags = Array::try_from(flags_map).map_err(|e| CaptureError::Map {
+            map: "ENFORCE_FLAGS",
+            detail: e.to_string(),
+        })?;
+        let mut me = Self {
             block_v4: take(ebpf, "BLOCK_V4")?,
             block_v6: take(ebpf, "BLOCK_V6")?,
             allow_v4: take(ebpf, "ALLOW_V4")?,
             allow_v6: take(ebpf, "ALLOW_V6")?,
-        })
+            flags,
+            blocked: HashSet::new(),
+            allowed: HashSet::new(),
+        };
+        // Pinned maps may arrive with entries from an earlier run.
+        let key_net = |data: IpAddr, len: u32| IpNet::new(data, len as u8).ok();
+        me.blocked.extend(
+            me.block_v4
+                .keys()
+                .flatten()
+                .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
+        );
+        me.blocked.extend(
+            me.block_v6
+                .keys()
+                .flatten()
+                .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
+        );
+        me.allowed.extend(
+            me.allow_v4
+                .keys()
+                .flatten()
+                .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
+        );
+        me.allowed.extend(
+            me.allow_v6
+                .keys()
+                .flatten()
+                .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
+        );
+        me.write_flags().map_err(|e| CaptureError::Map {
+            map: "ENFORCE_FLAGS",
+            detail: e.to_string(),
+        })?;
+        Ok(me)
+    }
+
+    /// Tells the kernel which maps hold entries.
+    fn write_flags(&mut self) -> Result<(), EnforceError> {
+        let any =
+            |set: &HashSet<IpNet>, v4: bool| set.iter().any(|n| matches!(n, IpNet::V4(_)) == v4);
+        let mut bits = 0;
+        for (set, v4, bit) in [
+            (&self.blocked, true, FLAG_BLOCK_V4),
+            (&self.blocked, false, FLAG_BLOCK_V6),
+            (&self.allowed, true, FLAG_ALLOW_V4),
+            (&self.allowed, false, FLAG_ALLOW_V6),
+        ] {
+            if any(set, v4) {
+                bits |= bit;
+            }
+        }
+        self.flags.set(0, bits, 0).map_err(map_err("flags"))
     }
 
     /// Blocks `net` for `ttl` (replacing any block of the same prefix). Refused when an
@@ -108,6 +174,9 @@ impl Enforcer {
             ),
         }
         .map_err(map_err("block"))?;
+        if self.blocked.insert(net) {
+            self.write_flags()?;
+        }
         tracing::info!(%net, ttl = %humantime::format_duration(ttl), "blocked");
         Ok(())
     }
@@ -125,6 +194,8 @@ impl Enforcer {
         };
         match r {
             Ok(()) => {
+                self.blocked.remove(&net);
+                self.write_flags()?;
                 tracing::info!(%net, "unblocked");
                 Ok(true)
             }
@@ -210,6 +281,9 @@ impl Enforcer {
             }
         }
         .map_err(map_err("allow"))?;
+        if self.allowed.insert(net) {
+            self.write_flags()?;
+        }
         tracing::info!(%net, "allowlisted");
         Ok(())
     }
@@ -226,7 +300,11 @@ impl Enforcer {
                 .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
         };
         match r {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.allowed.remove(&net);
+                self.write_flags()?;
+                Ok(true)
+            }
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(map_err("allow")(e)),
         }

@@ -19,23 +19,37 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin` with `args` and waits until its log says it is running (or it dies).
     pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn(bin, args, true)
+    }
+
+    /// Like [`Daemon::start`], but stdout goes to /dev/null (benchmarks: no collector cost).
+    pub fn start_discarding_stdout(bin: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn(bin, args, false)
+    }
+
+    fn spawn(bin: &Path, args: &[&str], keep_stdout: bool) -> anyhow::Result<Self> {
         let mut child = Command::new(bin)
             .args(args)
             .env("PRECEDENT_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(if keep_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        }
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let log2 = log.clone();

@@ -45,8 +45,10 @@ impl Outcome {
         unsafe { std::ptr::read_unaligned(self.events[0].as_ptr().cast()) }
     }
 
+    /// The captured bytes (records come in size buckets; bytes past captured_len are noise).
     fn payload(&self) -> &[u8] {
-        &self.events[0][EVENT_HEADER_LEN..]
+        let len = self.header().captured_len as usize;
+        &self.events[0][EVENT_HEADER_LEN..EVENT_HEADER_LEN + len]
     }
 }
 

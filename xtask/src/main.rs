@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything a newcomer needs on a fresh machine, each task doing its
 //! own set-up first.
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -33,6 +34,17 @@ enum Task {
     },
     /// Set up if needed, then show precedent capturing a client's walk through an API.
     Demo,
+    /// Nanoseconds per packet of the XDP program (BPF_PROG_TEST_RUN) vs an empty program.
+    BenchXdp,
+    /// HTTP requests per second through a veth pair with and without precedent attached.
+    BenchE2e {
+        /// Seconds per measurement round.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Rounds per configuration (alternating).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +54,8 @@ fn main() -> std::process::ExitCode {
         Task::Build => setup::ensure().and_then(|()| build_agent()).map(|_| ()),
         Task::Test { unit_only } => test::run(unit_only),
         Task::Demo => demo::run(),
+        Task::BenchXdp => bench::xdp(),
+        Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

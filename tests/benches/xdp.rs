@@ -1,0 +1,108 @@
+//! Nanoseconds per packet for the XDP program, measured in the kernel by BPF_PROG_TEST_RUN
+//! with many repeats, next to an empty XDP program built in the same object. Needs root.
+//! Run with `cargo xtask bench-xdp`.
+use std::time::Duration;
+
+use agent_common::Counter;
+use precedent::capture::{BASELINE_PROGRAM, Datapath, LoadOptions, PROGRAM};
+use precedent_tests::Packet;
+
+/// Repeats per BPF_PROG_TEST_RUN call; the ring buffer is drained between calls so captured
+/// requests keep taking the capture path (not the ring-full one).
+const REPEAT: u32 = 2_000;
+const ROUNDS: usize = 41;
+
+fn main() {
+    if !precedent_tests::is_root() {
+        eprintln!("bench-xdp loads an XDP program and needs root");
+        std::process::exit(1);
+    }
+    let mut dp = Datapath::load(&LoadOptions::default()).expect("load XDP program");
+    let mut ring = dp.take_events().unwrap();
+    let mut enforcer = dp.take_enforcer().unwrap();
+
+    // A realistic block map: a thousand entries of mixed prefix lengths, plus the one we hit.
+    for i in 0..1000u32 {
+        let net = format!(
+            "172.{}.{}.0/{}",
+            16 + (i % 16),
+            i / 16,
+            if i % 3 == 0 { 24 } else { 32 }
+        );
+        enforcer
+            .block(net.parse().unwrap(), Duration::from_secs(3600))
+            .unwrap();
+    }
+    enforcer
+        .block("10.66.0.0/16".parse().unwrap(), Duration::from_secs(3600))
+        .unwrap();
+
+    let mut non_http = Packet::tcp("10.9.0.2", "10.9.0.1", &[0x17; 200]); // TLS-like record
+    non_http.tcp_options = 12; // timestamps, as on a real connection
+    let request = {
+        let mut r = format!("POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n", "t".repeat(200)).into_bytes();
+        r.resize(510, b'x');
+        r.extend_from_slice(b"\r\n");
+        r
+    };
+    assert_eq!(request.len(), 512);
+    let mut captured = Packet::tcp("10.9.0.2", "10.9.0.1", &request);
+    captured.tcp_options = 12;
+    let mut blocked = Packet::tcp("10.66.3.4", "10.9.0.1", &[0x17; 200]);
+    blocked.tcp_options = 12;
+
+    // A second instance whose block maps are empty: the common case on most servers.
+    let mut empty = Datapath::load(&LoadOptions::default()).expect("load XDP program");
+    let _empty_enforcer = empty.take_enforcer().unwrap();
+
+    let cases: [(&str, &str, Vec<u8>); 4] = [
+        (
+            "baseline (empty XDP program)",
+            BASELINE_PROGRAM,
+            non_http.build(),
+        ),
+        ("non-HTTP TCP packet", PROGRAM, non_http.build()),
+        ("captured 512-byte request", PROGRAM, captured.build()),
+        ("blocked packet", PROGRAM, blocked.build()),
+    ];
+
+    // Interleave the cases round by round so machine noise hits them alike; report medians.
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len() + 1];
+    let before = dp.counters().unwrap();
+    let frame = non_http.build();
+    for _ in 0..ROUNDS {
+        for (i, (_, prog, frame)) in cases.iter().enumerate() {
+            let (_, per_run) = dp.test_run(prog, frame, REPEAT).unwrap();
+            samples[i].push(per_run.as_nanos() as f64);
+            while ring.next().is_some() {}
+        }
+        let (_, per_run) = empty.test_run(PROGRAM, &frame, REPEAT).unwrap();
+        samples[cases.len()].push(per_run.as_nanos() as f64);
+    }
+    let delta = dp.counters().unwrap().since(&before);
+    let total = (ROUNDS as u64) * u64::from(REPEAT);
+    assert_eq!(
+        delta.get(Counter::Captured),
+        total,
+        "every request run must be captured"
+    );
+    assert_eq!(delta.get(Counter::RingbufFull), 0);
+    assert_eq!(delta.get(Counter::Blocked), total);
+
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = samples.iter_mut().map(median).collect();
+    println!(
+        "XDP cost per packet (BPF_PROG_TEST_RUN, {ROUNDS} rounds x {REPEAT} repeats, median; 1,001 block entries)"
+    );
+    println!("{:<34} {:>10} {:>10}", "case", "ns/packet", "x baseline");
+    let names = cases
+        .iter()
+        .map(|(n, _, _)| *n)
+        .chain(["non-HTTP, no block entries at all"]);
+    for (name, ns) in names.zip(&medians) {
+        println!("{name:<34} {ns:>10.1} {:>10.2}", ns / medians[0]);
+    }
+}
