@@ -403,6 +403,11 @@ impl Drop for Datapath {
     }
 }
 
+/// How often the reader drains the ring without being woken. The XDP program wakes it only
+/// when 64 KiB are waiting (one wakeup per request would cost more than the capture), so
+/// this bounds how long a request can sit in the ring on a quiet server.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
 /// Reads the ring buffer until `tx` closes, decoding each record.
 ///
 /// The reader never waits for downstream: when the channel is full the request is counted
@@ -418,30 +423,48 @@ pub async fn read_events(
     // owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| io::Error::other(e.to_string()))?;
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = tokio::select! {
-            g = fd.readable_mut() => g?,
-            () = tx.closed() => return Ok(()),
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(req) = CapturedRequest::decode(&item, offset) else {
-                continue;
-            };
-            drop(item);
-            match tx.try_send(req) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    let n = overflow.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if n.is_power_of_two() {
-                        tracing::warn!(dropped = n, "engine behind: captured requests dropped");
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                let open = drain(guard.get_inner_mut(), &tx, &overflow, offset);
+                guard.clear_ready();
+                if !open { return Ok(()); }
             }
+            _ = tick.tick() => {
+                if !drain(fd.get_mut(), &tx, &overflow, offset) { return Ok(()); }
+            }
+            () = tx.closed() => return Ok(()),
         }
-        guard.clear_ready();
     }
+}
+
+/// Hands every record in the ring downstream; false once the receiver is gone.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<CapturedRequest>,
+    overflow: &std::sync::atomic::AtomicU64,
+    offset: i128,
+) -> bool {
+    while let Some(item) = ring.next() {
+        let Some(req) = CapturedRequest::decode(&item, offset) else {
+            continue;
+        };
+        drop(item);
+        match tx.try_send(req) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let n = overflow.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(dropped = n, "engine behind: captured requests dropped");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        }
+    }
+    true
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, CaptureError> {
