@@ -10,5 +10,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod enforce;
 pub mod http;
+pub mod notify;
 pub mod rules;
 pub mod session;
+pub mod state;
