@@ -71,9 +71,14 @@ impl ControlClient {
         stream
             .set_write_timeout(Some(self.timeout))
             .map_err(|e| self.io(e))?;
-        stream
-            .write_all(&encode_request(request))
-            .map_err(|e| self.io(e))?;
+        // The server may refuse before reading (peer check, oversize request) and close: the
+        // write then fails with EPIPE but its error reply is waiting to be read.
+        let write_error = stream.write_all(&encode_request(request)).err();
+        if let Some(e) = write_error.as_ref()
+            && !matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
+        {
+            return Err(self.io(write_error.expect("checked above")));
+        }
         // Our half-close tells the server nothing more is coming.
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let mut buf = Vec::with_capacity(4096);
@@ -107,7 +112,10 @@ impl ControlClient {
             }
         }
         if buf.is_empty() {
-            return Err(self.protocol("the daemon closed the connection without a reply".into()));
+            return Err(match write_error {
+                Some(e) => self.io(e),
+                None => self.protocol("the daemon closed the connection without a reply".into()),
+            });
         }
         serde_json::from_slice(&buf).map_err(|e| self.protocol(e.to_string()))
     }

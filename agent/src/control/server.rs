@@ -350,3 +350,378 @@ async fn write_reply(
         Err(_) => tracing::debug!("control client did not read its reply in time"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::net::UnixStream as StdStream,
+    };
+
+    use super::*;
+    use crate::control::{ClientError, ControlClient, PROTOCOL_VERSION};
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        shutdown: CancellationToken,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    /// A server whose "engine" echoes the command and peer uid; `model_reset` is dropped
+    /// unanswered and `model_save` never answered, to exercise those paths.
+    async fn start(tune: impl FnOnce(&mut ServerConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("control.sock");
+        let mut config = ServerConfig {
+            socket: path.clone(),
+            ..ServerConfig::default()
+        };
+        tune(&mut config);
+        let server = ControlServer::bind(config).unwrap();
+        let (tx, mut rx) = mpsc::channel::<ControlRequest>(QUEUE_DEPTH);
+        tokio::spawn(async move {
+            let mut parked = Vec::new();
+            while let Some(req) = rx.recv().await {
+                match req.request {
+                    Request::ModelReset => drop(req),
+                    Request::ModelSave => parked.push(req),
+                    _ => {
+                        let data =
+                            serde_json::json!({"cmd": req.request.cmd(), "uid": req.peer.uid});
+                        req.respond(Response::ok(data));
+                    }
+                }
+            }
+        });
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(server.run(tx, shutdown.clone()));
+        Harness {
+            _dir: dir,
+            path,
+            shutdown,
+            server,
+        }
+    }
+
+    async fn ask(path: &Path, req: Request) -> Result<Response, ClientError> {
+        let client = ControlClient::new(path).with_timeout(Duration::from_secs(10));
+        tokio::task::spawn_blocking(move || client.request(&req))
+            .await
+            .unwrap()
+    }
+
+    /// Sends raw bytes and returns the reply line (blocking, for hostile-client tests).
+    async fn raw(path: &Path, bytes: Vec<u8>, half_close: bool) -> String {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let mut s = StdStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            // The server may close before taking everything (oversize): that is the point.
+            let _ = s.write_all(&bytes);
+            if half_close {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+        .await
+        .unwrap()
+    }
+
+    fn error_of(line: &str) -> String {
+        let r: Response =
+            serde_json::from_str(line.trim_end()).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(!r.ok, "{line}");
+        assert_eq!(r.version, PROTOCOL_VERSION);
+        r.error.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_reaches_engine_and_answer_comes_back() {
+        let h = start(|_| {}).await;
+        let resp = ask(&h.path, Request::Sequences { top: 3 }).await.unwrap();
+        let data = resp.into_result().unwrap();
+        assert_eq!(data["cmd"], "sequences");
+        assert_eq!(data["uid"], unsafe { libc::geteuid() });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn socket_is_0600_in_a_0700_directory() {
+        let h = start(|_| {}).await;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&h.path), 0o600);
+        assert_eq!(mode(h.path.parent().unwrap()), 0o700);
+        assert!(
+            fs::symlink_metadata(&h.path)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversize_request_is_refused_and_next_client_is_served() {
+        let h = start(|_| {}).await;
+        let mut big = br#"{"version":1,"cmd":"rules_add","toml":""#.to_vec();
+        big.resize(MAX_REQUEST_BYTES + 10_000, b'a');
+        big.extend_from_slice(b"\"}\n");
+        let reply = raw(&h.path, big, false).await;
+        assert!(
+            error_of(&reply).contains("larger than 65536 bytes"),
+            "{reply}"
+        );
+        let resp = ask(&h.path, Request::Status).await.unwrap();
+        assert!(resp.ok);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_reports_the_servers_refusal_of_an_oversize_request() {
+        // The server closes while the client is still writing; the client must still show the
+        // server's reason, not "broken pipe".
+        let h = start(|_| {}).await;
+        let req = Request::RulesAdd {
+            toml: "#".repeat(4 * MAX_REQUEST_BYTES),
+        };
+        let e = ask(&h.path, req).await.unwrap().into_result().unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_of_exactly_the_limit_is_accepted() {
+        let h = start(|c| c.max_request_bytes = 200).await;
+        let mut line = encode_request_padded(200);
+        assert_eq!(line.len(), 201);
+        let reply = raw(&h.path, std::mem::take(&mut line), false).await;
+        let r: Response = serde_json::from_str(reply.trim_end()).unwrap();
+        assert!(r.ok, "{reply}");
+        let reply = raw(&h.path, encode_request_padded(201), false).await;
+        assert!(
+            error_of(&reply).contains("larger than 200 bytes"),
+            "{reply}"
+        );
+    }
+
+    /// A `rules_add` line whose JSON (without the newline) is exactly `len` bytes.
+    fn encode_request_padded(len: usize) -> Vec<u8> {
+        let base = super::super::encode_request(&Request::RulesAdd {
+            toml: String::new(),
+        });
+        let pad = len - (base.len() - 1);
+        super::super::encode_request(&Request::RulesAdd {
+            toml: "#".repeat(pad),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_json_and_unknown_version_get_error_replies() {
+        let h = start(|_| {}).await;
+        let reply = raw(&h.path, b"{\"version\":1,\"cmd\":\n".to_vec(), false).await;
+        assert!(error_of(&reply).contains("not valid JSON"), "{reply}");
+        let reply = raw(
+            &h.path,
+            b"{\"version\":7,\"cmd\":\"status\"}\n".to_vec(),
+            false,
+        )
+        .await;
+        assert!(
+            error_of(&reply).contains("version 7 is not supported"),
+            "{reply}"
+        );
+        // A request without the trailing newline, ended by half-close, is fine.
+        let reply = raw(
+            &h.path,
+            b"{\"version\":1,\"cmd\":\"status\"}".to_vec(),
+            true,
+        )
+        .await;
+        assert!(
+            serde_json::from_str::<Response>(reply.trim_end())
+                .unwrap()
+                .ok
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_client_is_cut_off_and_frees_its_slot() {
+        let h = start(|c| {
+            c.read_timeout = Duration::from_millis(300);
+            c.max_connections = 1;
+        })
+        .await;
+        let path = h.path.clone();
+        let slow = tokio::task::spawn_blocking(move || {
+            let mut s = StdStream::connect(&path).unwrap();
+            s.write_all(b"{\"version\":1,").unwrap(); // and nothing more
+            let mut out = String::new();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.read_to_string(&mut out);
+            out
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // While the slow one holds the only slot, others are told the daemon is busy.
+        let busy = raw(
+            &h.path,
+            b"{\"version\":1,\"cmd\":\"status\"}\n".to_vec(),
+            false,
+        )
+        .await;
+        assert!(error_of(&busy).contains("busy"), "{busy}");
+        let reply = slow.await.unwrap();
+        assert!(error_of(&reply).contains("no complete request"), "{reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(ask(&h.path, Request::Status).await.unwrap().ok);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_that_drops_or_stalls_gives_an_error_not_a_hang() {
+        let h = start(|c| c.reply_timeout = Duration::from_millis(300)).await;
+        let e = ask(&h.path, Request::ModelReset)
+            .await
+            .unwrap()
+            .into_result()
+            .unwrap_err();
+        assert!(e.contains("dropped the model_reset request"), "{e}");
+        let e = ask(&h.path, Request::ModelSave)
+            .await
+            .unwrap()
+            .into_result()
+            .unwrap_err();
+        assert!(e.contains("did not answer model_save"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_daemon_on_the_socket_is_a_startup_error() {
+        let h = start(|_| {}).await;
+        let err = ControlServer::bind(ServerConfig {
+            socket: h.path.clone(),
+            ..ServerConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another precedent daemon is running (socket {})",
+                h.path.display()
+            )
+        );
+        // The probe did not disturb the running one.
+        assert!(ask(&h.path, Request::Status).await.unwrap().ok);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists(), "a dead daemon's socket file stays behind");
+        let e = ask(&path, Request::Status).await.unwrap_err();
+        assert!(matches!(e, ClientError::Refused { .. }), "{e}");
+        let server = ControlServer::bind(ServerConfig {
+            socket: path.clone(),
+            ..ServerConfig::default()
+        })
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        tokio::spawn(server.run(tx, stop.clone()));
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                ControlRequest::respond(r, Response::ok("fresh"));
+            }
+        });
+        let data = ask(&path, Request::Status)
+            .await
+            .unwrap()
+            .into_result()
+            .unwrap();
+        assert_eq!(data, "fresh");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn regular_file_in_the_way_is_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        fs::write(&path, "important").unwrap();
+        let err = ControlServer::bind(ServerConfig {
+            socket: path.clone(),
+            ..ServerConfig::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ControlError::NotASocket { .. }), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "important");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_removes_the_socket_and_clients_say_not_running() {
+        let h = start(|_| {}).await;
+        h.shutdown.cancel();
+        h.server.await.unwrap();
+        assert!(!h.path.exists());
+        let e = ask(&h.path, Request::Status).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "precedent daemon is not running (socket {} not found)",
+                h.path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn only_root_and_own_user_are_allowed() {
+        assert!(peer_allowed(0, 1000));
+        assert!(peer_allowed(1000, 1000));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(!peer_allowed(65534, 0));
+    }
+
+    /// Connects from a thread whose credentials are switched to nobody with the raw syscall
+    /// (per-thread on Linux, unlike glibc's setuid which changes every thread).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs root: run with `cargo xtask test`"]
+    async fn non_root_peer_is_refused() {
+        assert_eq!(unsafe { libc::geteuid() }, 0, "run as root");
+        let h = start(|_| {}).await;
+        let parent = h.path.parent().unwrap();
+        // Open the file modes so only the peer-credential check stands in the way.
+        for p in [h._dir.path(), parent] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let as_nobody = |path: PathBuf, open_socket: bool| {
+            if open_socket {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+            } else {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            std::thread::spawn(move || {
+                let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+                assert_eq!(rc, 0);
+                ControlClient::new(path)
+                    .with_timeout(Duration::from_secs(10))
+                    .request(&Request::Status)
+            })
+            .join()
+            .unwrap()
+        };
+        let p = h.path.clone();
+        let resp = tokio::task::spawn_blocking(move || as_nobody(p, true))
+            .await
+            .unwrap()
+            .unwrap();
+        let e = resp.into_result().unwrap_err();
+        assert!(e.contains("only root"), "{e}");
+        // With the real mode the kernel stops it first, and the client says what to do.
+        let p = h.path.clone();
+        let e = tokio::task::spawn_blocking(move || as_nobody(p, false))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, ClientError::PermissionDenied { .. }), "{e}");
+        assert!(e.to_string().contains("run this command as root"), "{e}");
+        // And root still gets through.
+        assert!(ask(&h.path, Request::Status).await.unwrap().ok);
+    }
+}
