@@ -7,7 +7,7 @@
 //! (`NAME.state.corrupt-TS`) so the daemon starts fresh instead of crash-looping.
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Read as _, Write},
+    io::{self, Read as _, Write as _},
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
