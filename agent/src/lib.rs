@@ -6,9 +6,12 @@
 //! process that wires the stages together). `clock` converts the kernel's clock to wall time.
 pub mod capture;
 pub mod clock;
+pub mod control;
 pub mod daemon;
 pub mod discovery;
 pub mod enforce;
 pub mod http;
+pub mod notify;
 pub mod rules;
 pub mod session;
+pub mod state;

@@ -1,6 +1,10 @@
 //! `precedent`: command-line entry point. Subcommands are thin; the work lives in the library.
+//! `daemon` runs the agent; the others (in `cli/`, one file per group) talk to it over the
+//! control socket.
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+
+mod cli;
 
 use precedent::{
     capture::{AttachMode, LoadOptions},
@@ -35,6 +39,22 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         pin_dir: Option<PathBuf>,
     },
+    /// Mode, interfaces, uptime, model size, sessions, blocks and every counter.
+    Status(cli::status::StatusArgs),
+    /// Operations discovered so far.
+    Endpoints(cli::endpoints::EndpointsArgs),
+    /// The model's important sequences by precedence score.
+    Sequences(cli::sequences::SequencesArgs),
+    /// Live sessions (hashed keys), most surprising first.
+    Sessions(cli::sessions::SessionsArgs),
+    /// Precedence and deny rules: list, add, remove, suggest.
+    Rules(cli::rules::RulesArgs),
+    /// Blocked clients: list, add, remove.
+    Blocks(cli::blocks::BlocksArgs),
+    /// Show or switch the mode: learn, detect or enforce.
+    Mode(cli::mode::ModeArgs),
+    /// Save, load or reset the learned model.
+    Model(cli::model::ModelArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +69,14 @@ fn main() -> std::process::ExitCode {
 
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Status(a) => cli::status::run(a),
+        Command::Endpoints(a) => cli::endpoints::run(a),
+        Command::Sequences(a) => cli::sequences::run(a),
+        Command::Sessions(a) => cli::sessions::run(a),
+        Command::Rules(a) => cli::rules::run(a),
+        Command::Blocks(a) => cli::blocks::run(a),
+        Command::Mode(a) => cli::mode::run(a),
+        Command::Model(a) => cli::model::run(a),
         Command::Daemon {
             ifaces,
             xdp_mode,
@@ -74,6 +102,11 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Messages like "precedent daemon is not running (...)" are complete as they are.
+        Err(e) if e.downcast_ref::<cli::Plain>().is_some() => {
+            eprintln!("{e}");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("precedent: {e:#}");
             std::process::ExitCode::FAILURE
