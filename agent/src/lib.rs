@@ -5,3 +5,4 @@
 pub mod capture;
 pub mod daemon;
 pub mod http;
+pub mod model;
