@@ -77,8 +77,19 @@ impl Model {
         }
         let work = node.expire(epoch, window);
         if node.n == 0 && node.children == 0 && slot != ROOT {
-            self.free_slot(slot);
-            self.stats.contexts_expired += 1;
+            // Free it, and any ancestors it leaves empty and childless (they may have been visited
+            // earlier in this pass while they still had this child).
+            let mut s = slot;
+            while s != ROOT {
+                let parent = self.nodes[s as usize].parent;
+                self.free_slot(s);
+                self.stats.contexts_expired += 1;
+                let p = &self.nodes[parent as usize];
+                if p.n != 0 || p.children != 0 {
+                    break;
+                }
+                s = parent;
+            }
         } else {
             node.retained_children = 0;
             if let Some(v) = self.by_depth.get_mut(node.depth as usize) {

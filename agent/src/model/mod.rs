@@ -140,8 +140,6 @@ impl ModelConfig {
 pub struct ModelStats {
     /// Transitions learned.
     pub learned: u64,
-    /// `learn` calls whose next operation repeated the last step (not a transition; see `learn`).
-    pub repeats_ignored: u64,
     pub contexts_created: u64,
     /// Leaf contexts evicted to stay under `max_contexts`.
     pub contexts_evicted: u64,
@@ -294,9 +292,10 @@ impl Model {
         self.epoch = self.epoch.max(e);
     }
 
-    /// Learns one transition: `history` is the session's collapsed steps, oldest first (only the
-    /// last `max_order` are used), `next` the step that follows. A `next` equal to the last step is
-    /// a repeat, which the session collapses into the step, so it is counted and not learned.
+    /// Learns one transition: `history` is the session's steps, oldest first (only the last
+    /// `max_order` are used), `next` the step that follows. The engine passes collapsed steps, so
+    /// `next` never equals the last step there; the model itself learns whatever it is given (the
+    /// seed's own tables count self-transitions such as b → b).
     pub fn learn(&mut self, history: &[Op], next: Op, now_ns: u64) {
         self.advance_epoch(now_ns);
         self.walk(history, next, true, false);
@@ -315,12 +314,6 @@ impl Model {
 
     fn walk(&mut self, history: &[Op], next: Op, learn: bool, score: bool) -> Transition {
         let is_repeat = history.last() == Some(&next);
-        let learn = if learn && is_repeat {
-            self.stats.repeats_ignored += 1;
-            false
-        } else {
-            learn
-        };
         if learn {
             self.stats.learned += 1;
         }

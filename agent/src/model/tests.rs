@@ -191,20 +191,23 @@ fn required_predecessors_and_missing_precedent_find_the_skipped_step() {
     sessions.extend(std::iter::repeat_n(vec![login, balance, transfer], 100));
     sessions.extend(std::iter::repeat_n(vec![login, balance], 100));
     bench_support::train(&mut m, &sessions, 0);
-    assert!(
-        m.required_predecessors(transfer).is_empty(),
-        "published only by maintain"
-    );
     m.maintain_full(0);
     let preds: Vec<Op> = m
         .required_predecessors(transfer)
         .iter()
         .map(|p| p.op)
         .collect();
-    assert!(
-        preds.contains(&balance) && preds.contains(&login),
-        "{preds:?}"
-    );
+    // [login, balance] → transfer also scores 1.0, but [login, balance] says nothing [balance]
+    // does not (balance always follows login), so it collapses and is not an important sequence;
+    // login is required of balance instead.
+    assert_eq!(preds, vec![balance]);
+    assert!(!retained(&m, &[login, balance]));
+    let of_balance: Vec<Op> = m
+        .required_predecessors(balance)
+        .iter()
+        .map(|p| p.op)
+        .collect();
+    assert_eq!(of_balance, vec![login]);
     let sc = SignalConfig::default();
     let seen_login_only = |op: Op| op == login;
     let hit = signals::missing_precedent(&m, transfer, seen_login_only, &sc).expect("fires");
@@ -291,13 +294,10 @@ fn predictive_distribution_sums_to_one_and_never_gives_zero() {
 }
 
 #[test]
-fn repeats_are_not_learned_as_transitions() {
+fn a_next_step_equal_to_the_last_is_flagged_as_a_repeat() {
     let mut m = Model::new(cfg()).unwrap();
-    m.learn(&[4, 5], 5, 0);
-    assert_eq!(m.stats().repeats_ignored, 1);
-    assert_eq!(m.stats().learned, 0);
-    assert_eq!(m.context(&[]).unwrap().n, 0);
     assert!(m.score(&[4, 5], 5).is_repeat);
+    assert!(!m.score(&[4, 5], 4).is_repeat);
 }
 
 #[test]
