@@ -9,7 +9,7 @@ use smallvec::SmallVec;
 use super::Op;
 
 /// Above this many distinct next operations a context gets a hash index instead of a linear scan.
-const INDEX_ABOVE: usize = 16;
+const INDEX_ABOVE: usize = 8;
 
 /// Count of one next operation in one context over the window.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -28,6 +28,8 @@ pub struct Node {
     pub parent: u32,
     /// The oldest operation of this context: the trie edge from the parent.
     pub op: Op,
+    /// Key in the model's index (a hash of the context's operations).
+    pub key: u64,
     pub depth: u8,
     pub live: bool,
     /// CLOCK bit for eviction: set on learning, cleared as the hand passes.
@@ -48,10 +50,11 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(parent: u32, op: Op, depth: u8) -> Self {
+    pub fn new(parent: u32, op: Op, depth: u8, key: u64) -> Self {
         Node {
             parent,
             op,
+            key,
             depth,
             live: true,
             referenced: true,
@@ -206,7 +209,7 @@ mod tests {
 
     #[test]
     fn counts_leave_the_window_after_window_buckets() {
-        let mut n = Node::new(0, 0, 1);
+        let mut n = Node::new(0, 0, 1, 1);
         n.record(7, 10, 3);
         n.record(7, 11, 3);
         n.record(8, 12, 3);
@@ -221,7 +224,7 @@ mod tests {
 
     #[test]
     fn an_entry_never_holds_more_than_window_buckets_without_maintenance() {
-        let mut n = Node::new(0, 0, 1);
+        let mut n = Node::new(0, 0, 1, 1);
         for epoch in 0..1000 {
             n.record(1, epoch, 24);
         }
@@ -232,7 +235,7 @@ mod tests {
 
     #[test]
     fn many_next_operations_switch_to_an_index_and_stay_consistent() {
-        let mut n = Node::new(0, 0, 0);
+        let mut n = Node::new(0, 0, 0, 1);
         for op in 0..100 {
             for _ in 0..=op % 3 {
                 n.record(op, 0, 24);

@@ -147,6 +147,8 @@ pub struct ModelStats {
     pub contexts_refused: u64,
     /// Contexts freed because all their counts left the window.
     pub contexts_expired: u64,
+    /// Context keys that matched a different context (expected never; such a context is skipped).
+    pub key_collisions: u64,
     /// Completed expire + collapse cycles.
     pub collapse_cycles: u64,
 }
@@ -247,8 +249,20 @@ pub struct Model {
     cache: IntervalCache,
 }
 
-fn key(parent: u32, op: Op) -> u64 {
-    (u64::from(parent) << 32) | u64::from(op)
+/// Key of the empty context; a context's key is folded from it along its operations, newest first.
+const ROOT_KEY: u64 = 0x243f_6a88_85a3_08d3;
+
+/// Key of the context `parent` extended by one older operation. Keys depend only on the operations,
+/// not on where contexts are stored, so every lookup of a walk can be issued at once and their
+/// cache misses overlap (a walk is up to max_order + 1 lookups). The splitmix64 finaliser is a
+/// bijection, so distinct (parent key, op) pairs collide only by chance (≈ 2^-64 per pair), and
+/// each found node is checked against its expected parent and operation anyway.
+fn child_key(parent: u64, op: Op) -> u64 {
+    let mut z = parent.rotate_left(17)
+        ^ (u64::from(op).wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Model {
@@ -256,7 +270,7 @@ impl Model {
         cfg.validate()?;
         let runs = RunLengths::new(cfg.max_ops);
         Ok(Model {
-            nodes: vec![Node::new(NO_SLOT, 0, 0)],
+            nodes: vec![Node::new(NO_SLOT, 0, 0, ROOT_KEY)],
             index: FxHashMap::default(),
             free: Vec::new(),
             live: 1,
@@ -318,17 +332,35 @@ impl Model {
             self.stats.learned += 1;
         }
         let max_depth = history.len().min(self.cfg.max_order);
+        let newest = |d: usize| history[history.len() - d];
+        // Phase 1: keys and lookups for every depth, independent of one another.
+        let mut keys = [ROOT_KEY; MAX_ORDER_LIMIT + 1];
+        for d in 1..=max_depth {
+            keys[d] = child_key(keys[d - 1], newest(d));
+        }
         let mut path = [NO_SLOT; MAX_ORDER_LIMIT + 1];
+        path[0] = ROOT;
+        let mut found = 0;
+        while found < max_depth {
+            match self.index.get(&keys[found + 1]) {
+                Some(&s) => path[found + 1] = s,
+                None => break,
+            }
+            found += 1;
+        }
         // Witten-Bell: start uniform over the operations seen plus one for "never seen".
         let mut predictive = 1.0 / (f64::from(self.nodes[ROOT as usize].distinct()) + 1.0);
         // (depth, k, n) of the context judging the transition, and of the deepest with any data.
         let mut judge: Option<(usize, u32, u32)> = None;
         let mut fallback = (0usize, 0u32, 0u32);
-        let mut slot = ROOT;
-        let mut depth = 0usize;
+        // Phase 2: visit the contexts found, root first.
+        let mut depth = 0;
         loop {
-            path[depth] = slot;
-            let node = &mut self.nodes[slot as usize];
+            let node = &mut self.nodes[path[depth] as usize];
+            if depth > 0 && (node.parent != path[depth - 1] || node.op != newest(depth)) {
+                self.stats.key_collisions += 1;
+                break;
+            }
             if score && node.n > 0 {
                 let k = node.count(next);
                 let t = f64::from(node.distinct());
@@ -346,16 +378,24 @@ impl Model {
             if depth == max_depth {
                 break;
             }
-            let extend = learn && node.n >= self.cfg.min_count_to_extend;
-            let op = history[history.len() - 1 - depth];
-            slot = match self.index.get(&key(slot, op)) {
-                Some(&child) => child,
-                None if extend => match self.alloc(slot, op, depth as u8 + 1, &path[..=depth]) {
-                    Some(child) => child,
+            if depth == found {
+                // Phase 3 (learning only): create the next context once its parent has enough data.
+                if !learn || node.n < self.cfg.min_count_to_extend {
+                    break;
+                }
+                match self.alloc(
+                    path[depth],
+                    newest(depth + 1),
+                    keys[depth + 1],
+                    &path[..=depth],
+                ) {
+                    Some(child) => {
+                        path[depth + 1] = child;
+                        found += 1;
+                    }
                     None => break,
-                },
-                None => break,
-            };
+                }
+            }
             depth += 1;
         }
         let (context_len, k, n) = judge.unwrap_or(fallback);
@@ -382,12 +422,18 @@ impl Model {
 
     /// Creates the context (parent, op), evicting a leaf first if at the cap. `path` holds the
     /// contexts of the walk in progress, which must not be evicted under it.
-    fn alloc(&mut self, parent: u32, op: Op, depth: u8, path: &[u32]) -> Option<u32> {
+    fn alloc(&mut self, parent: u32, op: Op, key: u64, path: &[u32]) -> Option<u32> {
+        if self.index.contains_key(&key) {
+            // Another context already has this key (a 2^-64 chance): leave the slot to it.
+            self.stats.key_collisions += 1;
+            return None;
+        }
         if self.live >= self.cfg.max_contexts && !self.evict_one(path) {
             self.stats.contexts_refused += 1;
             return None;
         }
-        let node = Node::new(parent, op, depth);
+        let depth = self.nodes[parent as usize].depth + 1;
+        let node = Node::new(parent, op, depth, key);
         let slot = match self.free.pop() {
             Some(s) => {
                 self.nodes[s as usize] = node;
@@ -398,7 +444,7 @@ impl Model {
                 (self.nodes.len() - 1) as u32
             }
         };
-        self.index.insert(key(parent, op), slot);
+        self.index.insert(key, slot);
         self.nodes[parent as usize].children += 1;
         self.live += 1;
         self.stats.contexts_created += 1;
@@ -426,11 +472,11 @@ impl Model {
     }
 
     fn free_slot(&mut self, s: u32) {
-        let (parent, op) = {
+        let (parent, key) = {
             let n = &self.nodes[s as usize];
-            (n.parent, n.op)
+            (n.parent, n.key)
         };
-        self.index.remove(&key(parent, op));
+        self.index.remove(&key);
         self.nodes[parent as usize].children -= 1;
         self.nodes[s as usize].clear();
         self.free.push(s);
@@ -450,9 +496,15 @@ impl Model {
 
     /// Looks up the context with these operations (oldest first).
     pub fn context(&self, ops: &[Op]) -> Option<&Node> {
-        let mut slot = ROOT;
+        let (mut slot, mut key) = (ROOT, ROOT_KEY);
         for &op in ops.iter().rev() {
-            slot = *self.index.get(&key(slot, op))?;
+            key = child_key(key, op);
+            let child = *self.index.get(&key)?;
+            let node = &self.nodes[child as usize];
+            if node.parent != slot || node.op != op {
+                return None;
+            }
+            slot = child;
         }
         Some(&self.nodes[slot as usize])
     }

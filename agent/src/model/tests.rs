@@ -353,7 +353,9 @@ fn contexts_stay_under_the_cap_under_a_hostile_stream_and_evictions_are_counted(
     // Every live non-root context is reachable from its parent through the index.
     for (slot, n) in m.nodes.iter().enumerate().skip(1) {
         if n.live {
-            assert_eq!(m.index.get(&key(n.parent, n.op)), Some(&(slot as u32)));
+            assert_eq!(m.index.get(&n.key), Some(&(slot as u32)));
+            let p = &m.nodes[n.parent as usize];
+            assert_eq!(n.key, child_key(p.key, n.op));
         }
     }
 }
