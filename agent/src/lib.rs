@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod enforce;
 pub mod http;
+pub mod model;
 pub mod notify;
 pub mod rules;
 pub mod session;

@@ -1,0 +1,69 @@
+//! Shared by the benchmark and tests: loading the FIFA sessions and measuring held-out log-loss.
+//! Not part of the engine's API.
+
+use std::path::{Path, PathBuf};
+
+use super::{Model, Op};
+
+/// ../shared/data/fifa-sessions.dat relative to the repository root.
+pub fn fifa_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fifa-sessions.dat")
+}
+
+/// One session per line, space-separated operation ids; successive repeats collapsed, as the
+/// session module does before the model sees them.
+pub fn load_sessions(path: &Path) -> Result<Vec<Vec<Op>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; the FIFA sessions are expected at ../shared/data/fifa-sessions.dat \
+             next to the repository",
+            path.display()
+        )
+    })?;
+    let mut sessions = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut s: Vec<Op> = Vec::new();
+        for tok in line.split_whitespace() {
+            let op = tok
+                .parse::<Op>()
+                .map_err(|e| format!("{}:{}: bad page id {tok:?}: {e}", path.display(), i + 1))?;
+            if s.last() != Some(&op) {
+                s.push(op);
+            }
+        }
+        if !s.is_empty() {
+            sessions.push(s);
+        }
+    }
+    Ok(sessions)
+}
+
+/// Learns every step of every session (the first with an empty history), calling `maintain` every
+/// 1024 steps (a daemon at 1M requests/s calling it each millisecond). Returns the number of steps learned.
+pub fn train(model: &mut Model, sessions: &[Vec<Op>], now_ns: u64) -> u64 {
+    let mut steps = 0u64;
+    for s in sessions {
+        for i in 0..s.len() {
+            model.learn(&s[..i], s[i], now_ns);
+            steps += 1;
+            if steps % 1024 == 0 {
+                model.maintain(now_ns);
+            }
+        }
+    }
+    steps
+}
+
+/// Mean −log2 P(step | previous steps) in bits over every step after the first of each session
+/// (the positions anomaly-grid's `log_likelihood_bits_per_symbol` scores), and the count scored.
+pub fn held_out_log_loss(model: &mut Model, sessions: &[Vec<Op>]) -> (f64, u64) {
+    let mut bits = 0.0;
+    let mut count = 0u64;
+    for s in sessions {
+        for i in 1..s.len() {
+            bits += model.score(&s[..i], s[i]).surprise_bits;
+            count += 1;
+        }
+    }
+    (bits / count.max(1) as f64, count)
+}

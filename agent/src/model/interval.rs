@@ -1,0 +1,277 @@
+//! Equal-tailed 99% credible intervals of Beta(k + 1, n − k + 1): the posterior of a next-operation
+//! probability after seeing it k times out of n under a uniform prior, as the seed specifies. Exact
+//! quantiles are costly (a few µs), so small n come from a lazily built table, k = 0 and k = n use
+//! closed forms, and everything else goes through a bounded memo.
+
+use std::sync::OnceLock;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+/// Credibility of every interval in the model (the seed's tables use 99%).
+pub const CREDIBILITY: f64 = 0.99;
+/// Lower / upper tail probabilities of the equal-tailed interval.
+const TAIL: f64 = (1.0 - CREDIBILITY) / 2.0;
+
+/// Counts n up to this are answered from a table computed once per process (n·(n+1)/2 cells).
+const TABLE_MAX_N: u32 = 128;
+/// Memo entries kept for larger n before the memo is cleared (bounded memory, counted).
+const MEMO_CAP: usize = 1 << 16;
+
+/// A credible interval for a probability.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    pub lower: f64,
+    pub upper: f64,
+}
+
+impl Interval {
+    /// Two intervals overlap when neither lies strictly above the other; this is the seed's test
+    /// for "no discernible difference" between a context and its parent.
+    pub fn overlaps(&self, other: &Interval) -> bool {
+        self.lower <= other.upper && other.lower <= self.upper
+    }
+}
+
+/// Exact equal-tailed 99% interval of Beta(k + 1, n − k + 1), computed from scratch.
+///
+/// statrs' `inv_beta_reg` (AS 64 start + AS 109 Newton refinement on the regularized incomplete
+/// beta) is used rather than a hand-rolled inverse: statrs is the most widely used statistics crate
+/// in Rust, is maintained, and its inverse stays accurate at the large shape parameters the seed's
+/// tables need (n = 328,732). Tests check every cell of the seed's Tables 2–4.
+pub fn beta_interval_exact(k: u32, n: u32) -> Interval {
+    let k = k.min(n);
+    if k == 0 || k == n {
+        return closed_form(k, n);
+    }
+    let a = f64::from(k) + 1.0;
+    let b = f64::from(n - k) + 1.0;
+    Interval {
+        lower: statrs::function::beta::inv_beta_reg(a, b, TAIL),
+        upper: statrs::function::beta::inv_beta_reg(a, b, 1.0 - TAIL),
+    }
+}
+
+/// k = 0: Beta(1, n + 1) has CDF 1 − (1 − x)^(n+1), so its quantiles are closed-form; k = n mirrors it.
+/// This is the common case for "never seen this transition here", so it must be cheap.
+fn closed_form(k: u32, n: u32) -> Interval {
+    let m = f64::from(n) + 1.0;
+    let q = |p: f64| 1.0 - (1.0 - p).powf(1.0 / m);
+    if k == 0 {
+        Interval {
+            lower: q(TAIL),
+            upper: q(1.0 - TAIL),
+        }
+    } else {
+        Interval {
+            lower: 1.0 - q(1.0 - TAIL),
+            upper: 1.0 - q(TAIL),
+        }
+    }
+}
+
+fn table() -> &'static [Interval] {
+    static TABLE: OnceLock<Vec<Interval>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Vec::with_capacity(table_index(TABLE_MAX_N + 1, 0));
+        for n in 0..=TABLE_MAX_N {
+            for k in 0..=n {
+                t.push(beta_interval_exact(k, n));
+            }
+        }
+        t
+    })
+}
+
+/// Row n starts after rows 0..n, which hold 1 + 2 + … + n cells.
+fn table_index(n: u32, k: u32) -> usize {
+    (n as usize * (n as usize + 1)) / 2 + k as usize
+}
+
+/// Interval lookups with a bounded memo; not persisted (it is a cache, rebuilt on demand).
+#[derive(Debug, Default, Clone)]
+pub struct IntervalCache {
+    memo: FxHashMap<(u32, u32), Interval>,
+    /// Exact computations done (cache misses beyond the table and closed forms).
+    pub exact_computations: u64,
+    /// Times the memo reached its cap and was cleared.
+    pub memo_clears: u64,
+}
+
+/// A cache carries no model state: two models with different caches are the same model.
+impl PartialEq for IntervalCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl IntervalCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The 99% interval for k out of n, exact, as cheaply as possible.
+    pub fn interval(&mut self, k: u32, n: u32) -> Interval {
+        let k = k.min(n);
+        if n <= TABLE_MAX_N {
+            return table()[table_index(n, k)];
+        }
+        if k == 0 || k == n {
+            return closed_form(k, n);
+        }
+        if let Some(iv) = self.memo.get(&(k, n)) {
+            return *iv;
+        }
+        if self.memo.len() >= MEMO_CAP {
+            self.memo.clear();
+            self.memo_clears += 1;
+        }
+        let iv = beta_interval_exact(k, n);
+        self.exact_computations += 1;
+        self.memo.insert((k, n), iv);
+        iv
+    }
+
+    /// Do the intervals of k1/n1 and k2/n2 overlap? Skips the exact computation when the point
+    /// estimates are equal: both intervals contain their mode k/n (the 0.5% quantile of
+    /// Beta(k+1, n−k+1) never exceeds its mode, nor the 99.5% quantile fall below it).
+    pub fn overlap(&mut self, k1: u32, n1: u32, k2: u32, n2: u32) -> bool {
+        if u64::from(k1) * u64::from(n2) == u64::from(k2) * u64::from(n1) {
+            return true;
+        }
+        self.interval(k1, n1).overlaps(&self.interval(k2, n2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rounds to two decimals the way the seed's tables print them.
+    fn r2(x: f64) -> f64 {
+        (x * 100.0).round() / 100.0
+    }
+
+    /// (counts for a, b, c; printed (lower, upper) for a, b, c) for every row of Tables 2, 3 and 4.
+    type Row = ([u32; 3], [(f64, f64); 3]);
+    const SEED_TABLES: &[Row] = &[
+        // Table 2 (order 1)
+        (
+            [1555, 13718, 169],
+            [(0.09, 0.11), (0.88, 0.89), (0.01, 0.01)],
+        ),
+        (
+            [9618, 205084, 113382],
+            [(0.03, 0.03), (0.62, 0.63), (0.34, 0.35)],
+        ),
+        (
+            [3340, 109896, 51553],
+            [(0.02, 0.02), (0.66, 0.67), (0.31, 0.32)],
+        ),
+        // Table 3 (order 2)
+        ([173, 1367, 13], [(0.09, 0.13), (0.86, 0.90), (0.00, 0.02)]),
+        ([940, 8552, 109], [(0.09, 0.11), (0.88, 0.90), (0.01, 0.01)]),
+        ([357, 2945, 35], [(0.09, 0.12), (0.87, 0.90), (0.01, 0.02)]),
+        (
+            [272, 7823, 5604],
+            [(0.02, 0.02), (0.56, 0.58), (0.40, 0.42)],
+        ),
+        (
+            [6067, 122796, 75801],
+            [(0.03, 0.03), (0.60, 0.60), (0.37, 0.37)],
+        ),
+        (
+            [3279, 74449, 31960],
+            [(0.03, 0.03), (0.68, 0.68), (0.29, 0.29)],
+        ),
+        ([6, 144, 19], [(0.01, 0.09), (0.77, 0.91), (0.06, 0.19)]),
+        (
+            [2326, 87215, 23612],
+            [(0.02, 0.02), (0.77, 0.77), (0.21, 0.21)],
+        ),
+        (
+            [1008, 22527, 27919],
+            [(0.02, 0.02), (0.43, 0.44), (0.54, 0.55)],
+        ),
+        // Table 4 (order 0)
+        (
+            [15466, 328732, 165117],
+            [(0.03, 0.03), (0.64, 0.65), (0.32, 0.33)],
+        ),
+    ];
+
+    #[test]
+    fn intervals_reproduce_every_cell_of_seed_tables_2_3_4() {
+        let mut cache = IntervalCache::new();
+        for (counts, expected) in SEED_TABLES {
+            let n: u32 = counts.iter().sum();
+            for (k, (lo, hi)) in counts.iter().zip(expected) {
+                for iv in [beta_interval_exact(*k, n), cache.interval(*k, n)] {
+                    assert_eq!(
+                        (r2(iv.lower), r2(iv.upper)),
+                        (*lo, *hi),
+                        "k={k} n={n}: got {iv:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn table_lookup_matches_exact_for_small_counts() {
+        let mut cache = IntervalCache::new();
+        for n in [0, 1, 2, 7, 64, TABLE_MAX_N] {
+            for k in 0..=n {
+                assert_eq!(
+                    cache.interval(k, n),
+                    beta_interval_exact(k, n),
+                    "k={k} n={n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn closed_forms_for_zero_and_all_agree_with_incomplete_beta_inverse() {
+        for n in [1u32, 5, 200, 13718] {
+            let zero = closed_form(0, n);
+            let a = 1.0;
+            let b = f64::from(n) + 1.0;
+            let upper = statrs::function::beta::inv_beta_reg(a, b, 1.0 - TAIL);
+            assert!(
+                (zero.upper - upper).abs() < 1e-9,
+                "n={n}: {} vs {upper}",
+                zero.upper
+            );
+            let all = closed_form(n, n);
+            let lower = statrs::function::beta::inv_beta_reg(b, a, TAIL);
+            assert!(
+                (all.lower - lower).abs() < 1e-9,
+                "n={n}: {} vs {lower}",
+                all.lower
+            );
+        }
+    }
+
+    #[test]
+    fn more_data_narrows_the_interval() {
+        let small = beta_interval_exact(10, 100);
+        let large = beta_interval_exact(1000, 10_000);
+        assert!(large.upper - large.lower < small.upper - small.lower);
+        assert!(small.lower < 0.1 && 0.1 < small.upper);
+    }
+
+    #[test]
+    fn overlap_shortcut_agrees_with_exact_intervals() {
+        let mut cache = IntervalCache::new();
+        // Equal point estimates: the shortcut.
+        assert!(cache.overlap(1, 10, 100, 1000));
+        // Clearly different with lots of data.
+        assert!(!cache.overlap(100, 1000, 500, 1000));
+        let (a, b) = (
+            beta_interval_exact(100, 1000),
+            beta_interval_exact(500, 1000),
+        );
+        assert!(!a.overlaps(&b));
+    }
+}
