@@ -79,7 +79,8 @@ impl fmt::Display for Method {
 }
 
 /// What the parser keeps besides the request line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Header names (case-insensitive) whose values the session identifier may need, e.g.
     /// `authorization`. `Host` and `Cookie` are always kept.
@@ -104,6 +105,13 @@ pub struct SelectedHeaders<'a> {
 }
 
 impl<'a> SelectedHeaders<'a> {
+    /// Headers from another source (an access log, a JSON line): same lookups as captured ones.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self {
+            entries: pairs.into_iter().collect(),
+        }
+    }
+
     /// First value of the header `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&'a str> {
         self.entries

@@ -135,6 +135,12 @@ impl SessionKeyer {
 
     /// Domain-separated by source, so an identifier equal to another source's value (or to an
     /// address) cannot land in the same session.
+    /// The key for an explicit session identifier (a replayed log's session column), hashed
+    /// in its own domain so it can never collide with a header- or address-derived key.
+    pub fn key_for_value(&self, value: &str) -> SessionKey {
+        self.hash(u8::MAX - 1, value.as_bytes())
+    }
+
     fn hash(&self, tag: u8, value: &[u8]) -> SessionKey {
         let mut h = SipHasher13::new_with_key(&self.secret);
         h.write_u8(tag);
@@ -277,8 +283,11 @@ pub struct Session {
     /// Steps ever started (the retained history holds only the last `n_max + 1`).
     pub step_count: u64,
     pub request_count: u64,
-    /// Running sum of the model's surprise for this session; the engine adds to it.
-    pub surprise_sum: f64,
+    /// The model's surprise at this session's steps; the engine updates it.
+    pub surprise: crate::model::SessionSurprise,
+    /// Bits the engine sets for once-per-session alerts (so a signal does not fire on every
+    /// later step of the same session).
+    pub alerted: u8,
     steps: VecDeque<Step>,
     /// Sorted, capped set of operations seen in this session.
     ops_seen: SmallVec<[OpId; 16]>,
@@ -294,7 +303,8 @@ impl Session {
             last_seen_ns: now_ns,
             step_count: 0,
             request_count: 0,
-            surprise_sum: 0.0,
+            surprise: crate::model::SessionSurprise::default(),
+            alerted: 0,
             steps: VecDeque::with_capacity(history_cap),
             ops_seen: SmallVec::new(),
             ops_seen_full: false,
@@ -504,12 +514,20 @@ impl SessionTable {
     /// checked first and the sweep stops at the first live one, so it costs O(expired).
     /// (Exact while `now_ns` never goes backwards, which the engine's clock guarantees.)
     pub fn sweep(&mut self, now_ns: u64) -> usize {
+        self.sweep_with(now_ns, |_| {})
+    }
+
+    /// Like [`SessionTable::sweep`], handing each ended session to `ended` first (the engine
+    /// learns from a session's last run and its overall surprise when it ends).
+    pub fn sweep_with(&mut self, now_ns: u64, mut ended: impl FnMut(&Session)) -> usize {
         let mut n = 0;
         while let Some((_, s)) = self.sessions.peek_lru() {
             if now_ns.saturating_sub(s.last_seen_ns) <= self.idle_ns {
                 break;
             }
-            self.sessions.pop_lru();
+            if let Some((_, s)) = self.sessions.pop_lru() {
+                ended(&s);
+            }
             n += 1;
         }
         self.counters.expired += n as u64;

@@ -9,46 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{capture::AttachMode, rules::Action};
 
-/// What the daemon does with what it sees.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Model only: no alerts, no blocks.
-    #[default]
-    Learn,
-    /// Alerts, no blocks.
-    Detect,
-    /// Alerts and blocks.
-    Enforce,
-}
-
-impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Learn, Mode::Detect, Mode::Enforce];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Learn => "learn",
-            Mode::Detect => "detect",
-            Mode::Enforce => "enforce",
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown mode {s:?}: use learn, detect or enforce"))
-    }
-}
+pub use crate::decide::Mode;
 
 /// `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

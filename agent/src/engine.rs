@@ -1,0 +1,523 @@
+//! The detection engine: one request in, alerts and block orders out. It chains the stages
+//! (`http` → `discovery` → `session` → `model` + `rules` → `decide`) and owns all their state.
+//!
+//! Synchronous and deterministic: time comes in with each request, so the daemon (live
+//! captures) and `precedent replay` (access logs) drive exactly the same code.
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+use thiserror::Error;
+
+use crate::{
+    decide::{Alert, BlockOrder, Context, DecideConfig, Decider, Finding, Mode, Signal},
+    discovery::{Discovery, DiscoveryConfig, DiscoveryError, OpId},
+    http::{HttpConfig, Method, Parser, SelectedHeaders, SkipCounters, SkipReason},
+    model::{
+        Model, ModelConfig, ModelError, Op, SignalConfig,
+        signals::{confidently_rare, missing_precedent, replay, surprising_session},
+    },
+    rules::{HitKind, RuleError, RuleFile, RuleSet, SequenceCandidate},
+    session::{IdentifierSource, Session, SessionConfig, SessionKeyer, SessionTable, StepKind},
+};
+
+/// Everything the engine needs to know (the engine part of the config file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub http: HttpConfig,
+    pub discovery: DiscoveryConfig,
+    pub session: SessionConfig,
+    pub model: ModelConfig,
+    pub signals: SignalConfig,
+    pub decide: DecideConfig,
+    /// Clients that are never blocked (alerts still say what would have happened).
+    pub allowlist: Vec<IpNet>,
+}
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    #[error("rules: {0}")]
+    Rules(#[from] RuleError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What one request led to.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub alerts: Vec<Alert>,
+    pub block: Option<BlockOrder>,
+}
+
+/// Bits of `Session::alerted` for once-per-session signals.
+const ALERTED_SURPRISE: u8 = 1;
+
+/// Counters for `status` and the replay summary.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EngineCounters {
+    pub requests: u64,
+    pub skipped: u64,
+}
+
+pub struct Engine {
+    /// Apart from the rest so a parsed request (which borrows the parser's buffers) can be
+    /// fed to the other stages without copying.
+    parser: Parser,
+    core: Core,
+}
+
+/// Every stage after parsing.
+struct Core {
+    discovery: Discovery,
+    keyer: SessionKeyer,
+    sessions: SessionTable,
+    model: Model,
+    rules: RuleSet,
+    decider: Decider,
+    signals: SignalConfig,
+    allowlist: Vec<IpNet>,
+    skips: SkipCounters,
+    counters: EngineCounters,
+    /// Requests processed before alerts may fire (replay's warm-up); 0 in the daemon, where
+    /// the model's own per-context minimum decides when it knows enough.
+    quiet_until: u64,
+    n_max: usize,
+}
+
+impl Engine {
+    /// A fresh engine. `secret` keys the session hashes (see `state::load_or_create_secret`).
+    pub fn new(
+        cfg: &EngineConfig,
+        rules: RuleFile,
+        secret: [u8; 16],
+        mode: Mode,
+    ) -> Result<Self, EngineError> {
+        let model = Model::new(cfg.model.clone())?;
+        let discovery = Discovery::new(cfg.discovery.clone())?;
+        Self::with_state(cfg, rules, secret, mode, model, discovery)
+    }
+
+    /// An engine resuming from a saved model and discovered endpoints.
+    pub fn with_state(
+        cfg: &EngineConfig,
+        rules: RuleFile,
+        secret: [u8; 16],
+        mode: Mode,
+        model: Model,
+        discovery: Discovery,
+    ) -> Result<Self, EngineError> {
+        cfg.decide.validate().map_err(EngineError::Config)?;
+        if cfg.session.n_max != cfg.model.max_order {
+            return Err(EngineError::Config(format!(
+                "session.n_max ({}) must equal model.max_order ({}): sessions keep the context the model reads",
+                cfg.session.n_max, cfg.model.max_order
+            )));
+        }
+        // The parser must keep every header a session identifier reads.
+        let mut http = cfg.http.clone();
+        for source in &cfg.session.identifiers {
+            let name = match source {
+                IdentifierSource::Header { name } => name.clone(),
+                IdentifierSource::JwtClaim { header, .. } => header.clone(),
+                IdentifierSource::Cookie { .. } => continue,
+            };
+            if !http
+                .session_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&name))
+            {
+                http.session_headers.push(name.to_ascii_lowercase());
+            }
+        }
+        let mut rules = RuleSet::new(rules)?;
+        rules.refresh(&discovery);
+        Ok(Self {
+            parser: Parser::new(http),
+            core: Core {
+                keyer: SessionKeyer::new(secret, cfg.session.identifiers.clone()),
+                sessions: SessionTable::new(cfg.session.clone()),
+                discovery,
+                model,
+                rules,
+                decider: Decider::new(cfg.decide.clone(), mode),
+                signals: cfg.signals.clone(),
+                allowlist: cfg.allowlist.clone(),
+                skips: SkipCounters::default(),
+                counters: EngineCounters::default(),
+                quiet_until: 0,
+                n_max: cfg.session.n_max,
+            },
+        })
+    }
+
+    /// No alerts until this many requests have been processed (replay's warm-up).
+    pub fn set_warmup(&mut self, requests: u64) {
+        self.core.quiet_until = requests;
+    }
+
+    /// A request as captured by XDP: raw bytes, possibly truncated.
+    pub fn on_capture(
+        &mut self,
+        ts_ns: u64,
+        client: IpAddr,
+        bytes: &[u8],
+        active_blocks: usize,
+    ) -> Result<Outcome, SkipReason> {
+        let core = &mut self.core;
+        let req = match self.parser.parse(bytes) {
+            Ok(r) => r,
+            Err(reason) => {
+                core.skips.record(reason);
+                core.counters.skipped += 1;
+                return Err(reason);
+            }
+        };
+        let (key, _) = core.keyer.key(&req.headers, client);
+        Ok(core.step(
+            ts_ns,
+            client,
+            key,
+            req.method,
+            req.host,
+            req.path,
+            active_blocks,
+        ))
+    }
+
+    /// A request from another source (access log, JSON line), already split into fields.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_request(
+        &mut self,
+        ts_ns: u64,
+        client: IpAddr,
+        method: Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &SelectedHeaders<'_>,
+        active_blocks: usize,
+    ) -> Outcome {
+        let (key, _) = self.core.keyer.key(headers, client);
+        self.core
+            .step(ts_ns, client, key, method, host, path, active_blocks)
+    }
+
+    /// Like [`Engine::on_request`] with an explicit session identifier (hashed here like any
+    /// other identifier).
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_request_in_session(
+        &mut self,
+        ts_ns: u64,
+        client: IpAddr,
+        method: Method,
+        host: Option<&str>,
+        path: &str,
+        session: &str,
+        active_blocks: usize,
+    ) -> Outcome {
+        let key = self.core.keyer.key_for_value(session);
+        self.core
+            .step(ts_ns, client, key, method, host, path, active_blocks)
+    }
+
+    /// Periodic upkeep: ends idle sessions (learning from them) and lets the model collapse
+    /// contexts within its work budget. Call about once a second of traffic time.
+    pub fn maintain(&mut self, now_ns: u64) {
+        let Core {
+            sessions,
+            model,
+            discovery,
+            ..
+        } = &mut self.core;
+        sessions.sweep_with(now_ns, |s: &Session| {
+            if let Some(last) = s.history().last() {
+                model.learn_run(discovery.canonical(last.op).0, last.count);
+            }
+            if s.surprise.steps > 0 {
+                model.observe_session_surprise(f64::from(s.surprise.mean));
+            }
+        });
+        model.maintain(now_ns);
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.core.decider.mode()
+    }
+
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.core.decider.set_mode(mode);
+    }
+
+    pub fn decider(&self) -> &Decider {
+        &self.core.decider
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.core.model
+    }
+
+    pub fn discovery(&self) -> &Discovery {
+        &self.core.discovery
+    }
+
+    pub fn sessions(&self) -> &SessionTable {
+        &self.core.sessions
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.core.rules
+    }
+
+    pub fn skips(&self) -> &SkipCounters {
+        &self.core.skips
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.core.counters
+    }
+
+    /// Replaces the rules (validated first; on error the old ones stay).
+    pub fn set_rules(&mut self, file: RuleFile) -> Result<(), RuleError> {
+        let mut rules = RuleSet::new(file)?;
+        rules.refresh(&self.core.discovery);
+        self.core.rules = rules;
+        Ok(())
+    }
+
+    /// Swaps in another model (loaded from disk or fresh); the sessions keep going.
+    pub fn set_model(&mut self, model: Model) {
+        self.core.model = model;
+    }
+
+    /// Applies settings that can change at run time (SIGHUP): decisions and signal thresholds.
+    pub fn reconfigure(&mut self, cfg: &EngineConfig) -> Result<(), EngineError> {
+        cfg.decide.validate().map_err(EngineError::Config)?;
+        self.core.decider.set_config(cfg.decide.clone());
+        self.core.signals = cfg.signals.clone();
+        self.core.allowlist = cfg.allowlist.clone();
+        Ok(())
+    }
+
+    /// The model's important sequences with operation names, strongest first.
+    pub fn sequences(&self, top: usize) -> Vec<NamedSequence> {
+        self.core
+            .model
+            .important_sequences(top)
+            .into_iter()
+            .map(|s| NamedSequence {
+                ops: s
+                    .ops
+                    .iter()
+                    .map(|o| op_name(&self.core.discovery, OpId(*o)))
+                    .collect(),
+                occurrences: s.occurrences,
+                precedence_score: s.precedence_score,
+                lower: s.interval.lower,
+                upper: s.interval.upper,
+            })
+            .collect()
+    }
+
+    /// Candidate precedence rules from the important sequences.
+    pub fn suggest_rules(&self, min_score: f64, top: usize) -> Vec<crate::rules::Rule> {
+        let candidates: Vec<SequenceCandidate> = self
+            .sequences(top)
+            .into_iter()
+            .map(|s| SequenceCandidate {
+                ops: s.ops,
+                precedence_score: s.precedence_score,
+                occurrences: u64::from(s.occurrences),
+            })
+            .collect();
+        crate::rules::suggest(&candidates, min_score, self.core.rules.file())
+    }
+}
+
+impl Core {
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        ts_ns: u64,
+        client: IpAddr,
+        key: crate::session::SessionKey,
+        method: Method,
+        host: Option<&str>,
+        path: &str,
+        active_blocks: usize,
+    ) -> Outcome {
+        self.counters.requests += 1;
+        let op = self.discovery.observe(host, method, path);
+        let alerting =
+            self.decider.mode() != Mode::Learn && self.counters.requests > self.quiet_until;
+        let Core {
+            sessions,
+            model,
+            discovery,
+            signals,
+            rules,
+            ..
+        } = self;
+        let (res, session) = sessions.observe(key, op, client, ts_ns);
+        let history = session.history();
+        // The context: earlier steps, oldest first, under their current (canonical) ids.
+        let context: SmallVec<[Op; 16]> = history
+            .iter()
+            .take(history.len().saturating_sub(1))
+            .map(|s| discovery.canonical(s.op).0)
+            .collect();
+
+        let mut findings: SmallVec<[Finding; 2]> = SmallVec::new();
+        match res.kind {
+            StepKind::NewSession | StepKind::NewStep => {
+                // The previous step's run of repeats is over: learn its length.
+                if history.len() >= 2
+                    && let Some(prev) = history.get(history.len() - 2)
+                {
+                    model.learn_run(discovery.canonical(prev.op).0, prev.count);
+                }
+                // Score first, then learn (one walk of the context trie).
+                let t = model.observe(&context, op.0, ts_ns);
+                session.surprise.push(t.surprise_bits);
+                if alerting {
+                    if let Some(r) = confidently_rare(&t, signals) {
+                        let prev = context
+                            .last()
+                            .map(|p| op_name(discovery, OpId(*p)))
+                            .unwrap_or_default();
+                        findings.push(Finding::Signal {
+                            signal: Signal::RareTransition,
+                            explanation: format!(
+                                "{} after {prev} is confidently rare: {} of {} times in this context (99% interval upper bound {:.4} < {})",
+                                op_name(discovery, op),
+                                r.k,
+                                r.n,
+                                r.upper,
+                                r.threshold
+                            ),
+                            numbers: serde_json::to_value(&r).unwrap_or_default(),
+                        });
+                    }
+                    let seen = |p: Op| session.has_seen(OpId(p)).unwrap_or(true);
+                    if let Some(m) = missing_precedent(model, op.0, seen, signals) {
+                        findings.push(Finding::Signal {
+                            signal: Signal::MissingPrecedent,
+                            explanation: format!(
+                                "{} is preceded by {} in {:.0}% of learned sessions ({} occurrences), but this session never requested it",
+                                op_name(discovery, op),
+                                op_name(discovery, OpId(m.predecessor)),
+                                m.score * 100.0,
+                                m.support
+                            ),
+                            numbers: serde_json::json!({
+                                "predecessor": op_name(discovery, OpId(m.predecessor)),
+                                "precedence_score": m.score,
+                                "support": m.support,
+                                "threshold": m.threshold,
+                            }),
+                        });
+                    }
+                    if session.alerted & ALERTED_SURPRISE == 0
+                        && let Some(s) =
+                            surprising_session(&session.surprise, model.population(), signals)
+                    {
+                        session.alerted |= ALERTED_SURPRISE;
+                        findings.push(Finding::Signal {
+                            signal: Signal::SurprisingSession,
+                            explanation: format!(
+                                "this session's recent steps average {:.1} bits of surprise, {:.1} standard deviations above the population's {:.1}",
+                                s.recent_bits, s.z, s.population_mean
+                            ),
+                            numbers: serde_json::to_value(&s).unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            StepKind::Repeat => {
+                // Fire once per run: when the run first crosses what was learned.
+                if alerting
+                    && let Some(r) = replay(model.runs(), op.0, res.count, signals)
+                    && replay(model.runs(), op.0, res.count - 1, signals).is_none()
+                {
+                    findings.push(Finding::Signal {
+                        signal: Signal::Replay,
+                        explanation: format!(
+                            "{} repeated {} times in a row; learned runs reach {} at the {:.0}th percentile",
+                            op_name(discovery, op),
+                            r.run_len,
+                            r.learned,
+                            r.quantile * 100.0
+                        ),
+                        numbers: serde_json::to_value(&r).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+
+        if alerting {
+            rules.refresh(&*discovery);
+            for hit in rules.evaluate(session, ts_ns, &*discovery) {
+                // On a repeat only the repeat limit is news, and only when first exceeded;
+                // the other checks already ran when the step began.
+                let fire = match (&hit.kind, res.kind) {
+                    (HitKind::TooManyRepeats { count, max }, StepKind::Repeat) => *count == max + 1,
+                    (_, StepKind::Repeat) => false,
+                    _ => true,
+                };
+                if fire {
+                    findings.push(Finding::Rule(hit));
+                }
+            }
+        }
+        if findings.is_empty() {
+            return Outcome::default();
+        }
+
+        let session_id = session.key.short();
+        let previous: Vec<String> = context
+            .iter()
+            .rev()
+            .take(self.n_max)
+            .rev()
+            .map(|p| op_name(discovery, OpId(*p)))
+            .collect();
+        let operation = op_name(discovery, op);
+        let ctx = Context {
+            ts_ns,
+            client,
+            session: session_id,
+            operation: &operation,
+            previous,
+            allowlisted: self.allowlist.iter().any(|n| n.contains(&client)),
+        };
+        let active_clients = self.sessions.counters().live;
+        let mut out = Outcome::default();
+        for f in findings {
+            let blocks = active_blocks + usize::from(out.block.is_some());
+            let (alerts, order) = self.decider.decide(f, &ctx, active_clients, blocks);
+            out.alerts.extend(alerts);
+            if out.block.is_none() {
+                out.block = order;
+            }
+        }
+        out
+    }
+}
+
+/// An important sequence with names instead of ids.
+#[derive(Debug, Clone, Serialize)]
+pub struct NamedSequence {
+    pub ops: Vec<String>,
+    pub occurrences: u32,
+    pub precedence_score: f64,
+    pub lower: f64,
+    pub upper: f64,
+}
+
+fn op_name(d: &Discovery, id: OpId) -> String {
+    d.name(d.canonical(id)).unwrap_or("?").to_string()
+}
