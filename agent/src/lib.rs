@@ -6,6 +6,7 @@
 //! process that wires the stages together). `clock` converts the kernel's clock to wall time.
 pub mod capture;
 pub mod clock;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod decide;

@@ -1,0 +1,335 @@
+//! The daemon's configuration file (`/etc/precedent/precedent.toml`): TOML with serde
+//! defaults, unknown keys rejected, and validation errors that name the key at fault.
+//!
+//! `precedent config check` runs exactly this validation without starting anything.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{
+    capture::AttachMode,
+    decide::{DecideConfig, Mode},
+    discovery::DiscoveryConfig,
+    engine::{Engine, EngineConfig},
+    http::HttpConfig,
+    model::{ModelConfig, SignalConfig},
+    rules::{DenyRule, Rule, RuleFile},
+    session::SessionConfig,
+};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/precedent/precedent.toml";
+pub const DEFAULT_SOCKET: &str = "/run/precedent/control.sock";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (what journald and log shippers want).
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `learn` (model only), `detect` (alerts), or `enforce` (alerts and blocks).
+    pub mode: Mode,
+    /// Interfaces to attach the XDP program to.
+    pub interfaces: Vec<String>,
+    /// `auto` (native XDP, generic where the driver lacks it), `native` or `generic`.
+    pub attach_mode: AttachMode,
+    /// Bytes of each request captured (request line and first headers), 1..=4096.
+    pub capture_len: u32,
+    /// Ring buffer between the kernel and the daemon, bytes (a power of two, >= 64 KiB).
+    pub ring_buffer_bytes: u32,
+    /// Only requests to these server ports are analysed (empty: all ports).
+    pub ports: Vec<u16>,
+    /// Pin the block and allow maps in this bpffs directory so blocks survive restarts.
+    pub pin_maps: Option<PathBuf>,
+    /// Model, endpoints, runtime rules, blocks and the session-hashing secret live here.
+    pub state_dir: PathBuf,
+    /// How often state is saved (it is also saved at shutdown).
+    #[serde(with = "humantime_str")]
+    pub save_every: Duration,
+    pub socket: PathBuf,
+    /// Operational logs on stderr: `json` or `text`. Alerts are always JSON lines on stdout.
+    pub log_format: LogFormat,
+    /// An OpenAPI 3 document (JSON or YAML) whose paths become operation templates.
+    pub openapi: Option<PathBuf>,
+    pub http: HttpConfig,
+    pub discovery: DiscoveryConfig,
+    pub session: SessionConfig,
+    pub model: ModelConfig,
+    pub signals: SignalConfig,
+    pub decide: DecideConfig,
+    /// Clients (addresses or prefixes) that are never blocked.
+    pub allowlist: Vec<IpNet>,
+    /// Precedence rules (`[[rule]]`).
+    #[serde(rename = "rule", skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Rule>,
+    /// Sequences that must never happen (`[[deny]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<DenyRule>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        Self {
+            mode: Mode::Detect,
+            interfaces: Vec::new(),
+            attach_mode: AttachMode::Auto,
+            capture_len: agent_common::CAPTURE_DEFAULT,
+            ring_buffer_bytes: 4 << 20,
+            ports: Vec::new(),
+            pin_maps: None,
+            state_dir: PathBuf::from(crate::state::DEFAULT_STATE_DIR),
+            save_every: Duration::from_secs(300),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            log_format: LogFormat::Json,
+            openapi: None,
+            http: engine.http,
+            discovery: engine.discovery,
+            session: engine.session,
+            model: engine.model,
+            signals: engine.signals,
+            decide: engine.decide,
+            allowlist: Vec::new(),
+            rules: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ranges, and everything the engine would refuse at start-up.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        if !(1..=agent_common::CAPTURE_MAX as u32).contains(&self.capture_len) {
+            return Err(invalid(
+                "capture_len",
+                format!(
+                    "{} is out of range 1..={}",
+                    self.capture_len,
+                    agent_common::CAPTURE_MAX
+                ),
+            ));
+        }
+        if !self.ring_buffer_bytes.is_power_of_two() || self.ring_buffer_bytes < 64 * 1024 {
+            return Err(invalid(
+                "ring_buffer_bytes",
+                format!(
+                    "{} must be a power of two of at least 65536",
+                    self.ring_buffer_bytes
+                ),
+            ));
+        }
+        if self.save_every.is_zero() {
+            return Err(invalid("save_every", "must be positive".into()));
+        }
+        if let Some(dup) = self
+            .interfaces
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| self.interfaces[..i].contains(a).then_some(a))
+        {
+            return Err(invalid("interfaces", format!("{dup} is listed twice")));
+        }
+        if self.ports.contains(&0) {
+            return Err(invalid("ports", "port 0 is not a port".into()));
+        }
+        if let Some(p) = &self.openapi
+            && !p.exists()
+        {
+            return Err(invalid(
+                "openapi",
+                format!("{} does not exist", p.display()),
+            ));
+        }
+        self.model
+            .validate()
+            .map_err(|e| invalid("model", e.to_string()))?;
+        self.decide.validate().map_err(|e| invalid("decide", e))?;
+        // Building an engine checks rules, templates and cross-section constraints.
+        Engine::new(&self.engine(), self.rule_file(), [0; 16], self.mode).map_err(|e| {
+            let key = match &e {
+                crate::engine::EngineError::Rules(_) => "rule",
+                crate::engine::EngineError::Discovery(_) => "discovery",
+                crate::engine::EngineError::Model(_) => "model",
+                crate::engine::EngineError::Config(_) => "session",
+            };
+            invalid(key, e.to_string())
+        })?;
+        Ok(())
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            http: self.http.clone(),
+            discovery: self.discovery.clone(),
+            session: self.session.clone(),
+            model: self.model.clone(),
+            signals: self.signals.clone(),
+            decide: self.decide.clone(),
+            allowlist: self.allowlist.clone(),
+        }
+    }
+
+    /// The rules written in the config file.
+    pub fn rule_file(&self) -> RuleFile {
+        RuleFile {
+            rules: self.rules.clone(),
+            deny: self.deny.clone(),
+        }
+    }
+}
+
+/// Durations as humantime strings ("5m").
+mod humantime_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.mode, Mode::Detect);
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid() {
+        let text = include_str!("../../dist/precedent.toml");
+        let c = parse(text).unwrap_or_else(|e| panic!("dist/precedent.toml: {e}"));
+        assert!(!c.interfaces.is_empty());
+    }
+
+    #[test]
+    fn sections_and_rules_parse() {
+        let c = parse(
+            r#"
+            mode = "enforce"
+            interfaces = ["eth0", "eth1"]
+            ports = [80, 8080]
+            save_every = "1m"
+            allowlist = ["10.0.0.0/8", "2001:db8::/32"]
+            [session]
+            idle_timeout = "5m"
+            [decide]
+            block_ttl = "1h"
+            [[rule]]
+            id = "transfer-needs-balance"
+            operation = "POST /api/v1/transferFunds"
+            preceded_by = ["GET /api/v1/accounts/{account_id}/balance"]
+            action = "block"
+            block_ttl = "15m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.rules.len(), 1);
+        assert_eq!(c.allowlist.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = parse("interfacs = [\"eth0\"]").unwrap_err().to_string();
+        assert!(e.contains("interfacs"), "{e}");
+        let e = parse("[model]\nmax_ordr = 3").unwrap_err().to_string();
+        assert!(e.contains("max_ordr"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("capture_len = 0", "capture_len"),
+            ("capture_len = 5000", "capture_len"),
+            ("ring_buffer_bytes = 1000", "ring_buffer_bytes"),
+            ("save_every = \"soon\"", "save_every"),
+            ("mode = \"panic\"", "mode"),
+            ("interfaces = [\"eth0\", \"eth0\"]", "interfaces"),
+            ("ports = [0]", "ports"),
+            ("openapi = \"/nonexistent/api.yaml\"", "openapi"),
+            ("allowlist = [\"10.0.0.0/33\"]", "allowlist"),
+            ("[decide]\nmax_block_share = 2.0", "max_block_share"),
+            (
+                "[[rule]]\nid = \"r\"\noperation = \"transfer\"\npreceded_by = [\"GET /a\"]",
+                "rule",
+            ),
+            ("[session]\nn_max = 3", "n_max"),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.contains(key),
+                "{text:?} gave {e:?}, which does not name {key}"
+            );
+        }
+    }
+}
