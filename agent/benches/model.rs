@@ -48,11 +48,18 @@ fn load() -> Data {
 }
 
 fn precedent_model() -> Model {
-    Model::new(ModelConfig {
+    let mut cfg = ModelConfig {
         max_order: MAX_ORDER,
         ..ModelConfig::default()
-    })
-    .expect("config")
+    };
+    // For exploring the memory / log-loss trade-off: PRECEDENT_MIN_COUNT_TO_EXTEND=n.
+    if let Some(n) = std::env::var("PRECEDENT_MIN_COUNT_TO_EXTEND")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.min_count_to_extend = n;
+    }
+    Model::new(cfg).expect("config")
 }
 
 fn precedent_trained(d: &Data) -> Model {
