@@ -114,8 +114,8 @@ fn report(d: &Data) {
     let t = Instant::now();
     let (ours, scored) = held_out_log_loss(&mut m, &d.test);
     let score_s = t.elapsed().as_secs_f64();
-    let mem = m.memory();
     m.maintain_full(NOW);
+    let mem = m.memory();
     let t = Instant::now();
     let g = grid_trained(d);
     let grid_learn_s = t.elapsed().as_secs_f64();
@@ -137,9 +137,10 @@ fn report(d: &Data) {
         theirs
     );
     println!(
-        "  precedent memory: {} contexts, {} bytes, {:.1} bytes/context; {} contexts evicted; \
-         important sequences after collapse: {}",
+        "  precedent memory: {} contexts ({} retained by the collapse), {} bytes, {:.1} bytes/context; \
+         {} contexts evicted; important sequences after collapse: {}",
         mem.contexts,
+        mem.retained_contexts,
         mem.bytes,
         mem.bytes_per_context,
         m.stats().contexts_evicted,

@@ -153,6 +153,8 @@ pub struct ModelStats {
     pub key_collisions: u64,
     /// Completed expire + collapse cycles.
     pub collapse_cycles: u64,
+    /// Contexts kept by the last completed collapse (the rows of the seed's table T, root included).
+    pub retained_contexts: u64,
 }
 
 /// Scoring of one transition (history → next), computed before it is learned.
@@ -223,7 +225,10 @@ pub struct MaintainReport {
 /// Memory use, for `precedent status` and the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct MemoryReport {
+    /// Contexts stored (all of them are counted, retained or not: collapsed ones keep learning).
     pub contexts: usize,
+    /// Of which kept by the last completed collapse.
+    pub retained_contexts: u64,
     pub bytes: usize,
     pub bytes_per_context: f64,
 }
@@ -243,6 +248,8 @@ pub struct Model {
     /// Slots per depth gathered by the current cycle's expire pass.
     by_depth: Vec<Vec<u32>>,
     pending_predecessors: FxHashMap<Op, Vec<Predecessor>>,
+    /// Contexts kept so far by the collapse in progress.
+    pending_retained: u64,
     predecessors: FxHashMap<Op, Vec<Predecessor>>,
     runs: RunLengths,
     population: PopulationSurprise,
@@ -295,6 +302,7 @@ impl Model {
             phase: Phase::Expire { cursor: 0 },
             by_depth: Vec::new(),
             pending_predecessors: FxHashMap::default(),
+            pending_retained: 0,
             predecessors: FxHashMap::default(),
             runs,
             population: PopulationSurprise::default(),
@@ -361,11 +369,10 @@ impl Model {
         for d in 1..=max_depth {
             path[d] = self.index.get(&keys[d]).copied().unwrap_or(NO_SLOT);
         }
-        let found = path[1..=max_depth]
+        let mut found = path[1..=max_depth]
             .iter()
             .position(|&s| s == NO_SLOT)
             .unwrap_or(max_depth);
-        let mut found = found;
         // Prefetch every found context before using any, so their misses overlap too.
         for &slot in &path[1..=found] {
             prefetch(&self.nodes[slot as usize]);
@@ -657,6 +664,7 @@ impl Model {
         let bytes = node_bytes + heap + index + other;
         MemoryReport {
             contexts: self.live,
+            retained_contexts: self.stats.retained_contexts,
             bytes,
             bytes_per_context: bytes as f64 / self.live as f64,
         }
