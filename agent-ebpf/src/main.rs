@@ -96,11 +96,7 @@ fn try_capture(ctx: &XdpContext) -> Result<(), ()> {
         return Err(());
     };
     let ev = entry.as_mut_ptr();
-    let captured = if payload_len < CAPTURE_MAX {
-        payload_len
-    } else {
-        CAPTURE_MAX
-    };
+    let captured = if payload_len < CAPTURE_MAX { payload_len } else { CAPTURE_MAX };
     // bpf_xdp_load_bytes also reads from fragments of multi-buffer packets, so a request
     // whose start lies past the linear area is still captured safely.
     let copied = unsafe { load_bytes(ctx, payload_off, &mut (*ev).data, captured) };
@@ -141,8 +137,9 @@ fn load_bytes<const N: usize>(
     if len == 0 || len > N {
         return Err(());
     }
-    let rc =
-        unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, buf.as_mut_ptr().cast(), len as u32) };
+    let rc = unsafe {
+        bpf_xdp_load_bytes(ctx.ctx, offset as u32, buf.as_mut_ptr().cast(), len as u32)
+    };
     if rc < 0 { Err(()) } else { Ok(()) }
 }
 

@@ -26,17 +26,11 @@ const EVENTS_MAP: &str = "EVENTS";
 /// Capture set-up failures, each phrased so the operator knows what to do next.
 #[derive(Debug, Error)]
 pub enum CaptureError {
-    #[error(
-        "this precedent binary was built with AYA_BUILD_SKIP=1 and has no XDP program; rebuild it without that variable"
-    )]
+    #[error("this precedent binary was built with AYA_BUILD_SKIP=1 and has no XDP program; rebuild it without that variable")]
     NoProgram,
-    #[error(
-        "the kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing); precedent needs Linux 5.8+ built with CONFIG_DEBUG_INFO_BTF=y"
-    )]
+    #[error("the kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing); precedent needs Linux 5.8+ built with CONFIG_DEBUG_INFO_BTF=y")]
     NoBtf,
-    #[error(
-        "permission denied while {doing}; run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
-    )]
+    #[error("permission denied while {doing}; run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")]
     Permission { doing: &'static str },
     #[error("the kernel does not support BPF ring buffers (needs Linux 5.8+)")]
     NoRingBuf,
@@ -45,10 +39,7 @@ pub enum CaptureError {
     #[error("no interface given; pass --iface NAME (available: {available})")]
     NoInterface { available: String },
     #[error("attaching XDP to {iface} failed: {source}")]
-    Attach {
-        iface: String,
-        source: aya::programs::ProgramError,
-    },
+    Attach { iface: String, source: aya::programs::ProgramError },
     #[error("loading the XDP program failed: {0}")]
     Load(String),
 }
@@ -98,9 +89,7 @@ impl Capture {
     /// Loads the XDP program and attaches it to every interface in `ifaces`.
     pub fn attach(ifaces: &[String]) -> Result<Self, CaptureError> {
         if ifaces.is_empty() {
-            return Err(CaptureError::NoInterface {
-                available: available_interfaces(),
-            });
+            return Err(CaptureError::NoInterface { available: available_interfaces() });
         }
         // Check interfaces first: the cheapest error to hit and the most common typo.
         for name in ifaces {
@@ -125,26 +114,17 @@ impl Capture {
             .ok_or_else(|| CaptureError::Load(format!("program {PROGRAM} missing from object")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| CaptureError::Load(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| classify(e, "loading the XDP program"))?;
+        program.load().map_err(|e| classify(e, "loading the XDP program"))?;
 
         let mut links = Vec::new();
         for iface in ifaces {
-            let link = program
-                .attach(iface, XdpMode::default())
-                .map_err(|source| {
-                    if has_errno(&source, &[libc::EPERM, libc::EACCES]) {
-                        CaptureError::Permission {
-                            doing: "attaching XDP",
-                        }
-                    } else {
-                        CaptureError::Attach {
-                            iface: iface.clone(),
-                            source,
-                        }
-                    }
-                })?;
+            let link = program.attach(iface, XdpMode::default()).map_err(|source| {
+                if has_errno(&source, &[libc::EPERM, libc::EACCES]) {
+                    CaptureError::Permission { doing: "attaching XDP" }
+                } else {
+                    CaptureError::Attach { iface: iface.clone(), source }
+                }
+            })?;
             tracing::info!(iface = %iface, "xdp program attached");
             links.push((iface.clone(), link));
         }
@@ -162,12 +142,8 @@ impl Capture {
 
     /// Detaches from every interface, logging each.
     pub fn detach(mut self) {
-        let Some(program) = self.ebpf.program_mut(PROGRAM) else {
-            return;
-        };
-        let Ok(program): Result<&mut Xdp, _> = program.try_into() else {
-            return;
-        };
+        let Some(program) = self.ebpf.program_mut(PROGRAM) else { return };
+        let Ok(program): Result<&mut Xdp, _> = program.try_into() else { return };
         for (iface, link) in self.links.drain(..) {
             match program.detach(link) {
                 Ok(()) => tracing::info!(iface = %iface, "xdp program detached"),
@@ -224,10 +200,7 @@ pub async fn read_events(
 /// CLOCK_REALTIME − CLOCK_MONOTONIC, in nanoseconds: converts `bpf_ktime_get_ns` to wall time.
 fn mono_to_unix_offset_ns() -> i128 {
     let read = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: valid clock id and out-pointer.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -237,10 +210,7 @@ fn mono_to_unix_offset_ns() -> i128 {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so loading cannot fail there.
 fn raise_memlock_rlimit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on Linux 5.11+)");
@@ -249,17 +219,10 @@ fn raise_memlock_rlimit() {
 
 fn available_interfaces() -> String {
     let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
         .unwrap_or_default();
     names.sort();
-    if names.is_empty() {
-        "none found".into()
-    } else {
-        names.join(", ")
-    }
+    if names.is_empty() { "none found".into() } else { names.join(", ") }
 }
 
 /// Does any `io::Error` in `err`'s source chain carry one of `codes`?

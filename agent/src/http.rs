@@ -44,10 +44,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, SkipReason> {
 }
 
 fn parse_request_line_only(bytes: &[u8]) -> Result<Request, SkipReason> {
-    let end = bytes
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .ok_or(SkipReason::IncompleteRequestLine)?;
+    let end = bytes.windows(2).position(|w| w == b"\r\n").ok_or(SkipReason::IncompleteRequestLine)?;
     let mut line = bytes[..end + 2].to_vec();
     line.extend_from_slice(b"\r\n");
     let mut no_headers = [httparse::EMPTY_HEADER; 0];
@@ -65,12 +62,7 @@ fn build(method: &str, target: &str, minor: u8) -> Request {
         None => (target.to_string(), None),
     };
     let version = if minor == 0 { "HTTP/1.0" } else { "HTTP/1.1" };
-    Request {
-        method: method.to_string(),
-        path,
-        query,
-        version,
-    }
+    Request { method: method.to_string(), path, query, version }
 }
 
 #[cfg(test)]
@@ -89,26 +81,17 @@ mod tests {
     #[test]
     fn accepts_capture_truncated_mid_header() {
         let r = parse_request(b"POST /transfer HTTP/1.0\r\nHost: api\r\nContent-Ty").unwrap();
-        assert_eq!(
-            (r.method.as_str(), r.path.as_str(), r.version),
-            ("POST", "/transfer", "HTTP/1.0")
-        );
+        assert_eq!((r.method.as_str(), r.path.as_str(), r.version), ("POST", "/transfer", "HTTP/1.0"));
     }
 
     #[test]
     fn rejects_request_line_cut_before_version() {
-        assert_eq!(
-            parse_request(b"GET /very/long/pa"),
-            Err(SkipReason::IncompleteRequestLine)
-        );
+        assert_eq!(parse_request(b"GET /very/long/pa"), Err(SkipReason::IncompleteRequestLine));
     }
 
     #[test]
     fn rejects_binary_junk() {
-        assert_eq!(
-            parse_request(b"\x00\x01\x02 \xff\xfe\r\n\r\n"),
-            Err(SkipReason::Malformed)
-        );
+        assert_eq!(parse_request(b"\x00\x01\x02 \xff\xfe\r\n\r\n"), Err(SkipReason::Malformed));
     }
 
     #[test]

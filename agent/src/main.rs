@@ -3,11 +3,7 @@ use clap::{Parser, Subcommand};
 use precedent::daemon::{self, DaemonOptions};
 
 #[derive(Parser)]
-#[command(
-    name = "precedent",
-    version,
-    about = "Protects HTTP APIs against sequential abuse"
-)]
+#[command(name = "precedent", version, about = "Protects HTTP APIs against sequential abuse")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
