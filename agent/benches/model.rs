@@ -48,11 +48,18 @@ fn load() -> Data {
 }
 
 fn precedent_model() -> Model {
-    Model::new(ModelConfig {
+    let mut cfg = ModelConfig {
         max_order: MAX_ORDER,
         ..ModelConfig::default()
-    })
-    .expect("config")
+    };
+    // For exploring the memory / log-loss trade-off: PRECEDENT_MIN_COUNT_TO_EXTEND=n.
+    if let Some(n) = std::env::var("PRECEDENT_MIN_COUNT_TO_EXTEND")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.min_count_to_extend = n;
+    }
+    Model::new(cfg).expect("config")
 }
 
 fn precedent_trained(d: &Data) -> Model {
@@ -107,8 +114,8 @@ fn report(d: &Data) {
     let t = Instant::now();
     let (ours, scored) = held_out_log_loss(&mut m, &d.test);
     let score_s = t.elapsed().as_secs_f64();
-    let mem = m.memory();
     m.maintain_full(NOW);
+    let mem = m.memory();
     let t = Instant::now();
     let g = grid_trained(d);
     let grid_learn_s = t.elapsed().as_secs_f64();
@@ -130,9 +137,10 @@ fn report(d: &Data) {
         theirs
     );
     println!(
-        "  precedent memory: {} contexts, {} bytes, {:.1} bytes/context; {} contexts evicted; \
-         important sequences after collapse: {}",
+        "  precedent memory: {} contexts ({} retained by the collapse), {} bytes, {:.1} bytes/context; \
+         {} contexts evicted; important sequences after collapse: {}",
         mem.contexts,
+        mem.retained_contexts,
         mem.bytes,
         mem.bytes_per_context,
         m.stats().contexts_evicted,

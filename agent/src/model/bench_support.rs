@@ -46,7 +46,7 @@ pub fn train(model: &mut Model, sessions: &[Vec<Op>], now_ns: u64) -> u64 {
         for i in 0..s.len() {
             model.learn(&s[..i], s[i], now_ns);
             steps += 1;
-            if steps % 1024 == 0 {
+            if steps.is_multiple_of(1024) {
                 model.maintain(now_ns);
             }
         }

@@ -33,6 +33,7 @@ impl Model {
                 Phase::Collapse { depth: 0, .. } => {
                     self.nodes[ROOT as usize].collapsed = false;
                     self.publish_predecessors();
+                    self.stats.retained_contexts = std::mem::take(&mut self.pending_retained) + 1;
                     self.stats.collapse_cycles += 1;
                     self.phase = Phase::Expire { cursor: 0 };
                     return MaintainReport {
@@ -116,6 +117,7 @@ impl Model {
         };
         self.nodes[slot as usize].collapsed = !kept;
         if kept {
+            self.pending_retained += 1;
             self.nodes[parent as usize].retained_children += 1;
             return work + self.harvest_predecessors(slot);
         }

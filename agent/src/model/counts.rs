@@ -50,7 +50,7 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(parent: u32, op: Op, depth: u8, key: u64) -> Self {
+    pub(super) fn new(parent: u32, op: Op, depth: u8, key: u64) -> Self {
         Node {
             parent,
             op,
@@ -91,7 +91,7 @@ impl Node {
 
     /// Records one occurrence of `next` in bucket `epoch`; `window` buckets are kept, so older
     /// pairs of this entry are dropped on the spot, which bounds an entry even without `maintain`.
-    pub fn record(&mut self, next: Op, epoch: u32, window: u32) {
+    pub(super) fn record(&mut self, next: Op, epoch: u32, window: u32) {
         let i = match self.position(next) {
             Some(i) => i,
             None => {
@@ -128,7 +128,7 @@ impl Node {
 
     /// Drops counts from buckets that left the window. Returns the number of entries examined (the
     /// work done). Entries left empty are removed.
-    pub fn expire(&mut self, epoch: u32, window: u32) -> usize {
+    pub(super) fn expire(&mut self, epoch: u32, window: u32) -> usize {
         let work = self.entries.len();
         let mut removed_any = false;
         for e in self.entries.iter_mut() {
@@ -162,7 +162,7 @@ impl Node {
     }
 
     /// Releases the storage of an evicted or expired context.
-    pub fn clear(&mut self) {
+    pub(super) fn clear(&mut self) {
         self.live = false;
         self.n = 0;
         self.max_k = 0;
@@ -173,7 +173,7 @@ impl Node {
     }
 
     /// Approximate heap bytes owned by this node beyond its inline size.
-    pub fn heap_bytes(&self) -> usize {
+    pub(super) fn heap_bytes(&self) -> usize {
         let mut b = 0;
         if self.entries.spilled() {
             b += self.entries.capacity() * std::mem::size_of::<Entry>();

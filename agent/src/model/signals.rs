@@ -70,15 +70,14 @@ pub struct RareTransition {
 /// with at least `rare_min_context_count` observations. Repeats are not transitions.
 pub fn confidently_rare(t: &Transition, cfg: &SignalConfig) -> Option<RareTransition> {
     let iv = t.interval?;
-    (!t.is_repeat && t.n >= cfg.rare_min_context_count && iv.upper < cfg.rare_upper_bound).then(
-        || RareTransition {
+    (!t.is_repeat && t.n >= cfg.rare_min_context_count && iv.upper < cfg.rare_upper_bound)
+        .then_some(RareTransition {
             context_len: t.context_len,
             n: t.n,
             k: t.k,
             upper: iv.upper,
             threshold: cfg.rare_upper_bound,
-        },
-    )
+        })
 }
 
 /// An operation arrived without an operation that nearly always precedes it.

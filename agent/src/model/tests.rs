@@ -107,6 +107,8 @@ fn seed_collapse_aa_ba_ca_fold_into_a_and_table_5_remains() {
         }
     }
     leaves.sort();
+    // root, a, b, c and the six kept pairs.
+    assert_eq!(m.stats().retained_contexts, 10);
     let table5: Vec<Vec<Op>> = vec![
         vec![A],
         vec![A, B],
