@@ -10,5 +10,6 @@ pub mod daemon;
 pub mod discovery;
 pub mod enforce;
 pub mod http;
+pub mod replay;
 pub mod rules;
 pub mod session;

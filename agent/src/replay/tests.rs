@@ -1,0 +1,1 @@
+//! End-to-end tests of the replay input: files in, records and summaries out.
