@@ -531,3 +531,413 @@ pub(crate) fn sniff_text(sample: &[u8]) -> Option<super::Format> {
         Some(Format::Common)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::Format;
+
+    const O: Origin = Origin { file: 0, pos: 1 };
+
+    fn unix_ns(rfc3339: &str) -> u64 {
+        rfc3339.parse::<jiff::Timestamp>().unwrap().as_nanosecond() as u64
+    }
+
+    fn parser() -> LineParser {
+        LineParser::new(http::HttpConfig::default())
+    }
+
+    fn clf(line: &str) -> Result<ReplayRecord, Skip> {
+        parser().clf(line.as_bytes(), false, O)
+    }
+
+    fn combined(line: &str) -> Result<ReplayRecord, Skip> {
+        parser().clf(line.as_bytes(), true, O)
+    }
+
+    fn jsonl(line: &str) -> Result<ReplayRecord, Skip> {
+        parser().jsonl(line.as_bytes(), O)
+    }
+
+    #[test]
+    fn clf_time_applies_the_offset_to_get_utc() {
+        assert_eq!(
+            parse_clf_time(b"10/Oct/2000:13:55:36 -0700"),
+            Ok(unix_ns("2000-10-10T20:55:36Z"))
+        );
+        assert_eq!(
+            parse_clf_time(b"01/Jan/2024:00:30:00 +0100"),
+            Ok(unix_ns("2023-12-31T23:30:00Z"))
+        );
+        assert_eq!(
+            parse_clf_time(b"29/Feb/2024:23:59:59 +0000"),
+            Ok(unix_ns("2024-02-29T23:59:59Z"))
+        );
+        assert_eq!(
+            parse_clf_time(b"01/Jan/1970:00:00:00 +0000"),
+            Ok(0),
+            "the epoch itself is fine"
+        );
+    }
+
+    #[test]
+    fn clf_time_rejects_everything_not_strictly_valid() {
+        for bad in [
+            "29/Feb/2023:00:00:00 +0000",
+            "31/Apr/2024:00:00:00 +0000",
+            "00/Jan/2024:00:00:00 +0000",
+            "10/oct/2000:13:55:36 -0700",
+            "10/Okt/2000:13:55:36 -0700",
+            "10/Oct/2000:24:00:00 -0700",
+            "10/Oct/2000:13:60:00 -0700",
+            "10/Oct/2000:13:55:36 0700",
+            "10/Oct/2000:13:55:36 -07:00",
+            "10/Oct/2000 13:55:36 -0700",
+            "1/Oct/2000:13:55:36 -0700",
+            "10/Oct/2000:13:55:36",
+            "31/Dec/1969:23:59:59 +0000",
+            "10/Oct/2000:1a:55:36 -0700",
+            "",
+        ] {
+            assert_eq!(
+                parse_clf_time(bad.as_bytes()),
+                Err(Skip::BadTimestamp),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn common_line_gives_client_time_method_path_and_query() {
+        let r = clf(r#"127.0.0.1 - frank [10/Oct/2000:13:55:36 -0700] "GET /apache_pb.gif?x=1&y=2 HTTP/1.0" 200 2326"#)
+            .unwrap();
+        assert_eq!(r.client, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(r.ts_ns, unix_ns("2000-10-10T20:55:36Z"));
+        assert_eq!(r.method, Method::Get);
+        assert_eq!(r.path, "/apache_pb.gif");
+        assert_eq!(r.query.as_deref(), Some("x=1&y=2"));
+        assert_eq!(r.host, None);
+        assert!(r.headers.is_empty() && r.session.is_none());
+        assert_eq!(r.origin, O);
+    }
+
+    #[test]
+    fn combined_line_with_ipv6_client_and_escaped_quotes() {
+        let line = r#"2001:db8::7 - - [10/Oct/2000:13:55:36 +0000] "POST /api/v1/transferFunds HTTP/1.1" 201 - "https://bank.example/\"home\"" "Mozilla/5.0 (X11; \"quoted\" UA)""#;
+        let r = combined(line).unwrap();
+        assert_eq!(r.client, "2001:db8::7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (r.method, r.path.as_str()),
+            (Method::Post, "/api/v1/transferFunds")
+        );
+        // A bracketed v6 address and one with a zone are the same client.
+        let r = combined(&line.replacen("2001:db8::7", "[2001:db8::7]", 1)).unwrap();
+        assert_eq!(r.client, "2001:db8::7".parse::<IpAddr>().unwrap());
+        let r = combined(&line.replacen("2001:db8::7", "fe80::1%eth0", 1)).unwrap();
+        assert_eq!(r.client, "fe80::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn escaped_quote_and_hex_escape_in_the_request_are_undone() {
+        let r = combined(r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /q?s=\"x\"&t=\x22y HTTP/1.1" 200 5 "-" "-""#)
+            .unwrap();
+        assert_eq!(r.path, "/q");
+        assert_eq!(r.query.as_deref(), Some(r#"s="x"&t="y"#));
+    }
+
+    #[test]
+    fn odd_but_valid_lines_parse() {
+        // A user name with a space, extra nginx fields after the user agent, size "-",
+        // absolute-form target (a proxy log), HTTP/1.0.
+        let r = combined(r#"192.0.2.1 - john smith [10/Oct/2000:13:55:36 +0000] "GET http://api.example:8080/v1/x?q=1 HTTP/1.0" 304 - "-" "curl/8" "203.0.113.9" rt=0.003"#)
+            .unwrap();
+        assert_eq!(r.host.as_deref(), Some("api.example:8080"));
+        assert_eq!(
+            (r.path.as_str(), r.query.as_deref()),
+            ("/v1/x", Some("q=1"))
+        );
+        // A combined line is a fine common line (the tail is ignored).
+        assert!(
+            clf(r#"192.0.2.1 - - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 1 "-" "-""#)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn every_malformed_kind_has_its_reason() {
+        let ok = r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 5 "-" "ua""#;
+        assert!(combined(ok).is_ok());
+        let cases: &[(&str, Skip)] = &[
+            (
+                r#"www.example.com - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 5 "-" "ua""#,
+                Skip::BadClient,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36] "GET /a HTTP/1.1" 200 5 "-" "ua""#,
+                Skip::BadTimestamp,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "-" 408 0 "-" "-""#,
+                Skip::NoRequestLine,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "" 400 0 "-" "-""#,
+                Skip::NoRequestLine,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "\x16\x03\x01" 400 0 "-" "-""#,
+                Skip::BadRequestLine,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "BREW /pot HTTP/1.1" 418 0 "-" "-""#,
+                Skip::Http(SkipReason::UnknownMethod),
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "get /a HTTP/1.1" 200 5 "-" "-""#,
+                Skip::Http(SkipReason::UnknownMethod),
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/2.0" 200 5 "-" "-""#,
+                Skip::Http(SkipReason::BadVersion),
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /caf\xc3\x28 HTTP/1.1" 200 5 "-" "-""#,
+                Skip::Http(SkipReason::InvalidUtf8),
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200"#,
+                Skip::BadLine,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" abc 5 "-" "-""#,
+                Skip::BadLine,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1 200 5"#,
+                Skip::BadLine,
+            ),
+            (
+                r#"10.0.0.1 - - 10/Oct/2000:13:55:36 +0000 "GET /a HTTP/1.1" 200 5 "-" "-""#,
+                Skip::BadLine,
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 5"#,
+                Skip::BadLine,
+            ),
+            ("garbage", Skip::BadLine),
+        ];
+        for (line, want) in cases {
+            assert_eq!(combined(line).map(|_| ()), Err(*want), "{line}");
+        }
+        // The same line, common format: missing referer/user-agent is fine there.
+        assert!(
+            clf(r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/1.1" 200 5"#).is_ok()
+        );
+    }
+
+    #[test]
+    fn path_over_the_live_limit_is_skipped_like_live() {
+        let line = format!(
+            r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /{} HTTP/1.1" 200 5"#,
+            "a".repeat(http::DEFAULT_MAX_PATH_LEN + 10)
+        );
+        assert_eq!(
+            clf(&line).map(|_| ()),
+            Err(Skip::Http(SkipReason::PathTooLong))
+        );
+    }
+
+    #[test]
+    fn jsonl_accepts_rfc3339_and_unix_seconds() {
+        let base = r#""client":"10.1.2.3","method":"GET","path":"/a?b=1""#;
+        let cases = [
+            (r#""2024-05-01T12:00:00Z""#, unix_ns("2024-05-01T12:00:00Z")),
+            (
+                r#""2024-05-01T14:00:00.250+02:00""#,
+                unix_ns("2024-05-01T12:00:00.25Z"),
+            ),
+            ("1714564800", unix_ns("2024-05-01T12:00:00Z")),
+            ("1714564800.25", unix_ns("2024-05-01T12:00:00.25Z")),
+        ];
+        for (ts, want) in cases {
+            let r = jsonl(&format!(r#"{{"ts":{ts},{base}}}"#)).unwrap();
+            assert_eq!(r.ts_ns, want, "{ts}");
+            assert_eq!((r.path.as_str(), r.query.as_deref()), ("/a", Some("b=1")));
+        }
+        for ts in [
+            "1714564800000",
+            "-5",
+            r#""2024-05-01 12:00:00""#,
+            r#""yesterday""#,
+            "true",
+            "null",
+        ] {
+            let r = jsonl(&format!(r#"{{"ts":{ts},{base}}}"#));
+            let want = if matches!(ts, "true") {
+                Skip::BadJson
+            } else if ts == "null" {
+                Skip::MissingField
+            } else {
+                Skip::BadTimestamp
+            };
+            assert_eq!(r.map(|_| ()), Err(want), "{ts}");
+        }
+    }
+
+    #[test]
+    fn jsonl_keeps_session_headers_host_and_session_id() {
+        let r = jsonl(r#"{"ts":1,"client":"::1","method":"POST","path":"/t","session":"s-42","extra":[1,2],
+            "headers":{"Authorization":"Bearer x","Cookie":"sid=1","Accept":"*/*","Host":"api.example"}}"#.replace('\n', "").as_str())
+            .unwrap();
+        assert_eq!(r.session.as_deref(), Some("s-42"));
+        assert_eq!(r.host.as_deref(), Some("api.example"));
+        let mut h = r.headers.clone();
+        h.sort();
+        assert_eq!(
+            h,
+            vec![
+                ("authorization".into(), "Bearer x".into()),
+                ("cookie".into(), "sid=1".into())
+            ]
+        );
+        // An explicit host field wins over the header.
+        let r = jsonl(r#"{"ts":1,"client":"::1","method":"GET","path":"/","host":"a","headers":{"host":"b"}}"#).unwrap();
+        assert_eq!(r.host.as_deref(), Some("a"));
+        assert!(
+            !format!("{r:?}").contains("Bearer"),
+            "Debug must not print header values"
+        );
+    }
+
+    #[test]
+    fn jsonl_malformed_kinds() {
+        let cases: &[(&[u8], Skip)] = &[
+            (b"{not json", Skip::BadJson),
+            (b"[1,2]", Skip::BadJson),
+            (
+                b"{\"ts\":1,\"client\":\"::1\",\"method\":\"GET\",\"path\":\"/\xff\"}",
+                Skip::InvalidUtf8,
+            ),
+            (
+                br#"{"client":"::1","method":"GET","path":"/"}"#,
+                Skip::MissingField,
+            ),
+            (
+                br#"{"ts":1,"client":"::1","method":"GET"}"#,
+                Skip::MissingField,
+            ),
+            (
+                br#"{"ts":1,"client":"nope","method":"GET","path":"/"}"#,
+                Skip::BadClient,
+            ),
+            (
+                br#"{"ts":1,"client":"::1","method":"FETCH","path":"/"}"#,
+                Skip::Http(SkipReason::UnknownMethod),
+            ),
+            (
+                br#"{"ts":1,"client":"::1","method":"GET","path":"a b"}"#,
+                Skip::Http(SkipReason::BadTarget),
+            ),
+            (
+                br#"{"ts":1,"client":"::1","method":"GET","path":"*"}"#,
+                Skip::Http(SkipReason::BadTarget),
+            ),
+            (
+                br#"{"ts":1,"client":"::1","method":"GET","path":"/","headers":{"cookie":5}}"#,
+                Skip::BadJson,
+            ),
+        ];
+        let mut p = parser();
+        for (line, want) in cases {
+            assert_eq!(
+                p.jsonl(line, O).map(|_| ()),
+                Err(*want),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn sniff_tells_the_text_formats_apart() {
+        let combined =
+            b"1.2.3.4 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\" 200 1 \"-\" \"ua\"\n";
+        let common = b"1.2.3.4 - - [10/Oct/2000:13:55:36 -0700] \"GET / HTTP/1.1\" 200 1\n";
+        let json = b"{\"ts\":1,\"client\":\"::1\",\"method\":\"GET\",\"path\":\"/\"}\n";
+        assert_eq!(sniff_text(&combined.repeat(3)), Some(Format::Combined));
+        assert_eq!(sniff_text(&common.repeat(3)), Some(Format::Common));
+        assert_eq!(
+            sniff_text(&[&json[..], b"\n", &json[..]].concat()),
+            Some(Format::Jsonl)
+        );
+        // A malformed first line does not decide alone.
+        assert_eq!(
+            sniff_text(&[&b"junk\n"[..], combined, combined].concat()),
+            Some(Format::Combined)
+        );
+        assert_eq!(sniff_text(b"hello world\nnothing here\n"), None);
+        // The last (possibly cut) line of a sample is not trusted when others exist.
+        assert_eq!(
+            sniff_text(&[&combined[..], &common[..common.len() - 1]].concat()),
+            Some(Format::Combined)
+        );
+    }
+
+    #[test]
+    fn excerpt_escapes_and_hides_jsonl_headers() {
+        assert_eq!(excerpt(b"a\x00\xff\tb"), "a\\x00\\xff\\tb");
+        let e = excerpt(br#"{"ts":1,"headers":{"authorization":"Bearer secret"}}"#);
+        assert!(
+            !e.contains("secret") && e.ends_with("[headers elided]"),
+            "{e}"
+        );
+        assert!(excerpt(&[b'x'; 500]).chars().count() <= 121);
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_line_parsers() {
+        let mut s: u64 = 0x243F_6A88_85A3_08D3;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let seeds: [&[u8]; 4] = [
+            b"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] \"GET /a HTTP/1.1\" 200 5 \"-\" \"ua\"",
+            b"{\"ts\":1,\"client\":\"::1\",\"method\":\"GET\",\"path\":\"/\",\"headers\":{\"cookie\":\"a\"}}",
+            b"",
+            b"\\\\\\\"\"\"[[]] \\x",
+        ];
+        let mut p = parser();
+        for i in 0..10_000 {
+            let mut line = seeds[i % seeds.len()].to_vec();
+            // Mutate: flip, insert and truncate at random, with bytes that matter to the parsers.
+            for _ in 0..(next() % 8) {
+                let r = next();
+                let b = if r % 3 == 0 {
+                    b"\"\\[] {}:,/x"[(r >> 8) as usize % 11]
+                } else {
+                    (r >> 16) as u8
+                };
+                match r % 4 {
+                    0 if !line.is_empty() => {
+                        let at = (r >> 24) as usize % line.len();
+                        line[at] = b;
+                    }
+                    1 => {
+                        let at = (r >> 24) as usize % (line.len() + 1);
+                        line.insert(at, b);
+                    }
+                    2 => line.truncate((r >> 24) as usize % (line.len() + 1)),
+                    _ => line.push(b),
+                }
+            }
+            let _ = p.clf(&line, true, O);
+            let _ = p.clf(&line, false, O);
+            let _ = p.jsonl(&line, O);
+            let _ = sniff_text(&line);
+            let _ = excerpt(&line);
+        }
+    }
+}
