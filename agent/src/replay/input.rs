@@ -232,3 +232,83 @@ impl LineReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(bytes: Vec<u8>, max: usize) -> LineReader {
+        // A small read buffer so lines span many fill_buf calls.
+        let input: Input = BufReader::with_capacity(64, Box::new(Cursor::new(bytes)));
+        LineReader::new(input, max)
+    }
+
+    fn lines(bytes: &[u8], max: usize) -> Vec<Result<String, Line>> {
+        let mut r = reader(bytes.to_vec(), max);
+        let mut out = Vec::new();
+        while let Some(l) = r.next_line().unwrap() {
+            out.push(match l {
+                Line::Text => Ok(String::from_utf8_lossy(r.line()).into_owned()),
+                Line::TooLong => Err(Line::TooLong),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn crlf_and_missing_final_newline_are_handled() {
+        assert_eq!(
+            lines(b"a\r\nbb\n\nccc", 100),
+            vec![
+                Ok("a".into()),
+                Ok("bb".into()),
+                Ok("".into()),
+                Ok("ccc".into())
+            ]
+        );
+        assert!(lines(b"", 100).is_empty());
+    }
+
+    #[test]
+    fn line_over_the_cap_is_skipped_without_being_buffered() {
+        let max = 1000;
+        let mut input = vec![b'x'; max];
+        input.extend_from_slice(b"\r\n");
+        input.extend(std::iter::repeat_n(b'y', 5_000_000));
+        input.extend_from_slice(b"\nafter\n");
+        input.extend(std::iter::repeat_n(b'z', max + 1));
+        let mut r = reader(input, max);
+        assert_eq!(r.next_line().unwrap(), Some(Line::Text));
+        assert_eq!(r.line().len(), max, "a line at the cap (plus \\r) is kept");
+        assert_eq!(r.next_line().unwrap(), Some(Line::TooLong));
+        assert!(
+            r.buf.capacity() < 4 * max,
+            "a 5 MB line must not be held: buffer grew to {}",
+            r.buf.capacity()
+        );
+        assert_eq!(r.line_no, 2);
+        assert_eq!(r.next_line().unwrap(), Some(Line::Text));
+        assert_eq!(r.line(), b"after");
+        assert_eq!(
+            r.next_line().unwrap(),
+            Some(Line::TooLong),
+            "unterminated last line too"
+        );
+        assert_eq!(r.next_line().unwrap(), None);
+    }
+
+    #[test]
+    fn sniff_recognises_capture_magics_in_both_byte_orders() {
+        for magic in [
+            [0xd4, 0xc3, 0xb2, 0xa1],
+            [0xa1, 0xb2, 0xc3, 0xd4],
+            [0x4d, 0x3c, 0xb2, 0xa1],
+            [0x0a, 0x0d, 0x0d, 0x0a],
+        ] {
+            let mut s = magic.to_vec();
+            s.extend_from_slice(&[0; 20]);
+            assert_eq!(sniff(&s), Some(Format::Pcap));
+        }
+        assert_eq!(sniff(&[0xd4, 0xc3]), None);
+    }
+}
