@@ -14,7 +14,7 @@ use super::{Origin, ReplayRecord, formats::Skip, input::Input};
 use crate::http;
 
 /// Initial read buffer; grown (up to [`MAX_BLOCK`]) for captures of jumbo/GRO packets.
-const BUF: usize = 256 * 1024;
+const BUF: usize = 64 * 1024;
 /// A block bigger than this is treated as corruption, not buffered.
 const MAX_BLOCK: usize = 4 * 1024 * 1024;
 
@@ -56,6 +56,7 @@ pub(crate) struct PcapSource {
     pending: Vec<Event>,
     /// HTTP request packets the capture's snaplen cut short (their request may be partial).
     pub snaplen_cut: u64,
+    buf_size: usize,
 }
 
 impl PcapSource {
@@ -94,6 +95,7 @@ impl PcapSource {
             packet_no: 0,
             pending,
             snaplen_cut: 0,
+            buf_size: BUF,
         }
     }
 
@@ -158,8 +160,8 @@ impl PcapSource {
                     };
                 }
                 Err(Step::Grow) => {
-                    let size = reader.data().len().max(BUF) * 2;
-                    if size > MAX_BLOCK || !reader.grow(size) {
+                    self.buf_size *= 2;
+                    if self.buf_size > MAX_BLOCK || !reader.grow(self.buf_size) {
                         self.reader = None;
                         return Event::Failed(format!(
                             "block after packet {} is larger than {MAX_BLOCK} bytes (corrupt capture?)",

@@ -633,6 +633,26 @@ fn linux_cooked_and_raw_ip_captures_are_read() {
     assert_eq!(s.packets_ignored.get("unsupported_linktype"), Some(&1));
 }
 
+#[test]
+fn packets_larger_than_the_initial_buffer_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // A frame bigger than the reader's initial 64 KiB buffer (jumbo/GRO captures): here the
+    // IP length covers the request and the rest of the frame is trailer.
+    let mut big = eth_v4_tcp(b"POST /upload HTTP/1.1\r\nHost: h\r\n\r\n");
+    big.resize(150_000, 0);
+    let small = eth_v4_tcp(b"GET /next HTTP/1.1\r\n\r\n");
+    let file = pcap_file(
+        1,
+        &[
+            (1, 0, big.clone(), big.len() as u32),
+            (2, 0, small.clone(), small.len() as u32),
+        ],
+    );
+    let path = write(&dir, "big.pcap", &file);
+    let (records, s) = replay(&[path], &ReplayOptions::default());
+    assert_eq!(paths_of(&records), ["/upload", "/next"], "{:?}", s.errors);
+}
+
 // ---- never panic ----
 
 struct Rng(u64);
