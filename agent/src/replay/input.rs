@@ -3,7 +3,7 @@
 //! with buffers that are reused line after line.
 use std::{
     fs::File,
-    io::{self, BufRead, BufReader, Cursor, Read},
+    io::{self, BufRead as _, BufReader, Cursor, Read},
     path::Path,
     sync::{
         Arc,

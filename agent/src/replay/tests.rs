@@ -51,7 +51,7 @@ fn combined_file_with_crlf_blank_and_bad_lines_counts_every_skip() {
     text += &clf_line("not-an-ip", 2, "/c");
     text += &clf_line("2001:db8::1", 3, "/d");
     let p = write(&dir, "access.log", text.as_bytes());
-    let (records, s) = replay(&[p.clone()], &ReplayOptions::default());
+    let (records, s) = replay(std::slice::from_ref(&p), &ReplayOptions::default());
     assert_eq!(paths_of(&records), ["/a", "/b", "/d"]);
     assert_eq!(records[0].ts_ns, T0 * 1_000_000_000);
     assert_eq!(records[2].client, "2001:db8::1".parse::<IpAddr>().unwrap());
@@ -130,7 +130,7 @@ fn truncated_gzip_delivers_records_before_the_cut_and_names_the_file() {
         let gz = gzip(text.as_bytes());
         let cut = &gz[..gz.len() * 3 / 4];
         let p = write(&dir, &format!("cut{lines}.log.gz"), cut);
-        let (records, s) = replay(&[p.clone()], &ReplayOptions::default());
+        let (records, s) = replay(std::slice::from_ref(&p), &ReplayOptions::default());
         assert!(
             !records.is_empty() && (records.len() as u64) < lines,
             "{lines}: got {} records",
@@ -199,7 +199,7 @@ fn out_of_order_lines_are_sorted_within_the_window_and_late_ones_counted() {
         reorder_window: Duration::from_secs(10),
         ..ReplayOptions::default()
     };
-    let (records, s) = replay(&[p.clone()], &opts);
+    let (records, s) = replay(std::slice::from_ref(&p), &opts);
     // t=30 releases everything up to t=20 (0..8); t=9 is behind none of them, so in order.
     assert_eq!(
         paths_of(&records),
@@ -215,7 +215,7 @@ fn out_of_order_lines_are_sorted_within_the_window_and_late_ones_counted() {
         .map(|&t| clf_line("10.0.0.1", t, &format!("/t{t}")))
         .collect();
     let p = write(&dir, "late.log", text.as_bytes());
-    let (records, s) = replay(&[p.clone()], &opts);
+    let (records, s) = replay(std::slice::from_ref(&p), &opts);
     assert_eq!(paths_of(&records), ["/t0", "/t8", "/t30", "/t31"]);
     assert_eq!((s.late, s.late_policy), (1, LatePolicy::Drop));
     // ...or passed on with its time raised, keeping the stream ordered.
@@ -285,7 +285,7 @@ fn auto_detection_per_file_and_errors_that_name_the_file() {
     assert_eq!(s.files[1].format, None, "an empty file is no error");
 
     let unknown = write(&dir, "notes.txt", b"hello\nworld\n");
-    let err = Replay::open(&[unknown.clone()], &ReplayOptions::default())
+    let err = Replay::open(std::slice::from_ref(&unknown), &ReplayOptions::default())
         .err()
         .unwrap();
     assert!(matches!(&err, ReplayError::UnknownFormat { path, .. } if *path == unknown));
@@ -391,7 +391,7 @@ fn pcap_file(linktype: u32, packets: &[Pkt]) -> Vec<u8> {
 
 fn ng_block(kind: u32, body: &[u8]) -> Vec<u8> {
     let mut body = body.to_vec();
-    while body.len() % 4 != 0 {
+    while !body.len().is_multiple_of(4) {
         body.push(0);
     }
     let len = (body.len() + 12) as u32;
@@ -728,5 +728,42 @@ fn random_files_never_panic_a_replay() {
             r.by_ref().for_each(drop);
             let _ = r.finish();
         }
+    }
+}
+
+/// Throughput, not correctness: `AYA_BUILD_SKIP=1 cargo test --release -p precedent --lib
+/// replay::tests::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark; run in release"]
+fn throughput_of_combined_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = 2_000_000u64;
+    let mut text = String::with_capacity(lines as usize * 160);
+    for i in 0..lines {
+        // Slightly out of order, like real logs.
+        let t = i / 20 + (i % 7);
+        text += &clf_line(
+            &format!("10.{}.{}.{}", i % 7, i % 251, i % 13),
+            t,
+            &format!("/api/v1/accounts/{}/balance?page={}", i % 977, i % 5),
+        );
+    }
+    let plain = write(&dir, "bench.log", text.as_bytes());
+    let gz = write(&dir, "bench.log.gz", &gzip(text.as_bytes()));
+    for p in [plain, gz] {
+        let start = std::time::Instant::now();
+        let (n, s) = {
+            let mut r = Replay::open(std::slice::from_ref(&p), &ReplayOptions::default()).unwrap();
+            let n = r.by_ref().count();
+            (n, r.finish())
+        };
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(n as u64, lines, "{:?}", s.skipped);
+        eprintln!(
+            "{}: {n} lines in {secs:.2} s = {:.0} lines/s, {:.0} MB/s of log text",
+            p.display(),
+            n as f64 / secs,
+            text.len() as f64 / secs / 1e6
+        );
     }
 }
