@@ -173,7 +173,8 @@ fn hex(b: &u8) -> Option<u8> {
 }
 
 /// A client address as logged: IPv4, IPv6, bracketed IPv6, IPv6 with a zone (`%eth0`,
-/// dropped: the address alone identifies the client).
+/// dropped: the address alone identifies the client). IPv4-mapped IPv6 (`::ffff:10.0.0.1`,
+/// what dual-stack servers log) becomes IPv4, the address the live path sees on the wire.
 pub(crate) fn parse_client(s: &[u8]) -> Result<IpAddr, Skip> {
     let s = std::str::from_utf8(s).map_err(|_| Skip::BadClient)?;
     let s = s
@@ -181,7 +182,9 @@ pub(crate) fn parse_client(s: &[u8]) -> Result<IpAddr, Skip> {
         .and_then(|s| s.strip_suffix(']'))
         .unwrap_or(s);
     let s = s.split_once('%').map_or(s, |(a, _)| a);
-    s.parse().map_err(|_| Skip::BadClient)
+    s.parse::<IpAddr>()
+        .map(|a| a.to_canonical())
+        .map_err(|_| Skip::BadClient)
 }
 
 /// Remembers the last timestamp parsed: busy logs write the same second on many lines.
@@ -635,6 +638,12 @@ mod tests {
         assert_eq!(r.client, "2001:db8::7".parse::<IpAddr>().unwrap());
         let r = combined(&line.replacen("2001:db8::7", "fe80::1%eth0", 1)).unwrap();
         assert_eq!(r.client, "fe80::1".parse::<IpAddr>().unwrap());
+        let r = combined(&line.replacen("2001:db8::7", "::ffff:10.0.0.9", 1)).unwrap();
+        assert_eq!(
+            r.client,
+            "10.0.0.9".parse::<IpAddr>().unwrap(),
+            "v4-mapped is v4"
+        );
     }
 
     #[test]

@@ -40,9 +40,16 @@ use reorder::{LatePolicy, Merge, Reorder};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
+    /// `%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-agent}i"` (Apache and nginx default);
+    /// fields after the user agent are ignored.
     Combined,
+    /// `%h %l %u %t "%r" %>s %b`; anything after the size is ignored.
     Common,
+    /// One object per line: `ts` (RFC 3339 with an offset, or a number of Unix *seconds*,
+    /// fractions allowed; milliseconds are rejected, not guessed), `client`, `method`, `path`
+    /// (query included), optional `host`, `session` and `headers` (an object of strings).
     Jsonl,
+    /// pcap or pcapng, Ethernet (with 802.1Q), raw IP, Linux SLL/SLL2 or BSD loopback.
     Pcap,
 }
 
