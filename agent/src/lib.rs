@@ -16,6 +16,7 @@ pub mod engine;
 pub mod http;
 pub mod model;
 pub mod notify;
+pub mod replay;
 pub mod rules;
 pub mod session;
 pub mod state;
