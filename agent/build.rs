@@ -39,7 +39,9 @@ fn build() -> Result<(), String> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !nightly_ok {
-        return Err(format!("eBPF toolchain {nightly} is not installed: {setup_hint}"));
+        return Err(format!(
+            "eBPF toolchain {nightly} is not installed: {setup_hint}"
+        ));
     }
 
     // bpf-linker lives in the cache directory xtask setup builds it into; put it on PATH
@@ -50,14 +52,21 @@ fn build() -> Result<(), String> {
     dirs.extend(env::split_paths(&path));
     let have_linker = dirs.iter().any(|d| d.join("bpf-linker").is_file());
     if !have_linker {
-        return Err(format!("bpf-linker not found (looked in {} and PATH): {setup_hint}", linker_dir.display()));
+        return Err(format!(
+            "bpf-linker not found (looked in {} and PATH): {setup_hint}",
+            linker_dir.display()
+        ));
     }
     let joined = env::join_paths(dirs).map_err(|e| e.to_string())?;
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { env::set_var("PATH", joined) };
 
     let root_dir = ebpf_dir.to_str().ok_or("non-UTF-8 path to agent-ebpf")?;
-    let package = aya_build::Package { name: "agent-ebpf", root_dir, ..Default::default() };
+    let package = aya_build::Package {
+        name: "agent-ebpf",
+        root_dir,
+        ..Default::default()
+    };
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&nightly))
         .map_err(|e| format!("building the XDP program failed: {e:#}"))
 }

@@ -521,3 +521,107 @@ pub struct NamedSequence {
 fn op_name(d: &Discovery, id: OpId) -> String {
     d.name(d.canonical(id)).unwrap_or("?").to_string()
 }
+
+/// What the engine has learned: the operations it discovered and the model over them. One
+/// state file, because model contexts are sequences of operation ids that only discovery can
+/// name. The daemon saves it, `precedent replay --model-out` writes it, and both start from it.
+#[derive(Serialize, Deserialize)]
+pub struct Learned {
+    pub discovery: Discovery,
+    pub model: Model,
+}
+
+impl crate::state::Persist for Learned {
+    const KIND: &'static str = "model";
+    const VERSION: u32 = 1;
+}
+
+/// A borrowing twin of [`Learned`] for saving without a copy (same fields, same order).
+#[derive(Serialize)]
+pub struct LearnedRef<'a> {
+    pub discovery: &'a Discovery,
+    pub model: &'a Model,
+}
+
+impl Engine {
+    /// What to save: see [`crate::state::StateDir::save_view`].
+    pub fn learned(&self) -> LearnedRef<'_> {
+        LearnedRef {
+            discovery: &self.core.discovery,
+            model: &self.core.model,
+        }
+    }
+
+    /// Replaces what was learned (a loaded model file); live sessions carry on.
+    pub fn set_learned(&mut self, learned: Learned) {
+        self.core.discovery = learned.discovery;
+        self.core.model = learned.model;
+        self.core.rules.refresh(&self.core.discovery);
+    }
+
+    /// Forgets everything learned (`precedent model reset`).
+    pub fn reset_learned(&mut self, cfg: &EngineConfig) -> Result<(), EngineError> {
+        self.set_learned(Learned {
+            discovery: Discovery::new(cfg.discovery.clone())?,
+            model: Model::new(cfg.model.clone())?,
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateDir;
+
+    #[test]
+    fn learned_state_round_trips_through_a_state_file() {
+        let mut e = Engine::new(
+            &EngineConfig::default(),
+            RuleFile::default(),
+            [1; 16],
+            Mode::Learn,
+        )
+        .unwrap();
+        let client: IpAddr = "10.0.0.1".parse().unwrap();
+        for i in 0..200u64 {
+            for path in [
+                "/login",
+                "/users/7/accounts",
+                "/accounts/9/balance",
+                "/transfer",
+            ] {
+                let raw = format!("GET {path} HTTP/1.1\r\nAuthorization: t{}\r\n\r\n", i % 20);
+                e.on_capture(i * 1_000_000_000, client, raw.as_bytes(), 0)
+                    .unwrap();
+            }
+            e.maintain(i * 1_000_000_000);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        state.save_view::<Learned>(&e.learned()).unwrap();
+        let loaded = state
+            .load::<Learned>()
+            .unwrap()
+            .into_value()
+            .expect("saved state loads");
+        assert_eq!(
+            loaded.discovery.operations().len(),
+            e.discovery().operations().len()
+        );
+        assert_eq!(loaded.model.contexts(), e.model().contexts());
+        let mut e2 = Engine::new(
+            &EngineConfig::default(),
+            RuleFile::default(),
+            [1; 16],
+            Mode::Learn,
+        )
+        .unwrap();
+        e2.set_learned(loaded);
+        assert_eq!(e2.sequences(10).len(), e.sequences(10).len());
+        assert_eq!(
+            e2.discovery().resolve("GET /accounts/{id}/balance"),
+            e.discovery().resolve("GET /accounts/{id}/balance")
+        );
+    }
+}

@@ -12,7 +12,11 @@ use precedent::{
 };
 
 #[derive(Parser)]
-#[command(name = "precedent", version, about = "Protects HTTP APIs against sequential abuse")]
+#[command(
+    name = "precedent",
+    version,
+    about = "Protects HTTP APIs against sequential abuse"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -183,6 +183,19 @@ impl StateDir {
         Ok(bytes.len() as u64)
     }
 
+    /// Like [`StateDir::save`], but writes `view` (a borrowing twin of `T` that serialises
+    /// identically) so a large value need not be cloned just to be saved.
+    pub fn save_view<T: Persist>(&self, view: &impl Serialize) -> Result<u64, StateError> {
+        check_kind(T::KIND)?;
+        let payload = postcard::to_allocvec(view).map_err(|e| StateError::Encode {
+            kind: T::KIND,
+            detail: e.to_string(),
+        })?;
+        let bytes = encode_file(T::KIND, T::VERSION, &payload);
+        self.write_atomic::<T>(&bytes, |f, b| f.write_all(b))?;
+        Ok(bytes.len() as u64)
+    }
+
     /// The write path with the byte-writing step injectable, so tests can simulate ENOSPC.
     fn write_atomic<T: Persist>(
         &self,
