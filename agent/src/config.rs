@@ -60,6 +60,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Operational logs on stderr: `json` or `text`. Alerts are always JSON lines on stdout.
     pub log_format: LogFormat,
+    /// Also print every captured request as a JSON line (`"kind":"request"`) on stdout, next
+    /// to the alerts: for checking what precedent sees. Costly on a busy server.
+    pub log_requests: bool,
     /// An OpenAPI 3 document (JSON or YAML) whose paths become operation templates.
     pub openapi: Option<PathBuf>,
     pub http: HttpConfig,
@@ -93,6 +96,7 @@ impl Default for Config {
             save_every: Duration::from_secs(300),
             socket: PathBuf::from(DEFAULT_SOCKET),
             log_format: LogFormat::Json,
+            log_requests: false,
             openapi: None,
             http: engine.http,
             discovery: engine.discovery,

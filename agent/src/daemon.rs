@@ -1,136 +1,895 @@
-//! The long-running process: attach capture, turn events into request records, stop cleanly.
+//! The long-running process. One task owns all engine state and is fed by bounded channels:
 //!
-//! Signals are handled in one place (here) and become a single shutdown path: the program is
-//! detached from every interface before the process exits.
+//! ```text
+//! XDP ring buffer ─► reader task ─► [captured requests] ─► engine owner ─► alerts (stdout writer thread)
+//! control socket ─► server task  ─► [control requests]  ─►      │       └► enforcer (BPF block maps)
+//! signals, timers ─────────────────────────────────────────►      └► state files (periodic, at exit)
+//! ```
+//!
+//! Nothing blocks the ring buffer reader: when the engine falls behind, requests are counted
+//! and dropped, and the count shows in `precedent status` and the periodic counters line.
 use std::{
-    sync::{Arc, atomic::AtomicU64},
-    time::{Duration, UNIX_EPOCH},
+    collections::{BTreeMap, HashMap},
+    io::Write as _,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc as std_mpsc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
-use serde::Serialize;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    capture::{self, AttachMode, CapturedRequest, Datapath, LoadOptions},
-    http,
+    capture::{self, CapturedRequest, Datapath, LoadOptions},
+    clock,
+    config::Config,
+    control::{
+        ControlRequest, Request, Response,
+        api::{
+            Ack, BlockRow, EndpointRow, InterfaceStatus, ModeReport, ModelReport, ModelSize,
+            RuleRow, RuleSource, RuleSuggestions, RulesAdded, SequenceRow, SessionRow,
+            StatusReport,
+        },
+        server::{ControlServer, QUEUE_DEPTH, ServerConfig},
+    },
+    enforce::Enforcer,
+    engine::{Engine, Learned},
+    notify,
+    rules::RuleFile,
+    state::{Persist, StateDir},
 };
 
 /// Captured requests waiting for the engine; beyond this the reader counts and drops.
 const PIPELINE_DEPTH: usize = 8192;
+/// Alerts waiting for stdout; beyond this they are counted and dropped (stdout stuck).
+const ALERT_DEPTH: usize = 4096;
+/// Engine upkeep (idle sessions, model collapse) and block expiry sweeps.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
+const SWEEP_BLOCKS_EVERY: Duration = Duration::from_secs(10);
+/// The periodic counters log line.
+const COUNTERS_EVERY: Duration = Duration::from_secs(60);
 
-/// How often counters are logged and expired blocks swept.
-const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
-
+/// How the daemon was asked to run: the configuration and where it came from (for SIGHUP).
 pub struct DaemonOptions {
-    pub ifaces: Vec<String>,
-    pub attach_mode: AttachMode,
-    pub load: LoadOptions,
+    pub config: Config,
+    /// None when running on built-in defaults (SIGHUP then has nothing to re-read).
+    pub config_path: Option<PathBuf>,
+    /// `--iface` etc. given on the command line; re-applied over a reloaded file.
+    pub overrides: Overrides,
 }
 
-/// One JSON line per parsed request on stdout.
-#[derive(Serialize)]
-struct RequestLine<'a> {
-    ts: String,
-    client: String,
-    server: String,
-    method: &'a str,
-    path: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    query: Option<&'a str>,
-    version: &'a str,
-    /// The capture ended before the request did (long headers); the request line is whole.
-    truncated: bool,
+/// Command-line settings that win over the config file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub interfaces: Vec<String>,
+    pub log_requests: bool,
+    pub state_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub mode: Option<crate::decide::Mode>,
+}
+
+impl Overrides {
+    pub fn apply(&self, cfg: &mut Config) {
+        if !self.interfaces.is_empty() {
+            cfg.interfaces = self.interfaces.clone();
+        }
+        if let Some(d) = &self.state_dir {
+            cfg.state_dir = d.clone();
+        }
+        if let Some(s) = &self.socket {
+            cfg.socket = s.clone();
+        }
+        if let Some(m) = self.mode {
+            cfg.mode = m;
+        }
+        cfg.log_requests |= self.log_requests;
+    }
+}
+
+/// Rules added at run time (`precedent rules add`), kept as TOML text: the rule types skip
+/// empty fields when serialised, which a positional binary format cannot read back.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RuntimeRules {
+    toml: String,
+}
+
+impl Persist for RuntimeRules {
+    const KIND: &'static str = "rules";
+    const VERSION: u32 = 1;
+}
+
+/// Blocks and why they were made; the maps themselves survive restarts only when pinned.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedBlocks {
+    blocks: Vec<SavedBlock>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedBlock {
+    net: String,
+    /// Unix seconds.
+    expires: u64,
+    reason: String,
+}
+
+impl Persist for SavedBlocks {
+    const KIND: &'static str = "blocks";
+    const VERSION: u32 = 1;
+}
+
+/// Userspace counters reported by `status`.
+#[derive(Debug, Default)]
+struct Counters {
+    port_filtered: u64,
+    alerts_dropped: u64,
+    blocks_failed: u64,
+    state_save_failures: u64,
 }
 
 pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
-    if opts.ifaces.is_empty() {
-        anyhow::bail!(capture::CaptureError::NoInterface {
-            available: capture::available_interfaces()
-        });
-    }
-    // Check every interface name before loading anything: the commonest mistake, cheapest error.
-    for iface in &opts.ifaces {
-        if !std::path::Path::new("/sys/class/net").join(iface).exists() {
-            anyhow::bail!(capture::CaptureError::UnknownInterface {
-                name: iface.clone(),
-                available: capture::available_interfaces(),
+    let mut daemon = Daemon::start(opts).await?;
+    let result = daemon.serve().await;
+    daemon.stop();
+    result
+}
+
+struct Daemon {
+    config: Config,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+    engine: Engine,
+    datapath: Datapath,
+    enforcer: Enforcer,
+    state: StateDir,
+    runtime_rules: RuleFile,
+    block_reasons: HashMap<IpNet, String>,
+    /// JSON lines for stdout (alerts, and requests when `log_requests` is on).
+    out: std_mpsc::SyncSender<String>,
+    /// Parses requests for `log_requests` only (the engine has its own parser).
+    request_log: Option<crate::http::Parser>,
+    captured: mpsc::Receiver<CapturedRequest>,
+    control: mpsc::Receiver<ControlRequest>,
+    reader_overflow: Arc<AtomicU64>,
+    counters: Counters,
+    shutdown: CancellationToken,
+    started: Instant,
+}
+
+impl Daemon {
+    async fn start(opts: DaemonOptions) -> anyhow::Result<Self> {
+        let DaemonOptions {
+            config,
+            config_path,
+            overrides,
+        } = opts;
+        if config.interfaces.is_empty() {
+            anyhow::bail!(capture::CaptureError::NoInterface {
+                available: capture::available_interfaces()
             });
         }
-    }
-    let mut datapath = Datapath::load(&opts.load)?;
-    // The enforcer tells the kernel which (possibly pinned) block maps hold entries: take it
-    // before attaching so pinned blocks apply from the first packet.
-    let mut enforcer = datapath.take_enforcer()?;
-    for iface in &opts.ifaces {
-        datapath.attach(iface, opts.attach_mode)?;
-    }
-    let ring = datapath.take_events()?;
-    let overflow = Arc::new(AtomicU64::new(0));
-    let (tx, mut rx) = mpsc::channel(PIPELINE_DEPTH);
-    let reader = tokio::spawn(capture::read_events(ring, tx, overflow.clone()));
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut housekeeping = tokio::time::interval_at(
-        tokio::time::Instant::now() + HOUSEKEEPING_EVERY,
-        HOUSEKEEPING_EVERY,
-    );
-    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut parser = http::Parser::new(http::HttpConfig::default());
-    let mut skipped = http::SkipCounters::default();
-    tracing::info!(interfaces = ?opts.ifaces, capture_len = opts.load.capture_len, "precedent daemon running");
-    loop {
-        tokio::select! {
-            Some(req) = rx.recv() => {
-                if let Err(reason) = emit(&mut parser, &req) {
-                    skipped.record(reason);
-                }
+        // Interface names first: the commonest mistake, and the cheapest to report.
+        for iface in &config.interfaces {
+            if !std::path::Path::new("/sys/class/net").join(iface).exists() {
+                anyhow::bail!(capture::CaptureError::UnknownInterface {
+                    name: iface.clone(),
+                    available: capture::available_interfaces(),
+                });
             }
-            _ = housekeeping.tick() => {
-                match enforcer.sweep() {
+        }
+
+        let state = StateDir::open(&config.state_dir)
+            .with_context(|| format!("state directory {}", config.state_dir.display()))?;
+        let secret = state
+            .load_or_create_secret()
+            .context("session-hashing secret")?;
+        let runtime_rules = match state.load::<RuntimeRules>()?.into_value() {
+            Some(r) => RuleFile::from_toml_str(&r.toml).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "saved runtime rules are invalid; starting without them");
+                RuleFile::default()
+            }),
+            None => RuleFile::default(),
+        };
+        let rules = merge_rules(&config.rule_file(), &runtime_rules)?;
+        let mut engine = match state.load::<Learned>()?.into_value() {
+            Some(learned) => {
+                tracing::info!(
+                    operations = learned.discovery.operations().len(),
+                    contexts = learned.model.contexts(),
+                    "model loaded"
+                );
+                Engine::with_state(
+                    &config.engine(),
+                    rules,
+                    secret,
+                    config.mode,
+                    learned.model,
+                    learned.discovery,
+                )?
+            }
+            None => Engine::new(&config.engine(), rules, secret, config.mode)?,
+        };
+        if let Some(path) = &config.openapi {
+            import_openapi(&mut engine, path)?;
+        }
+
+        let mut datapath = Datapath::load(&LoadOptions {
+            capture_len: config.capture_len,
+            ring_bytes: config.ring_buffer_bytes,
+            pin_dir: config.pin_maps.clone(),
+        })?;
+        // The enforcer tells the kernel which (possibly pinned) maps hold entries: take it
+        // before attaching so pinned blocks apply from the first packet.
+        let mut enforcer = datapath.take_enforcer()?;
+        for net in &config.allowlist {
+            enforcer.allow(*net)?;
+        }
+        let block_reasons = restore_blocks(&state, &mut enforcer, config.pin_maps.is_some());
+
+        // Bind the control socket before attaching: a second daemon must fail here, before it
+        // touches the interfaces the first one is using.
+        let server = ControlServer::bind(ServerConfig {
+            socket: config.socket.clone(),
+            ..ServerConfig::default()
+        })?;
+        for iface in &config.interfaces {
+            datapath.attach(iface, config.attach_mode)?;
+        }
+        let ring = datapath.take_events()?;
+        let reader_overflow = Arc::new(AtomicU64::new(0));
+        let (tx, captured) = mpsc::channel(PIPELINE_DEPTH);
+        tokio::spawn(capture::read_events(ring, tx, reader_overflow.clone()));
+        let shutdown = CancellationToken::new();
+        let (ctl_tx, control) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(server.run(ctl_tx, shutdown.clone()));
+
+        tracing::info!(
+            interfaces = ?config.interfaces,
+            mode = %config.mode,
+            capture_len = config.capture_len,
+            socket = %config.socket.display(),
+            "precedent daemon running"
+        );
+        notify::ready(&format!("watching {}", config.interfaces.join(", ")));
+        Ok(Self {
+            out: spawn_stdout_writer(),
+            request_log: config
+                .log_requests
+                .then(|| crate::http::Parser::new(config.http.clone())),
+            config,
+            config_path,
+            overrides,
+            engine,
+            datapath,
+            enforcer,
+            state,
+            runtime_rules,
+            block_reasons,
+            captured,
+            control,
+            reader_overflow,
+            counters: Counters::default(),
+            shutdown,
+            started: Instant::now(),
+        })
+    }
+
+    /// The engine owner's loop: runs until SIGTERM or SIGINT.
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let every = |d: Duration| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        };
+        let mut maintain = every(MAINTAIN_EVERY);
+        let mut sweep = every(SWEEP_BLOCKS_EVERY);
+        let mut save = every(self.config.save_every);
+        let mut report = every(COUNTERS_EVERY);
+        loop {
+            tokio::select! {
+                Some(req) = self.captured.recv() => self.on_capture(req),
+                Some(req) = self.control.recv() => {
+                    let response = self.on_control(&req.request);
+                    req.respond(response);
+                }
+                _ = maintain.tick() => self.engine.maintain(clock::unix_ns()),
+                _ = sweep.tick() => match self.enforcer.sweep() {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "expired blocks swept"),
                     Err(e) => tracing::warn!(error = %e, "sweeping expired blocks failed"),
-                }
-                log_counters(&datapath, &overflow, &skipped);
+                },
+                _ = save.tick() => { let _ = self.save_state(); }
+                _ = report.tick() => self.log_counters(),
+                _ = sighup.recv() => self.reload(),
+                _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
             }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
+        }
+        Ok(())
+    }
+
+    /// Shutdown: stop serving the socket, save state, detach from every interface.
+    fn stop(&mut self) {
+        notify::stopping();
+        self.shutdown.cancel();
+        let _ = self.save_state();
+        self.log_counters();
+        self.datapath.detach_all();
+        tracing::info!("precedent daemon stopped");
+    }
+
+    fn on_capture(&mut self, req: CapturedRequest) {
+        if !self.config.ports.is_empty() && !self.config.ports.contains(&req.server.port()) {
+            self.counters.port_filtered += 1;
+            return;
+        }
+        if let Some(parser) = &mut self.request_log
+            && let Some(line) = request_line(parser, &req)
+            && self.out.try_send(line).is_err()
+        {
+            self.counters.alerts_dropped += 1;
+        }
+        let Ok(outcome) = self.engine.on_capture(
+            req.ts_unix_ns,
+            req.client.ip(),
+            &req.data,
+            self.enforcer.len(),
+        ) else {
+            return; // counted by the engine under its skip reason
+        };
+        for alert in outcome.alerts {
+            let line = serde_json::to_string(&alert).unwrap_or_default();
+            if self.out.try_send(line).is_err() {
+                self.counters.alerts_dropped += 1;
+            }
+        }
+        if let Some(order) = outcome.block {
+            let net = IpNet::from(order.client);
+            match self.enforcer.block(net, order.ttl) {
+                Ok(()) => {
+                    self.block_reasons.insert(net, order.reason);
+                }
+                Err(e) => {
+                    self.counters.blocks_failed += 1;
+                    tracing::error!(%net, error = %e, "block failed");
+                }
+            }
         }
     }
-    drop(rx);
-    reader.abort();
-    log_counters(&datapath, &overflow, &skipped);
-    datapath.detach_all();
-    tracing::info!("precedent daemon stopped");
+
+    fn on_control(&mut self, request: &Request) -> Response {
+        match self.handle(request) {
+            Ok(r) => r,
+            Err(e) => Response::error(format!("{e:#}")),
+        }
+    }
+
+    fn handle(&mut self, request: &Request) -> anyhow::Result<Response> {
+        Ok(match request {
+            Request::Status => Response::ok(self.status()),
+            Request::Endpoints => Response::ok(
+                self.engine
+                    .discovery()
+                    .operations()
+                    .into_iter()
+                    .filter(|o| o.merged_into.is_none())
+                    .map(|o| EndpointRow {
+                        operation: o.name,
+                        count: o.count,
+                        source: Some(format!("{:?}", o.source).to_lowercase()),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Request::Sequences { top } => Response::ok(
+                self.engine
+                    .sequences(*top)
+                    .into_iter()
+                    .map(|s| SequenceRow {
+                        ops: s.ops,
+                        occurrences: u64::from(s.occurrences),
+                        precedence_score: s.precedence_score,
+                        interval: crate::control::api::Interval {
+                            lower: s.lower,
+                            upper: s.upper,
+                        },
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Request::Sessions { limit } => Response::ok(self.sessions(*limit)),
+            Request::RulesList => Response::ok(self.rule_rows()),
+            Request::RulesAdd { toml } => {
+                let added = RuleFile::from_toml_str(toml)?;
+                let mut runtime = self.runtime_rules.clone();
+                runtime.rules.extend(added.rules.iter().cloned());
+                runtime.deny.extend(added.deny.iter().cloned());
+                let all = merge_rules(&self.config.rule_file(), &runtime)?;
+                self.engine.set_rules(all)?;
+                self.runtime_rules = runtime;
+                self.save_runtime_rules()?;
+                let ids = added
+                    .rules
+                    .iter()
+                    .map(|r| r.id.clone())
+                    .chain(added.deny.iter().map(|d| d.id.clone()))
+                    .collect();
+                Response::ok(RulesAdded { added: ids })
+            }
+            Request::RulesRemove { id } => {
+                let config = self.config.rule_file();
+                if config.rules.iter().any(|r| &r.id == id)
+                    || config.deny.iter().any(|d| &d.id == id)
+                {
+                    anyhow::bail!(
+                        "rule {id} is defined in the config file: edit the file and reload (systemctl reload precedent)"
+                    );
+                }
+                let mut runtime = self.runtime_rules.clone();
+                if !runtime.remove(id) {
+                    anyhow::bail!("no rule with id {id}");
+                }
+                self.engine.set_rules(merge_rules(&config, &runtime)?)?;
+                self.runtime_rules = runtime;
+                self.save_runtime_rules()?;
+                Response::ok(Ack {
+                    message: format!("rule {id} removed"),
+                })
+            }
+            Request::RulesSuggest { min_score } => {
+                let rules = self.engine.suggest_rules(*min_score, 200);
+                let toml = RuleFile {
+                    rules: rules.clone(),
+                    deny: Vec::new(),
+                }
+                .to_toml_string();
+                let rows = rules
+                    .iter()
+                    .map(|r| RuleRow::from_rule(r, RuleSource::Runtime, 0))
+                    .collect();
+                Response::ok(RuleSuggestions { rules: rows, toml })
+            }
+            Request::BlocksList => Response::ok(
+                self.enforcer
+                    .blocks()?
+                    .iter()
+                    .map(|b| BlockRow::from_block(b, self.block_reasons.get(&b.net).cloned()))
+                    .collect::<Vec<_>>(),
+            ),
+            Request::BlocksAdd { net, ttl } => {
+                let ttl = ttl.unwrap_or(self.config.decide.block_ttl);
+                self.enforcer.block(*net, ttl)?;
+                self.block_reasons.insert(net.trunc(), "manual".into());
+                Response::ok(Ack {
+                    message: format!(
+                        "{} blocked for {}",
+                        net.trunc(),
+                        humantime::format_duration(ttl)
+                    ),
+                })
+            }
+            Request::BlocksRemove { net } => {
+                if !self.enforcer.unblock(*net)? {
+                    anyhow::bail!("{} is not blocked", net.trunc());
+                }
+                self.block_reasons.remove(&net.trunc());
+                Response::ok(Ack {
+                    message: format!("{} unblocked", net.trunc()),
+                })
+            }
+            Request::ModeGet => Response::ok(ModeReport {
+                mode: self.engine.mode(),
+                previous: None,
+            }),
+            Request::ModeSet { mode } => {
+                let previous = self.engine.mode();
+                self.engine.set_mode(*mode);
+                tracing::info!(%previous, mode = %mode, "mode changed");
+                Response::ok(ModeReport {
+                    mode: *mode,
+                    previous: Some(previous),
+                })
+            }
+            Request::ModelSave => {
+                let bytes = self.state.save_view::<Learned>(&self.engine.learned())?;
+                Response::ok(ModelReport {
+                    action: "saved".into(),
+                    path: Some(self.state.file_path::<Learned>()),
+                    bytes: Some(bytes),
+                    ..Default::default()
+                })
+            }
+            Request::ModelLoad { path } => {
+                let (dir, file) = match path {
+                    Some(p) => {
+                        anyhow::ensure!(
+                            p.file_name().is_some_and(|n| n == "model.state"),
+                            "{} is not a model.state file (write one with `precedent replay --model-out DIR/model.state`)",
+                            p.display()
+                        );
+                        (
+                            StateDir::open(p.parent().unwrap_or(std::path::Path::new(".")))?,
+                            p.clone(),
+                        )
+                    }
+                    None => (
+                        StateDir::open(self.state.path())?,
+                        self.state.file_path::<Learned>(),
+                    ),
+                };
+                let learned = dir
+                    .load::<Learned>()?
+                    .into_value()
+                    .with_context(|| format!("no usable model in {}", file.display()))?;
+                self.engine.set_learned(learned);
+                Response::ok(ModelReport {
+                    action: "loaded".into(),
+                    path: Some(file),
+                    ..Default::default()
+                })
+            }
+            Request::ModelReset => {
+                self.engine.reset_learned(&self.config.engine())?;
+                Response::ok(ModelReport {
+                    action: "reset".into(),
+                    ..Default::default()
+                })
+            }
+        })
+    }
+
+    fn status(&self) -> StatusReport {
+        let mut userspace = BTreeMap::new();
+        userspace.insert(
+            "engine_overflow".into(),
+            self.reader_overflow.load(Ordering::Relaxed),
+        );
+        userspace.insert("requests".into(), self.engine.counters().requests);
+        userspace.insert("skipped".into(), self.engine.counters().skipped);
+        for (reason, n) in self.engine.skips().iter() {
+            userspace.insert(format!("skipped_{reason}"), n);
+        }
+        userspace.insert("port_filtered".into(), self.counters.port_filtered);
+        userspace.insert("alerts_dropped".into(), self.counters.alerts_dropped);
+        userspace.insert("blocks_failed".into(), self.counters.blocks_failed);
+        userspace.insert(
+            "state_save_failures".into(),
+            self.counters.state_save_failures,
+        );
+        let sc = self.engine.sessions().counters();
+        userspace.insert("sessions_created".into(), sc.created);
+        userspace.insert("sessions_expired".into(), sc.expired);
+        userspace.insert("sessions_evicted".into(), sc.evicted);
+        let ms = self.engine.model().stats();
+        userspace.insert("model_contexts_evicted".into(), ms.contexts_evicted);
+        userspace.insert("model_contexts_refused".into(), ms.contexts_refused);
+        let d = self.engine.decider().counters();
+        userspace.insert("blocks_ordered".into(), d.blocks_ordered);
+        userspace.insert("would_block".into(), d.would_block);
+        let mut alerts: BTreeMap<String, u64> = d
+            .alerts_by_signal
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        alerts.extend(
+            d.alerts_by_rule
+                .iter()
+                .map(|(k, v)| (format!("rule:{k}"), *v)),
+        );
+        let memory = self.engine.model().memory();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            mode: self.engine.mode(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            interfaces: self
+                .datapath
+                .attachments()
+                .into_iter()
+                .map(|a| InterfaceStatus { name: a.iface, attach_mode: a.mode })
+                .collect(),
+            kernel_counters: self
+                .datapath
+                .counters()
+                .map(|c| c.iter().map(|(k, v)| (k.to_string(), v)).collect())
+                .unwrap_or_default(),
+            userspace_counters: userspace,
+            model: ModelSize {
+                operations: self.engine.discovery().stats().operations as u64,
+                contexts: memory.contexts as u64,
+                bytes: memory.bytes as u64,
+            },
+            endpoints: self.engine.discovery().operations().iter().filter(|o| o.merged_into.is_none()).count() as u64,
+            sessions_live: sc.live as u64,
+            blocks_active: self.enforcer.len() as u64,
+            alerts_by_signal: alerts,
+            enforcement_suspended: self
+                .engine
+                .decider()
+                .guard_tripped()
+                .then(|| "blocks would exceed decide.max_block_share of active clients; set the mode to enforce again to resume".into()),
+        }
+    }
+
+    /// Live sessions, most surprising first.
+    fn sessions(&self, limit: usize) -> Vec<SessionRow> {
+        let d = self.engine.discovery();
+        let mut rows: Vec<SessionRow> = self
+            .engine
+            .sessions()
+            .sessions()
+            .map(|s| SessionRow {
+                key: s.key.short(),
+                client: s.client,
+                steps: s.step_count,
+                last_operation: s
+                    .history()
+                    .last()
+                    .and_then(|st| d.name(d.canonical(st.op)))
+                    .map(str::to_owned),
+                last_seen: UNIX_EPOCH + Duration::from_nanos(s.last_seen_ns),
+                surprise: f64::from(s.surprise.recent),
+            })
+            .collect();
+        rows.sort_by(|a, b| b.surprise.total_cmp(&a.surprise));
+        rows.truncate(limit);
+        rows
+    }
+
+    fn rule_rows(&self) -> Vec<RuleRow> {
+        let hits = &self.engine.decider().counters().alerts_by_rule;
+        let hit = |id: &str| hits.get(id).copied().unwrap_or(0);
+        let mut rows = Vec::new();
+        for (file, source) in [
+            (self.config.rule_file(), RuleSource::Config),
+            (self.runtime_rules.clone(), RuleSource::Runtime),
+        ] {
+            rows.extend(
+                file.rules
+                    .iter()
+                    .map(|r| RuleRow::from_rule(r, source, hit(&r.id))),
+            );
+            rows.extend(
+                file.deny
+                    .iter()
+                    .map(|r| RuleRow::from_deny(r, source, hit(&r.id))),
+            );
+        }
+        rows
+    }
+
+    /// Saves what was learned, the runtime rules and the blocks. Failures are logged and
+    /// counted; protection carries on (a full disk must not stop blocking).
+    fn save_state(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let result = (|| -> anyhow::Result<u64> {
+            let bytes = self.state.save_view::<Learned>(&self.engine.learned())?;
+            self.save_runtime_rules()?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let blocks = self
+                .enforcer
+                .blocks()?
+                .into_iter()
+                .filter(|b| !b.remaining.is_zero())
+                .map(|b| SavedBlock {
+                    net: b.net.to_string(),
+                    expires: (now + b.remaining).as_secs(),
+                    reason: self
+                        .block_reasons
+                        .get(&b.net)
+                        .cloned()
+                        .unwrap_or_else(|| "unknown".into()),
+                })
+                .collect();
+            self.state.save(&SavedBlocks { blocks })?;
+            Ok(bytes)
+        })();
+        match &result {
+            Ok(bytes) => tracing::info!(
+                model_bytes = bytes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "state saved"
+            ),
+            Err(e) => {
+                self.counters.state_save_failures += 1;
+                tracing::error!(error = %format!("{e:#}"), "saving state failed; protection continues");
+            }
+        }
+        result.map(|_| ())
+    }
+
+    fn save_runtime_rules(&self) -> anyhow::Result<()> {
+        self.state.save(&RuntimeRules {
+            toml: self.runtime_rules.to_toml_string(),
+        })?;
+        Ok(())
+    }
+
+    /// SIGHUP: re-read the config file; a bad file is rejected and the running one kept.
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            tracing::warn!("SIGHUP: running on built-in defaults, no config file to reload");
+            return;
+        };
+        notify::reloading();
+        let applied = (|| -> anyhow::Result<()> {
+            let mut new = Config::load(&path)?;
+            self.overrides.apply(&mut new);
+            let rules = merge_rules(&new.rule_file(), &self.runtime_rules)?;
+            self.engine.reconfigure(&new.engine())?;
+            self.engine.set_rules(rules)?;
+            if new.mode != self.engine.mode() {
+                tracing::info!(mode = %new.mode, "mode set by reloaded config");
+                self.engine.set_mode(new.mode);
+            }
+            if new.capture_len != self.config.capture_len {
+                self.datapath.set_capture_len(new.capture_len)?;
+            }
+            for net in new
+                .allowlist
+                .iter()
+                .filter(|n| !self.config.allowlist.contains(n))
+            {
+                self.enforcer.allow(*net)?;
+            }
+            for net in self
+                .config
+                .allowlist
+                .iter()
+                .filter(|n| !new.allowlist.contains(n))
+            {
+                self.enforcer.disallow(*net)?;
+            }
+            for (key, old, changed) in [
+                (
+                    "interfaces",
+                    format!("{:?}", self.config.interfaces),
+                    format!("{:?}", new.interfaces),
+                ),
+                (
+                    "attach_mode",
+                    self.config.attach_mode.to_string(),
+                    new.attach_mode.to_string(),
+                ),
+                (
+                    "state_dir",
+                    self.config.state_dir.display().to_string(),
+                    new.state_dir.display().to_string(),
+                ),
+                (
+                    "socket",
+                    self.config.socket.display().to_string(),
+                    new.socket.display().to_string(),
+                ),
+            ] {
+                if old != changed {
+                    tracing::warn!(
+                        key,
+                        "changed in the config file; takes effect at the next restart"
+                    );
+                }
+            }
+            self.config = new;
+            Ok(())
+        })();
+        match applied {
+            Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %format!("{e:#}"), "reload rejected; keeping the running configuration")
+            }
+        }
+        notify::ready("configuration reloaded");
+    }
+
+    fn log_counters(&self) {
+        let kernel = self
+            .datapath
+            .counters()
+            .map(|c| serde_json::to_string(&c).unwrap_or_default())
+            .unwrap_or_default();
+        tracing::info!(
+            kernel = %kernel,
+            requests = self.engine.counters().requests,
+            skipped = self.engine.counters().skipped,
+            engine_overflow = self.reader_overflow.load(Ordering::Relaxed),
+            alerts_dropped = self.counters.alerts_dropped,
+            sessions = self.engine.sessions().counters().live,
+            blocks = self.enforcer.len(),
+            "counters"
+        );
+    }
+}
+
+/// Config rules plus runtime rules, checked together (ids must stay unique).
+fn merge_rules(config: &RuleFile, runtime: &RuleFile) -> anyhow::Result<RuleFile> {
+    let all = RuleFile {
+        rules: config.rules.iter().chain(&runtime.rules).cloned().collect(),
+        deny: config.deny.iter().chain(&runtime.deny).cloned().collect(),
+    };
+    all.validate()?;
+    Ok(all)
+}
+
+fn import_openapi(engine: &mut Engine, path: &std::path::Path) -> anyhow::Result<()> {
+    let doc = std::fs::read_to_string(path)
+        .with_context(|| format!("reading OpenAPI document {}", path.display()))?;
+    let (added, skipped) = engine
+        .import_openapi(&doc)
+        .with_context(|| format!("OpenAPI document {}", path.display()))?;
+    tracing::info!(path = %path.display(), added, skipped = skipped.len(), "OpenAPI templates imported");
     Ok(())
 }
 
-/// One structured log line with the kernel counters and the userspace drops.
-fn log_counters(datapath: &Datapath, overflow: &AtomicU64, skipped: &http::SkipCounters) {
-    match datapath.counters() {
-        Ok(c) => tracing::info!(
-            kernel = %serde_json::to_string(&c).unwrap_or_default(),
-            engine_overflow = overflow.load(std::sync::atomic::Ordering::Relaxed),
-            unparsed = skipped.total(),
-            "counters"
-        ),
-        Err(e) => tracing::warn!(error = %e, "reading kernel counters failed"),
+/// Re-applies saved blocks when the maps are not pinned (pinned maps kept them already), and
+/// returns the reasons either way.
+fn restore_blocks(
+    state: &StateDir,
+    enforcer: &mut Enforcer,
+    pinned: bool,
+) -> HashMap<IpNet, String> {
+    let saved = match state.load::<SavedBlocks>() {
+        Ok(l) => l.into_value().unwrap_or_default(),
+        Err(e) => {
+            tracing::error!(error = %e, "saved blocks unreadable; starting without them");
+            SavedBlocks::default()
+        }
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut reasons = HashMap::new();
+    for b in saved.blocks {
+        let Ok(net) = b.net.parse::<IpNet>() else {
+            continue;
+        };
+        if b.expires <= now {
+            continue;
+        }
+        if !pinned && let Err(e) = enforcer.block(net, Duration::from_secs(b.expires - now)) {
+            tracing::warn!(%net, error = %e, "saved block not restored");
+            continue;
+        }
+        reasons.insert(net, b.reason);
     }
+    if !reasons.is_empty() {
+        tracing::info!(blocks = reasons.len(), pinned, "blocks restored");
+    }
+    reasons
 }
 
-/// Prints the request as a JSON line, or says why the bytes were not a usable request.
-fn emit(parser: &mut http::Parser, req: &CapturedRequest) -> Result<(), http::SkipReason> {
-    let parsed = parser.parse(&req.data).inspect_err(|reason| {
-        tracing::debug!(client = %req.client, reason = reason.as_str(), "captured bytes skipped");
-    })?;
-    let ts = UNIX_EPOCH + Duration::from_nanos(req.ts_unix_ns);
-    let line = RequestLine {
-        ts: humantime::format_rfc3339_micros(ts).to_string(),
+/// One `"kind":"request"` JSON line for `log_requests`.
+fn request_line(parser: &mut crate::http::Parser, req: &CapturedRequest) -> Option<String> {
+    #[derive(Serialize)]
+    struct RequestLine<'a> {
+        kind: &'static str,
+        ts: String,
+        client: String,
+        server: String,
+        method: &'a str,
+        path: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        query: Option<&'a str>,
+        version: &'a str,
+        /// The capture ended before the request did (long headers); the request line is whole.
+        truncated: bool,
+    }
+    let parsed = parser.parse(&req.data).ok()?;
+    serde_json::to_string(&RequestLine {
+        kind: "request",
+        ts: crate::decide::rfc3339(req.ts_unix_ns),
         client: req.client.to_string(),
         server: req.server.to_string(),
         method: parsed.method.as_str(),
@@ -138,10 +897,30 @@ fn emit(parser: &mut http::Parser, req: &CapturedRequest) -> Result<(), http::Sk
         query: parsed.query,
         version: parsed.version,
         truncated: req.truncated(),
-    };
-    match serde_json::to_string(&line) {
-        Ok(json) => println!("{json}"),
-        Err(e) => tracing::warn!(error = %e, "could not serialise request line"),
-    }
-    Ok(())
+    })
+    .ok()
+}
+
+/// Lines go to stdout from their own thread through a bounded queue, so a slow reader of
+/// stdout (journald under pressure, a full pipe) never stalls the engine.
+fn spawn_stdout_writer() -> std_mpsc::SyncSender<String> {
+    let (tx, rx) = std_mpsc::sync_channel::<String>(ALERT_DEPTH);
+    std::thread::Builder::new()
+        .name("stdout".into())
+        .spawn(move || {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            while let Ok(line) = rx.recv() {
+                let mut ok = writeln!(out, "{line}").is_ok();
+                // Drain what is queued, then flush once.
+                while let Ok(more) = rx.try_recv() {
+                    ok &= writeln!(out, "{more}").is_ok();
+                }
+                if !ok || out.flush().is_err() {
+                    tracing::error!("writing to stdout failed");
+                }
+            }
+        })
+        .expect("spawning the stdout writer thread");
+    tx
 }

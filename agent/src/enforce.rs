@@ -204,6 +204,15 @@ impl Enforcer {
         }
     }
 
+    /// Block entries in the maps (expired ones included until swept).
+    pub fn len(&self) -> usize {
+        self.blocked.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocked.is_empty()
+    }
+
     /// Every block entry, expired ones included (with zero time left).
     pub fn blocks(&self) -> Result<Vec<Block>, EnforceError> {
         let now = clock::monotonic_ns();

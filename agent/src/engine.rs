@@ -135,6 +135,8 @@ impl Engine {
                 http.session_headers.push(name.to_ascii_lowercase());
             }
         }
+        let mut discovery = discovery;
+        register_rule_templates(&mut discovery, &rules);
         let mut rules = RuleSet::new(rules)?;
         rules.refresh(&discovery);
         Ok(Self {
@@ -283,6 +285,7 @@ impl Engine {
 
     /// Replaces the rules (validated first; on error the old ones stay).
     pub fn set_rules(&mut self, file: RuleFile) -> Result<(), RuleError> {
+        register_rule_templates(&mut self.core.discovery, &file);
         let mut rules = RuleSet::new(file)?;
         rules.refresh(&self.core.discovery);
         self.core.rules = rules;
@@ -518,6 +521,24 @@ pub struct NamedSequence {
     pub upper: f64,
 }
 
+/// The templates rules name (`/accounts/{account_id}/balance`) become discovery templates, so
+/// operations carry the operator's placeholder names in listings and alerts.
+fn register_rule_templates(discovery: &mut Discovery, rules: &RuleFile) {
+    let names = rules
+        .rules
+        .iter()
+        .flat_map(|r| std::iter::once(&r.operation).chain(&r.preceded_by))
+        .chain(rules.deny.iter().flat_map(|d| &d.sequence));
+    for name in names {
+        if let Some((_, path)) = name.split_once(' ')
+            && path.contains('{')
+            && let Err(e) = discovery.add_template(path)
+        {
+            tracing::warn!(template = path, error = %e, "rule template not registered with discovery");
+        }
+    }
+}
+
 fn op_name(d: &Discovery, id: OpId) -> String {
     d.name(d.canonical(id)).unwrap_or("?").to_string()
 }
@@ -557,6 +578,13 @@ impl Engine {
         self.core.discovery = learned.discovery;
         self.core.model = learned.model;
         self.core.rules.refresh(&self.core.discovery);
+    }
+
+    /// Imports operation templates from an OpenAPI 3 document: (templates added, paths skipped).
+    pub fn import_openapi(&mut self, doc: &str) -> Result<(usize, Vec<String>), DiscoveryError> {
+        let r = self.core.discovery.import_openapi(doc)?;
+        self.core.rules.refresh(&self.core.discovery);
+        Ok(r)
     }
 
     /// Forgets everything learned (`precedent model reset`).

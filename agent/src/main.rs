@@ -7,8 +7,9 @@ use std::path::PathBuf;
 mod cli;
 
 use precedent::{
-    capture::{AttachMode, LoadOptions},
-    daemon::{self, DaemonOptions},
+    config::{Config, DEFAULT_CONFIG_PATH, LogFormat},
+    daemon::{self, DaemonOptions, Overrides},
+    decide::Mode,
 };
 
 #[derive(Parser)]
@@ -24,20 +25,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to interfaces and report every HTTP/1.x request seen (runs until SIGTERM/Ctrl-C).
+    /// Run the agent: capture, detect, alert and enforce (what the systemd unit runs).
     Daemon {
-        /// Interface to watch; repeat for several.
-        #[arg(long = "iface", value_name = "NAME", required = true)]
+        /// Config file; the built-in defaults apply when the default path does not exist.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Interface to watch (repeat for several); replaces `interfaces` from the config.
+        #[arg(long = "iface", value_name = "NAME")]
         ifaces: Vec<String>,
-        /// XDP attach mode: auto (native, falling back to generic), native, or generic.
-        #[arg(long, default_value = "auto")]
-        xdp_mode: AttachMode,
-        /// Payload bytes captured per request (1..=4096).
-        #[arg(long, default_value_t = agent_common::CAPTURE_DEFAULT)]
-        capture_len: u32,
-        /// Pin the block and allow maps here (on bpffs) so blocks survive restarts.
+        /// Overrides `state_dir`.
         #[arg(long, value_name = "DIR")]
-        pin_dir: Option<PathBuf>,
+        state_dir: Option<PathBuf>,
+        /// Overrides `socket`.
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Overrides `mode`: learn, detect or enforce.
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// Also print every captured request as a JSON line on stdout.
+        #[arg(long)]
+        log_requests: bool,
+    },
+    /// Validate a config file without starting anything.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
     },
     /// Mode, interfaces, uptime, model size, sessions, blocks and every counter.
     Status(cli::status::StatusArgs),
@@ -57,17 +69,53 @@ enum Command {
     Model(cli::model::ModelArgs),
 }
 
-fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PRECEDENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Parse and validate PATH (default /etc/precedent/precedent.toml); exit 1 with the
+    /// offending key named if it is invalid.
+    Check { path: Option<PathBuf> },
+}
 
+/// Operational logs on stderr, JSON or text; `PRECEDENT_LOG` sets the filter (default info).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PRECEDENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+/// The daemon's configuration: the file (explicit, or the default path if it exists, else
+/// built-in defaults) with command-line overrides on top.
+fn daemon_options(config: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<DaemonOptions> {
+    let (mut cfg, path) = match config {
+        Some(p) => (Config::load(&p)?, Some(p)),
+        None if std::path::Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+            (Config::load(&p)?, Some(p))
+        }
+        None => (Config::default(), None),
+    };
+    overrides.apply(&mut cfg);
+    Ok(DaemonOptions {
+        config: cfg,
+        config_path: path,
+        overrides,
+    })
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Daemon { .. } | Command::Config { .. } => {}
+        _ => init_logging(LogFormat::Text),
+    }
     let result = match cli.command {
         Command::Status(a) => cli::status::run(a),
         Command::Endpoints(a) => cli::endpoints::run(a),
@@ -77,27 +125,47 @@ fn main() -> std::process::ExitCode {
         Command::Blocks(a) => cli::blocks::run(a),
         Command::Mode(a) => cli::mode::run(a),
         Command::Model(a) => cli::model::run(a),
-        Command::Daemon {
-            ifaces,
-            xdp_mode,
-            capture_len,
-            pin_dir,
+        Command::Config {
+            action: ConfigAction::Check { path },
         } => {
-            let opts = DaemonOptions {
-                ifaces,
-                attach_mode: xdp_mode,
-                load: LoadOptions {
-                    capture_len,
-                    pin_dir,
-                    ..LoadOptions::default()
-                },
-            };
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
+            let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            Config::load(&path)
+                .map(|c| {
+                    println!(
+                        "{}: ok (mode {}, {} interface(s), {} rule(s), {} deny rule(s))",
+                        path.display(),
+                        c.mode,
+                        c.interfaces.len(),
+                        c.rules.len(),
+                        c.deny.len()
+                    );
+                })
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(daemon::run(opts)))
+        }
+        Command::Daemon {
+            config,
+            ifaces,
+            state_dir,
+            socket,
+            mode,
+            log_requests,
+        } => {
+            let overrides = Overrides {
+                interfaces: ifaces,
+                state_dir,
+                socket,
+                mode,
+                log_requests,
+            };
+            daemon_options(config, overrides).and_then(|opts| {
+                init_logging(opts.config.log_format);
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(daemon::run(opts)))
+            })
         }
     };
     match result {

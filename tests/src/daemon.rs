@@ -2,8 +2,9 @@
 //! are collected on background threads. Dropping it sends SIGTERM, then SIGKILL if needed.
 use std::{
     io::{BufRead as _, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
@@ -14,6 +15,8 @@ pub struct Daemon {
     child: Child,
     lines: mpsc::Receiver<String>,
     log: Arc<Mutex<Vec<String>>>,
+    /// Private state directory and control socket of a `daemon` child, removed on drop.
+    dir: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -28,8 +31,36 @@ impl Daemon {
     }
 
     fn spawn(bin: &Path, args: &[&str], keep_stdout: bool) -> anyhow::Result<Self> {
+        // A daemon under test never touches /var/lib/precedent or /run/precedent.
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut dir = None;
+        if args.first().is_some_and(|a| a == "daemon") {
+            static SEQ: AtomicU32 = AtomicU32::new(0);
+            let d = std::env::temp_dir().join(format!(
+                "precedent-test-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&d)?;
+            if !args.iter().any(|a| a == "--state-dir") {
+                args.extend(["--state-dir".into(), d.join("state").display().to_string()]);
+            }
+            if !args.iter().any(|a| a == "--socket") {
+                args.extend([
+                    "--socket".into(),
+                    d.join("control.sock").display().to_string(),
+                ]);
+            }
+            // An explicit config keeps tests independent of /etc/precedent on the machine.
+            if !args.iter().any(|a| a == "--config") {
+                let cfg = d.join("precedent.toml");
+                std::fs::write(&cfg, "log_format = \"text\"\n")?;
+                args.extend(["--config".into(), cfg.display().to_string()]);
+            }
+            dir = Some(d);
+        }
         let mut child = Command::new(bin)
-            .args(args)
+            .args(&args)
             .env("PRECEDENT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(if keep_stdout {
@@ -58,7 +89,12 @@ impl Daemon {
                 log2.lock().unwrap().push(line);
             }
         });
-        let mut d = Self { child, lines, log };
+        let mut d = Self {
+            child,
+            lines,
+            log,
+            dir,
+        };
         d.wait_for_log("precedent daemon running", Duration::from_secs(30))?;
         Ok(d)
     }
@@ -105,8 +141,24 @@ impl Daemon {
         out
     }
 
+    /// The control socket of this daemon (for `precedent status --socket ...`).
+    pub fn socket(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join("control.sock"))
+    }
+
+    /// Its private directory (state in `state/`).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends `sig` (e.g. SIGHUP) to the daemon.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     /// SIGTERM and wait for exit (SIGKILL after `timeout`).
@@ -133,5 +185,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.stop(Duration::from_secs(5));
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

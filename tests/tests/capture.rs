@@ -47,7 +47,11 @@ fn roundtrip(stream: &mut TcpStream, method: &str, path: &str, close: bool) -> S
 fn captures_every_request_on_fresh_and_keepalive_connections() {
     let net = TestNet::new("cap1", 1).unwrap();
     let server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let mut daemon = Daemon::start(&precedent_bin(), &["daemon", "--iface", &net.host_if]).unwrap();
+    let mut daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--log-requests"],
+    )
+    .unwrap();
 
     let target = SocketAddr::new(net.host_ip.into(), PORT);
     let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
@@ -135,7 +139,11 @@ fn plain_tcp_data_produces_no_event() {
         }
     });
     let server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let daemon = Daemon::start(&precedent_bin(), &["daemon", "--iface", &net.host_if]).unwrap();
+    let daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--log-requests"],
+    )
+    .unwrap();
 
     let sink_addr = SocketAddr::new(net.host_ip.into(), 9000);
     let http_addr = SocketAddr::new(net.host_ip.into(), PORT);

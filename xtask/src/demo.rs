@@ -44,7 +44,7 @@ pub fn run() -> anyhow::Result<()> {
         "starting `precedent daemon --iface {}`",
         net.host_if
     ));
-    let daemon = Daemon::start(&bin, &["daemon", "--iface", &net.host_if])?;
+    let daemon = Daemon::start(&bin, &["daemon", "--iface", &net.host_if, "--log-requests"])?;
 
     step(&format!(
         "client {} walks through the API ({} requests, one keep-alive connection)",

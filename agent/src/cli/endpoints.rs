@@ -2,7 +2,7 @@
 use clap::Args;
 use precedent::control::{Request, api::EndpointRow};
 
-use super::{ControlArgs, ago, empty_note, table};
+use super::{ControlArgs, empty_note, table};
 
 #[derive(Args, Debug)]
 pub struct EndpointsArgs {
@@ -23,16 +23,11 @@ fn render(mut rows: Vec<EndpointRow>) -> String {
             .cmp(&a.count)
             .then_with(|| a.operation.cmp(&b.operation))
     });
-    let mut t = table(
-        &["OPERATION", "COUNT", "FIRST SEEN", "LAST SEEN", "SOURCE"],
-        &[1],
-    );
+    let mut t = table(&["OPERATION", "COUNT", "SOURCE"], &[1]);
     for r in rows {
         t.add_row(vec![
             r.operation,
             r.count.to_string(),
-            ago(r.first_seen),
-            ago(r.last_seen),
             r.source.unwrap_or_default(),
         ]);
     }

@@ -57,10 +57,6 @@ pub struct EndpointRow {
     /// `METHOD /template` (with the host when the daemon sees several).
     pub operation: String,
     pub count: u64,
-    #[serde(with = "rfc3339")]
-    pub first_seen: SystemTime,
-    #[serde(with = "rfc3339")]
-    pub last_seen: SystemTime,
     /// Where the template came from: `learned`, `template`, `openapi`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -230,7 +226,7 @@ pub struct ModeReport {
 }
 
 /// `model save|load|reset`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelReport {
     /// `saved`, `loaded` or `reset`.
     pub action: String,

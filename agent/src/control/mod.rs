@@ -470,12 +470,10 @@ mod tests {
         let endpoint = api::EndpointRow {
             operation: "GET /api/v1/accounts/{id}".into(),
             count: 3,
-            first_seen: t,
-            last_seen: t + Duration::from_secs(60),
             source: Some("learned".into()),
         };
         let v = serde_json::to_value(&endpoint).unwrap();
-        assert_eq!(v["first_seen"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["operation"], "GET /api/v1/accounts/{id}");
         assert_eq!(
             serde_json::from_value::<api::EndpointRow>(v).unwrap(),
             endpoint

@@ -1,0 +1,373 @@
+//! The daemon as an operator runs it: config file, control socket and CLI, enforcement over
+//! real TCP, SIGHUP reload, state across restarts. Needs root (XDP, namespaces).
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use precedent_tests::{Daemon, HttpServer, TestNet, precedent_bin};
+
+const PORT: u16 = 8080;
+
+/// Runs `precedent ARGS --socket S --json` and parses the JSON it prints.
+fn cli(socket: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(precedent_bin())
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "precedent {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "precedent {args:?}: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// One request on a fresh connection with a bearer token; the status line, or the error kind.
+fn request(
+    target: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+) -> Result<String, std::io::ErrorKind> {
+    let mut s =
+        TcpStream::connect_timeout(&target, Duration::from_millis(800)).map_err(|e| e.kind())?;
+    s.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.kind())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.kind())?;
+    Ok(String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
+    let p = dir.join("precedent.toml");
+    std::fs::write(&p, format!("log_format = \"text\"\n{body}")).unwrap();
+    p
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
+    let net = TestNet::new("dmn1", 21).unwrap();
+    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
+    let dir = tempdir("dmn1");
+    let config = write_config(
+        &dir,
+        r#"
+mode = "enforce"
+[[rule]]
+id = "transfer-needs-balance"
+operation = "POST /api/v1/transferFunds"
+preceded_by = ["GET /api/v1/accounts/{account_id}/balance"]
+action = "block"
+block_ttl = "10m"
+"#,
+    );
+    let config = config.display().to_string();
+    let daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--config", &config],
+    )
+    .unwrap();
+    let socket = daemon.socket().unwrap();
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+
+    // A customer does it right; the attacker skips the balance lookup.
+    let (good, bad) = net
+        .run_in_ns(move || {
+            let good: Vec<_> = [
+                ("POST", "/api/v1/auth"),
+                ("GET", "/api/v1/accounts/17/balance"),
+                ("POST", "/api/v1/transferFunds"),
+            ]
+            .iter()
+            .map(|(m, p)| request(target, "customer", m, p))
+            .collect();
+            let mut bad = vec![request(target, "attacker", "POST", "/api/v1/auth")];
+            bad.push(request(target, "attacker", "POST", "/api/v1/transferFunds"));
+            std::thread::sleep(Duration::from_millis(300));
+            // Same source address: the block applies to the whole client.
+            bad.push(request(
+                target,
+                "attacker",
+                "GET",
+                "/api/v1/accounts/17/balance",
+            ));
+            (good, bad)
+        })
+        .unwrap();
+    assert!(
+        good.iter()
+            .all(|r| r.as_ref().is_ok_and(|s| s.contains("200"))),
+        "customer failed: {good:?}"
+    );
+    assert!(
+        bad[0].is_ok() && bad[1].is_ok(),
+        "attacker's first requests go through: {bad:?}"
+    );
+    assert!(
+        bad[2].is_err(),
+        "attacker still served after the block: {bad:?}"
+    );
+
+    let alert = daemon
+        .next_line(Duration::from_secs(3))
+        .expect("an alert line on stdout");
+    let alert: serde_json::Value = serde_json::from_str(&alert).unwrap();
+    assert_eq!(alert["rule"], "transfer-needs-balance");
+    assert_eq!(alert["action"], "block");
+    assert_eq!(alert["block_ttl"], "10m");
+    assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
+    assert!(
+        !alert.to_string().contains("attacker"),
+        "raw token in the alert: {alert}"
+    );
+
+    let blocks = cli(&socket, &["blocks", "list"]);
+    assert_eq!(blocks[0]["net"], format!("{}/32", net.ns_ip));
+    assert_eq!(blocks[0]["reason"], "transfer-needs-balance");
+    let status = cli(&socket, &["status"]);
+    assert_eq!(status["mode"], "enforce");
+    assert_eq!(status["blocks_active"], 1);
+    assert!(
+        status["kernel_counters"]["blocked"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    assert_eq!(status["interfaces"][0]["name"], net.host_if);
+    let endpoints = cli(&socket, &["endpoints"]);
+    let names: Vec<&str> = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["operation"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"GET /api/v1/accounts/{account_id}/balance"),
+        "{names:?}"
+    );
+
+    // The operator lifts the block; the client gets through again.
+    cli(&socket, &["blocks", "remove", &format!("{}/32", net.ns_ip)]);
+    let again = net
+        .run_in_ns(move || request(target, "attacker", "GET", "/api/v1/accounts/17/balance"))
+        .unwrap();
+    assert!(again.is_ok_and(|s| s.contains("200")));
+    // And switches the mode at run time.
+    assert_eq!(cli(&socket, &["mode", "detect"])["mode"], "detect");
+    assert_eq!(cli(&socket, &["status"])["mode"], "detect");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
+    let net = TestNet::new("dmn2", 22).unwrap();
+    let dir = tempdir("dmn2");
+    let config = write_config(&dir, "mode = \"learn\"\n")
+        .display()
+        .to_string();
+    let mut daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--config", &config],
+    )
+    .unwrap();
+    let socket = daemon.socket().unwrap();
+    assert_eq!(cli(&socket, &["mode"])["mode"], "learn");
+
+    write_config(&dir, "mode = \"enforce\"\n");
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(cli(&socket, &["mode"])["mode"], "enforce");
+
+    write_config(&dir, "mode = \"enforce\"\ncapture_len = 99999\n");
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_for_log("reload rejected", Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        daemon.log_text().contains("capture_len"),
+        "the rejection names the key:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        cli(&socket, &["mode"])["mode"],
+        "enforce",
+        "a bad file must leave the running config alone"
+    );
+    let status = daemon.stop(Duration::from_secs(5)).unwrap();
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
+    let net = TestNet::new("dmn3", 23).unwrap();
+    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
+    let dir = tempdir("dmn3");
+    let state = dir.join("state");
+    let state_s = state.display().to_string();
+    let config = write_config(&dir, "mode = \"learn\"\n")
+        .display()
+        .to_string();
+    let args = [
+        "daemon",
+        "--iface",
+        &net.host_if,
+        "--config",
+        &config,
+        "--state-dir",
+        &state_s,
+    ];
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    {
+        let daemon = Daemon::start(&precedent_bin(), &args).unwrap();
+        let socket = daemon.socket().unwrap();
+        net.run_in_ns(move || {
+            for p in [
+                "/api/v1/auth",
+                "/api/v1/users/3/accounts",
+                "/api/v1/accounts/5/balance",
+            ] {
+                request(target, "c", "GET", p).unwrap();
+            }
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        cli(&socket, &["rules", "add", &write_rule(&dir)]);
+        assert_eq!(cli(&socket, &["endpoints"]).as_array().unwrap().len(), 3);
+    } // SIGTERM: state saved at exit
+    assert!(state.join("model.state").exists());
+    {
+        let daemon = Daemon::start(&precedent_bin(), &args).unwrap();
+        let socket = daemon.socket().unwrap();
+        assert!(
+            daemon.log_text().contains("model loaded"),
+            "{}",
+            daemon.log_text()
+        );
+        assert_eq!(
+            cli(&socket, &["endpoints"]).as_array().unwrap().len(),
+            3,
+            "endpoints lost across restart"
+        );
+        let rules = cli(&socket, &["rules", "list"]);
+        assert_eq!(
+            rules[0]["id"], "runtime-rule",
+            "runtime rule lost across restart: {rules}"
+        );
+    }
+    // Corrupt the model file: the daemon moves it aside, falls back, and starts.
+    let model = state.join("model.state");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&model, bytes).unwrap();
+    let daemon = Daemon::start(&precedent_bin(), &args).unwrap();
+    let moved = std::fs::read_dir(&state).unwrap().flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with("model.state.corrupt-")
+    });
+    assert!(
+        moved,
+        "corrupt file not moved aside: {:?}",
+        std::fs::read_dir(&state)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        cli(&daemon.socket().unwrap(), &["status"])["pid"]
+            .as_u64()
+            .is_some()
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn cli_without_a_daemon_says_so_in_one_line() {
+    let out = Command::new(precedent_bin())
+        .args([
+            "status",
+            "--socket",
+            "/run/precedent-nonexistent/control.sock",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        "precedent daemon is not running (socket /run/precedent-nonexistent/control.sock not found)"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn config_check_accepts_the_shipped_file_and_names_bad_keys() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/precedent.toml");
+    let out = Command::new(precedent_bin())
+        .args(["config", "check"])
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempdir("cfgchk");
+    let bad = write_config(&dir, "[decide]\nblock_ttl = \"whenever\"\n");
+    let out = Command::new(precedent_bin())
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("block_ttl"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn write_rule(dir: &Path) -> String {
+    let p = dir.join("rule.toml");
+    std::fs::write(
+        &p,
+        "[[rule]]\nid = \"runtime-rule\"\noperation = \"GET /api/v1/accounts/{id}/balance\"\npreceded_by = [\"GET /api/v1/auth\"]\naction = \"log\"\n",
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("precedent-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
