@@ -17,8 +17,21 @@ pub struct HttpServer {
     stop: Arc<AtomicBool>,
 }
 
+/// Answers a request: (status code, JSON body).
+pub type Handler = fn(method: &str, path: &str) -> (u16, String);
+
+fn ok_handler(_: &str, _: &str) -> (u16, String) {
+    (200, "ok".into())
+}
+
 impl HttpServer {
+    /// Answers every request with 200 "ok".
     pub fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(addr, ok_handler)
+    }
+
+    /// Answers with `handler`.
+    pub fn start_with(addr: SocketAddr, handler: Handler) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
@@ -30,7 +43,7 @@ impl HttpServer {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         let s = s.clone();
-                        std::thread::spawn(move || serve(conn, &s));
+                        std::thread::spawn(move || serve(conn, &s, handler));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -50,7 +63,7 @@ impl Drop for HttpServer {
     }
 }
 
-fn serve(conn: TcpStream, served: &AtomicU64) {
+fn serve(conn: TcpStream, served: &AtomicU64, handler: Handler) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let mut writer = match conn.try_clone() {
@@ -97,8 +110,12 @@ fn serve(conn: TcpStream, served: &AtomicU64) {
         }
         served.fetch_add(1, Ordering::Relaxed);
         let conn_hdr = if close { "close" } else { "keep-alive" };
-        let resp =
-            format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: {conn_hdr}\r\n\r\nok");
+        let (code, body) = handler(req.method.unwrap_or(""), req.path.unwrap_or(""));
+        let reason = if code == 200 { "OK" } else { "Not Found" };
+        let resp = format!(
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {conn_hdr}\r\n\r\n{body}",
+            body.len()
+        );
         if writer.write_all(resp.as_bytes()).is_err() || close {
             return;
         }

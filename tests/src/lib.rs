@@ -14,6 +14,20 @@ pub use http_server::HttpServer;
 pub use netns::TestNet;
 pub use packet::Packet;
 
+/// A TCP connection from `source` (an address of the calling thread's namespace) to `target`.
+pub fn connect_from(
+    source: std::net::IpAddr,
+    target: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let domain = socket2::Domain::for_address(target);
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.bind(&std::net::SocketAddr::new(source, 0).into())?;
+    sock.connect_timeout(&target.into(), timeout)?;
+    sock.set_read_timeout(Some(timeout))?;
+    Ok(sock.into())
+}
+
 /// True when running as root (the integration tests need CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

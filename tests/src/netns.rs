@@ -91,27 +91,31 @@ impl TestNet {
         Ok(net)
     }
 
+    /// Adds another address on the namespace side (another client on the same link).
+    pub fn add_ns_address(&self, addr: std::net::IpAddr) -> anyhow::Result<()> {
+        let cidr = match addr {
+            std::net::IpAddr::V4(a) => format!("{a}/24"),
+            std::net::IpAddr::V6(a) => format!("{a}/64"),
+        };
+        ip(&[
+            "-n",
+            &self.ns,
+            "addr",
+            "add",
+            &cidr,
+            "dev",
+            &self.ns_if,
+            "nodad",
+        ])
+    }
+
     /// Runs `f` on a thread that has joined the namespace, so its sockets live there.
     pub fn run_in_ns<F, R>(&self, f: F) -> anyhow::Result<R>
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        let path = format!("/run/netns/{}", self.ns);
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        std::thread::spawn(move || {
-            // SAFETY: setns on this thread only; the fd is valid for the call.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(anyhow::anyhow!(
-                    "setns: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+        run_in(&self.ns, f)
     }
 
     fn remove(&self) {
@@ -148,4 +152,27 @@ fn quiet_ip(args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
+}
+
+/// Runs `f` on a thread that has joined the network namespace `ns` (by name).
+pub fn run_in<F, R>(ns: &str, f: F) -> anyhow::Result<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(anyhow::anyhow!(
+                "setns: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
 }

@@ -1,120 +1,412 @@
-//! `cargo xtask demo`: a namespace and veth pair, a small API on the host side, a client in
-//! the namespace walking through it, and precedent showing every request it captured.
+//! `cargo xtask demo`: the whole story on a private network. Customers of a small banking API
+//! walk through it while precedent learns; then an attacker runs the attacks from the
+//! Sequence Analytics announcement (a transfer with no balance lookup, a replayed transfer,
+//! account enumeration) and is blocked while the customers carry on.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::Context as _;
-use precedent_tests::{Daemon, HttpServer, TestNet};
+use precedent_tests::{Daemon, HttpServer, TestNet, connect_from};
 
 use crate::{build_agent, is_root, setup, step};
 
 const PORT: u16 = 8080;
+const LEARNING_CUSTOMERS: u64 = 400;
 
-/// What a customer of a small banking API does: sign in, list accounts, check a balance, move money.
-const WALK: &[(&str, &str)] = &[
-    ("POST", "/api/v1/auth"),
-    ("GET", "/api/v1/users/17/accounts"),
-    ("GET", "/api/v1/accounts/1042/balance"),
-    ("GET", "/api/v1/accounts/1043/balance"),
-    ("POST", "/api/v1/transferFunds"),
-    ("GET", "/api/v1/accounts/1042/balance"),
-    ("GET", "/api/v1/users/17/accounts?page=2"),
-];
+/// The banking API the customers use (the seeds' endpoints).
+fn bank(method: &str, path: &str) -> (u16, String) {
+    let segs: Vec<&str> = path
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match (method, segs.as_slice()) {
+        ("POST", ["api", "v1", "auth"]) => (200, r#"{"token":"issued"}"#.into()),
+        ("POST", ["api", "v1", "logout"]) => (200, "{}".into()),
+        ("GET", ["api", "v1", "users", id, "accounts"]) => {
+            (200, format!(r#"{{"user":{id},"accounts":[1]}}"#))
+        }
+        ("GET", ["api", "v1", "accounts", id, "balance"]) => {
+            (200, format!(r#"{{"account":{id},"balance":1200}}"#))
+        }
+        ("GET", ["api", "v1", "accounts", id, "transactions"]) => {
+            (200, format!(r#"{{"account":{id},"transactions":[]}}"#))
+        }
+        ("POST", ["api", "v1", "transferFunds"]) => (200, r#"{"status":"done"}"#.into()),
+        _ => (404, r#"{"error":"not found"}"#.into()),
+    }
+}
 
 pub fn run() -> anyhow::Result<()> {
     setup::ensure()?;
     let bin = build_agent()?;
     if !is_root() {
         anyhow::bail!(
-            "the demo attaches XDP to a veth pair and needs root: rerun as root (sudo -E cargo xtask demo)"
+            "the demo attaches XDP to veth pairs in private network namespaces and needs root: rerun as root (sudo -E cargo xtask demo)"
         );
     }
 
-    step("creating namespace prec-demo and veth pair prdemoh <-> prdemon (10.231.99.0/24)");
-    let net = TestNet::new("demo", 99)?;
-    let server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT))?;
-    step(&format!(
-        "API server listening on {}:{PORT} (host side)",
-        net.host_ip
-    ));
-    step(&format!(
-        "starting `precedent daemon --iface {}`",
-        net.host_if
-    ));
-    let daemon = Daemon::start(&bin, &["daemon", "--iface", &net.host_if, "--log-requests"])?;
-
-    step(&format!(
-        "client {} walks through the API ({} requests, one keep-alive connection)",
-        net.ns_ip,
-        WALK.len()
-    ));
-    let target = SocketAddr::new(net.host_ip.into(), PORT);
-    net.run_in_ns(move || walk(target))??;
-
-    let lines = daemon.collect_lines(WALK.len(), Duration::from_secs(3));
-    println!();
-    println!(
-        "precedent captured {} of {} requests ({} served):",
-        lines.len(),
-        WALK.len(),
-        server.served()
+    step(
+        "network: customers in namespace prec-demo (10.231.99.2), attackers in prec-demoatk (10.231.98.2-4)",
     );
-    println!(
-        "  {:<28} {:<20} {:<20} {:<7} path",
-        "time", "client", "server", "method"
-    );
-    for line in &lines {
-        let v: serde_json::Value =
-            serde_json::from_str(line).context("daemon printed a non-JSON line")?;
-        let path = match v["query"].as_str() {
-            Some(q) => format!("{}?{q}", v["path"].as_str().unwrap_or("")),
-            None => v["path"].as_str().unwrap_or("").to_string(),
-        };
-        println!(
-            "  {:<28} {:<20} {:<20} {:<7} {path}",
-            v["ts"].as_str().unwrap_or(""),
-            v["client"].as_str().unwrap_or(""),
-            v["server"].as_str().unwrap_or(""),
-            v["method"].as_str().unwrap_or(""),
-        );
+    let customers = TestNet::new("demo", 99)?;
+    let attackers = TestNet::new("demoatk", 98)?;
+    for a in ["10.231.98.3", "10.231.98.4"] {
+        attackers.add_ns_address(a.parse()?)?;
     }
-    println!();
+    let server = HttpServer::start_with(SocketAddr::from(([0, 0, 0, 0], PORT)), bank)?;
+    step(&format!(
+        "banking API on port {PORT} (host side): auth, users/{{id}}/accounts, accounts/{{id}}/balance, transferFunds"
+    ));
+
+    let dir = std::env::temp_dir().join(format!("precedent-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("precedent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"learn\"\ninterfaces = [\"{}\", \"{}\"]\nports = [{PORT}]\nlog_format = \"text\"\n",
+            customers.host_if, attackers.host_if
+        ),
+    )?;
+    step(&format!(
+        "precedent daemon --config {} (mode learn, two interfaces)",
+        config.display()
+    ));
+    let daemon = Daemon::start(&bin, &["daemon", "--config", &config.display().to_string()])?;
+    let socket = daemon.socket().context("daemon socket")?;
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(&bin)
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "precedent {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+
+    let target = SocketAddr::new(customers.host_ip.into(), PORT);
+    step(&format!(
+        "phase 1: {LEARNING_CUSTOMERS} customers sign in, check balances, transfer money, sign out"
+    ));
+    let served = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    walk_customers(
+        &customers.ns,
+        target,
+        0..LEARNING_CUSTOMERS,
+        served.clone(),
+        failed.clone(),
+    )?;
+    println!(
+        "    {} requests served, {} failed",
+        served.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    // Give the model a few upkeep rounds (sessions end, contexts collapse).
+    std::thread::sleep(Duration::from_secs(3));
+
+    println!(
+        "\nWhat precedent discovered (precedent endpoints):\n{}",
+        indent(&cli(&["endpoints"])?)
+    );
+    println!(
+        "How customers walk through it (precedent sequences --top 8):\n{}",
+        indent(&cli(&["sequences", "--top", "8"])?)
+    );
+
+    step("phase 2: precedent mode enforce; customers keep coming while an attacker strikes");
+    cli(&["mode", "enforce"])?;
+    let (served2, failed2) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let background = {
+        let (ns, s, f) = (customers.ns.clone(), served2.clone(), failed2.clone());
+        std::thread::spawn(move || {
+            walk_customers(
+                &ns,
+                target,
+                LEARNING_CUSTOMERS..LEARNING_CUSTOMERS + 150,
+                s,
+                f,
+            )
+        })
+    };
+
+    let attack_target = SocketAddr::new(attackers.host_ip.into(), PORT);
+    let attacks: [(&str, &str, Vec<(&str, String)>); 3] = [
+        (
+            "a transfer with no balance lookup before it",
+            "10.231.98.2",
+            vec![
+                ("POST", "/api/v1/auth".into()),
+                ("GET", "/api/v1/users/77/accounts".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+            ],
+        ),
+        (
+            "the same transfer replayed three times",
+            "10.231.98.3",
+            vec![
+                ("POST", "/api/v1/auth".into()),
+                ("GET", "/api/v1/users/78/accounts".into()),
+                ("GET", "/api/v1/accounts/9001/balance".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+            ],
+        ),
+        (
+            "enumerating account balances one id after another",
+            "10.231.98.4",
+            std::iter::once(("POST", "/api/v1/auth".to_string()))
+                .chain((7000..7030).map(|id| ("GET", format!("/api/v1/accounts/{id}/balance"))))
+                .collect(),
+        ),
+    ];
+    let mut blocked_attackers = 0;
+    let mut alert_count = 0;
+    for (i, (what, source, requests)) in attacks.into_iter().enumerate() {
+        println!("\n  attack {}: {what} (from {source})", i + 1);
+        let src: IpAddr = source.parse()?;
+        let token = format!("stolen-{i}");
+        let outcome = attackers.run_in_ns(move || {
+            let mut answered = 0;
+            for (m, p) in &requests {
+                if request_from(src, attack_target, &token, m, p).is_ok() {
+                    answered += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            // One more, innocent-looking request: does it still get through?
+            let after = request_from(
+                src,
+                attack_target,
+                &token,
+                "GET",
+                "/api/v1/users/77/accounts",
+            );
+            (answered, requests.len(), after.is_ok())
+        })?;
+        let (answered, sent, still_served) = outcome;
+        for line in drain(&daemon) {
+            alert_count += 1;
+            print_alert(&line);
+        }
+        if still_served {
+            println!("    attacker still served ({answered}/{sent} attack requests answered)");
+        } else {
+            blocked_attackers += 1;
+            println!(
+                "    {answered}/{sent} attack requests answered before the block; {source} is now dropped in the kernel"
+            );
+        }
+    }
+    background
+        .join()
+        .map_err(|_| anyhow::anyhow!("customer traffic thread panicked"))??;
+
+    println!(
+        "\nBlocked clients (precedent blocks list):\n{}",
+        indent(&cli(&["blocks", "list"])?)
+    );
+    let status: serde_json::Value = serde_json::from_str(&cli(&["status", "--json"])?)?;
+    println!("Summary");
+    println!(
+        "  customers in phase 2: {} requests served, {} failed",
+        served2.load(Ordering::Relaxed),
+        failed2.load(Ordering::Relaxed)
+    );
+    println!("  attackers blocked: {blocked_attackers} of 3; alerts: {alert_count}");
+    println!(
+        "  requests analysed: {}, operations: {}, sessions live: {}, packets dropped in XDP: {}",
+        status["userspace_counters"]["requests"],
+        status["endpoints"],
+        status["sessions_live"],
+        status["kernel_counters"]["blocked"]
+    );
+    println!("  API requests served in total: {}", server.served());
     drop(daemon);
-    drop(net);
-    step("stopped the daemon and removed the namespace and veth pair");
+    drop(customers);
+    drop(attackers);
+    let _ = std::fs::remove_dir_all(&dir);
+    step("stopped the daemon, removed the namespaces and veth pairs");
     anyhow::ensure!(
-        lines.len() == WALK.len(),
-        "expected {} captured requests, got {}",
-        WALK.len(),
-        lines.len()
+        failed2.load(Ordering::Relaxed) == 0,
+        "customers were refused during the attack"
     );
+    anyhow::ensure!(blocked_attackers == 3, "not every attacker was blocked");
     Ok(())
 }
 
-fn walk(target: SocketAddr) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
-    for (method, path) in WALK {
-        let body = if *method == "POST" {
-            r#"{"demo":true}"#
-        } else {
-            ""
-        };
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: bank.demo\r\nAuthorization: Bearer demo-token\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes())?;
-        let mut resp = Vec::new();
-        let mut b = [0u8; 1];
-        while !resp.ends_with(b"\r\n\r\nok") {
-            s.read_exact(&mut b)?;
-            resp.push(b[0]);
+/// Customers `ids` walk the API (4 at a time), each on its own keep-alive connection.
+fn walk_customers(
+    ns: &str,
+    target: SocketAddr,
+    ids: std::ops::Range<u64>,
+    served: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let ids: Vec<u64> = ids.collect();
+    let chunks: Vec<Vec<u64>> = ids
+        .chunks(ids.len().div_ceil(4).max(1))
+        .map(<[u64]>::to_vec)
+        .collect();
+    precedent_tests::netns::run_in(ns, move || {
+        let threads: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                let (s, f) = (served.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    for i in chunk {
+                        match customer(target, i) {
+                            Ok(n) => s.fetch_add(n, Ordering::Relaxed),
+                            Err(_) => f.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            let _ = t.join();
         }
-        std::thread::sleep(Duration::from_millis(150));
+    })
+}
+
+/// One customer's visit; returns the number of requests served.
+fn customer(target: SocketAddr, i: u64) -> std::io::Result<u64> {
+    let mut rng = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut roll = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let (user, acct) = (100 + i, 5000 + i * 3);
+    let mut walk = vec![
+        ("POST", "/api/v1/auth".to_string()),
+        ("GET", format!("/api/v1/users/{user}/accounts")),
+    ];
+    for a in 0..=roll(2) {
+        walk.push(("GET", format!("/api/v1/accounts/{}/balance", acct + a)));
     }
-    Ok(())
+    if roll(10) < 6 {
+        walk.push(("POST", "/api/v1/transferFunds".into()));
+        walk.push(("GET", format!("/api/v1/accounts/{acct}/balance")));
+    }
+    if roll(10) < 4 {
+        walk.push(("GET", format!("/api/v1/accounts/{acct}/transactions")));
+    }
+    walk.push(("POST", "/api/v1/logout".into()));
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let token = format!("customer-{i}");
+    for (m, p) in &walk {
+        exchange(&mut s, &token, m, p, false)?;
+    }
+    Ok(walk.len() as u64)
+}
+
+fn request_from(
+    src: IpAddr,
+    target: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+) -> std::io::Result<String> {
+    let mut s = connect_from(src, target, Duration::from_millis(700))?;
+    exchange(&mut s, token, method, path, true)
+}
+
+/// Sends one request and reads the whole response; returns its status line.
+fn exchange(
+    s: &mut TcpStream,
+    token: &str,
+    method: &str,
+    path: &str,
+    close: bool,
+) -> std::io::Result<String> {
+    let body = if method == "POST" {
+        r#"{"amount":100}"#
+    } else {
+        ""
+    };
+    let conn = if close { "close" } else { "keep-alive" };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bank.demo\r\nAuthorization: Bearer {token}\r\nConnection: {conn}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes())?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b)?;
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let len: usize = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    s.read_exact(&mut body)?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+/// Alert lines the daemon printed so far.
+fn drain(daemon: &Daemon) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    while let Some(line) = daemon.next_line(Duration::from_millis(500)) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn print_alert(a: &serde_json::Value) {
+    let what = a["signal"].as_str().or(a["rule"].as_str()).unwrap_or("?");
+    let action = a["action"].as_str().unwrap_or("?");
+    let ttl = a["block_ttl"]
+        .as_str()
+        .map(|t| format!(" for {t}"))
+        .unwrap_or_default();
+    println!(
+        "    ALERT {what} -> {action}{ttl}  client {}  session {}",
+        a["client"].as_str().unwrap_or("?"),
+        a["session"].as_str().unwrap_or("?")
+    );
+    println!(
+        "      {} after [{}]",
+        a["operation"].as_str().unwrap_or("?"),
+        a["previous"]
+            .as_array()
+            .map(|p| p
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(" -> "))
+            .unwrap_or_default()
+    );
+    println!("      {}", a["explanation"].as_str().unwrap_or(""));
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
 }

@@ -25,7 +25,14 @@ pub fn run(unit_only: bool) -> anyhow::Result<()> {
         unsafe { std::env::set_var("PRECEDENT_BIN", &bin) };
         // Every test that needs root is #[ignore]d so plain `cargo test` passes without it.
         // replay's throughput figure is an ignored test too, but a benchmark, not a root test.
-        cargo(&["test", "--", "--ignored", "--test-threads=1", "--skip", "replay::tests::throughput"])?;
+        cargo(&[
+            "test",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+            "--skip",
+            "replay::tests::throughput",
+        ])?;
     }
     eprintln!("all tests passed in {:.0}s", start.elapsed().as_secs_f64());
     Ok(())
