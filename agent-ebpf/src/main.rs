@@ -35,12 +35,6 @@ use crate::parse::{Headers, Skip};
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
-/// Unread bytes in the ring at which a capture wakes the reader (see `emit`).
-const WAKE_AT_BYTES: u64 = 64 * 1024;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
@@ -267,14 +261,10 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
             _pad2: 0,
         };
     }
-    // Waking the reader for every request would cost more than the capture itself: wake it
-    // only once a batch has built up; userspace also drains on a short timer.
-    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(wake);
+    // Adaptive wakeup (flags 0): the kernel wakes the reader only when it had caught up with
+    // the ring. A quiet server gets each request at once (blocks land within a millisecond);
+    // under load the reader is behind and wakeups batch by themselves.
+    entry.submit(0);
     bump(Counter::Captured);
     if h.payload_len > captured {
         bump(Counter::Truncated);

@@ -403,9 +403,9 @@ impl Drop for Datapath {
     }
 }
 
-/// How often the reader drains the ring without being woken. The XDP program wakes it only
-/// when 64 KiB are waiting (one wakeup per request would cost more than the capture), so
-/// this bounds how long a request can sit in the ring on a quiet server.
+/// How often the reader also drains the ring without being woken: a safety net, since the
+/// kernel's adaptive wakeups (see the XDP program's `emit`) normally deliver within
+/// microseconds.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// Reads the ring buffer until `tx` closes, decoding each record.

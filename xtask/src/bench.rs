@@ -118,3 +118,120 @@ fn require_root(task: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Attackers (one address each) in the block-latency benchmark.
+const BLOCK_TRIALS: u32 = 60;
+/// Spacing of the probe packets that follow each abusive request.
+const PROBE_EVERY: Duration = Duration::from_micros(20);
+
+/// `cargo xtask bench-block`: time from an abusive request reaching the interface to the first
+/// dropped packet of that client, over many trials, with the real daemon in enforce mode.
+///
+/// Each trial: a fresh client address sends a request that breaks a blocking precedence rule,
+/// then a UDP probe every 20 µs carrying its CLOCK_MONOTONIC send time. A sink on the host keeps
+/// the newest send time that got through; the first probe after it was dropped. Both ends run on
+/// this machine, so their clocks agree.
+pub fn block_latency() -> anyhow::Result<()> {
+    setup::ensure()?;
+    require_root("bench-block")?;
+    step("building precedent (release)");
+    cargo(&["build", "--release", "--package", "precedent"])?;
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release/precedent");
+
+    let net = TestNet::new("blklat", 76)?;
+    for i in 0..BLOCK_TRIALS {
+        net.add_ns_address(format!("10.231.76.{}", 10 + i).parse()?)?;
+    }
+    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT))?;
+    let sink = std::net::UdpSocket::bind(SocketAddr::new(net.host_ip.into(), 9999))?;
+    let newest = Arc::new(AtomicU64::new(0));
+    {
+        let newest = newest.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            while let Ok(n) = sink.recv(&mut buf) {
+                if n >= 8 {
+                    newest.fetch_max(u64::from_le_bytes(buf[..8].try_into().unwrap()), Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    let dir = std::env::temp_dir().join(format!("precedent-bench-block-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("precedent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"mode = "enforce"
+interfaces = ["{}"]
+log_format = "text"
+[decide]
+max_block_share = 1.0
+[[rule]]
+id = "transfer-needs-balance"
+operation = "POST /api/v1/transferFunds"
+preceded_by = ["GET /api/v1/accounts/{{id}}/balance"]
+action = "block"
+block_ttl = "10m"
+"#,
+            net.host_if
+        ),
+    )?;
+    let daemon = Daemon::start_discarding_stdout(&bin, &["daemon", "--config", &config.display().to_string()])?;
+    step(&format!("{BLOCK_TRIALS} trials, each from its own address, daemon in enforce mode"));
+
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    let probe_to = SocketAddr::new(net.host_ip.into(), 9999);
+    let mut latencies = Vec::new();
+    for i in 0..BLOCK_TRIALS {
+        let src: std::net::IpAddr = format!("10.231.76.{}", 10 + i).parse()?;
+        newest.store(0, Ordering::Relaxed);
+        let (sent_at, probes_end) = net.run_in_ns(move || -> std::io::Result<(u64, u64)> {
+            let probe = std::net::UdpSocket::bind(SocketAddr::new(src, 0))?;
+            let mut s = precedent_tests::connect_from(src, target, Duration::from_secs(1))?;
+            let req = format!("POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank\r\nAuthorization: Bearer t{i}\r\nContent-Length: 0\r\n\r\n");
+            let sent_at = monotonic_ns();
+            s.write_all(req.as_bytes())?;
+            // Probe for up to 50 ms.
+            let end = sent_at + 50_000_000;
+            let mut next = sent_at;
+            while monotonic_ns() < end {
+                let now = monotonic_ns();
+                if now >= next {
+                    let _ = probe.send_to(&now.to_le_bytes(), probe_to);
+                    next = now + PROBE_EVERY.as_nanos() as u64;
+                }
+            }
+            Ok((sent_at, end))
+        })??;
+        std::thread::sleep(Duration::from_millis(20));
+        let last = newest.load(Ordering::Relaxed);
+        if last == 0 || last + 2 * PROBE_EVERY.as_nanos() as u64 >= probes_end {
+            eprintln!("  trial {i}: not blocked within 50 ms");
+            continue;
+        }
+        latencies.push((last + PROBE_EVERY.as_nanos() as u64).saturating_sub(sent_at));
+    }
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    anyhow::ensure!(!latencies.is_empty(), "no trial was blocked");
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize] as f64 / 1e3;
+    println!(
+        "abusive request -> first dropped packet ({} of {BLOCK_TRIALS} trials blocked; probe spacing {} us)",
+        latencies.len(),
+        PROBE_EVERY.as_micros()
+    );
+    println!("  p50 {:8.1} us   p90 {:8.1} us   p99 {:8.1} us   max {:8.1} us", pct(0.5), pct(0.9), pct(0.99), pct(1.0));
+    Ok(())
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

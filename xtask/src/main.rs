@@ -36,6 +36,8 @@ enum Task {
     Demo,
     /// Nanoseconds per packet of the XDP program (BPF_PROG_TEST_RUN) vs an empty program.
     BenchXdp,
+    /// Time from an abusive request to the first dropped packet of its client (p50/p99).
+    BenchBlock,
     /// HTTP requests per second through a veth pair with and without precedent attached.
     BenchE2e {
         /// Seconds per measurement round.
@@ -55,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Task::Test { unit_only } => test::run(unit_only),
         Task::Demo => demo::run(),
         Task::BenchXdp => bench::xdp(),
+        Task::BenchBlock => bench::block_latency(),
         Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),
     };
     match result {
