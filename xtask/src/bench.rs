@@ -63,7 +63,7 @@ pub fn e2e(seconds: u64, rounds: usize) -> anyhow::Result<()> {
     );
     println!("  without precedent: {off:>10.0} req/s");
     println!(
-        "  with precedent:    {on:>10.0} req/s   (daemon capturing and printing every request)"
+        "  with precedent:    {on:>10.0} req/s   (daemon running: capture, engine, alerts)"
     );
     println!("  ratio with/without: {:.3}", on / off);
     println!("  requests served in total: {}", server.served());
