@@ -55,6 +55,8 @@ enum Command {
     Mode(cli::mode::ModeArgs),
     /// Save, load or reset the learned model.
     Model(cli::model::ModelArgs),
+    /// Run access logs or captures through the engine offline: alerts on stdout, summary on stderr.
+    Replay(cli::replay::ReplayArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Blocks(a) => cli::blocks::run(a),
         Command::Mode(a) => cli::mode::run(a),
         Command::Model(a) => cli::model::run(a),
+        Command::Replay(a) => cli::replay::run(a),
         Command::Daemon {
             ifaces,
             xdp_mode,
