@@ -115,7 +115,8 @@ fn jiff_like_clf(ts: u64) -> String {
 fn jsonl(reqs: &[Req]) -> String {
     let mut s = String::new();
     for (ts, client, sid, m, p) in reqs {
-        let v = serde_json::json!({"ts": ts, "client": client, "session": sid, "method": m, "path": p});
+        let v =
+            serde_json::json!({"ts": ts, "client": client, "session": sid, "method": m, "path": p});
         let _ = writeln!(s, "{v}");
     }
     s
@@ -138,7 +139,9 @@ fn alerts(out: &Output) -> Vec<Value> {
 
 fn summary_json(out: &Output) -> Value {
     let err = String::from_utf8_lossy(&out.stderr);
-    let start = err.find('{').unwrap_or_else(|| panic!("no JSON summary: {err}"));
+    let start = err
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON summary: {err}"));
     let end = err.rfind('}').unwrap();
     serde_json::from_str(&err[start..=end]).unwrap_or_else(|e| panic!("{e}: {err}"))
 }
@@ -205,7 +208,10 @@ fn replay_of_a_combined_log_alerts_on_the_attacker_and_not_the_customers() {
     assert_eq!(sum["engine"]["sessions"], 561);
     assert_eq!(sum["engine"]["alerts"], a.len());
     assert_eq!(sum["engine"]["alerts_by_signal"]["missing_precedent"], 1);
-    assert_eq!(sum["engine"]["blocked_requests"], 0, "detect mode blocks nothing");
+    assert_eq!(
+        sum["engine"]["blocked_requests"], 0,
+        "detect mode blocks nothing"
+    );
 }
 
 #[test]
@@ -239,13 +245,26 @@ fn model_out_then_model_detects_without_warmup_and_feeds_the_pictures() {
         .unwrap()
         .into_value()
         .expect("the daemon can load the replay's model");
-    assert!(learned.discovery.resolve("POST /api/v1/transferFunds").is_some());
+    assert!(
+        learned
+            .discovery
+            .resolve("POST /api/v1/transferFunds")
+            .is_some()
+    );
 
     // Today's log is small: without the model its default warm-up would swallow the attack.
-    let out = precedent(&["replay", day.to_str().unwrap(), "--model", model.to_str().unwrap()]);
+    let out = precedent(&[
+        "replay",
+        day.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{out:?}");
     let a = alerts(&out);
-    assert!(signals_of(&a).contains(&"missing_precedent".into()), "{out:?}");
+    assert!(
+        signals_of(&a).contains(&"missing_precedent".into()),
+        "{out:?}"
+    );
     assert!(a.iter().all(|x| x["client"] == "203.0.113.20"), "{a:#?}");
     let cold = precedent(&["replay", day.to_str().unwrap()]);
     assert!(cold.status.success());
@@ -330,7 +349,10 @@ fn jsonl_session_ids_keep_customers_behind_one_address_apart() {
     let sessions: std::collections::BTreeSet<&str> =
         a.iter().filter_map(|x| x["session"].as_str()).collect();
     assert_eq!(sessions.len(), 1, "only the attacker's session: {a:#?}");
-    assert!(!out.stdout.windows(6).any(|w| w == b"stolen"), "raw session id leaked");
+    assert!(
+        !out.stdout.windows(6).any(|w| w == b"stolen"),
+        "raw session id leaked"
+    );
 }
 
 #[test]
