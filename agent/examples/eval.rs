@@ -806,8 +806,8 @@ fn main() -> anyhow::Result<()> {
             let combined = tails.combined(&s.scores);
             let mut hit = [false; 3];
             for f in 0..2 {
-                for j in 0..4 {
-                    if s.scores[j] > th[j][f] {
+                for (j, (score, t)) in s.scores.iter().zip(&th).enumerate() {
+                    if *score > t[f] {
                         row.det[j][f] += 1;
                     }
                 }

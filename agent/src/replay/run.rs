@@ -339,3 +339,45 @@ impl RunSummary {
         o
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::replay::FileSummary;
+
+    fn input(files: &[(u64, Option<Format>, bool)]) -> ReplaySummary {
+        ReplaySummary {
+            files: files
+                .iter()
+                .map(|&(size, format, gzip)| FileSummary {
+                    path: PathBuf::from("x"),
+                    format,
+                    gzip,
+                    size,
+                    bytes_read: 0,
+                    units: 0,
+                    records: 0,
+                })
+                .collect(),
+            ..ReplaySummary::default()
+        }
+    }
+
+    #[test]
+    fn default_warmup_is_a_tenth_of_the_estimate_capped_and_zero_from_a_model() {
+        // 2 MB of access log ≈ 10,000 lines → 1,000 requests of warm-up.
+        let small = input(&[(2_000_000, Some(Format::Combined), false)]);
+        assert_eq!(default_warmup(&small, false), 1_000);
+        assert_eq!(default_warmup(&small, true), 0);
+        // Gzip counts at 5× its size; captures at 600 bytes a request; the cap holds.
+        let gz = input(&[(400_000, Some(Format::Combined), true)]);
+        assert_eq!(default_warmup(&gz, false), 1_000);
+        let pcap = input(&[(6_000_000, Some(Format::Pcap), false)]);
+        assert_eq!(default_warmup(&pcap, false), 1_000);
+        let huge = input(&[(10_000_000_000, Some(Format::Combined), false)]);
+        assert_eq!(default_warmup(&huge, false), DEFAULT_WARMUP_CAP);
+        assert_eq!(default_warmup(&input(&[(0, None, false)]), false), 0);
+    }
+}
