@@ -891,11 +891,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "Per signal: detection at 1% FPR of each frozen-model score, and sessions with an engine alert of that signal"
+        "Per signal: detection at 0.1%/1% FPR of each frozen-model score, and sessions with an engine alert of that signal"
     );
     print!("{:<26}", "kind");
     for s in SCORES {
-        print!(" {s:>10}");
+        print!(" {s:>13}");
     }
     for s in Signal::ALL {
         print!(" {:>18}", s.as_str());
@@ -903,8 +903,11 @@ fn main() -> anyhow::Result<()> {
     println!();
     for (kind, row) in &rows {
         print!("{:<26}", kind.name());
-        for j in 0..4 {
-            print!(" {:>10}", pct(row.det[j][1], row.n));
+        for d in &row.det[..4] {
+            print!(
+                " {:>13}",
+                format!("{}/{}", pct(d[0], row.n), pct(d[1], row.n))
+            );
         }
         for s in Signal::ALL {
             print!(
