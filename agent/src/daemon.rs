@@ -408,6 +408,9 @@ impl Daemon {
                     .collect::<Vec<_>>(),
             ),
             Request::Sessions { limit } => Response::ok(self.sessions(*limit)),
+            Request::Graph { view, top } => {
+                Response::ok(crate::graph::build(&self.engine, *view, *top))
+            }
             Request::RulesList => Response::ok(self.rule_rows()),
             Request::RulesAdd { toml } => {
                 let added = RuleFile::from_toml_str(toml)?;

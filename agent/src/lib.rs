@@ -13,6 +13,7 @@ pub mod decide;
 pub mod discovery;
 pub mod enforce;
 pub mod engine;
+pub mod graph;
 pub mod http;
 pub mod model;
 pub mod notify;

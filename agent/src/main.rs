@@ -67,6 +67,8 @@ enum Command {
     Mode(cli::mode::ModeArgs),
     /// Save, load or reset the learned model.
     Model(cli::model::ModelArgs),
+    /// Run access logs or captures through the engine offline: alerts on stdout, summary on stderr.
+    Replay(cli::replay::ReplayArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,6 +127,7 @@ fn main() -> std::process::ExitCode {
         Command::Blocks(a) => cli::blocks::run(a),
         Command::Mode(a) => cli::mode::run(a),
         Command::Model(a) => cli::model::run(a),
+        Command::Replay(a) => cli::replay::run(a),
         Command::Config {
             action: ConfigAction::Check { path },
         } => {

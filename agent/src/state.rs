@@ -59,6 +59,10 @@ pub enum StateError {
     Encode { kind: &'static str, detail: String },
     #[error("state kind {0:?} is not 1..=16 bytes of [a-z0-9_-]")]
     BadKind(&'static str),
+    #[error("{path}: {damage}")]
+    Damaged { path: PathBuf, damage: Damage },
+    #[error("{path}: no such file")]
+    Missing { path: PathBuf },
 }
 
 /// Where a load came from.
@@ -202,8 +206,17 @@ impl StateDir {
         bytes: &[u8],
         write: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
     ) -> Result<(), StateError> {
+        self.write_atomic_named(&format!("{}.state", T::KIND), bytes, write)
+    }
+
+    /// [`StateDir::write_atomic`] for any file name in the directory (`.prev` beside it).
+    fn write_atomic_named(
+        &self,
+        file_name: &str,
+        bytes: &[u8],
+        write: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
+    ) -> Result<(), StateError> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let file_name = format!("{}.state", T::KIND);
         let tmp = self.dir.join(format!(
             ".{file_name}{TMP_MARKER}{}-{}",
             std::process::id(),
@@ -216,18 +229,18 @@ impl StateDir {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)
-                .map_err(|e| self.write_err(&file_name, "creating temp file", e))?;
-            write(&mut f, bytes).map_err(|e| self.write_err(&file_name, "writing temp file", e))?;
+                .map_err(|e| self.write_err(file_name, "creating temp file", e))?;
+            write(&mut f, bytes).map_err(|e| self.write_err(file_name, "writing temp file", e))?;
             f.sync_all()
-                .map_err(|e| self.write_err(&file_name, "fsync of temp file", e))?;
+                .map_err(|e| self.write_err(file_name, "fsync of temp file", e))?;
             Ok(())
         })();
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        let main = self.dir.join(&file_name);
-        let prev = self.prev_path::<T>();
+        let main = self.dir.join(file_name);
+        let prev = self.dir.join(format!("{file_name}.prev"));
         // Keep the replaced copy as `.prev` via a hard link, so there is never a moment
         // without a main file. If the main file is missing (first save, or moved aside as
         // damaged) the existing `.prev` is the last good copy and stays.
@@ -237,7 +250,7 @@ impl StateDir {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     let _ = fs::remove_file(&tmp);
-                    return Err(self.write_err(&file_name, "removing old .prev", e));
+                    return Err(self.write_err(file_name, "removing old .prev", e));
                 }
             }
             if let Err(e) = fs::hard_link(&main, &prev) {
@@ -246,18 +259,18 @@ impl StateDir {
                 if let Err(e) = fs::copy(&main, &prev) {
                     let _ = fs::remove_file(&prev);
                     let _ = fs::remove_file(&tmp);
-                    return Err(self.write_err(&file_name, "keeping previous copy", e));
+                    return Err(self.write_err(file_name, "keeping previous copy", e));
                 }
             }
         }
         if let Err(e) = fs::rename(&tmp, &main) {
             let _ = fs::remove_file(&tmp);
-            return Err(self.write_err(&file_name, "renaming temp file into place", e));
+            return Err(self.write_err(file_name, "renaming temp file into place", e));
         }
         // The rename is only durable once the directory entry is on disk.
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| self.write_err(&file_name, "fsync of the directory", e))?;
+            .map_err(|e| self.write_err(file_name, "fsync of the directory", e))?;
         Ok(())
     }
 
@@ -398,6 +411,60 @@ impl StateDir {
         tracing::info!(file = %path.display(), "created a new session-hashing secret");
         Ok(secret)
     }
+}
+
+/// Saves `view` (serialised like a `T`) as a state file at any path, in the same format and
+/// with the same atomic write as [`StateDir::save_view`]: what `precedent replay --model-out`
+/// uses, so `--model-out /var/lib/precedent/model.state` hands a model to the daemon. The
+/// parent directory must exist; the replaced file is kept as `PATH.prev`.
+pub fn save_view_to_path<T: Persist>(
+    path: &Path,
+    view: &impl Serialize,
+) -> Result<u64, StateError> {
+    check_kind(T::KIND)?;
+    let (dir, name) = split_path(path)?;
+    let payload = postcard::to_allocvec(view).map_err(|e| StateError::Encode {
+        kind: T::KIND,
+        detail: e.to_string(),
+    })?;
+    let bytes = encode_file(T::KIND, T::VERSION, &payload);
+    // Not `StateDir::open`: that creates the directory and sweeps temp files, which is right
+    // for the state directory and wrong for whatever directory the operator names.
+    StateDir { dir }.write_atomic_named(&name, &bytes, |f, b| f.write_all(b))?;
+    Ok(bytes.len() as u64)
+}
+
+/// Reads a `T` state file from any path. Unlike [`StateDir::load`] nothing is moved aside and
+/// there is no fallback: the operator named this file, so damage is an error that says why.
+pub fn load_from_path<T: Persist>(path: &Path) -> Result<T, StateError> {
+    check_kind(T::KIND)?;
+    let (dir, _) = split_path(path)?;
+    match (StateDir { dir }).read_one::<T>(path)? {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(damage)) => Err(StateError::Damaged {
+            path: path.to_path_buf(),
+            damage,
+        }),
+        None => Err(StateError::Missing {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+fn split_path(path: &Path) -> Result<(PathBuf, String), StateError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| StateError::Io {
+            dir: path.to_path_buf(),
+            op: "naming a state file".into(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"),
+        })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name))
 }
 
 /// The session-hashing secret as stored.
@@ -802,6 +869,48 @@ mod tests {
         }
         let (_t, d) = dir();
         assert!(matches!(d.save(&Bad), Err(StateError::BadKind(_))));
+    }
+
+    #[test]
+    fn path_save_and_load_use_the_state_file_format() {
+        let (_t, d) = dir();
+        // Saved by path under the daemon's file name, read by the daemon's loader.
+        let path = d.file_path::<Sample>();
+        save_view_to_path::<Sample>(&path, &sample(4)).unwrap();
+        assert_eq!(d.load::<Sample>().unwrap(), Loaded::Current(sample(4)));
+        // Any other name works too, and reads back; a second save keeps `.prev`.
+        let other = d.path().join("elsewhere.bin");
+        save_view_to_path::<Sample>(&other, &sample(2)).unwrap();
+        save_view_to_path::<Sample>(&other, &sample(3)).unwrap();
+        assert_eq!(load_from_path::<Sample>(&other).unwrap(), sample(3));
+        assert!(d.path().join("elsewhere.bin.prev").exists());
+    }
+
+    #[test]
+    fn path_load_reports_damage_and_absence_without_moving_files() {
+        let (_t, d) = dir();
+        let path = d.path().join("m.state");
+        assert!(matches!(
+            load_from_path::<Sample>(&path),
+            Err(StateError::Missing { .. })
+        ));
+        fs::write(
+            &path,
+            b"not a state file at all, but long enough for a header....",
+        )
+        .unwrap();
+        let err = load_from_path::<Sample>(&path).unwrap_err();
+        assert!(matches!(err, StateError::Damaged { .. }), "{err:?}");
+        assert!(err.to_string().contains("bad magic"), "{err}");
+        assert!(path.exists(), "an operator's file is never moved aside");
+        save_view_to_path::<SampleV4>(&path, &sample(1)).unwrap();
+        assert!(matches!(
+            load_from_path::<Sample>(&path),
+            Err(StateError::Damaged {
+                damage: Damage::KindVersion { .. },
+                ..
+            })
+        ));
     }
 
     /// A real full filesystem: a 64 KiB tmpfs.

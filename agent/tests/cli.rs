@@ -9,6 +9,7 @@ use precedent::control::{
     ControlRequest, ControlServer, Mode, Request, Response, ServerConfig,
     api::{BlockRow, Interval, ModeReport, SequenceRow},
 };
+use precedent::graph::{Graph, GraphEdge, GraphNode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +39,24 @@ fn answer(req: &Request) -> Response {
             previous: Some(Mode::Learn),
         }),
         Request::RulesRemove { id } => Response::error(format!("no rule with id {id:?}")),
+        Request::Graph { view, top } => Response::ok(Graph {
+            view: *view,
+            nodes: ["GET /accounts/{id}/balance", "POST /transfer"]
+                .map(|op| GraphNode {
+                    operation: op.into(),
+                    count: 10,
+                })
+                .to_vec(),
+            edges: vec![GraphEdge {
+                from: "GET /accounts/{id}/balance".into(),
+                to: "POST /transfer".into(),
+                count: 9,
+                weight: 0.9,
+            }]
+            .into_iter()
+            .take(*top)
+            .collect(),
+        }),
         _ => Response::error("not in this test"),
     }
 }
@@ -172,4 +191,23 @@ fn daemon_refusal_is_reported_with_exit_1() {
     assert_eq!(code, 1);
     assert_eq!(out, "");
     assert_eq!(err, "precedent rules_remove: no rule with id \"nope\"\n");
+}
+
+#[test]
+fn pictures_come_from_the_daemon_graph_request() {
+    let d = FakeDaemon::start();
+    let (code, out, err) = precedent(&d.socket, &["sequences", "--format", "dot"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("digraph sequences {"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" -> ")).count(),
+        1,
+        "{out}"
+    );
+    assert!(out.contains("label=\"0.90 (9x)\""), "{out}");
+    let (code, out, err) = precedent(&d.socket, &["endpoints", "--format", "mermaid"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("flowchart LR\n"), "{out}");
+    assert!(out.contains("n0 -->|\"0.90 (9)\"| n1"), "{out}");
+    assert!(out.contains("n0[\"GET /accounts/{id}/balance\"]"), "{out}");
 }

@@ -62,9 +62,7 @@ pub fn e2e(seconds: u64, rounds: usize) -> anyhow::Result<()> {
         "HTTP through veth ({CLIENTS} keep-alive clients, median of {rounds} rounds of {seconds}s, alternating)"
     );
     println!("  without precedent: {off:>10.0} req/s");
-    println!(
-        "  with precedent:    {on:>10.0} req/s   (daemon running: capture, engine, alerts)"
-    );
+    println!("  with precedent:    {on:>10.0} req/s   (daemon running: capture, engine, alerts)");
     println!("  ratio with/without: {:.3}", on / off);
     println!("  requests served in total: {}", server.served());
     Ok(())
@@ -154,7 +152,10 @@ pub fn block_latency() -> anyhow::Result<()> {
             let mut buf = [0u8; 16];
             while let Ok(n) = sink.recv(&mut buf) {
                 if n >= 8 {
-                    newest.fetch_max(u64::from_le_bytes(buf[..8].try_into().unwrap()), Ordering::Relaxed);
+                    newest.fetch_max(
+                        u64::from_le_bytes(buf[..8].try_into().unwrap()),
+                        Ordering::Relaxed,
+                    );
                 }
             }
         });
@@ -180,8 +181,13 @@ block_ttl = "10m"
             net.host_if
         ),
     )?;
-    let daemon = Daemon::start_discarding_stdout(&bin, &["daemon", "--config", &config.display().to_string()])?;
-    step(&format!("{BLOCK_TRIALS} trials, each from its own address, daemon in enforce mode"));
+    let daemon = Daemon::start_discarding_stdout(
+        &bin,
+        &["daemon", "--config", &config.display().to_string()],
+    )?;
+    step(&format!(
+        "{BLOCK_TRIALS} trials, each from its own address, daemon in enforce mode"
+    ));
 
     let target = SocketAddr::new(net.host_ip.into(), PORT);
     let probe_to = SocketAddr::new(net.host_ip.into(), 9999);
@@ -219,18 +225,28 @@ block_ttl = "10m"
     let _ = std::fs::remove_dir_all(&dir);
     anyhow::ensure!(!latencies.is_empty(), "no trial was blocked");
     latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize] as f64 / 1e3;
+    let pct =
+        |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize] as f64 / 1e3;
     println!(
         "abusive request -> first dropped packet ({} of {BLOCK_TRIALS} trials blocked; probe spacing {} us)",
         latencies.len(),
         PROBE_EVERY.as_micros()
     );
-    println!("  p50 {:8.1} us   p90 {:8.1} us   p99 {:8.1} us   max {:8.1} us", pct(0.5), pct(0.9), pct(0.99), pct(1.0));
+    println!(
+        "  p50 {:8.1} us   p90 {:8.1} us   p99 {:8.1} us   max {:8.1} us",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0)
+    );
     Ok(())
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid clock id and out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

@@ -2,6 +2,7 @@
 //! own set-up first.
 mod bench;
 mod demo;
+mod eval;
 mod setup;
 mod test;
 
@@ -34,6 +35,19 @@ enum Task {
     },
     /// Set up if needed, then show precedent capturing a client's walk through an API.
     Demo,
+    /// Labelled detection benchmark: FIFA sessions as normal traffic, injected attacks, per kind
+    /// detection at 0.1% and 1% false positives (no root needed).
+    Eval {
+        /// fifa-sessions.dat (default: ../shared/data/fifa-sessions.dat from the workspace).
+        #[arg(long, value_name = "PATH")]
+        data: Option<PathBuf>,
+        /// Random seeds (each injects its own attacks and shuffles its own mix).
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
+        /// Injected sessions per attack kind and seed.
+        #[arg(long, default_value_t = 200)]
+        per_kind: usize,
+    },
     /// Nanoseconds per packet of the XDP program (BPF_PROG_TEST_RUN) vs an empty program.
     BenchXdp,
     /// Time from an abusive request to the first dropped packet of its client (p50/p99).
@@ -56,6 +70,11 @@ fn main() -> std::process::ExitCode {
         Task::Build => setup::ensure().and_then(|()| build_agent()).map(|_| ()),
         Task::Test { unit_only } => test::run(unit_only),
         Task::Demo => demo::run(),
+        Task::Eval {
+            data,
+            seeds,
+            per_kind,
+        } => eval::run(data, seeds, per_kind),
         Task::BenchXdp => bench::xdp(),
         Task::BenchBlock => bench::block_latency(),
         Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),

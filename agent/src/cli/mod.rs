@@ -13,6 +13,7 @@ pub mod blocks;
 pub mod endpoints;
 pub mod mode;
 pub mod model;
+pub mod replay;
 pub mod rules;
 pub mod sequences;
 pub mod sessions;
@@ -101,4 +102,57 @@ pub fn ago(t: std::time::SystemTime) -> String {
 
 pub fn empty_note(what: &str) -> String {
     format!("(no {what})")
+}
+
+/// How `sequences` and `endpoints` print.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Aligned columns.
+    #[default]
+    Table,
+    /// Graphviz dot: operations and their strongest transitions (`| dot -Tsvg`).
+    Dot,
+    /// A Mermaid `flowchart LR` of the same graph (renders in Markdown on GitHub/GitLab).
+    Mermaid,
+}
+
+/// A saved model (the daemon's `model.state` or `replay --model-out`) loaded into an engine
+/// with default settings, for the commands that read it without a daemon.
+pub fn engine_from_model(path: &std::path::Path) -> anyhow::Result<precedent::engine::Engine> {
+    use precedent::engine::{Engine, EngineConfig, Learned};
+    let learned = precedent::state::load_from_path::<Learned>(path)
+        .with_context(|| format!("loading the model {}", path.display()))?;
+    // Sessions are never created here, so the session key does not matter.
+    Ok(Engine::with_state(
+        &EngineConfig::default(),
+        precedent::rules::RuleFile::default(),
+        [0; 16],
+        precedent::decide::Mode::Learn,
+        learned.model,
+        learned.discovery,
+    )?)
+}
+
+/// The graph picture of `view`, from the model file if given, else from the daemon.
+pub fn picture(
+    control: &ControlArgs,
+    model: Option<&std::path::Path>,
+    view: precedent::graph::GraphView,
+    top: usize,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    use precedent::graph;
+    let g: graph::Graph = match model {
+        Some(p) => graph::build(&engine_from_model(p)?, view, top),
+        None => serde_json::from_value(call(control, Request::Graph { view, top })?)
+            .context("the daemon's reply does not match this precedent version")?,
+    };
+    let out = match format {
+        OutputFormat::Dot => graph::to_dot(&g),
+        OutputFormat::Mermaid => graph::to_mermaid(&g),
+        OutputFormat::Table if control.json => serde_json::to_string_pretty(&g)?,
+        OutputFormat::Table => unreachable!("tables are rendered by the subcommand"),
+    };
+    print!("{out}");
+    Ok(())
 }

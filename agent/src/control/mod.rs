@@ -47,6 +47,13 @@ pub enum Request {
         #[serde(default = "default_sessions_limit")]
         limit: usize,
     },
+    /// Operations and their strongest transitions (`sequences`/`endpoints --format dot`):
+    /// the daemon answers with `graph::build(&engine, view, top)`.
+    Graph {
+        view: crate::graph::GraphView,
+        #[serde(default = "default_top")]
+        top: usize,
+    },
     RulesList,
     /// A TOML rules file (`[[rule]]` / `[[deny]]`) to add at run time.
     RulesAdd {
@@ -104,6 +111,7 @@ impl Request {
             Request::Endpoints => "endpoints",
             Request::Sequences { .. } => "sequences",
             Request::Sessions { .. } => "sessions",
+            Request::Graph { .. } => "graph",
             Request::RulesList => "rules_list",
             Request::RulesAdd { .. } => "rules_add",
             Request::RulesRemove { .. } => "rules_remove",
@@ -136,7 +144,9 @@ impl Request {
     fn validate(&self) -> Result<(), ProtocolError> {
         let bad = |m: String| Err(ProtocolError::Invalid(m));
         match self {
-            Request::Sequences { top: n } | Request::Sessions { limit: n }
+            Request::Sequences { top: n }
+            | Request::Sessions { limit: n }
+            | Request::Graph { top: n, .. }
                 if *n == 0 || *n > MAX_ROWS =>
             {
                 bad(format!("{} must be 1..={MAX_ROWS}, got {n}", self.cmd()))
@@ -306,6 +316,10 @@ mod tests {
             Request::Endpoints,
             Request::Sequences { top: 5 },
             Request::Sessions { limit: 7 },
+            Request::Graph {
+                view: crate::graph::GraphView::Transitions,
+                top: 30,
+            },
             Request::RulesList,
             Request::RulesAdd {
                 toml: "[[rule]]\nid = \"a\"\n".into(),

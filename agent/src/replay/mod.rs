@@ -29,6 +29,7 @@ pub mod formats;
 mod input;
 mod pcap;
 pub mod reorder;
+pub mod run;
 #[cfg(test)]
 mod tests;
 
