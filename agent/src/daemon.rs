@@ -250,6 +250,9 @@ impl Daemon {
         tokio::spawn(capture::read_events(ring, tx, reader_overflow.clone()));
         let shutdown = CancellationToken::new();
         let (ctl_tx, control) = mpsc::channel(QUEUE_DEPTH);
+        if let Some(addr) = config.metrics_listen {
+            tokio::spawn(crate::metrics::serve(addr, ctl_tx.clone(), shutdown.clone()));
+        }
         tokio::spawn(server.run(ctl_tx, shutdown.clone()));
 
         tracing::info!(

@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod enforce;
 pub mod engine;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod replay;

@@ -2,6 +2,7 @@
 //! own set-up first.
 mod bench;
 mod demo;
+mod package;
 mod setup;
 mod test;
 
@@ -34,6 +35,9 @@ enum Task {
     },
     /// Set up if needed, then show precedent capturing a client's walk through an API.
     Demo,
+    /// Set up if needed, then build the .deb (release binary with the XDP program, systemd
+    /// unit, default config, completions, man page) under target/debian/ with cargo-deb.
+    Package,
     /// Nanoseconds per packet of the XDP program (BPF_PROG_TEST_RUN) vs an empty program.
     BenchXdp,
     /// HTTP requests per second through a veth pair with and without precedent attached.
@@ -54,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Task::Build => setup::ensure().and_then(|()| build_agent()).map(|_| ()),
         Task::Test { unit_only } => test::run(unit_only),
         Task::Demo => demo::run(),
+        Task::Package => package::run(),
         Task::BenchXdp => bench::xdp(),
         Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),
     };
@@ -78,10 +83,14 @@ pub fn workspace_root() -> PathBuf {
 pub fn build_agent() -> anyhow::Result<PathBuf> {
     step("building precedent");
     cargo(&["build", "--package", "precedent"])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join("debug/precedent"))
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("debug/precedent"))
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Runs cargo (the one that runs us) in the workspace root; fails if it fails.
