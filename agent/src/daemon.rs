@@ -251,7 +251,8 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let (ctl_tx, control) = mpsc::channel(QUEUE_DEPTH);
         if let Some(addr) = config.metrics_listen {
-            tokio::spawn(crate::metrics::serve(addr, ctl_tx.clone(), shutdown.clone()));
+            let metrics = crate::metrics::serve(addr, ctl_tx.clone(), shutdown.clone());
+            tokio::spawn(metrics);
         }
         tokio::spawn(server.run(ctl_tx, shutdown.clone()));
 

@@ -221,7 +221,10 @@ mod tests {
             // Nested subcommands and global options are completed too (fish spells long
             // options `-l socket`).
             assert!(text.contains("socket"), "{shell} completions lack --socket");
-            assert!(text.contains("suggest"), "{shell} completions lack rules suggest");
+            assert!(
+                text.contains("suggest"),
+                "{shell} completions lack rules suggest"
+            );
         }
     }
 
@@ -234,6 +237,9 @@ mod tests {
         for sub in ["daemon", "status", "rules", "blocks", "mode"] {
             assert!(text.contains(sub), "man page lacks {sub}");
         }
-        assert!(!text.contains("manpage"), "the hidden manpage subcommand leaked into the page");
+        assert!(
+            !text.contains("manpage"),
+            "the hidden manpage subcommand leaked into the page"
+        );
     }
 }

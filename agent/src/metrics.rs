@@ -376,8 +376,7 @@ impl Reply {
 }
 
 async fn serve_one(mut stream: TcpStream, control: &mpsc::Sender<ControlRequest>) {
-    let (reply, head_only) = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream)).await
-    {
+    let (reply, head_only) = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream)).await {
         Err(_) => (Reply::text(408, "no complete request in time\n"), false),
         Ok(Err(reply)) => (reply, false),
         Ok(Ok(None)) => return, // connected and closed: a port probe
@@ -632,7 +631,9 @@ mod tests {
                             break;
                         }
                     }
-                    let Some(eq) = eq else { return err("label without =") };
+                    let Some(eq) = eq else {
+                        return err("label without =");
+                    };
                     let lname = &body[start..eq];
                     if !is_name(lname, false) {
                         return err("bad label name");
@@ -664,7 +665,9 @@ mod tests {
                         _ => return err("expected , or } after a label"),
                     }
                 }
-                let Some(end) = end else { return err("unterminated label set") };
+                let Some(end) = end else {
+                    return err("unterminated label set");
+                };
                 rest = &body[end + 1..];
             }
             let Some(value) = rest.strip_prefix(' ') else {
@@ -772,7 +775,11 @@ mod tests {
     fn suspended_enforcement_shows_as_one() {
         let mut r = report();
         r.enforcement_suspended = Some("guard".into());
-        assert!(render(&r).lines().any(|l| l == "precedent_enforcement_suspended 1"));
+        assert!(
+            render(&r)
+                .lines()
+                .any(|l| l == "precedent_enforcement_suspended 1")
+        );
     }
 
     #[test]
@@ -837,11 +844,21 @@ mod tests {
     #[tokio::test]
     async fn get_metrics_returns_the_engines_status_as_prometheus_text() {
         let (addr, shutdown, mut peers) = start(true).await;
-        let reply = fetch(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n").await;
+        let reply = fetch(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+        )
+        .await;
         let (head, body) = reply.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
-        assert!(head.contains(&format!("Content-Type: {CONTENT_TYPE}")), "{head}");
-        assert!(head.contains(&format!("Content-Length: {}", body.len())), "{head}");
+        assert!(
+            head.contains(&format!("Content-Type: {CONTENT_TYPE}")),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
         assert_eq!(body, render(&report()));
         validate(body).unwrap();
 
@@ -854,7 +871,10 @@ mod tests {
         let reply = fetch(addr, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n").await;
         assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
         let reply = fetch(addr, b"HEAD /metrics HTTP/1.0\r\n\r\n").await;
-        assert!(reply.starts_with("HTTP/1.0 200") && reply.ends_with("\r\n\r\n"), "{reply}");
+        assert!(
+            reply.starts_with("HTTP/1.0 200") && reply.ends_with("\r\n\r\n"),
+            "{reply}"
+        );
         shutdown.cancel();
     }
 
@@ -864,7 +884,10 @@ mod tests {
         for (req, status) in [
             (&b"GET / HTTP/1.0\r\n\r\n"[..], "404"),
             (b"GET /metricsx HTTP/1.0\r\n\r\n", "404"),
-            (b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n", "405"),
+            (
+                b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+                "405",
+            ),
             (b"\x16\x03\x01 not http\r\n\r\n", "400"),
         ] {
             let reply = fetch(addr, req).await;

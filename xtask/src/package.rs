@@ -58,7 +58,8 @@ pub fn run() -> anyhow::Result<()> {
     step("building the .deb (cargo-deb)");
     let out_dir = target.join("debian");
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let path = std::env::join_paths(std::iter::once(deb_bin_dir).chain(std::env::split_paths(&path)))?;
+    let path =
+        std::env::join_paths(std::iter::once(deb_bin_dir).chain(std::env::split_paths(&path)))?;
     exec(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["deb", "--package", "precedent", "--no-build", "--output"])
