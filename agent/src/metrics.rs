@@ -33,6 +33,8 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time the engine owner has to answer `status` (Prometheus' default scrape timeout is 10s).
 const STATUS_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long an error reply waits for the client to stop sending before closing.
+const LINGER: Duration = Duration::from_secs(1);
 /// Scrapes served at once; more are answered 503 and closed.
 const MAX_CONNECTIONS: usize = 4;
 
@@ -101,11 +103,22 @@ pub fn render(report: &StatusReport) -> String {
     }
 
     // Userspace counters: one family each, except the per-reason parse skips, which share one
-    // family with a `reason` label (their sum is `precedent_agent_skipped_total`).
+    // family with a `reason` label (their sum is `precedent_agent_skipped_total`). That family
+    // is declared first so no other key can take its name.
     let (by_reason, plain): (Vec<_>, Vec<_>) = report
         .userspace_counters
         .iter()
         .partition(|(k, _)| k.starts_with("skipped_"));
+    let name = "precedent_agent_skipped_by_reason_total";
+    x.family(
+        name,
+        Kind::Counter,
+        "Requests the engine skipped, by reason.",
+    );
+    for (key, v) in by_reason {
+        let reason = &key["skipped_".len()..];
+        x.sample(name, &[("reason", reason)], v);
+    }
     for (key, v) in plain {
         let name = format!(
             "precedent_agent_{}_total",
@@ -117,16 +130,6 @@ pub fn render(report: &StatusReport) -> String {
         if x.family(&name, Kind::Counter, &help) {
             x.sample(&name, &[], v);
         }
-    }
-    let name = "precedent_agent_skipped_by_reason_total";
-    x.family(
-        name,
-        Kind::Counter,
-        "Requests the engine skipped, by reason.",
-    );
-    for (key, v) in by_reason {
-        let reason = &key["skipped_".len()..];
-        x.sample(name, &[("reason", reason)], v);
     }
 
     x.family(
@@ -393,6 +396,21 @@ async fn serve_one(mut stream: TcpStream, control: &mpsc::Sender<ControlRequest>
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "metrics reply not delivered"),
         Err(_) => tracing::debug!("metrics client did not read its reply in time"),
+    }
+    if reply.status != 200 {
+        // Lingering close: closing with unread input makes the kernel send RST, which can
+        // destroy the error reply before the client reads it. Drain a bounded amount first.
+        let mut sink = [0u8; 4096];
+        let drain = async {
+            let mut left = 16 * MAX_REQUEST_HEAD;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 }
 
@@ -788,6 +806,7 @@ mod tests {
         r.userspace_counters.insert("odd-key".into(), 1);
         r.userspace_counters.insert("odd.key".into(), 2);
         r.userspace_counters.insert("already_total".into(), 3);
+        r.userspace_counters.insert("skipped-by-reason".into(), 4);
         let text = render(&r);
         validate(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert!(text.contains("precedent_agent_odd_key_total 1"), "{text}");
