@@ -98,7 +98,7 @@ fn ensure_cargo_deb() -> anyhow::Result<PathBuf> {
         return Ok(root.join("bin"));
     }
     step(&format!(
-        "installing cargo-deb {CARGO_DEB_VERSION} into {} (cargo install --locked; about two minutes)",
+        "installing cargo-deb {CARGO_DEB_VERSION} into {} (cargo install --locked; a few minutes, once)",
         root.display()
     ));
     exec(
