@@ -3,6 +3,7 @@
 //!
 //! `precedent config check` runs exactly this validation without starting anything.
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -63,6 +64,10 @@ pub struct Config {
     /// Also print every captured request as a JSON line (`"kind":"request"`) on stdout, next
     /// to the alerts: for checking what precedent sees. Costly on a busy server.
     pub log_requests: bool,
+    /// Serve the `status` counters as Prometheus text on `http://ADDR/metrics` (off when
+    /// absent). Loopback addresses only: the endpoint has no authentication, so a scraper on
+    /// another host goes through a local agent or proxy.
+    pub metrics_listen: Option<SocketAddr>,
     /// An OpenAPI 3 document (JSON or YAML) whose paths become operation templates.
     pub openapi: Option<PathBuf>,
     pub http: HttpConfig,
@@ -97,6 +102,7 @@ impl Default for Config {
             socket: PathBuf::from(DEFAULT_SOCKET),
             log_format: LogFormat::Json,
             log_requests: false,
+            metrics_listen: None,
             openapi: None,
             http: engine.http,
             discovery: engine.discovery,
@@ -187,6 +193,18 @@ impl Config {
         }
         if self.ports.contains(&0) {
             return Err(invalid("ports", "port 0 is not a port".into()));
+        }
+        if let Some(addr) = self.metrics_listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{addr} is not a loopback address; the metrics endpoint has no \
+                     authentication, so use 127.0.0.1:{port} or [::1]:{port}",
+                    port = addr.port()
+                ),
+            ));
         }
         if let Some(p) = &self.openapi
             && !p.exists()
@@ -302,6 +320,15 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_by_default_and_take_loopback_addresses() {
+        assert_eq!(parse("").unwrap().metrics_listen, None);
+        for addr in ["127.0.0.1:9464", "127.0.0.2:1", "[::1]:9464"] {
+            let c = parse(&format!("metrics_listen = \"{addr}\"")).unwrap();
+            assert_eq!(c.metrics_listen, Some(addr.parse().unwrap()), "{addr}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_name() {
         let e = parse("interfacs = [\"eth0\"]").unwrap_err().to_string();
         assert!(e.contains("interfacs"), "{e}");
@@ -327,6 +354,11 @@ mod tests {
                 "rule",
             ),
             ("[session]\nn_max = 3", "n_max"),
+            ("metrics_listen = \"0.0.0.0:9464\"", "metrics_listen"),
+            ("metrics_listen = \"[::]:9464\"", "metrics_listen"),
+            ("metrics_listen = \"10.1.2.3:9464\"", "metrics_listen"),
+            ("metrics_listen = \"localhost:9464\"", "metrics_listen"),
+            ("metrics_listen = \"127.0.0.1\"", "metrics_listen"),
         ];
         for (text, key) in cases {
             let e = parse(text).unwrap_err().to_string();

@@ -250,6 +250,10 @@ impl Daemon {
         tokio::spawn(capture::read_events(ring, tx, reader_overflow.clone()));
         let shutdown = CancellationToken::new();
         let (ctl_tx, control) = mpsc::channel(QUEUE_DEPTH);
+        if let Some(addr) = config.metrics_listen {
+            let metrics = crate::metrics::serve(addr, ctl_tx.clone(), shutdown.clone());
+            tokio::spawn(metrics);
+        }
         tokio::spawn(server.run(ctl_tx, shutdown.clone()));
 
         tracing::info!(

@@ -15,6 +15,7 @@ pub mod enforce;
 pub mod engine;
 pub mod graph;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod replay;

@@ -1,7 +1,7 @@
 //! `precedent`: command-line entry point. Subcommands are thin; the work lives in the library.
 //! `daemon` runs the agent; the others (in `cli/`, one file per group) talk to it over the
 //! control socket.
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use std::path::PathBuf;
 
 mod cli;
@@ -69,6 +69,11 @@ enum Command {
     Model(cli::model::ModelArgs),
     /// Run access logs or captures through the engine offline: alerts on stdout, summary on stderr.
     Replay(cli::replay::ReplayArgs),
+    /// Print a shell completion script, e.g. `precedent completions bash > /etc/bash_completion.d/precedent`.
+    Completions(cli::generate::CompletionsArgs),
+    /// Print the man page (roff) on stdout; the package installs it as precedent(8).
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Subcommand)]
@@ -115,7 +120,10 @@ fn daemon_options(config: Option<PathBuf>, overrides: Overrides) -> anyhow::Resu
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Daemon { .. } | Command::Config { .. } => {}
+        Command::Daemon { .. }
+        | Command::Config { .. }
+        | Command::Completions(_)
+        | Command::Manpage => {}
         _ => init_logging(LogFormat::Text),
     }
     let result = match cli.command {
@@ -128,6 +136,13 @@ fn main() -> std::process::ExitCode {
         Command::Mode(a) => cli::mode::run(a),
         Command::Model(a) => cli::model::run(a),
         Command::Replay(a) => cli::replay::run(a),
+        Command::Completions(a) => {
+            cli::generate::completions(a.shell, &mut Cli::command(), &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpage => {
+            cli::generate::manpage(Cli::command(), &mut std::io::stdout()).map_err(Into::into)
+        }
         Command::Config {
             action: ConfigAction::Check { path },
         } => {
@@ -182,5 +197,52 @@ fn main() -> std::process::ExitCode {
             eprintln!("precedent: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+    use clap_complete::Shell;
+
+    use super::{Cli, cli::generate};
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_offer_the_subcommands() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut out = Vec::new();
+            generate::completions(shell, &mut Cli::command(), &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for sub in ["daemon", "status", "sequences", "blocks", "completions"] {
+                assert!(text.contains(sub), "{shell} completions lack {sub}");
+            }
+            // Nested subcommands and global options are completed too (fish spells long
+            // options `-l socket`).
+            assert!(text.contains("socket"), "{shell} completions lack --socket");
+            assert!(
+                text.contains("suggest"),
+                "{shell} completions lack rules suggest"
+            );
+        }
+    }
+
+    #[test]
+    fn man_page_is_section_8_and_lists_the_subcommands() {
+        let mut out = Vec::new();
+        generate::manpage(Cli::command(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(".TH PRECEDENT 8"), "{text}");
+        for sub in ["daemon", "status", "rules", "blocks", "mode"] {
+            assert!(text.contains(sub), "man page lacks {sub}");
+        }
+        assert!(
+            !text.contains("manpage"),
+            "the hidden manpage subcommand leaked into the page"
+        );
     }
 }

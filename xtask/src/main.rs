@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod eval;
+mod package;
 mod setup;
 mod test;
 
@@ -48,6 +49,9 @@ enum Task {
         #[arg(long, default_value_t = 200)]
         per_kind: usize,
     },
+    /// Set up if needed, then build the .deb (release binary with the XDP program, systemd
+    /// unit, default config, completions, man page) under target/debian/ with cargo-deb.
+    Package,
     /// Nanoseconds per packet of the XDP program (BPF_PROG_TEST_RUN) vs an empty program.
     BenchXdp,
     /// Time from an abusive request to the first dropped packet of its client (p50/p99).
@@ -75,6 +79,7 @@ fn main() -> std::process::ExitCode {
             seeds,
             per_kind,
         } => eval::run(data, seeds, per_kind),
+        Task::Package => package::run(),
         Task::BenchXdp => bench::xdp(),
         Task::BenchBlock => bench::block_latency(),
         Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),
@@ -100,10 +105,14 @@ pub fn workspace_root() -> PathBuf {
 pub fn build_agent() -> anyhow::Result<PathBuf> {
     step("building precedent");
     cargo(&["build", "--package", "precedent"])?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join("debug/precedent"))
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("debug/precedent"))
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// Runs cargo (the one that runs us) in the workspace root; fails if it fails.

@@ -1,5 +1,6 @@
 //! Control subcommands: each file turns its arguments into one control request and renders
 //! the daemon's answer, as a table by default or as the raw `data` payload with `--json`.
+//! `generate` is the exception: completions and the man page, which need no daemon.
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -11,6 +12,7 @@ use serde_json::Value;
 
 pub mod blocks;
 pub mod endpoints;
+pub mod generate;
 pub mod mode;
 pub mod model;
 pub mod replay;
