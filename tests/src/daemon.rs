@@ -141,6 +141,10 @@ impl Daemon {
         out
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The control socket of this daemon (for `precedent status --socket ...`).
     pub fn socket(&self) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join("control.sock"))

@@ -283,3 +283,100 @@ fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// `cargo xtask bench-memory`: the daemon's resident memory idle, and after 1,000,000 requests
+/// from 100,000 sessions (each a distinct bearer token) sent through the veth pair.
+pub fn memory(requests: u64, sessions: u64) -> anyhow::Result<()> {
+    setup::ensure()?;
+    require_root("bench-memory")?;
+    step("building precedent (release)");
+    cargo(&["build", "--release", "--package", "precedent"])?;
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release/precedent");
+    let net = TestNet::new("benchmem", 75)?;
+    let server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT))?;
+    let daemon = Daemon::start_discarding_stdout(
+        &bin,
+        &["daemon", "--iface", &net.host_if, "--mode", "detect"],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = daemon.pid();
+    let idle = rss_kib(pid)?;
+    step(&format!(
+        "{requests} requests from {sessions} sessions, {CLIENTS} keep-alive connections"
+    ));
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    let started = Instant::now();
+    let per_client = requests / CLIENTS as u64;
+    net.run_in_ns(move || {
+        let threads: Vec<_> = (0..CLIENTS as u64)
+            .map(|c| {
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let mut s = TcpStream::connect(target)?;
+                    s.set_nodelay(true)?;
+                    let mut buf = [0u8; 256];
+                    let paths = ["/api/v1/auth", "/api/v1/users/7/accounts", "/api/v1/accounts/9/balance", "/api/v1/transferFunds"];
+                    for i in 0..per_client {
+                        let n = c * per_client + i;
+                        // Sessions interleave so that all of them stay live at once.
+                        let session = n % sessions;
+                        let path = paths[((n / sessions) % paths.len() as u64) as usize];
+                        let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer session-{session}\r\n\r\n");
+                        s.write_all(req.as_bytes())?;
+                        let mut got = Vec::with_capacity(96);
+                        while !got.ends_with(b"\r\n\r\nok") {
+                            let n = s.read(&mut buf)?;
+                            if n == 0 {
+                                return Ok(());
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    })?;
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(pid)?;
+    let status = std::process::Command::new(&bin)
+        .args(["status", "--json", "--socket"])
+        .arg(daemon.socket().unwrap_or_default())
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+    println!("daemon resident memory (VmRSS)");
+    println!("  idle:                             {:>8} KiB", idle);
+    println!("  after {requests} requests:      {:>8} KiB", after);
+    println!(
+        "  requests analysed {} (served {} in {:.1}s), sessions live {}, evicted {}, model contexts {}, model bytes {}",
+        v["userspace_counters"]["requests"],
+        server.served(),
+        elapsed.as_secs_f64(),
+        v["sessions_live"],
+        v["userspace_counters"]["sessions_evicted"],
+        v["model"]["contexts"],
+        v["model"]["bytes"]
+    );
+    println!(
+        "  kernel: captured {}, ring buffer full {}; engine overflow {}",
+        v["kernel_counters"]["captured"],
+        v["kernel_counters"]["ringbuf_full"],
+        v["userspace_counters"]["engine_overflow"]
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))
+}

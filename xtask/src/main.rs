@@ -56,6 +56,13 @@ enum Task {
     BenchXdp,
     /// Time from an abusive request to the first dropped packet of its client (p50/p99).
     BenchBlock,
+    /// The daemon's resident memory idle and after many requests from many sessions.
+    BenchMemory {
+        #[arg(long, default_value_t = 1_000_000)]
+        requests: u64,
+        #[arg(long, default_value_t = 100_000)]
+        sessions: u64,
+    },
     /// HTTP requests per second through a veth pair with and without precedent attached.
     BenchE2e {
         /// Seconds per measurement round.
@@ -82,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Task::Package => package::run(),
         Task::BenchXdp => bench::xdp(),
         Task::BenchBlock => bench::block_latency(),
+        Task::BenchMemory { requests, sessions } => bench::memory(requests, sessions),
         Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),
     };
     match result {
