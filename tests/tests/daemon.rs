@@ -148,6 +148,12 @@ block_ttl = "10m"
     let status = cli(&socket, &["status"]);
     assert_eq!(status["mode"], "enforce");
     assert_eq!(status["blocks_active"], 1);
+    // Counters match the traffic: 3 customer requests and 2 attacker requests were analysed;
+    // the attacker's third never got past XDP.
+    assert_eq!(status["kernel_counters"]["captured"], 5, "{status}");
+    assert_eq!(status["userspace_counters"]["requests"], 5, "{status}");
+    assert_eq!(status["userspace_counters"]["blocks_ordered"], 1, "{status}");
+    assert_eq!(status["alerts_by_signal"]["rule:transfer-needs-balance"], 1, "{status}");
     assert!(
         status["kernel_counters"]["blocked"].as_u64().unwrap() > 0,
         "{status}"
@@ -242,6 +248,7 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
         &state_s,
     ];
     let target = SocketAddr::new(net.host_ip.into(), PORT);
+    let sequences_before;
     {
         let daemon = Daemon::start(&precedent_bin(), &args).unwrap();
         let socket = daemon.socket().unwrap();
@@ -257,7 +264,9 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
         .unwrap();
         std::thread::sleep(Duration::from_millis(200));
         cli(&socket, &["rules", "add", &write_rule(&dir)]);
+        cli(&socket, &["blocks", "add", "192.0.2.0/24", "--ttl", "1h"]);
         assert_eq!(cli(&socket, &["endpoints"]).as_array().unwrap().len(), 3);
+        sequences_before = cli(&socket, &["sequences"]);
     } // SIGTERM: state saved at exit
     assert!(state.join("model.state").exists());
     {
