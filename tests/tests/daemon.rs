@@ -152,8 +152,14 @@ block_ttl = "10m"
     // the attacker's third never got past XDP.
     assert_eq!(status["kernel_counters"]["captured"], 5, "{status}");
     assert_eq!(status["userspace_counters"]["requests"], 5, "{status}");
-    assert_eq!(status["userspace_counters"]["blocks_ordered"], 1, "{status}");
-    assert_eq!(status["alerts_by_signal"]["rule:transfer-needs-balance"], 1, "{status}");
+    assert_eq!(
+        status["userspace_counters"]["blocks_ordered"], 1,
+        "{status}"
+    );
+    assert_eq!(
+        status["alerts_by_signal"]["rule:transfer-needs-balance"], 1,
+        "{status}"
+    );
     assert!(
         status["kernel_counters"]["blocked"].as_u64().unwrap() > 0,
         "{status}"

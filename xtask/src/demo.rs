@@ -47,13 +47,17 @@ fn bank(method: &str, path: &str) -> (u16, String) {
     }
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(offline: bool) -> anyhow::Result<()> {
     setup::ensure()?;
     let bin = build_agent()?;
+    if offline {
+        return replay_story(&bin);
+    }
     if !is_root() {
-        anyhow::bail!(
-            "the demo attaches XDP to veth pairs in private network namespaces and needs root: rerun as root (sudo -E cargo xtask demo)"
+        eprintln!(
+            "not root: the live demo attaches XDP in private network namespaces; running the same story through `precedent replay` instead"
         );
+        return replay_story(&bin);
     }
 
     step(
@@ -251,6 +255,136 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The story without root: the same customers and attacks written as an access log (combined
+/// format, one address per client) and run through `precedent replay` in enforce mode.
+fn replay_story(bin: &std::path::Path) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("precedent-demo-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("access.log");
+    let mut lines = Vec::new();
+    let mut t: u64 = 1_795_000_000; // traffic time, Unix seconds
+    let customer_walk = |lines: &mut Vec<String>, i: u64, t: &mut u64| {
+        let client = format!("10.1.{}.{}", i / 200, i % 200 + 1);
+        for (m, p) in customer_requests(i) {
+            *t += 1;
+            log_line(lines, &client, m, &p, *t);
+        }
+        *t += 30;
+    };
+    for i in 0..LEARNING_CUSTOMERS {
+        customer_walk(&mut lines, i, &mut t);
+    }
+    let learning = lines.len();
+    let attacks: [(&str, Vec<(&str, String)>); 3] = [
+        (
+            "203.0.113.2",
+            vec![
+                ("POST", "/api/v1/auth".into()),
+                ("GET", "/api/v1/users/77/accounts".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+            ],
+        ),
+        (
+            "203.0.113.3",
+            vec![
+                ("POST", "/api/v1/auth".into()),
+                ("GET", "/api/v1/users/78/accounts".into()),
+                ("GET", "/api/v1/accounts/9001/balance".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+            ],
+        ),
+        (
+            "203.0.113.4",
+            std::iter::once(("POST", "/api/v1/auth".to_string()))
+                .chain((7000..7030).map(|id| ("GET", format!("/api/v1/accounts/{id}/balance"))))
+                .collect(),
+        ),
+    ];
+    for (k, (client, requests)) in attacks.iter().enumerate() {
+        for i in 0..50 {
+            customer_walk(&mut lines, LEARNING_CUSTOMERS + k as u64 * 50 + i, &mut t);
+        }
+        for (m, p) in requests {
+            t += 1;
+            log_line(&mut lines, client, m, p, t);
+        }
+    }
+    std::fs::write(&log, lines.join("\n") + "\n")?;
+    step(&format!(
+        "precedent replay {} --mode enforce --warmup {learning}  ({} lines: {LEARNING_CUSTOMERS} customers to learn from, then customers and three attackers)",
+        log.display(),
+        lines.len()
+    ));
+    let out = Command::new(bin)
+        .arg("replay")
+        .arg(&log)
+        .args([
+            "--mode",
+            "enforce",
+            "--warmup",
+            &learning.to_string(),
+            "--no-progress",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "precedent replay failed");
+    let alerts: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    println!("\nAlerts ({}):", alerts.len());
+    for a in &alerts {
+        print_alert(a);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let blocked: std::collections::BTreeSet<&str> = alerts
+        .iter()
+        .filter(|a| a["action"] == "block")
+        .filter_map(|a| a["client"].as_str())
+        .collect();
+    println!("\nwould-be blocks: {blocked:?}");
+    anyhow::ensure!(
+        blocked.iter().all(|c| c.starts_with("203.0.113.")),
+        "a customer would have been blocked"
+    );
+    anyhow::ensure!(
+        blocked.len() == 3,
+        "not every attacker would have been blocked"
+    );
+    Ok(())
+}
+
+/// One combined-format access log line at Unix second `t`.
+fn log_line(lines: &mut Vec<String>, client: &str, method: &str, path: &str, t: u64) {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (days, rem) = (t / 86_400, t % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    lines.push(format!(
+        "{client} - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"{method} {path} HTTP/1.1\" 200 42 \"-\" \"demo\"",
+        MONTHS[(m - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ));
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 /// Customers `ids` walk the API (4 at a time), each on its own keep-alive connection.
 fn walk_customers(
     ns: &str,
@@ -287,6 +421,19 @@ fn walk_customers(
 
 /// One customer's visit; returns the number of requests served.
 fn customer(target: SocketAddr, i: u64) -> std::io::Result<u64> {
+    let walk = customer_requests(i);
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let token = format!("customer-{i}");
+    for (m, p) in &walk {
+        exchange(&mut s, &token, m, p, false)?;
+    }
+    Ok(walk.len() as u64)
+}
+
+/// What customer `i` requests: sign in, list accounts, look at balances, maybe transfer (always
+/// after a balance lookup), maybe look at transactions, sign out.
+fn customer_requests(i: u64) -> Vec<(&'static str, String)> {
     let mut rng = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut roll = |n: u64| {
         rng ^= rng << 13;
@@ -310,13 +457,7 @@ fn customer(target: SocketAddr, i: u64) -> std::io::Result<u64> {
         walk.push(("GET", format!("/api/v1/accounts/{acct}/transactions")));
     }
     walk.push(("POST", "/api/v1/logout".into()));
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let token = format!("customer-{i}");
-    for (m, p) in &walk {
-        exchange(&mut s, &token, m, p, false)?;
-    }
-    Ok(walk.len() as u64)
+    walk
 }
 
 fn request_from(

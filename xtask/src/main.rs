@@ -34,8 +34,12 @@ enum Task {
         #[arg(long)]
         unit_only: bool,
     },
-    /// Set up if needed, then show precedent capturing a client's walk through an API.
-    Demo,
+    /// Set up if needed, then tell the whole story: customers, learning, attacks, blocks.
+    Demo {
+        /// Run the story offline through `precedent replay` (what happens without root).
+        #[arg(long)]
+        replay: bool,
+    },
     /// Labelled detection benchmark: FIFA sessions as normal traffic, injected attacks, per kind
     /// detection at 0.1% and 1% false positives (no root needed).
     Eval {
@@ -80,7 +84,7 @@ fn main() -> std::process::ExitCode {
         Task::Setup => setup::run(),
         Task::Build => setup::ensure().and_then(|()| build_agent()).map(|_| ()),
         Task::Test { unit_only } => test::run(unit_only),
-        Task::Demo => demo::run(),
+        Task::Demo { replay } => demo::run(replay),
         Task::Eval {
             data,
             seeds,
