@@ -17,8 +17,28 @@ pub struct Entry {
     pub next: Op,
     /// Occurrences in the window (sum of `buckets`).
     pub k: u32,
+    /// Slot of the context this transition leads to (this context extended by `next`), so a
+    /// session's next walk needs no hash lookups. A hint: checked against the slot's key before use.
+    #[serde(skip)]
+    pub(super) link: Link,
     /// (bucket epoch, count), oldest first.
     buckets: SmallVec<[(u32, u32); 1]>,
+}
+
+/// A cached slot id (`NO_SLOT` when unknown). Not model state: not saved, not compared.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Link(pub(super) u32);
+
+impl Default for Link {
+    fn default() -> Self {
+        Link(super::NO_SLOT)
+    }
+}
+
+impl PartialEq for Link {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// A context: the operations on the path from the root, newest first (the root is the empty context).
@@ -72,7 +92,7 @@ impl Node {
         &self.entries
     }
 
-    fn position(&self, next: Op) -> Option<usize> {
+    pub(super) fn position(&self, next: Op) -> Option<usize> {
         match &self.index {
             Some(ix) => ix.get(&next).map(|&i| i as usize),
             None => self.entries.iter().position(|e| e.next == next),
@@ -91,13 +111,15 @@ impl Node {
 
     /// Records one occurrence of `next` in bucket `epoch`; `window` buckets are kept, so older
     /// pairs of this entry are dropped on the spot, which bounds an entry even without `maintain`.
-    pub(super) fn record(&mut self, next: Op, epoch: u32, window: u32) {
+    /// Returns the entry's position.
+    pub(super) fn record(&mut self, next: Op, epoch: u32, window: u32) -> usize {
         let i = match self.position(next) {
             Some(i) => i,
             None => {
                 self.entries.push(Entry {
                     next,
                     k: 0,
+                    link: Link::default(),
                     buckets: SmallVec::new(),
                 });
                 let i = self.entries.len() - 1;
@@ -124,6 +146,16 @@ impl Node {
         e.k = e.k.saturating_add(1);
         self.n = self.n.saturating_add(1);
         self.max_k = self.max_k.max(e.k);
+        i
+    }
+
+    /// The cached link of the entry at `i`.
+    pub(super) fn link(&self, i: usize) -> u32 {
+        self.entries[i].link.0
+    }
+
+    pub(super) fn set_link(&mut self, i: usize, slot: u32) {
+        self.entries[i].link = Link(slot);
     }
 
     /// Drops counts from buckets that left the window. Returns the number of entries examined (the
