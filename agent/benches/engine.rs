@@ -263,19 +263,23 @@ fn synthetic_path(op: u32, id: u64) -> String {
 }
 
 fn engine() -> Engine {
-    let cfg = EngineConfig::default();
-    Engine::new(&cfg, RuleFile::default(), [7; 16], Mode::Detect).expect("engine")
+    engine_in(Mode::Detect)
 }
 
-fn throughput_report(w: &Workload) -> Engine {
-    let mut e = engine();
+fn engine_in(mode: Mode) -> Engine {
+    let cfg = EngineConfig::default();
+    Engine::new(&cfg, RuleFile::default(), [7; 16], mode).expect("engine")
+}
+
+fn throughput_report(w: &Workload, mode: Mode) -> Engine {
+    let mut e = engine_in(mode);
     let t = Instant::now();
     let alerts = w.run(&mut e);
     let s = t.elapsed().as_secs_f64();
     let mem = e.model().memory();
     println!(
         "  {:<10} {:>9} requests, {:>6} sessions: {:>10.0} requests/s ({:>6.0} ns/request) \
-         one pass from an empty engine, detect mode; {} operations discovered ({} distinct \
+         one pass from an empty engine, {mode:?} mode; {} operations discovered ({} distinct \
          in the input), {} contexts, {} alerts",
         w.name,
         w.len(),
@@ -366,15 +370,16 @@ fn main() {
          learn → signals), maintain every {MAINTAIN_EVERY} requests, {CONCURRENT} sessions \
          interleaved, one core"
     );
-    let e = throughput_report(&fifa);
-    assert_eq!(
-        e.discovery().len(),
-        fifa.distinct_ops,
-        "discovery must keep every FIFA page a distinct operation"
-    );
-    drop(e);
-    let e = throughput_report(&syn);
-    drop(e);
+    for mode in [Mode::Detect, Mode::Learn] {
+        let e = throughput_report(&fifa, mode);
+        assert_eq!(
+            e.discovery().len(),
+            fifa.distinct_ops,
+            "discovery must keep every FIFA page a distinct operation"
+        );
+        drop(e);
+        drop(throughput_report(&syn, mode));
+    }
 
     println!("memory:");
     println!(

@@ -468,8 +468,14 @@ impl Model {
                 self.stats.key_collisions += 1;
                 break;
             }
+            // One search of the entries serves both scoring and learning.
+            let at = if (score && node.n > 0) || learn {
+                node.position(next)
+            } else {
+                None
+            };
             if score && node.n > 0 {
-                let k = node.count(next);
+                let k = node.count_at(at);
                 let t = f64::from(node.distinct());
                 let n = f64::from(node.n);
                 predictive = (f64::from(k) + t * predictive) / (n + t);
@@ -479,7 +485,7 @@ impl Model {
                 }
             }
             if learn {
-                let i = node.record(next, self.epoch, self.cfg.buckets);
+                let i = node.record_at(at, next, self.epoch, self.cfg.buckets);
                 node.referenced = true;
                 if linking && depth < CURSOR_DEPTH {
                     let mut to = node.link(i);
