@@ -357,6 +357,12 @@ impl Model {
         self.walk(history, next, true, false);
     }
 
+    /// [`Model::learn`] for a session that keeps a [`Cursor`] (see [`Model::observe_with`]).
+    pub fn learn_with(&mut self, history: &[Op], next: Op, now_ns: u64, cursor: &mut Cursor) {
+        self.advance_epoch(now_ns);
+        self.walk_with(history, next, true, false, Some(cursor), None);
+    }
+
     /// Scores `next` after `history` without learning it.
     pub fn score(&mut self, history: &[Op], next: Op) -> Transition {
         self.walk(history, next, false, true)
