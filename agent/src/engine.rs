@@ -384,7 +384,15 @@ impl Core {
                     model.learn_run(discovery.canonical(prev.op).0, prev.count);
                 }
                 // Score first, then learn (one walk of the context trie).
-                let t = model.observe(&context, op.0, ts_ns);
+                // The session's cursor spares the walk its hash lookups; intervals are only
+                // needed for transitions that could be confidently rare.
+                let t = model.observe_with(
+                    &context,
+                    op.0,
+                    ts_ns,
+                    &mut session.cursor,
+                    signals.rare_upper_bound,
+                );
                 session.surprise.push(t.surprise_bits);
                 if alerting {
                     if let Some(r) = confidently_rare(&t, signals) {

@@ -288,6 +288,9 @@ pub struct Session {
     /// Bits the engine sets for once-per-session alerts (so a signal does not fire on every
     /// later step of the same session).
     pub alerted: u8,
+    /// Where the model's walk for this session's next step starts (a cache of slots, not state).
+    #[serde(skip)]
+    pub cursor: crate::model::Cursor,
     steps: VecDeque<Step>,
     /// Sorted, capped set of operations seen in this session.
     ops_seen: SmallVec<[OpId; 16]>,
@@ -305,6 +308,7 @@ impl Session {
             request_count: 0,
             surprise: crate::model::SessionSurprise::default(),
             alerted: 0,
+            cursor: crate::model::Cursor::default(),
             steps: VecDeque::with_capacity(history_cap),
             ops_seen: SmallVec::new(),
             ops_seen_full: false,

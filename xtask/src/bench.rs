@@ -1,5 +1,6 @@
-//! Benchmarks that print figures: `bench-xdp` (per-packet cost in the kernel) and `bench-e2e`
-//! (HTTP throughput through a veth pair with and without precedent attached).
+//! Benchmarks that print figures: `bench-xdp` (per-packet cost in the kernel), `bench-e2e`
+//! (HTTP throughput through a veth pair with and without precedent attached) and `bench-engine`
+//! (the detection engine alone, on one core).
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -13,13 +14,31 @@ use std::{
 
 use precedent_tests::{Daemon, HttpServer, TestNet};
 
-use crate::{cargo, is_root, setup, step, workspace_root};
+use crate::{cargo, exec, is_root, setup, step, workspace_root};
 
 pub fn xdp() -> anyhow::Result<()> {
     setup::ensure()?;
     require_root("bench-xdp")?;
     step("cargo bench -p precedent-tests --bench xdp");
     cargo(&["bench", "--package", "precedent-tests", "--bench", "xdp"])
+}
+
+/// Runs the engine bench, then the model bench (the side-by-side with anomaly-grid), in release.
+/// Neither needs the eBPF object, so its build is skipped (no nightly toolchain, no root).
+pub fn engine() -> anyhow::Result<()> {
+    for bench in ["engine", "model"] {
+        step(&format!(
+            "AYA_BUILD_SKIP=1 cargo bench --package precedent --bench {bench}"
+        ));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        exec(
+            std::process::Command::new(cargo)
+                .args(["bench", "--package", "precedent", "--bench", bench])
+                .env("AYA_BUILD_SKIP", "1")
+                .current_dir(workspace_root()),
+        )?;
+    }
+    Ok(())
 }
 
 /// Concurrent keep-alive clients generating load.

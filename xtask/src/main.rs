@@ -76,6 +76,9 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// The detection engine on one core: requests/s (FIFA sessions and a synthetic API), memory
+    /// per session and context, and the model side by side with anomaly-grid (no root needed).
+    BenchEngine,
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +98,7 @@ fn main() -> std::process::ExitCode {
         Task::BenchBlock => bench::block_latency(),
         Task::BenchMemory { requests, sessions } => bench::memory(requests, sessions),
         Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),
+        Task::BenchEngine => bench::engine(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

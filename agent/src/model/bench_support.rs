@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Model, Op};
+use super::{Cursor, Model, Op};
 
 /// ../shared/data/fifa-sessions.dat relative to the repository root.
 pub fn fifa_path() -> PathBuf {
@@ -39,12 +39,14 @@ pub fn load_sessions(path: &Path) -> Result<Vec<Vec<Op>>, String> {
 }
 
 /// Learns every step of every session (the first with an empty history), calling `maintain` every
-/// 1024 steps (a daemon at 1M requests/s calling it each millisecond). Returns the number of steps learned.
+/// 1024 steps (a daemon at 1M requests/s calling it each millisecond). Each session keeps a
+/// [`Cursor`], as the engine's sessions do. Returns the number of steps learned.
 pub fn train(model: &mut Model, sessions: &[Vec<Op>], now_ns: u64) -> u64 {
     let mut steps = 0u64;
     for s in sessions {
+        let mut cursor = Cursor::default();
         for i in 0..s.len() {
-            model.learn(&s[..i], s[i], now_ns);
+            model.learn_with(&s[..i], s[i], now_ns, &mut cursor);
             steps += 1;
             if steps.is_multiple_of(1024) {
                 model.maintain(now_ns);

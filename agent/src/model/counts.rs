@@ -2,7 +2,6 @@
 //! window slides. An entry stores its window total plus the (bucket, count) pairs behind it; most
 //! entries live in one bucket, so the first pair is stored inline.
 
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
@@ -17,8 +16,28 @@ pub struct Entry {
     pub next: Op,
     /// Occurrences in the window (sum of `buckets`).
     pub k: u32,
+    /// Slot of the context this transition leads to (this context extended by `next`), so a
+    /// session's next walk needs no hash lookups. A hint: checked against the slot's key before use.
+    #[serde(skip)]
+    pub(super) link: Link,
     /// (bucket epoch, count), oldest first.
     buckets: SmallVec<[(u32, u32); 1]>,
+}
+
+/// A cached slot id (`NO_SLOT` when unknown). Not model state: not saved, not compared.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Link(pub(super) u32);
+
+impl Default for Link {
+    fn default() -> Self {
+        Link(super::NO_SLOT)
+    }
+}
+
+impl PartialEq for Link {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// A context: the operations on the path from the root, newest first (the root is the empty context).
@@ -46,7 +65,9 @@ pub struct Node {
     pub max_k: u32,
     entries: SmallVec<[Entry; 1]>,
     /// next op → position in `entries`, only for contexts with many distinct next operations.
-    index: Option<Box<FxHashMap<Op, u32>>>,
+    /// Saved as the map it replaced (op → position), so state files keep their format.
+    #[serde(with = "op_index_serde")]
+    index: Option<OpIndex>,
 }
 
 impl Node {
@@ -72,16 +93,21 @@ impl Node {
         &self.entries
     }
 
-    fn position(&self, next: Op) -> Option<usize> {
+    pub(super) fn position(&self, next: Op) -> Option<usize> {
         match &self.index {
-            Some(ix) => ix.get(&next).map(|&i| i as usize),
+            Some(ix) => ix.get(next),
             None => self.entries.iter().position(|e| e.next == next),
         }
     }
 
     /// Occurrences of `next` in this context over the window.
     pub fn count(&self, next: Op) -> u32 {
-        self.position(next).map_or(0, |i| self.entries[i].k)
+        self.count_at(self.position(next))
+    }
+
+    /// The count of the entry at `at` (from [`Node::position`]), 0 for none.
+    pub(super) fn count_at(&self, at: Option<usize>) -> u32 {
+        at.map_or(0, |i| self.entries[i].k)
     }
 
     /// Distinct next operations seen in this context.
@@ -91,20 +117,37 @@ impl Node {
 
     /// Records one occurrence of `next` in bucket `epoch`; `window` buckets are kept, so older
     /// pairs of this entry are dropped on the spot, which bounds an entry even without `maintain`.
-    pub(super) fn record(&mut self, next: Op, epoch: u32, window: u32) {
-        let i = match self.position(next) {
+    /// Returns the entry's position.
+    #[cfg(test)]
+    pub(super) fn record(&mut self, next: Op, epoch: u32, window: u32) -> usize {
+        let at = self.position(next);
+        self.record_at(at, next, epoch, window)
+    }
+
+    /// [`Node::record`] with `next`'s position already found (`self.position(next)`), so a walk
+    /// that scored `next` here does not search the entries twice.
+    pub(super) fn record_at(
+        &mut self,
+        at: Option<usize>,
+        next: Op,
+        epoch: u32,
+        window: u32,
+    ) -> usize {
+        debug_assert_eq!(at, self.position(next));
+        let i = match at {
             Some(i) => i,
             None => {
                 self.entries.push(Entry {
                     next,
                     k: 0,
+                    link: Link::default(),
                     buckets: SmallVec::new(),
                 });
                 let i = self.entries.len() - 1;
-                if let Some(ix) = &mut self.index {
-                    ix.insert(next, i as u32);
-                } else if self.entries.len() > INDEX_ABOVE {
-                    self.rebuild_index();
+                match &mut self.index {
+                    Some(ix) if ix.has_room(i + 1) => ix.insert(next, i),
+                    _ if self.entries.len() > INDEX_ABOVE => self.rebuild_index(),
+                    _ => {}
                 }
                 i
             }
@@ -124,6 +167,16 @@ impl Node {
         e.k = e.k.saturating_add(1);
         self.n = self.n.saturating_add(1);
         self.max_k = self.max_k.max(e.k);
+        i
+    }
+
+    /// The cached link of the entry at `i`.
+    pub(super) fn link(&self, i: usize) -> u32 {
+        self.entries[i].link.0
+    }
+
+    pub(super) fn set_link(&mut self, i: usize, slot: u32) {
+        self.entries[i].link = Link(slot);
     }
 
     /// Drops counts from buckets that left the window. Returns the number of entries examined (the
@@ -149,13 +202,10 @@ impl Node {
 
     fn rebuild_index(&mut self) {
         if self.entries.len() > INDEX_ABOVE {
-            let ix = self
-                .entries
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (e.next, i as u32))
-                .collect();
-            self.index = Some(Box::new(ix));
+            self.index = Some(OpIndex::build(
+                self.entries.len(),
+                self.entries.iter().map(|e| e.next),
+            ));
         } else {
             self.index = None;
         }
@@ -184,10 +234,101 @@ impl Node {
             }
         }
         if let Some(ix) = &self.index {
-            // hashbrown: key + value + one control byte per bucket, at 7/8 load.
-            b += ix.capacity() * (std::mem::size_of::<(Op, u32)>() + 1) * 8 / 7;
+            b += ix.slots.len() * std::mem::size_of::<(u32, u32)>();
         }
         b
+    }
+}
+
+/// next op → position in a node's entries: open addressing with linear probing over a
+/// power-of-two table of (op + 1, position) pairs (0 = empty), at most half full. A lookup
+/// costs one cache line in the common case, where a boxed general map costs three (the box,
+/// a control group, a bucket): the walk is memory-latency bound and wide contexts are hot.
+#[derive(Clone, Debug)]
+pub(super) struct OpIndex {
+    slots: Box<[(u32, u32)]>,
+    shift: u32,
+}
+
+/// Derived from the entries, so two nodes with equal entries have equivalent indexes.
+impl PartialEq for OpIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl OpIndex {
+    fn build(len: usize, ops: impl Iterator<Item = Op>) -> Self {
+        let cap = (len * 2).next_power_of_two().max(32);
+        let mut ix = OpIndex {
+            slots: vec![(0, 0); cap].into_boxed_slice(),
+            shift: 64 - cap.trailing_zeros(),
+        };
+        for (i, op) in ops.enumerate() {
+            ix.insert(op, i);
+        }
+        ix
+    }
+
+    /// Fibonacci hashing: ops are dense small ids, the multiply spreads them.
+    fn home(&self, op: Op) -> usize {
+        ((u64::from(op).wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    fn has_room(&self, len: usize) -> bool {
+        len * 2 <= self.slots.len()
+    }
+
+    fn get(&self, op: Op) -> Option<usize> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(op);
+        loop {
+            let (tag, pos) = self.slots[i];
+            if tag == op.wrapping_add(1) {
+                return Some(pos as usize);
+            }
+            if tag == 0 {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn insert(&mut self, op: Op, pos: usize) {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(op);
+        while self.slots[i].0 != 0 && self.slots[i].0 != op.wrapping_add(1) {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = (op.wrapping_add(1), pos as u32);
+    }
+}
+
+/// The index as the `op → position` map earlier versions saved.
+mod op_index_serde {
+    use rustc_hash::FxHashMap;
+    use serde::{Deserialize as _, Deserializer, Serialize as _, Serializer};
+
+    use super::{Op, OpIndex};
+
+    pub fn serialize<S: Serializer>(ix: &Option<OpIndex>, s: S) -> Result<S::Ok, S::Error> {
+        let map: Option<FxHashMap<Op, u32>> = ix.as_ref().map(|ix| {
+            ix.slots
+                .iter()
+                .filter(|(tag, _)| *tag != 0)
+                .map(|&(tag, pos)| (tag.wrapping_sub(1), pos))
+                .collect()
+        });
+        map.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OpIndex>, D::Error> {
+        let map = Option::<FxHashMap<Op, u32>>::deserialize(d)?;
+        Ok(map.map(|m| {
+            let mut pairs: Vec<(u32, Op)> = m.into_iter().map(|(op, pos)| (pos, op)).collect();
+            pairs.sort_unstable();
+            OpIndex::build(pairs.len(), pairs.into_iter().map(|(_, op)| op))
+        }))
     }
 }
 
@@ -205,6 +346,8 @@ fn drop_expired(buckets: &mut SmallVec<[(u32, u32); 1]>, epoch: u32, window: u32
 
 #[cfg(test)]
 mod tests {
+    use rustc_hash::FxHashMap;
+
     use super::*;
 
     #[test]
@@ -246,5 +389,63 @@ mod tests {
             assert_eq!(n.count(op), op % 3 + 1);
         }
         assert_eq!(n.max_k, 3);
+    }
+
+    #[test]
+    fn the_index_is_saved_as_the_map_it_replaced_and_restored_from_it() {
+        let mut n = Node::new(0, 0, 0, 1);
+        for op in (0..300).rev() {
+            n.record(op * 7, 0, 24);
+        }
+        let bytes = postcard::to_stdvec(&n).unwrap();
+        // Same encoding as the field's former type.
+        #[derive(Serialize)]
+        struct Old<'a> {
+            parent: u32,
+            op: Op,
+            key: u64,
+            depth: u8,
+            live: bool,
+            referenced: bool,
+            collapsed: bool,
+            retained_children: u32,
+            children: u32,
+            n: u32,
+            max_k: u32,
+            entries: &'a SmallVec<[Entry; 1]>,
+            index: Option<Box<FxHashMap<Op, u32>>>,
+        }
+        let old: Node = postcard::from_bytes(
+            &postcard::to_stdvec(&Old {
+                parent: n.parent,
+                op: n.op,
+                key: n.key,
+                depth: n.depth,
+                live: n.live,
+                referenced: n.referenced,
+                collapsed: n.collapsed,
+                retained_children: n.retained_children,
+                children: n.children,
+                n: n.n,
+                max_k: n.max_k,
+                entries: &n.entries,
+                index: Some(Box::new(
+                    n.entries
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| (e.next, i as u32))
+                        .collect(),
+                )),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        let back: Node = postcard::from_bytes(&bytes).unwrap();
+        for m in [&old, &back] {
+            for op in 0..2200 {
+                let want = if op % 7 == 0 && op / 7 < 300 { 1 } else { 0 };
+                assert_eq!(m.count(op), want, "op {op}");
+            }
+        }
     }
 }

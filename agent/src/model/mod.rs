@@ -33,6 +33,9 @@ pub const NO_SLOT: u32 = u32::MAX;
 const ROOT: u32 = 0;
 /// Hard limit on `max_order`: depths are stored in a byte and walks use a stack array.
 pub const MAX_ORDER_LIMIT: usize = 32;
+/// Depths a session's [`Cursor`] covers (contexts of 1..=8 operations, the default `max_order`);
+/// deeper contexts are looked up.
+pub const CURSOR_DEPTH: usize = 8;
 /// Slots the CLOCK hand may inspect to find a victim before giving up on creating a context.
 const EVICT_SCAN: u32 = 512;
 /// Predecessors kept per operation (the strongest ones).
@@ -258,6 +261,21 @@ pub struct Model {
     cache: IntervalCache,
 }
 
+/// Per-session walk state: the slots of the contexts (lengths 1..=`CURSOR_DEPTH`) the session's
+/// next walk visits, so a request needs no hash lookups. Hints only, checked before use; 32 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    slots: [u32; CURSOR_DEPTH],
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Cursor {
+            slots: [NO_SLOT; CURSOR_DEPTH],
+        }
+    }
+}
+
 /// Hints the CPU to start loading `node` (no effect on results).
 #[inline(always)]
 fn prefetch(node: &Node) {
@@ -339,6 +357,12 @@ impl Model {
         self.walk(history, next, true, false);
     }
 
+    /// [`Model::learn`] for a session that keeps a [`Cursor`] (see [`Model::observe_with`]).
+    pub fn learn_with(&mut self, history: &[Op], next: Op, now_ns: u64, cursor: &mut Cursor) {
+        self.advance_epoch(now_ns);
+        self.walk_with(history, next, true, false, Some(cursor), None);
+    }
+
     /// Scores `next` after `history` without learning it.
     pub fn score(&mut self, history: &[Op], next: Op) -> Transition {
         self.walk(history, next, false, true)
@@ -350,7 +374,38 @@ impl Model {
         self.walk(history, next, true, true)
     }
 
+    /// Like [`Model::observe`], for a session that keeps a [`Cursor`] between its requests: the
+    /// walk starts from the contexts the cursor names (checked against their keys) instead of
+    /// looking each one up, and leaves the cursor naming the contexts of the session's next walk
+    /// (through the links of the transitions it learns). Same counts, same scores. The interval
+    /// is computed only when the transition could be confidently rare against `rare_below` (the
+    /// engine's threshold): when the posterior mean (k+1)/(n+2) is below it, since a 99% upper
+    /// bound is never below the mean (nor the point estimate).
+    pub fn observe_with(
+        &mut self,
+        history: &[Op],
+        next: Op,
+        now_ns: u64,
+        cursor: &mut Cursor,
+        rare_below: f64,
+    ) -> Transition {
+        self.advance_epoch(now_ns);
+        self.walk_with(history, next, true, true, Some(cursor), Some(rare_below))
+    }
+
     fn walk(&mut self, history: &[Op], next: Op, learn: bool, score: bool) -> Transition {
+        self.walk_with(history, next, learn, score, None, None)
+    }
+
+    fn walk_with(
+        &mut self,
+        history: &[Op],
+        next: Op,
+        learn: bool,
+        score: bool,
+        mut cursor: Option<&mut Cursor>,
+        rare_below: Option<f64>,
+    ) -> Transition {
         let is_repeat = history.last() == Some(&next);
         if learn {
             self.stats.learned += 1;
@@ -364,19 +419,47 @@ impl Model {
         }
         let mut path = [NO_SLOT; MAX_ORDER_LIMIT + 1];
         path[0] = ROOT;
-        // No early exit: a lookup's outcome does not decide whether the next one is issued, so
-        // the CPU overlaps their cache misses (a walk is memory-latency bound).
-        for d in 1..=max_depth {
-            path[d] = self.index.get(&keys[d]).copied().unwrap_or(NO_SLOT);
+        let mut found = max_depth;
+        if let Some(c) = cursor.as_deref() {
+            // The cursor's slots are hints: a live context with the expected key is the one the
+            // index would return (keys are unique among live contexts). Past the first missing
+            // context there are none (a context's parent is on the same path).
+            for d in 1..=max_depth {
+                let hint = c.slots.get(d - 1).copied().unwrap_or(NO_SLOT);
+                let valid = self
+                    .nodes
+                    .get(hint as usize)
+                    .is_some_and(|n| n.live && n.key == keys[d]);
+                path[d] = if valid {
+                    hint
+                } else {
+                    self.index.get(&keys[d]).copied().unwrap_or(NO_SLOT)
+                };
+                if path[d] == NO_SLOT {
+                    found = d - 1;
+                    break;
+                }
+            }
+        } else {
+            // No early exit: a lookup's outcome does not decide whether the next one is issued, so
+            // the CPU overlaps their cache misses (a walk is memory-latency bound).
+            for d in 1..=max_depth {
+                path[d] = self.index.get(&keys[d]).copied().unwrap_or(NO_SLOT);
+            }
+            found = path[1..=max_depth]
+                .iter()
+                .position(|&s| s == NO_SLOT)
+                .unwrap_or(max_depth);
         }
-        let mut found = path[1..=max_depth]
-            .iter()
-            .position(|&s| s == NO_SLOT)
-            .unwrap_or(max_depth);
         // Prefetch every found context before using any, so their misses overlap too.
         for &slot in &path[1..=found] {
             prefetch(&self.nodes[slot as usize]);
         }
+        // The session's next walk: contexts `next`, then `next` preceded by the newest
+        // operations, one per depth; `next_key` is the key of the one at depth + 1.
+        let mut next_cursor = Cursor::default();
+        let mut next_key = child_key(ROOT_KEY, next);
+        let mut linking = cursor.is_some();
         // Witten-Bell: start uniform over the operations seen plus one for "never seen".
         let mut predictive = 1.0 / (f64::from(self.nodes[ROOT as usize].distinct()) + 1.0);
         // (depth, k, n) of the context judging the transition, and of the deepest with any data.
@@ -390,8 +473,14 @@ impl Model {
                 self.stats.key_collisions += 1;
                 break;
             }
+            // One search of the entries serves both scoring and learning.
+            let at = if (score && node.n > 0) || learn {
+                node.position(next)
+            } else {
+                None
+            };
             if score && node.n > 0 {
-                let k = node.count(next);
+                let k = node.count_at(at);
                 let t = f64::from(node.distinct());
                 let n = f64::from(node.n);
                 predictive = (f64::from(k) + t * predictive) / (n + t);
@@ -401,8 +490,21 @@ impl Model {
                 }
             }
             if learn {
-                node.record(next, self.epoch, self.cfg.buckets);
+                let i = node.record_at(at, next, self.epoch, self.cfg.buckets);
                 node.referenced = true;
+                if linking && depth < CURSOR_DEPTH {
+                    let mut to = node.link(i);
+                    if to == NO_SLOT {
+                        to = self.index.get(&next_key).copied().unwrap_or(NO_SLOT);
+                        node.set_link(i, to);
+                    }
+                    next_cursor.slots[depth] = to;
+                    // Deeper contexts of the next walk extend this one: none if it is missing.
+                    linking = to != NO_SLOT && depth < max_depth;
+                    if linking {
+                        next_key = child_key(next_key, newest(depth + 1));
+                    }
+                }
             }
             if depth == max_depth {
                 break;
@@ -434,8 +536,15 @@ impl Model {
         } else {
             0.0
         };
-        let interval = (score && enough_data && probability < self.cfg.interval_below)
-            .then(|| self.cache.interval(k, n));
+        let could_be_rare = rare_below.is_none_or(|r| {
+            (f64::from(k) + 1.0) / (f64::from(n) + 2.0) < r.min(self.cfg.interval_below)
+        });
+        let interval =
+            (score && enough_data && probability < self.cfg.interval_below && could_be_rare)
+                .then(|| self.cache.interval(k, n));
+        if let Some(c) = cursor.as_deref_mut() {
+            *c = next_cursor;
+        }
         Transition {
             context_len,
             n,
@@ -501,6 +610,7 @@ impl Model {
     }
 
     fn free_slot(&mut self, s: u32) {
+        self.unlink(s);
         let (parent, key) = {
             let n = &self.nodes[s as usize];
             (n.parent, n.key)
@@ -510,6 +620,39 @@ impl Model {
         self.nodes[s as usize].clear();
         self.free.push(s);
         self.live -= 1;
+    }
+
+    /// Clears the link to context `s` (o1 .. od, oldest first), held by entry od of context
+    /// (o1 .. od-1), so links never name a freed or reused slot.
+    fn unlink(&mut self, s: u32) {
+        // The operations, oldest first, from the parent chain (depth ≤ MAX_ORDER_LIMIT).
+        let mut ops = [0 as Op; MAX_ORDER_LIMIT + 1];
+        let mut len = 0;
+        let mut slot = s;
+        while slot != ROOT && len < ops.len() {
+            let n = &self.nodes[slot as usize];
+            ops[len] = n.op;
+            len += 1;
+            slot = n.parent;
+        }
+        let Some((&newest, older)) = ops[..len].split_last() else {
+            return;
+        };
+        let from = if older.is_empty() {
+            ROOT
+        } else {
+            let key = older.iter().rev().fold(ROOT_KEY, |k, &op| child_key(k, op));
+            match self.index.get(&key) {
+                Some(&f) => f,
+                None => return,
+            }
+        };
+        let node = &mut self.nodes[from as usize];
+        if let Some(i) = node.position(newest)
+            && node.link(i) == s
+        {
+            node.set_link(i, NO_SLOT);
+        }
     }
 
     /// The context's operations, oldest first.
@@ -673,3 +816,79 @@ impl Model {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    /// The cursor is only a shortcut: with it, every transition scores the same and the model
+    /// ends up the same as without, through evictions (a tiny context cap) and expiry (a window
+    /// the clock runs past).
+    #[test]
+    fn walks_from_session_cursors_score_and_learn_exactly_like_hashed_walks() {
+        let cfg = ModelConfig {
+            max_contexts: 64,
+            min_count_to_extend: 1,
+            min_context_count: 2,
+            window_secs: 60,
+            buckets: 6,
+            maintain_budget: 16,
+            ..ModelConfig::default()
+        };
+        let mut plain = Model::new(cfg.clone()).unwrap();
+        let mut cursed = Model::new(cfg).unwrap();
+        let mut rng = 0x1234_5678_u64;
+        let mut next = |n: u64| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) % n
+        };
+        let mut sessions: Vec<(Vec<Op>, Cursor)> = vec![(Vec::new(), Cursor::default()); 12];
+        let mut now = 0u64;
+        for step in 0..20_000 {
+            let s = next(sessions.len() as u64) as usize;
+            let (hist, cursor) = &mut sessions[s];
+            let op = if hist.len() > 30 || next(40) == 0 {
+                hist.clear();
+                *cursor = Cursor::default();
+                next(6) as Op
+            } else {
+                // Mostly a small walk, sometimes anything.
+                let last = hist.last().copied().unwrap_or(0);
+                if next(5) == 0 {
+                    next(9) as Op
+                } else {
+                    (last + 1 + next(2) as Op) % 9
+                }
+            };
+            if hist.last() == Some(&op) {
+                continue;
+            }
+            let ctx = &hist[hist.len().saturating_sub(8)..];
+            let mut a = plain.observe(ctx, op, now);
+            let b = cursed.observe_with(ctx, op, now, cursor, 0.02);
+            // Intervals are left out only where they cannot be below the rare threshold.
+            if let (Some(iv), None) = (a.interval, b.interval) {
+                assert!(iv.upper >= 0.02, "step {step}: {a:?}");
+                a.interval = None;
+            }
+            assert_eq!(a, b, "step {step}");
+            hist.push(op);
+            now += 7_000_000;
+            if step % 50 == 0 {
+                plain.maintain(now);
+                cursed.maintain(now);
+            }
+            if step % 5000 == 0 {
+                // A quiet spell: everything leaves the window and is freed.
+                now += 120_000_000_000;
+                plain.maintain_full(now);
+                cursed.maintain_full(now);
+            }
+        }
+        let st = plain.stats();
+        assert!(st.contexts_evicted > 0 && st.contexts_expired > 0, "{st:?}");
+        assert!(plain == cursed);
+    }
+}
