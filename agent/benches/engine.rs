@@ -255,7 +255,7 @@ fn synthetic_path(op: u32, id: u64) -> String {
     ];
     let g = GROUPS[(op % 16) as usize];
     let v = VERBS[((op / 16) % 19) as usize];
-    if op % 3 == 0 {
+    if op.is_multiple_of(3) {
         format!("/api/v2/{g}/{id}/{v}")
     } else {
         format!("/api/v2/{g}/{v}")

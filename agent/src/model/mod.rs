@@ -403,7 +403,7 @@ impl Model {
         next: Op,
         learn: bool,
         score: bool,
-        mut cursor: Option<&mut Cursor>,
+        cursor: Option<&mut Cursor>,
         rare_below: Option<f64>,
     ) -> Transition {
         let is_repeat = history.last() == Some(&next);
@@ -542,7 +542,7 @@ impl Model {
         let interval =
             (score && enough_data && probability < self.cfg.interval_below && could_be_rare)
                 .then(|| self.cache.interval(k, n));
-        if let Some(c) = cursor.as_deref_mut() {
+        if let Some(c) = cursor {
             *c = next_cursor;
         }
         Transition {
