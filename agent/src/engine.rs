@@ -57,6 +57,9 @@ pub struct Outcome {
 
 /// Bits of `Session::alerted` for once-per-session signals.
 const ALERTED_SURPRISE: u8 = 1;
+/// A session's first confidently rare transition is news; on a large API a long benign session
+/// can hold several, and repeating the alert for each adds noise, not information.
+const ALERTED_RARE: u8 = 2;
 
 /// Counters for `status` and the replay summary.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -395,7 +398,10 @@ impl Core {
                 );
                 session.surprise.push(t.surprise_bits);
                 if alerting {
-                    if let Some(r) = confidently_rare(&t, signals) {
+                    if session.alerted & ALERTED_RARE == 0
+                        && let Some(r) = confidently_rare(&t, signals)
+                    {
+                        session.alerted |= ALERTED_RARE;
                         let prev = context
                             .last()
                             .map(|p| op_name(discovery, OpId(*p)))

@@ -40,7 +40,7 @@ pub struct SignalConfig {
 impl Default for SignalConfig {
     fn default() -> Self {
         SignalConfig {
-            rare_upper_bound: 0.01,
+            rare_upper_bound: 0.002,
             rare_min_context_count: 30,
             precedent_min_score: 0.95,
             precedent_min_support: 30,
@@ -399,14 +399,23 @@ mod tests {
     #[test]
     fn rare_fires_only_when_the_upper_bound_is_confidently_below_threshold() {
         let cfg = SignalConfig::default();
-        // 0 of 2000: upper ≈ 0.0026 < 0.01.
-        let r = confidently_rare(&transition(0, 2000), &cfg).expect("confidently rare");
-        assert!(r.upper < 0.01);
+        assert_eq!(cfg.rare_upper_bound, 0.002);
+        // 0 of 3000: upper ≈ 0.0018 < 0.002.
+        let r = confidently_rare(&transition(0, 3000), &cfg).expect("confidently rare");
+        assert!(r.upper < 0.002);
+        // 0 of 2000: upper ≈ 0.0026, not confident enough at the default threshold...
+        assert!(confidently_rare(&transition(0, 2000), &cfg).is_none());
+        // ...but it is under a looser one.
+        let loose = SignalConfig {
+            rare_upper_bound: 0.01,
+            ..SignalConfig::default()
+        };
+        assert!(confidently_rare(&transition(0, 2000), &loose).is_some());
         // 0 of 100: upper ≈ 0.051, not confident enough.
-        assert!(confidently_rare(&transition(0, 100), &cfg).is_none());
-        // 30 of 2000 = 1.5%: not rare.
-        assert!(confidently_rare(&transition(30, 2000), &cfg).is_none());
-        let mut rep = transition(0, 2000);
+        assert!(confidently_rare(&transition(0, 100), &loose).is_none());
+        // 30 of 3000 = 1%: not rare.
+        assert!(confidently_rare(&transition(30, 3000), &cfg).is_none());
+        let mut rep = transition(0, 3000);
         rep.is_repeat = true;
         assert!(
             confidently_rare(&rep, &cfg).is_none(),
