@@ -246,7 +246,7 @@ impl Enforcer {
                 dropped: e.dropped,
             });
         }
-        out.sort_by(|a, b| a.net.cmp(&b.net));
+        out.sort_by_key(|b| b.net);
         Ok(out)
     }
 

@@ -293,6 +293,17 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
             rules[0]["id"], "runtime-rule",
             "runtime rule lost across restart: {rules}"
         );
+        assert_eq!(
+            cli(&socket, &["sequences"]),
+            sequences_before,
+            "learned sequences changed across restart"
+        );
+        let blocks = cli(&socket, &["blocks", "list"]);
+        assert_eq!(
+            blocks[0]["net"], "192.0.2.0/24",
+            "block lost across restart: {blocks}"
+        );
+        assert_eq!(blocks[0]["reason"], "manual");
     }
     // Corrupt the model file: the daemon moves it aside, falls back, and starts.
     let model = state.join("model.state");

@@ -21,6 +21,9 @@ use crate::{build_agent, is_root, setup, step};
 const PORT: u16 = 8080;
 const LEARNING_CUSTOMERS: u64 = 400;
 
+/// An attack: what it is, where it comes from, and its requests (method, path).
+type Attack = (&'static str, &'static str, Vec<(&'static str, String)>);
+
 /// The banking API the customers use (the seeds' endpoints).
 fn bank(method: &str, path: &str) -> (u16, String) {
     let segs: Vec<&str> = path
@@ -150,7 +153,7 @@ pub fn run(offline: bool) -> anyhow::Result<()> {
     };
 
     let attack_target = SocketAddr::new(attackers.host_ip.into(), PORT);
-    let attacks: [(&str, &str, Vec<(&str, String)>); 3] = [
+    let attacks: [Attack; 3] = [
         (
             "a transfer with no balance lookup before it",
             "10.231.98.2",
