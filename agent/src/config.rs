@@ -56,7 +56,7 @@ pub struct Config {
     /// Model, endpoints, runtime rules, blocks and the session-hashing secret live here.
     pub state_dir: PathBuf,
     /// How often state is saved (it is also saved at shutdown).
-    #[serde(with = "humantime_str")]
+    #[serde(with = "crate::durations")]
     pub save_every: Duration,
     pub socket: PathBuf,
     /// Operational logs on stderr: `json` or `text`. Alerts are always JSON lines on stdout.
@@ -249,23 +249,6 @@ impl Config {
             rules: self.rules.clone(),
             deny: self.deny.clone(),
         }
-    }
-}
-
-/// Durations as humantime strings ("5m").
-mod humantime_str {
-    use std::time::Duration;
-
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
     }
 }
 

@@ -89,7 +89,7 @@ pub struct DecideConfig {
     /// two statistical ones that a legitimate but unusual client can trip.
     pub block_signals: Vec<Signal>,
     /// Block length for signal-triggered blocks (rules carry their own).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::durations")]
     pub block_ttl: Duration,
     /// Enforcement stops itself (and alerts) if blocks would exceed this share of the
     /// clients active in the session table.
@@ -122,23 +122,6 @@ impl DecideConfig {
             return Err("decide.block_ttl must be positive".into());
         }
         Ok(())
-    }
-}
-
-/// Durations as humantime strings ("15m") in TOML and JSON.
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("bad duration {text:?}: {e}")))
     }
 }
 

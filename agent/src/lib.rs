@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod decide;
 pub mod discovery;
+pub mod durations;
 pub mod enforce;
 pub mod engine;
 pub mod graph;

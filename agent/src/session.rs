@@ -187,7 +187,7 @@ pub struct SessionConfig {
     /// Tried in order; the client address is the last resort.
     pub identifiers: Vec<IdentifierSource>,
     /// A session with no request for this long is over.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::durations")]
     pub idle_timeout: Duration,
     /// Live sessions at most; beyond, the least recently active one is evicted (counted).
     pub max_sessions: usize,
@@ -208,23 +208,6 @@ impl Default for SessionConfig {
             n_max: 8,
             max_ops_seen: 64,
         }
-    }
-}
-
-/// Durations as humantime strings ("10m") in config files.
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
     }
 }
 

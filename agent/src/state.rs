@@ -177,14 +177,7 @@ impl StateDir {
     /// (ENOSPC included) the temp file is removed and the current file is untouched.
     /// Returns the bytes written.
     pub fn save<T: Persist>(&self, value: &T) -> Result<u64, StateError> {
-        check_kind(T::KIND)?;
-        let payload = postcard::to_allocvec(value).map_err(|e| StateError::Encode {
-            kind: T::KIND,
-            detail: e.to_string(),
-        })?;
-        let bytes = encode_file(T::KIND, T::VERSION, &payload);
-        self.write_atomic::<T>(&bytes, |f, b| f.write_all(b))?;
-        Ok(bytes.len() as u64)
+        self.save_view::<T>(value)
     }
 
     /// Like [`StateDir::save`], but writes `view` (a borrowing twin of `T` that serialises

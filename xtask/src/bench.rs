@@ -46,14 +46,7 @@ const CLIENTS: usize = 4;
 const PORT: u16 = 8080;
 
 pub fn e2e(seconds: u64, rounds: usize) -> anyhow::Result<()> {
-    setup::ensure()?;
-    require_root("bench-e2e")?;
-    step("building precedent (release)");
-    cargo(&["build", "--release", "--package", "precedent"])?;
-    let bin = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release/precedent");
+    let bin = release_agent("bench-e2e")?;
 
     let net = TestNet::new("bench", 77)?;
     let server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT))?;
@@ -129,6 +122,18 @@ fn load(net: &TestNet, target: SocketAddr, dur: Duration) -> anyhow::Result<f64>
     .map(|elapsed| done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
 }
 
+/// Set-up, root check, and the release binary (benchmarks measure what would be deployed).
+fn release_agent(task: &str) -> anyhow::Result<PathBuf> {
+    setup::ensure()?;
+    require_root(task)?;
+    step("building precedent (release)");
+    cargo(&["build", "--release", "--package", "precedent"])?;
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release/precedent"))
+}
+
 fn require_root(task: &str) -> anyhow::Result<()> {
     if !is_root() {
         anyhow::bail!("{task} attaches XDP programs and needs root: rerun as root");
@@ -149,14 +154,7 @@ const PROBE_EVERY: Duration = Duration::from_micros(20);
 /// the newest send time that got through; the first probe after it was dropped. Both ends run on
 /// this machine, so their clocks agree.
 pub fn block_latency() -> anyhow::Result<()> {
-    setup::ensure()?;
-    require_root("bench-block")?;
-    step("building precedent (release)");
-    cargo(&["build", "--release", "--package", "precedent"])?;
-    let bin = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release/precedent");
+    let bin = release_agent("bench-block")?;
 
     let net = TestNet::new("blklat", 76)?;
     for i in 0..BLOCK_TRIALS {
@@ -306,14 +304,7 @@ fn monotonic_ns() -> u64 {
 /// `cargo xtask bench-memory`: the daemon's resident memory idle, and after 1,000,000 requests
 /// from 100,000 sessions (each a distinct bearer token) sent through the veth pair.
 pub fn memory(requests: u64, sessions: u64) -> anyhow::Result<()> {
-    setup::ensure()?;
-    require_root("bench-memory")?;
-    step("building precedent (release)");
-    cargo(&["build", "--release", "--package", "precedent"])?;
-    let bin = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release/precedent");
+    let bin = release_agent("bench-memory")?;
     let net = TestNet::new("benchmem", 75)?;
     let server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT))?;
     let daemon = Daemon::start_discarding_stdout(

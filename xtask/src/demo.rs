@@ -21,8 +21,39 @@ use crate::{build_agent, is_root, setup, step};
 const PORT: u16 = 8080;
 const LEARNING_CUSTOMERS: u64 = 400;
 
-/// An attack: what it is, where it comes from, and its requests (method, path).
-type Attack = (&'static str, &'static str, Vec<(&'static str, String)>);
+/// An attack: what it is, and its requests (method, path).
+type Attack = (&'static str, Vec<(&'static str, String)>);
+
+/// The announcement's three attacks, shared by the live demo and the replay.
+fn attacks() -> [Attack; 3] {
+    [
+        (
+            "a transfer with no balance lookup before it",
+            vec![
+                ("POST", "/api/v1/auth".into()),
+                ("GET", "/api/v1/users/77/accounts".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+            ],
+        ),
+        (
+            "the same transfer replayed three times",
+            vec![
+                ("POST", "/api/v1/auth".into()),
+                ("GET", "/api/v1/users/78/accounts".into()),
+                ("GET", "/api/v1/accounts/9001/balance".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+                ("POST", "/api/v1/transferFunds".into()),
+            ],
+        ),
+        (
+            "enumerating account balances one id after another",
+            std::iter::once(("POST", "/api/v1/auth".to_string()))
+                .chain((7000..7030).map(|id| ("GET", format!("/api/v1/accounts/{id}/balance"))))
+                .collect(),
+        ),
+    ]
+}
 
 /// The banking API the customers use (the seeds' endpoints).
 fn bank(method: &str, path: &str) -> (u16, String) {
@@ -153,39 +184,14 @@ pub fn run(offline: bool) -> anyhow::Result<()> {
     };
 
     let attack_target = SocketAddr::new(attackers.host_ip.into(), PORT);
-    let attacks: [Attack; 3] = [
-        (
-            "a transfer with no balance lookup before it",
-            "10.231.98.2",
-            vec![
-                ("POST", "/api/v1/auth".into()),
-                ("GET", "/api/v1/users/77/accounts".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-            ],
-        ),
-        (
-            "the same transfer replayed three times",
-            "10.231.98.3",
-            vec![
-                ("POST", "/api/v1/auth".into()),
-                ("GET", "/api/v1/users/78/accounts".into()),
-                ("GET", "/api/v1/accounts/9001/balance".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-            ],
-        ),
-        (
-            "enumerating account balances one id after another",
-            "10.231.98.4",
-            std::iter::once(("POST", "/api/v1/auth".to_string()))
-                .chain((7000..7030).map(|id| ("GET", format!("/api/v1/accounts/{id}/balance"))))
-                .collect(),
-        ),
-    ];
+    let sources = ["10.231.98.2", "10.231.98.3", "10.231.98.4"];
+    let attacks = attacks()
+        .into_iter()
+        .zip(sources)
+        .map(|((what, requests), source)| (what, source, requests));
     let mut blocked_attackers = 0;
     let mut alert_count = 0;
-    for (i, (what, source, requests)) in attacks.into_iter().enumerate() {
+    for (i, (what, source, requests)) in attacks.enumerate() {
         println!("\n  attack {}: {what} (from {source})", i + 1);
         let src: IpAddr = source.parse()?;
         let token = format!("stolen-{i}");
@@ -278,34 +284,8 @@ fn replay_story(bin: &std::path::Path) -> anyhow::Result<()> {
         customer_walk(&mut lines, i, &mut t);
     }
     let learning = lines.len();
-    let attacks: [(&str, Vec<(&str, String)>); 3] = [
-        (
-            "203.0.113.2",
-            vec![
-                ("POST", "/api/v1/auth".into()),
-                ("GET", "/api/v1/users/77/accounts".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-            ],
-        ),
-        (
-            "203.0.113.3",
-            vec![
-                ("POST", "/api/v1/auth".into()),
-                ("GET", "/api/v1/users/78/accounts".into()),
-                ("GET", "/api/v1/accounts/9001/balance".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-                ("POST", "/api/v1/transferFunds".into()),
-            ],
-        ),
-        (
-            "203.0.113.4",
-            std::iter::once(("POST", "/api/v1/auth".to_string()))
-                .chain((7000..7030).map(|id| ("GET", format!("/api/v1/accounts/{id}/balance"))))
-                .collect(),
-        ),
-    ];
-    for (k, (client, requests)) in attacks.iter().enumerate() {
+    let clients = ["203.0.113.2", "203.0.113.3", "203.0.113.4"];
+    for (k, ((_, requests), client)) in attacks().iter().zip(clients).enumerate() {
         for i in 0..50 {
             customer_walk(&mut lines, LEARNING_CUSTOMERS + k as u64 * 50 + i, &mut t);
         }
