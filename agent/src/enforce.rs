@@ -161,19 +161,7 @@ impl Enforcer {
             expires_ns,
             dropped: 0,
         };
-        match net {
-            IpNet::V4(n) => self.block_v4.insert(
-                &Key::new(n.prefix_len().into(), n.addr().octets()),
-                entry,
-                0,
-            ),
-            IpNet::V6(n) => self.block_v6.insert(
-                &Key::new(n.prefix_len().into(), n.addr().octets()),
-                entry,
-                0,
-            ),
-        }
-        .map_err(map_err("block"))?;
+        insert_net(&mut self.block_v4, &mut self.block_v6, net, entry).map_err(map_err("block"))?;
         if self.blocked.insert(net) {
             self.write_flags()?;
         }
@@ -184,14 +172,7 @@ impl Enforcer {
     /// Removes the block of exactly `net`; false when there was none.
     pub fn unblock(&mut self, net: IpNet) -> Result<bool, EnforceError> {
         let net = net.trunc();
-        let r = match net {
-            IpNet::V4(n) => self
-                .block_v4
-                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
-            IpNet::V6(n) => self
-                .block_v6
-                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
-        };
+        let r = remove_net(&mut self.block_v4, &mut self.block_v6, net);
         match r {
             Ok(()) => {
                 self.blocked.remove(&net);
@@ -279,17 +260,7 @@ impl Enforcer {
     /// kernel checks the allowlist on every blocked packet).
     pub fn allow(&mut self, net: IpNet) -> Result<(), EnforceError> {
         let net = net.trunc();
-        match net {
-            IpNet::V4(n) => {
-                self.allow_v4
-                    .insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1u8, 0)
-            }
-            IpNet::V6(n) => {
-                self.allow_v6
-                    .insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1u8, 0)
-            }
-        }
-        .map_err(map_err("allow"))?;
+        insert_net(&mut self.allow_v4, &mut self.allow_v6, net, 1u8).map_err(map_err("allow"))?;
         if self.allowed.insert(net) {
             self.write_flags()?;
         }
@@ -300,14 +271,7 @@ impl Enforcer {
     /// Removes exactly `net` from the allowlist; false when it was not there.
     pub fn disallow(&mut self, net: IpNet) -> Result<bool, EnforceError> {
         let net = net.trunc();
-        let r = match net {
-            IpNet::V4(n) => self
-                .allow_v4
-                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
-            IpNet::V6(n) => self
-                .allow_v6
-                .remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
-        };
+        let r = remove_net(&mut self.allow_v4, &mut self.allow_v6, net);
         match r {
             Ok(()) => {
                 self.allowed.remove(&net);
@@ -350,6 +314,39 @@ impl Enforcer {
             .ok()?
             .into_iter()
             .find(|a| a.contains(&net))
+    }
+}
+
+/// Inserts `value` under `net` in the trie of its address family.
+fn insert_net<V: aya::Pod>(
+    v4: &mut Trie<[u8; 4], V>,
+    v6: &mut Trie<[u8; 16], V>,
+    net: IpNet,
+    value: V,
+) -> Result<(), MapError> {
+    match net {
+        IpNet::V4(n) => v4.insert(
+            &Key::new(n.prefix_len().into(), n.addr().octets()),
+            value,
+            0,
+        ),
+        IpNet::V6(n) => v6.insert(
+            &Key::new(n.prefix_len().into(), n.addr().octets()),
+            value,
+            0,
+        ),
+    }
+}
+
+/// Removes exactly `net` from the trie of its address family.
+fn remove_net<V: aya::Pod>(
+    v4: &mut Trie<[u8; 4], V>,
+    v6: &mut Trie<[u8; 16], V>,
+    net: IpNet,
+) -> Result<(), MapError> {
+    match net {
+        IpNet::V4(n) => v4.remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
+        IpNet::V6(n) => v6.remove(&Key::new(n.prefix_len().into(), n.addr().octets())),
     }
 }
 
