@@ -6,6 +6,7 @@ mod eval;
 mod package;
 mod setup;
 mod test;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -28,11 +29,20 @@ enum Task {
     Setup,
     /// Set up if needed, then build the `precedent` binary (debug).
     Build,
-    /// Set up if needed, then run unit tests and the root integration tests.
+    /// Set up if needed, then run unit tests and the root integration tests, on the host kernel
+    /// and on Debian's 6.1 LTS kernel under QEMU.
     Test {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit_only: bool,
+    },
+    /// Set up if needed, then run the root integration tests on Debian's 6.1 LTS kernel under
+    /// QEMU (software emulation): kernel and image are cached under ~/.cache/precedent/vm.
+    VmTest {
+        /// An integration test binary to run (repeatable); default: xdp_packets, capture,
+        /// blocking, daemon.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
     },
     /// Set up if needed, then tell the whole story: customers, learning, attacks, blocks.
     Demo {
@@ -87,6 +97,7 @@ fn main() -> std::process::ExitCode {
         Task::Setup => setup::run(),
         Task::Build => setup::ensure().and_then(|()| build_agent()).map(|_| ()),
         Task::Test { unit_only } => test::run(unit_only),
+        Task::VmTest { tests } => vm::run_cli(&tests),
         Task::Demo { replay } => demo::run(replay),
         Task::Eval {
             data,

@@ -13,8 +13,13 @@ use crate::{exec, step, workspace_root};
 /// bpf-linker release known to build against the pinned nightly's LLVM (see ebpf-toolchain.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests and demo need: `ip` for namespaces and veth pairs.
-const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip")];
+/// Debian packages the tests and demo need (package, a command it installs): `ip` for
+/// namespaces and veth pairs; QEMU and a static busybox for the 6.1 kernel run (vm.rs).
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
+];
 
 pub fn run() -> anyhow::Result<()> {
     let start = Instant::now();
