@@ -232,7 +232,7 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
             ctx.ctx,
             h.payload_off as u32,
             (&raw mut (*rec).data).cast(),
-            captured as u32,
+            parse::load_len::<N>(captured),
         )
     };
     if rc < 0 {

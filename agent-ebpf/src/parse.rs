@@ -206,6 +206,16 @@ pub fn endpoints(ctx: &XdpContext, h: &Headers) -> Result<([u8; 16], [u8; 16], u
     Ok((s, d, sport, dport))
 }
 
+/// `len`, already checked to be in 1..=N (N a power of two), as a length the verifier can
+/// prove to be in 1..=N for bpf_xdp_load_bytes. Verifiers before 6.8 learn no lower bound from
+/// `len != 0` (6.1 rejects the program), so the bound comes from masking instead; black_box
+/// keeps LLVM from folding the mask back into `len`.
+#[inline(always)]
+pub fn load_len<const N: usize>(len: usize) -> u32 {
+    const { assert!(N.is_power_of_two()) };
+    ((core::hint::black_box(len).wrapping_sub(1) & (N - 1)) + 1) as u32
+}
+
 /// Reads the first 8 payload bytes, as a little-endian word (zero-padded when the payload is
 /// shorter), into `head`.
 ///
@@ -227,7 +237,7 @@ pub fn payload_head(ctx: &XdpContext, h: &Headers, head: &mut u64) -> Result<(),
             ctx.ctx,
             h.payload_off as u32,
             bytes.as_mut_ptr().cast(),
-            len as u32,
+            load_len::<8>(len),
         )
     };
     if rc < 0 {
