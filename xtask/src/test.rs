@@ -71,7 +71,11 @@ pub fn test_binaries() -> anyhow::Result<Vec<TestBinary>> {
     step("building the test binaries");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["test", "--no-run", "--message-format=json-render-diagnostics"])
+        .args([
+            "test",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
         .current_dir(workspace_root())
         .stderr(Stdio::inherit())
         .output()

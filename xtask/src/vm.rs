@@ -419,12 +419,14 @@ fn init_script(kernel: &Kernel, binaries: &[TestBinary], precedent: &Path) -> St
         "ip link set lo up\n\
          export PRECEDENT_BIN={}\n\
          echo \"@@ kernel $(uname -r)\" > $R\n\
+         echo \"---- booted $(uname -r) in $(cut -d' ' -f1 /proc/uptime)s\"\n\
          set -o pipefail\n",
         q(precedent)
     ));
     for b in binaries {
         s.push_str(&format!(
             "echo \"@@ begin {label}\" > $R\n\
+             echo '---- {label}'\n\
              cd {dir} && timeout {secs} {exe} {args} 2>&1 | tee $R\n\
              echo \"@@ end {label} $?\" > $R\n",
             label = b.label,
@@ -606,7 +608,10 @@ impl Cpio {
     }
 
     fn entry(&mut self, path: &Path, mode: u32, rdev: u32, data: &[u8]) -> anyhow::Result<()> {
-        let name = path.to_str().context("non-UTF-8 path")?.trim_start_matches('/');
+        let name = path
+            .to_str()
+            .context("non-UTF-8 path")?
+            .trim_start_matches('/');
         self.inode += 1;
         let (rmajor, rminor) = (rdev >> 8, rdev & 0xff);
         let header = format!(
@@ -695,7 +700,10 @@ mod tests {
         let b = text.find("a/b\0").unwrap();
         assert!(a < b, "parent directory first");
         assert!(text.contains("hello"));
-        assert!(text.ends_with("TRAILER!!!\0\0\0\0"), "trailer padded to 4 bytes");
+        assert!(
+            text.ends_with("TRAILER!!!\0\0\0\0"),
+            "trailer padded to 4 bytes"
+        );
         assert_eq!(bytes.len() % 4, 0);
         assert!(bytes.starts_with(b"070701"));
     }
