@@ -287,6 +287,9 @@ pub fn print_matrix(kernels: &[KernelResults]) {
         }
         println!();
     }
+    if rows.values().any(|words| words.contains(&"-")) {
+        println!("(-: not run on that kernel)");
+    }
     for k in kernels {
         for p in &k.problems {
             println!("{}: {p}", k.kernel);

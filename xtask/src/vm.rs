@@ -120,6 +120,7 @@ fn ensure_kernel() -> anyhow::Result<Kernel> {
             dir,
         });
     }
+    let start = Instant::now();
     step(&format!("downloading {package} (apt-get download)"));
     let work = vm_cache().join(format!("{package}.tmp"));
     let _ = std::fs::remove_dir_all(&work);
@@ -163,6 +164,10 @@ fn ensure_kernel() -> anyhow::Result<Kernel> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staged, &dir)?;
     std::fs::remove_dir_all(&work)?;
+    eprintln!(
+        "kernel downloaded and unpacked in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
     Ok(Kernel {
         package,
         dir,
@@ -311,6 +316,7 @@ fn build_initramfs(
         return Ok(image);
     }
 
+    let start = Instant::now();
     step("building the initramfs (debug info stripped)");
     let stage = vm_cache().join("stage");
     let _ = std::fs::remove_dir_all(&stage);
@@ -359,6 +365,11 @@ fn build_initramfs(
     std::fs::rename(vm_cache().join("initramfs.cpio.tmp"), &image)?;
     std::fs::write(&stamp, fingerprint)?;
     std::fs::remove_dir_all(&stage)?;
+    eprintln!(
+        "initramfs: {} MiB in {:.1}s",
+        std::fs::metadata(&image)?.len() >> 20,
+        start.elapsed().as_secs_f64()
+    );
     Ok(image)
 }
 
