@@ -37,7 +37,7 @@ enum Task {
         unit_only: bool,
     },
     /// Set up if needed, then run the root integration tests on Debian's 6.1 LTS kernel under
-    /// QEMU (software emulation): kernel and image are cached under ~/.cache/precedent/vm.
+    /// QEMU (software emulation); the kernel is cached in ~/.cache/precedent/vm.
     VmTest {
         /// An integration test binary to run (repeatable); default: xdp_packets, capture,
         /// blocking, daemon.

@@ -3,6 +3,8 @@
 //! `linux-image-amd64`; an initramfs holds busybox, `ip`, the test binaries, the `precedent`
 //! binary and their shared libraries; its init runs each test binary and powers off. Results come
 //! back on a second serial port (the first is the console), so kernel messages cannot garble them.
+//! The kernel is cached in ~/.cache/precedent/vm; the initramfs, built from this checkout's
+//! binaries, in target/vm.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
@@ -103,8 +105,17 @@ impl Kernel {
     }
 }
 
+/// Shared by every checkout: the downloaded kernel.
 fn vm_cache() -> PathBuf {
     setup::cache_dir().join("vm")
+}
+
+/// This checkout's VM files (the initramfs holds its binaries, so it cannot be shared; several
+/// checkouts may run the VM at once).
+fn vm_build_dir() -> anyhow::Result<PathBuf> {
+    let dir = crate::target_dir().join("vm");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Downloads and unpacks the kernel package once; later runs find it in the cache.
@@ -122,7 +133,7 @@ fn ensure_kernel() -> anyhow::Result<Kernel> {
     }
     let start = Instant::now();
     step(&format!("downloading {package} (apt-get download)"));
-    let work = vm_cache().join(format!("{package}.tmp"));
+    let work = vm_cache().join(format!("{package}.tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     crate::exec(
@@ -161,8 +172,11 @@ fn ensure_kernel() -> anyhow::Result<Kernel> {
         std::fs::copy(&available[name], staged.join(format!("modules/{name}.ko")))?;
     }
     std::fs::write(staged.join("modules/load-order"), load_order.join("\n"))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&staged, &dir)?;
+    // The load-order file marks a complete directory; a run that finished first wins.
+    if !order.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&staged, &dir)?;
+    }
     std::fs::remove_dir_all(&work)?;
     eprintln!(
         "kernel downloaded and unpacked in {:.1}s",
@@ -279,7 +293,8 @@ fn build_initramfs(
     binaries: &[TestBinary],
     precedent: &Path,
 ) -> anyhow::Result<PathBuf> {
-    let image = vm_cache().join("initramfs.cpio");
+    let build = vm_build_dir()?;
+    let image = build.join("initramfs.cpio");
     let init = init_script(kernel, binaries, precedent);
     let busybox = which("busybox")?;
     let ip = which("ip")?;
@@ -310,7 +325,7 @@ fn build_initramfs(
             mtime.as_nanos()
         ));
     }
-    let stamp = vm_cache().join("initramfs.inputs");
+    let stamp = build.join("initramfs.inputs");
     if image.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == fingerprint) {
         step(&format!("initramfs: unchanged ({})", image.display()));
         return Ok(image);
@@ -318,10 +333,10 @@ fn build_initramfs(
 
     let start = Instant::now();
     step("building the initramfs (debug info stripped)");
-    let stage = vm_cache().join("stage");
+    let stage = build.join("stage");
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(&stage)?;
-    let mut cpio = Cpio::create(&vm_cache().join("initramfs.cpio.tmp"))?;
+    let mut cpio = Cpio::create(&build.join("initramfs.cpio.tmp"))?;
     for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", "/var", "/usr/bin"] {
         cpio.dir(Path::new(dir))?;
     }
@@ -362,7 +377,7 @@ fn build_initramfs(
         )?;
     }
     cpio.finish()?;
-    std::fs::rename(vm_cache().join("initramfs.cpio.tmp"), &image)?;
+    std::fs::rename(build.join("initramfs.cpio.tmp"), &image)?;
     std::fs::write(&stamp, fingerprint)?;
     std::fs::remove_dir_all(&stage)?;
     eprintln!(
@@ -454,7 +469,7 @@ fn init_script(kernel: &Kernel, binaries: &[TestBinary], precedent: &Path) -> St
 /// Boots QEMU, echoes the console, and reads the results port once the VM is off (or killed
 /// after the time limit).
 fn boot(kernel: &Kernel, image: &Path, binaries: &[TestBinary]) -> anyhow::Result<KernelResults> {
-    let results_file = vm_cache().join("results.txt");
+    let results_file = vm_build_dir()?.join("results.txt");
     let _ = std::fs::remove_file(&results_file);
     let limit = BOOT_ALLOWANCE + BINARY_TIMEOUT * binaries.len() as u32;
     step(&format!(
