@@ -237,6 +237,8 @@ fn run_on_host(binaries: &[TestBinary], precedent: &Path) -> anyhow::Result<Kern
         let mut child = Command::new(&b.path)
             .args(ROOT_TEST_ARGS)
             .current_dir(&b.dir)
+            // As `cargo test` would: some tests find their files from here at run time.
+            .env("CARGO_MANIFEST_DIR", &b.dir)
             .env("PRECEDENT_BIN", precedent)
             .stdout(Stdio::piped())
             .spawn()

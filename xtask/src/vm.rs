@@ -453,8 +453,8 @@ fn init_script(kernel: &Kernel, binaries: &[TestBinary], precedent: &Path) -> St
         s.push_str(&format!(
             "echo \"@@ begin {label}\" > $R\n\
              echo '---- {label}'\n\
-             cd {dir} && timeout {secs} {exe} {args} 2>&1 | tee $R\n\
-             echo \"@@ end {label} $?\" > $R\n",
+             cd {dir} && CARGO_MANIFEST_DIR={dir} timeout {secs} {exe} {args} 2>&1 | tee $R\n\
+             printf '\\n@@ end {label} %s\\n' $? > $R\n",
             label = b.label,
             dir = q(&b.dir),
             secs = BINARY_TIMEOUT.as_secs(),
@@ -567,6 +567,13 @@ fn parse_report(report: &str, binaries: &[TestBinary]) -> KernelResults {
                     if let Some((name, output)) = current.take() {
                         let code = code.and_then(|c| c.parse().ok());
                         results.record(&name, &output, code);
+                        // 128 + SIGTERM: busybox timeout stopped it.
+                        if code == Some(143) {
+                            results.problems.push(format!(
+                                "{name}: killed at the {}s limit",
+                                BINARY_TIMEOUT.as_secs()
+                            ));
+                        }
                     } else {
                         results.problems.push(format!("{label}: end without begin"));
                     }
@@ -701,8 +708,10 @@ mod tests {
             dir: "/".into(),
         };
         let report = "@@ kernel 6.1.0-48-amd64\r\n@@ begin a\r\ntest t1 ... ok\r\n\
-                      test result: ok. 1 passed\r\n@@ end a 0\r\n@@ begin b\r\ntest t2 ... ";
+                      test result: ok. 1 passed\r\n\n@@ end a 0\r\n@@ begin b\r\ntest t2 ... \
+                      Terminated\n@@ end b 143\n";
         let r = parse_report(report, &[bin("a"), bin("b"), bin("c")]);
+        assert!(r.problems.iter().any(|p| p.starts_with("b: killed at")));
         assert_eq!(r.kernel, "6.1.0-48-amd64");
         assert_eq!(r.tests[&("a".into(), "t1".into())], test::Outcome::Passed);
         assert_eq!(
