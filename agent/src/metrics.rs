@@ -542,10 +542,12 @@ mod tests {
             interfaces: vec![
                 InterfaceStatus {
                     name: "eth0".into(),
+                    ifindex: 2,
                     attach_mode: AttachMode::Native,
                 },
                 InterfaceStatus {
                     name: "veth-a".into(),
+                    ifindex: 2,
                     attach_mode: AttachMode::Generic,
                 },
             ],
@@ -572,6 +574,8 @@ mod tests {
                 ("rule:odd \"id\" \\ with\nnewline", 1),
             ]),
             enforcement_suspended: None,
+            interfaces_missing: Vec::new(),
+            state_save_error: None,
         }
     }
 

@@ -15,11 +15,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 fn render(s: StatusReport) -> String {
-    let ifaces: Vec<String> = s
+    let mut ifaces: Vec<String> = s
         .interfaces
         .iter()
         .map(|i| format!("{} ({})", i.name, i.attach_mode))
         .collect();
+    ifaces.extend(
+        s.interfaces_missing
+            .iter()
+            .map(|i| format!("{i} (MISSING: not protected)")),
+    );
     let mut out = format!(
         "precedent {} (pid {}), up {}\n\
          mode:        {}{}\n\
@@ -27,7 +32,7 @@ fn render(s: StatusReport) -> String {
          model:       {} operations, {} contexts, {} bytes\n\
          endpoints:   {}\n\
          sessions:    {} live\n\
-         blocks:      {} active\n",
+         blocks:      {} active\n{}",
         s.version,
         s.pid,
         secs(s.uptime_secs),
@@ -47,6 +52,10 @@ fn render(s: StatusReport) -> String {
         s.endpoints,
         s.sessions_live,
         s.blocks_active,
+        s.state_save_error
+            .as_deref()
+            .map(|e| format!("state:       SAVE FAILING: {e}\n"))
+            .unwrap_or_default(),
     );
     let mut t = table(&["COUNTER", "VALUE"], &[1]);
     for (name, v) in &s.kernel_counters {
