@@ -252,11 +252,7 @@ impl Daemon {
         for iface in &config.interfaces {
             datapath.attach(iface, config.attach_mode)?;
         }
-        let watcher = Watcher::new(
-            &mut datapath,
-            config.interfaces.clone(),
-            config.attach_mode,
-        )?;
+        let watcher = Watcher::new(&mut datapath, config.interfaces.clone(), config.attach_mode)?;
         let ring = datapath.take_events()?;
         let reader_overflow = Arc::new(AtomicU64::new(0));
         let (tx, captured) = mpsc::channel(PIPELINE_DEPTH);
@@ -358,15 +354,26 @@ impl Daemon {
             match event {
                 ifwatch::Event::Lost { iface } => {
                     self.counters.interfaces_lost += 1;
-                    tracing::error!(iface, "interface gone: not capturing or blocking there until it comes back");
+                    tracing::error!(
+                        iface,
+                        "interface gone: not capturing or blocking there until it comes back"
+                    );
                 }
-                ifwatch::Event::Reattached { iface, ifindex, mode } => {
+                ifwatch::Event::Reattached {
+                    iface,
+                    ifindex,
+                    mode,
+                } => {
                     self.counters.interfaces_reattached += 1;
                     tracing::warn!(iface, ifindex, %mode, "xdp program re-attached");
                 }
                 ifwatch::Event::AttachFailed { iface, error } => {
                     self.counters.interface_attach_failures += 1;
-                    tracing::error!(iface, error, "re-attaching the xdp program failed; retrying every second");
+                    tracing::error!(
+                        iface,
+                        error,
+                        "re-attaching the xdp program failed; retrying every second"
+                    );
                 }
             }
         }

@@ -40,7 +40,11 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(dp: &mut Datapath, interfaces: Vec<String>, mode: AttachMode) -> anyhow::Result<Self> {
+    pub fn new(
+        dp: &mut Datapath,
+        interfaces: Vec<String>,
+        mode: AttachMode,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             interfaces,
             mode,
@@ -239,7 +243,10 @@ fn parse_getlink_reply(msg: &[u8]) -> io::Result<Vec<u32>> {
         for (inner, v) in attributes(value) {
             if matches!(
                 inner,
-                IFLA_XDP_PROG_ID | IFLA_XDP_DRV_PROG_ID | IFLA_XDP_SKB_PROG_ID | IFLA_XDP_HW_PROG_ID
+                IFLA_XDP_PROG_ID
+                    | IFLA_XDP_DRV_PROG_ID
+                    | IFLA_XDP_SKB_PROG_ID
+                    | IFLA_XDP_HW_PROG_ID
             ) && let Some(id) = u32_at(v, 0)
                 && !ids.contains(&id)
             {

@@ -32,7 +32,8 @@ impl FrameSender {
                 bail!("no interface {name:?} in the namespace");
             }
             // SAFETY: plain socket call; protocol 0: this socket only sends.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
             if fd < 0 {
                 return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
             }
@@ -60,7 +61,8 @@ impl FrameSender {
     pub fn send(&mut self, frame: &[u8]) -> anyhow::Result<()> {
         loop {
             // SAFETY: valid buffer and length on a bound socket.
-            let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            let n =
+                unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
             if n >= 0 {
                 self.sent += 1;
                 return Ok(());
@@ -78,7 +80,8 @@ impl FrameSender {
 /// Sends one raw line to a control socket and returns the reply line and how long it took.
 pub fn control_raw(socket: &Path, request: &[u8]) -> anyhow::Result<(String, Duration)> {
     let start = Instant::now();
-    let mut s = UnixStream::connect(socket).with_context(|| format!("connecting {}", socket.display()))?;
+    let mut s =
+        UnixStream::connect(socket).with_context(|| format!("connecting {}", socket.display()))?;
     // A hang detector, not a performance limit.
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(30)))?;
@@ -91,8 +94,12 @@ pub fn control_raw(socket: &Path, request: &[u8]) -> anyhow::Result<(String, Dur
 
 /// `{"version":1,"cmd":CMD}` on the control socket: the reply's `data`, or its error.
 pub fn control(socket: &Path, cmd: &str) -> anyhow::Result<(serde_json::Value, Duration)> {
-    let (line, took) = control_raw(socket, format!("{{\"version\":1,\"cmd\":\"{cmd}\"}}\n").as_bytes())?;
-    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))?;
+    let (line, took) = control_raw(
+        socket,
+        format!("{{\"version\":1,\"cmd\":\"{cmd}\"}}\n").as_bytes(),
+    )?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))?;
     if v["ok"] != true {
         bail!("{cmd}: {}", v["error"]);
     }
