@@ -140,6 +140,14 @@ fn request_flood_is_counted_status_answers_and_memory_stays_flat() {
         })
         .collect();
     let mut sender = FrameSender::open(&net).unwrap();
+    // Status latency at rest, the baseline for the figure under flood.
+    let mut idle: Vec<Duration> = (0..50)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            control(&socket, "status").unwrap().1
+        })
+        .collect();
+    idle.sort();
 
     // Status poller: latency of every answer during the flood.
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,11 +191,14 @@ fn request_flood_is_counted_status_answers_and_memory_stays_flat() {
         u("engine_overflow")
     );
     eprintln!(
-        "flood: status answered {} times, p50 {:?}, p99 {:?}, max {:?}",
+        "flood: status answered {} times, p50 {:?}, p99 {:?}, max {:?} (at rest: p50 {:?}, max {:?}; p50 ratio {:.1}x)",
         lat.len(),
         lat[lat.len() / 2],
         lat[lat.len() * 99 / 100],
-        lat[lat.len() - 1]
+        lat[lat.len() - 1],
+        idle[idle.len() / 2],
+        idle[idle.len() - 1],
+        lat[lat.len() / 2].as_secs_f64() / idle[idle.len() / 2].as_secs_f64()
     );
     eprintln!(
         "flood: RSS after each round {:.1} / {:.1} / {:.1} MiB",
@@ -312,7 +323,10 @@ fn random_paths_and_session_keys_hold_every_cap() {
         "most of the paced flood must be processed: {s}"
     );
     // Discovery adds one overflow operation per method past the cap.
-    assert!(s["model"]["operations"].as_u64().unwrap() <= MAX_OPS + 4, "{s}");
+    assert!(
+        s["model"]["operations"].as_u64().unwrap() <= MAX_OPS + 4,
+        "{s}"
+    );
     assert!(
         s["model"]["contexts"].as_u64().unwrap() <= MAX_CONTEXTS,
         "{s}"
