@@ -140,3 +140,66 @@ impl Rng {
         self.next_u64() % n
     }
 }
+
+/// Detaches every XDP bpf_link on interface `ifindex` with BPF_LINK_DETACH, the way
+/// `bpftool link detach` does: the program leaves the interface although its owner still
+/// holds the link (now defunct). This is how a program gets "detached from outside" on
+/// kernels where `ip link set dev X xdp off` is refused. Returns how many links it detached.
+pub fn force_detach_xdp_links(ifindex: u32) -> std::io::Result<u32> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    // SAFETY (all three helpers): `attr` is a zero-initialised bpf_attr-sized buffer with the
+    // fields of `cmd` filled in, as the bpf(2) ABI requires.
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> libc::c_long {
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr),
+            )
+        }
+    }
+    let mut detached = 0;
+    let mut id = 0u32;
+    loop {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(id); // start_id
+        if bpf(BPF_LINK_GET_NEXT_ID, &mut attr) != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(detached);
+            }
+            return Err(e);
+        }
+        id = (attr[0] >> 32) as u32; // next_id
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(id); // link_id
+        let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr);
+        if fd < 0 {
+            continue; // gone meanwhile
+        }
+        // SAFETY: a fresh fd we own.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        // struct bpf_link_info: type, id, prog_id, then (8-aligned) xdp.ifindex at byte 16.
+        let mut info = [0u32; 32];
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(fd.as_raw_fd() as u32) | ((std::mem::size_of_val(&info) as u64) << 32);
+        attr[1] = info.as_mut_ptr() as u64;
+        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) != 0 {
+            continue;
+        }
+        if info[0] == BPF_LINK_TYPE_XDP && info[4] == ifindex {
+            let mut attr = [0u64; 16];
+            attr[0] = u64::from(fd.as_raw_fd() as u32);
+            if bpf(BPF_LINK_DETACH, &mut attr) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            detached += 1;
+        }
+    }
+}

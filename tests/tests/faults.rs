@@ -13,7 +13,7 @@ use std::{
 
 use precedent_tests::{
     Daemon, HttpServer, TestNet,
-    hostile::{Rng, control, control_raw, counter},
+    hostile::{Rng, control, control_raw, counter, force_detach_xdp_links},
     precedent_bin,
 };
 
@@ -354,8 +354,9 @@ fn ip(args: &[&str]) -> std::process::Output {
 /// `ip link set dev X xdp off` (and its generic/driver variants) while the daemon runs, in
 /// native and in generic attach mode. With a bpf_link attachment (Linux 5.9+) the kernel
 /// refuses to detach it; an `off` for the other mode is a harmless no-op; were one to get
-/// through (netlink attachments on older kernels), the watcher puts the program back. Either
-/// way the program is on the interface afterwards and a block still applies.
+/// through (netlink attachments on older kernels), the watcher puts the program back. Then
+/// the link is detached for real (BPF_LINK_DETACH): the watcher re-attaches within a check
+/// or two. Either way the program is on the interface afterwards and a block applies.
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn xdp_detached_from_outside_is_refused_or_reattached() {
@@ -404,6 +405,39 @@ fn xdp_detached_from_outside_is_refused_or_reattached() {
         assert!(
             link.contains("prog/xdp"),
             "{mode}: no XDP program on the interface:\n{link}"
+        );
+        // What `ip` could not do, BPF_LINK_DETACH does (bpftool's `link detach`): the program
+        // leaves the interface while the daemon still holds its now defunct link. The
+        // watcher sees our program id gone from the interface and attaches it again.
+        let ifindex = s["interfaces"][0]["ifindex"].as_u64().unwrap() as u32;
+        assert_eq!(
+            force_detach_xdp_links(ifindex).unwrap(),
+            1,
+            "{mode}: no XDP link to detach"
+        );
+        let detached_at = Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                counter(
+                    &status(&socket),
+                    "userspace_counters",
+                    "interfaces_reattached",
+                ) == reattached + 1
+            }),
+            "{mode}: program detached from outside and never re-attached:\n{}",
+            daemon.log_text()
+        );
+        eprintln!(
+            "{mode} attach, BPF_LINK_DETACH: re-attached after {:?}",
+            detached_at.elapsed()
+        );
+        assert!(daemon.log_text().contains("xdp program re-attached"));
+        let link =
+            String::from_utf8_lossy(&ip(&["-d", "link", "show", "dev", &net.host_if]).stdout)
+                .to_string();
+        assert!(
+            link.contains("prog/xdp"),
+            "{mode}: program not back:\n{link}"
         );
         let block = format!("{}/32", net.ns_ip);
         control_raw(
