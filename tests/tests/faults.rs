@@ -281,7 +281,7 @@ fn full_state_directory_is_reported_and_blocking_continues() {
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
     let dir = tempdir("flt2");
     let state = dir.join("state");
-    let _tmpfs = Tmpfs::mount(&state, "512k");
+    let tmpfs = Tmpfs::mount(&state, "512k");
     let config = write_config(&dir, &format!("save_every = \"1s\"\n{BREAK_RULE}"));
     let state_s = state.display().to_string();
     let mut daemon = Daemon::start(
@@ -344,6 +344,7 @@ fn full_state_directory_is_reported_and_blocking_continues() {
         "error still shown after recovery: {s}"
     );
     drop(daemon);
+    drop(tmpfs);
     let _ = std::fs::remove_dir_all(dir);
 }
 
