@@ -8,6 +8,10 @@
 //!
 //! Nothing blocks the ring buffer reader: when the engine falls behind, requests are counted
 //! and dropped, and the count shows in `precedent status` and the periodic counters line.
+//! Once a second the interface watcher ([`crate::ifwatch`]) checks that every configured
+//! interface still runs the program and re-attaches it where it does not (re-created
+//! interface, program detached from outside). A failing state save (full disk) is logged,
+//! counted and shown by `status` until a save succeeds; capture and blocking carry on.
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
