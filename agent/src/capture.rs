@@ -135,6 +135,8 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Attachment {
     pub iface: String,
+    /// The interface's index when attached: a re-created interface of the same name has another.
+    pub ifindex: u32,
     /// `native` or `generic`: what the kernel accepted.
     pub mode: AttachMode,
 }
@@ -274,6 +276,7 @@ impl Datapath {
                 available: available_interfaces(),
             });
         }
+        let ifindex = crate::ifwatch::if_index(iface).unwrap_or(0);
         let prog = program(&mut self.ebpf, PROGRAM)?;
         let try_mode = |prog: &mut Xdp, m: AttachMode| {
             let flags = if m == AttachMode::Generic {
@@ -310,6 +313,7 @@ impl Datapath {
         self.attachments.push((
             Attachment {
                 iface: iface.to_string(),
+                ifindex,
                 mode: used,
             },
             link,
@@ -319,6 +323,28 @@ impl Datapath {
 
     pub fn attachments(&self) -> Vec<Attachment> {
         self.attachments.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Kernel id of the capturing program, to recognise it among an interface's XDP programs.
+    pub fn program_id(&mut self) -> Result<u32, CaptureError> {
+        let info = program(&mut self.ebpf, PROGRAM)?
+            .info()
+            .map_err(|e| CaptureError::Load(chain(&e)))?;
+        Ok(info.id())
+    }
+
+    /// Forgets the attachment to `iface` (after the interface vanished or lost the program),
+    /// releasing its link. Errors are expected here (the interface may be gone) and only logged.
+    pub fn detach(&mut self, iface: &str) {
+        let Some(i) = self.attachments.iter().position(|(a, _)| a.iface == iface) else {
+            return;
+        };
+        let (_, link) = self.attachments.remove(i);
+        if let Ok(prog) = program(&mut self.ebpf, PROGRAM)
+            && let Err(e) = prog.detach(link)
+        {
+            tracing::debug!(iface, error = %e, "releasing a stale xdp attachment");
+        }
     }
 
     /// Detaches from every interface, logging each.
