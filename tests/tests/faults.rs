@@ -89,8 +89,16 @@ fn attacker_gets_blocked(net: &TestNet, target: SocketAddr) -> bool {
         .run_in_ns(move || {
             let a = request(target, "attacker", "POST", "/api/v1/auth");
             let b = request(target, "attacker", "POST", "/api/v1/transferFunds");
-            std::thread::sleep(Duration::from_millis(300));
-            let c = request(target, "attacker", "GET", "/api/v1/accounts/17/balance");
+            // The block lands a few hundred microseconds later on an idle machine, but far
+            // later under emulation (QEMU TCG) or load: keep trying for up to 20 s.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let c = loop {
+                let c = request(target, "attacker", "GET", "/api/v1/accounts/17/balance");
+                if c.is_err() || std::time::Instant::now() > deadline {
+                    break c;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
             (a, b, c)
         })
         .unwrap();
