@@ -63,7 +63,10 @@ fn attacks() -> Vec<(&'static str, Vec<(&'static str, String)>)> {
     ];
     let mut replayer = customer(999);
     replayer.truncate(4);
-    replayer.extend(std::iter::repeat_n(("POST", "/api/v1/transferFunds".into()), 7));
+    replayer.extend(std::iter::repeat_n(
+        ("POST", "/api/v1/transferFunds".into()),
+        7,
+    ));
     let mut enumerator = vec![("POST", "/api/v1/auth".into())];
     enumerator.extend((0..25).map(|i| ("GET", format!("/api/v1/accounts/{}/balance", 7000 + i))));
     vec![
@@ -151,9 +154,11 @@ fn replay_and_daemon_alert_alike_on_the_same_requests() {
             Some(q) => format!("{}?{q}", r["path"].as_str().unwrap()),
             None => r["path"].as_str().unwrap().to_string(),
         };
+        // The request line names the client's socket; a record names the client.
+        let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
         let rec = serde_json::json!({
             "ts": r["ts"],
-            "client": r["client"],
+            "client": client.ip().to_string(),
             "method": r["method"],
             "path": path,
             "host": "bank.test",
@@ -168,20 +173,37 @@ fn replay_and_daemon_alert_alike_on_the_same_requests() {
     let secret = std::fs::read_dir(&state)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("secret")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("secret"))
+        })
         .unwrap_or_else(|| panic!("no secret file in {}", state.display()));
     let out = Command::new(precedent_bin())
         .arg("replay")
         .arg(&stream)
         .args(["--format", "jsonl", "--config", &config, "--mode", "detect"])
-        .args(["--warmup", "0", "--no-progress", "--session-secret"])
+        .args([
+            "--warmup",
+            "0",
+            "--no-progress",
+            "--summary-json",
+            "--session-secret",
+        ])
         .arg(&secret)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "replay failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "replay failed: {stderr}");
+    let summary_start = stderr.find("{\n").expect("summary JSON");
+    let summary: serde_json::Value = serde_json::Deserializer::from_str(&stderr[summary_start..])
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        summary["engine"]["requests"].as_u64(),
+        Some(tokens.len() as u64),
+        "replay processed every request: {summary}"
     );
     let replay_alerts = json_lines(&String::from_utf8_lossy(&out.stdout));
     drop(daemon);

@@ -63,7 +63,10 @@ fn a_real_combined_log_replays_end_to_end() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "replay failed: {stderr}");
-        (String::from_utf8_lossy(&out.stdout).into_owned(), summary_json(&stderr))
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            summary_json(&stderr),
+        )
     };
 
     // This server logged entries up to a minute out of order (the seconds within each minute
@@ -74,7 +77,12 @@ fn a_real_combined_log_replays_end_to_end() {
     assert!(late > 0, "{}", s["input"]);
     assert_eq!(s["input"]["records"].as_u64().unwrap() + late, 211);
 
-    let (stdout, s) = replay(&["--reorder-window", "60s", "--model-out", &model.display().to_string()]);
+    let (stdout, s) = replay(&[
+        "--reorder-window",
+        "60s",
+        "--model-out",
+        &model.display().to_string(),
+    ]);
 
     // Input: auto-detected as combined; every real line is a request, the damaged ones are
     // counted by reason and skipped.
@@ -98,10 +106,7 @@ fn a_real_combined_log_replays_end_to_end() {
     // access log) and split when a client is idle past the timeout, so at least one per client.
     let engine = &s["engine"];
     assert_eq!(engine["requests"], 211);
-    let clients: BTreeSet<&str> = lines
-        .iter()
-        .map(|l| l.split(' ').next().unwrap())
-        .collect();
+    let clients: BTreeSet<&str> = lines.iter().map(|l| l.split(' ').next().unwrap()).collect();
     let sessions = engine["sessions"].as_u64().unwrap();
     assert!(
         sessions >= clients.len() as u64 && sessions <= 211,
@@ -131,7 +136,15 @@ fn a_real_combined_log_replays_end_to_end() {
                 .any(|l| l.starts_with(&needle) && l.contains("\"GET /style2.css ")),
             "{a}"
         );
-        for field in ["ts", "kind", "action", "session", "client", "operation", "numbers"] {
+        for field in [
+            "ts",
+            "kind",
+            "action",
+            "session",
+            "client",
+            "operation",
+            "numbers",
+        ] {
             assert!(a.get(field).is_some(), "alert lacks {field}: {a}");
         }
         assert_eq!(a["mode"], "detect");

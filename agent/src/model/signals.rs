@@ -616,7 +616,10 @@ mod tests {
         }
         assert_eq!(runs.population_support(), 100_010);
         assert_eq!(runs.population_at_least(3), 100);
-        assert!(replay(&runs, 5, 3, &cfg).is_none(), "1 run in 1,000 is that long");
+        assert!(
+            replay(&runs, 5, 3, &cfg).is_none(),
+            "1 run in 1,000 is that long"
+        );
         let r = replay(&runs, 5, 4, &cfg).expect("no run of 4 among 100,000");
         let ReplayBasis::Population {
             at_least,
