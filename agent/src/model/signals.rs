@@ -28,8 +28,9 @@ pub struct SignalConfig {
     pub replay_min_runs: u32,
     /// ... and the run is at least this long.
     pub replay_min_run: u32,
-    /// An operation with fewer learned runs is judged against all operations' runs: a replay
-    /// when runs this long are confidently rarer than this (99% upper bound of their share) ...
+    /// An operation with fewer learned runs is judged against the runs of operations seen about
+    /// as rarely: a replay when runs this long are confidently rarer than this there (99% upper
+    /// bound of their share) ...
     pub replay_population_upper: f64,
     /// ... once the population has at least this many learned runs.
     pub replay_population_min_runs: u32,
@@ -54,7 +55,7 @@ impl Default for SignalConfig {
             replay_factor: 2.0,
             replay_min_runs: 30,
             replay_min_run: 3,
-            replay_population_upper: 1e-4,
+            replay_population_upper: 1e-3,
             replay_population_min_runs: 1000,
             surprise_z: 4.0,
             surprise_ratio: 2.0,
@@ -233,18 +234,29 @@ struct RunHist {
     bins: [u32; RUN_BINS],
 }
 
+/// Support classes of the pooled run histograms: class c holds operations with 2^(c-1)..2^c - 1
+/// learned runs (class 0: none), up to the halving point.
+const CLASSES: usize = 22;
+
+fn class_of(support: u32) -> usize {
+    (32 - support.leading_zeros() as usize).min(CLASSES - 1)
+}
+
 /// Per-operation histograms of successive-repeat run lengths (a run of 1 is "not repeated"),
-/// and their sum over all operations (the population's, for operations with too few runs of
-/// their own). The sum is derived state: it is not saved but rebuilt on load, so state files
-/// keep their format.
+/// and their sums over operations grouped by how many runs each has (its support class).
+///
+/// The sums are the population an operation with too few runs of its own is judged against,
+/// and only the classes of rarely seen operations go into it: a page visited twice a day is
+/// more like other pages visited twice a day than like the gallery everyone clicks through ten
+/// times, whose long runs would otherwise make every run look ordinary. The sums are derived
+/// state: not saved, rebuilt on load, so state files keep their format.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(from = "SavedRunLengths", into = "SavedRunLengths")]
 pub struct RunLengths {
     max_ops: u32,
     hists: Vec<RunHist>,
-    /// Sum of `hists` (u64 bins: it grows past any one histogram's halving point).
-    pooled: [u64; RUN_BINS],
-    pooled_total: u64,
+    /// Per support class, the sum of its operations' histograms.
+    pooled: [[u64; RUN_BINS]; CLASSES],
     /// Runs of operations with ids ≥ max_ops, not recorded.
     pub untracked: u64,
     /// Times a histogram was halved.
@@ -262,20 +274,17 @@ struct SavedRunLengths {
 
 impl From<SavedRunLengths> for RunLengths {
     fn from(s: SavedRunLengths) -> Self {
-        let mut pooled = [0u64; RUN_BINS];
-        for h in &s.hists {
-            for (p, &c) in pooled.iter_mut().zip(&h.bins) {
-                *p += u64::from(c);
-            }
-        }
-        RunLengths {
+        let mut r = RunLengths {
             max_ops: s.max_ops,
-            pooled_total: pooled.iter().sum(),
-            pooled,
             hists: s.hists,
+            pooled: [[0; RUN_BINS]; CLASSES],
             untracked: s.untracked,
             halvings: s.halvings,
+        };
+        for i in 0..r.hists.len() {
+            r.pool(i, true);
         }
+        r
     }
 }
 
@@ -295,10 +304,22 @@ impl RunLengths {
         RunLengths {
             max_ops,
             hists: Vec::new(),
-            pooled: [0; RUN_BINS],
-            pooled_total: 0,
+            pooled: [[0; RUN_BINS]; CLASSES],
             untracked: 0,
             halvings: 0,
+        }
+    }
+
+    /// Adds (or takes out) histogram `i` to (from) its support class's sum.
+    fn pool(&mut self, i: usize, add: bool) {
+        let h = &self.hists[i];
+        let class = &mut self.pooled[class_of(h.total)];
+        for (p, &c) in class.iter_mut().zip(&h.bins) {
+            if add {
+                *p += u64::from(c);
+            } else {
+                *p -= u64::from(c);
+            }
         }
     }
 
@@ -310,23 +331,31 @@ impl RunLengths {
             self.untracked += 1;
             return;
         }
-        if self.hists.len() <= op as usize {
-            self.hists.resize(op as usize + 1, RunHist::default());
+        let i = op as usize;
+        if self.hists.len() <= i {
+            self.hists.resize(i + 1, RunHist::default());
         }
-        let h = &mut self.hists[op as usize];
         let bin = run_bin(run_len);
-        h.bins[bin] += 1;
-        h.total += 1;
-        self.pooled[bin] += 1;
-        self.pooled_total += 1;
-        if h.total >= DECAY_AT {
-            for (b, p) in h.bins.iter_mut().zip(self.pooled.iter_mut()) {
-                let half = *b / 2;
-                *p -= u64::from(*b - half);
-                *b = half;
-            }
+        let total = self.hists[i].total;
+        if class_of(total + 1) == class_of(total) {
+            self.pooled[class_of(total)][bin] += 1;
+            let h = &mut self.hists[i];
+            h.bins[bin] += 1;
+            h.total += 1;
+        } else {
+            // The operation moves up a support class: its whole histogram moves with it.
+            self.pool(i, false);
+            let h = &mut self.hists[i];
+            h.bins[bin] += 1;
+            h.total += 1;
+            self.pool(i, true);
+        }
+        if self.hists[i].total >= DECAY_AT {
+            self.pool(i, false);
+            let h = &mut self.hists[i];
+            h.bins.iter_mut().for_each(|b| *b /= 2);
             h.total = h.bins.iter().sum();
-            self.pooled_total = self.pooled.iter().sum();
+            self.pool(i, true);
             self.halvings += 1;
         }
     }
@@ -336,15 +365,19 @@ impl RunLengths {
         self.hists.get(op as usize).map_or(0, |h| h.total)
     }
 
-    /// Runs learned over all operations.
-    pub fn population_support(&self) -> u64 {
-        self.pooled_total
-    }
-
-    /// Runs of all operations at least `run` long. A length past the exact bins shares its bin
-    /// with shorter runs; the whole bin is counted, which can only make a run look less rare.
-    pub fn population_at_least(&self, run: u32) -> u64 {
-        self.pooled[run_bin(run)..].iter().sum()
+    /// The population of operations seen rarely: runs of operations in the support classes
+    /// that start below `below` runs (the classes are powers of two, so the last one can reach
+    /// up to twice `below`). Returns (runs at least `run` long, all runs). A length past the
+    /// exact bins shares its bin with shorter runs; the whole bin is counted, which can only
+    /// make a run look less rare.
+    pub fn rare_population(&self, below: u32, run: u32) -> (u64, u64) {
+        let classes = class_of(below.saturating_sub(1)) + 1;
+        let (mut at_least, mut total) = (0, 0);
+        for class in &self.pooled[..classes.min(CLASSES)] {
+            at_least += class[run_bin(run)..].iter().sum::<u64>();
+            total += class.iter().sum::<u64>();
+        }
+        (at_least, total)
     }
 
     /// The q-quantile of `op`'s run lengths, rounded up to its bin's upper edge.
@@ -375,9 +408,10 @@ pub enum ReplayBasis {
         /// Runs learned for the operation.
         support: u32,
     },
-    /// The operation has fewer than `replay_min_runs` runs of its own: among all operations'
-    /// learned runs, `at_least` of `runs` were this long or longer, and the 99% upper bound of
-    /// that share is below `threshold`.
+    /// The operation has fewer than `replay_min_runs` runs of its own: among the learned runs of
+    /// operations seen about as rarely (see [`RunLengths::rare_population`]), `at_least` of
+    /// `runs` were this long or longer, and the 99% upper bound of that share is below
+    /// `threshold`.
     Population {
         at_least: u64,
         runs: u64,
@@ -418,10 +452,10 @@ impl Replay {
 /// An operation with at least `replay_min_runs` learned runs is judged by its own: the run is
 /// longer than `replay_factor` × the `replay_quantile` of its run lengths. Most operations of a
 /// large API are visited too rarely for that (a replay of one of them would never fire), so the
-/// others are judged against the population: the share of all learned runs that were at least
-/// this long must be confidently small (99% Beta upper bound below `replay_population_upper`,
-/// with at least `replay_population_min_runs` runs learned). Either way the run is at least
-/// `replay_min_run` long.
+/// others are judged against the population of rarely seen operations: the share of their
+/// learned runs that were at least this long must be confidently small (99% Beta upper bound
+/// below `replay_population_upper`, with at least `replay_population_min_runs` runs in that
+/// population). Either way the run is at least `replay_min_run` long.
 pub fn replay(runs: &RunLengths, op: Op, run_len: u32, cfg: &SignalConfig) -> Option<Replay> {
     if run_len < cfg.replay_min_run {
         return None;
@@ -447,11 +481,10 @@ pub fn replay_judgement(
             support,
         }
     } else {
-        let total = runs.population_support();
+        let (at_least, total) = runs.rare_population(cfg.replay_min_runs, run_len);
         if total < u64::from(cfg.replay_population_min_runs) {
             return None;
         }
-        let at_least = runs.population_at_least(run_len);
         // The Beta interval takes u32 counts; past that both scale down together (same share).
         let scale = total.div_ceil(u64::from(u32::MAX)).max(1);
         let (k, n) = ((at_least / scale) as u32, (total / scale) as u32);
@@ -599,9 +632,9 @@ mod tests {
     }
 
     #[test]
-    fn replay_of_a_rarely_seen_operation_is_judged_against_the_population() {
+    fn replay_of_a_rarely_seen_operation_is_judged_against_rarely_seen_ones() {
         let cfg = SignalConfig::default();
-        let mut runs = RunLengths::new(100);
+        let mut runs = RunLengths::new(10_000);
         // 10 runs of op 5: too few to judge it alone.
         for _ in 0..10 {
             runs.learn(5, 1);
@@ -610,17 +643,20 @@ mod tests {
             replay(&runs, 5, 50, &cfg).is_none(),
             "no population to judge against yet"
         );
-        // A population of 100,000 runs over other operations, 1 in 1,000 of length 3.
-        for i in 0..100_000u32 {
-            runs.learn(10 + i % 50, if i % 1000 == 0 { 3 } else { 1 });
+        // 2,000 rarely seen operations with 10 runs each, 1 run in 1,000 of length 3...
+        for i in 0..20_000u32 {
+            runs.learn(100 + i % 2000, if i % 1000 == 0 { 3 } else { 1 });
         }
-        assert_eq!(runs.population_support(), 100_010);
-        assert_eq!(runs.population_at_least(3), 100);
+        // ...and a busy operation whose runs are long: not the population of a rare one.
+        for _ in 0..5000 {
+            runs.learn(9, 20);
+        }
+        assert_eq!(runs.rare_population(30, 3), (20, 20_010));
         assert!(
             replay(&runs, 5, 3, &cfg).is_none(),
             "1 run in 1,000 is that long"
         );
-        let r = replay(&runs, 5, 4, &cfg).expect("no run of 4 among 100,000");
+        let r = replay(&runs, 5, 4, &cfg).expect("no run of 4 among 20,010");
         let ReplayBasis::Population {
             at_least,
             runs: total,
@@ -631,27 +667,30 @@ mod tests {
         else {
             panic!("judged by the population: {r:?}");
         };
-        assert_eq!((at_least, total, support), (0, 100_010, 10));
+        assert_eq!((at_least, total, support), (0, 20_010, 10));
         assert!(upper < cfg.replay_population_upper);
         assert!(r.excess() > 1.0);
         assert_eq!(serde_json::to_value(&r).unwrap()["basis"], "population");
     }
 
     #[test]
-    fn pooled_runs_are_rebuilt_on_load_and_follow_halving() {
+    fn pooled_runs_follow_support_classes_halving_and_a_reload() {
         let mut runs = RunLengths::new(10);
         for i in 0..50 {
             runs.learn(i % 3, 1 + i % 4);
         }
         let bytes = postcard::to_allocvec(&runs).unwrap();
         let back: RunLengths = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, runs);
-        assert_eq!(back.population_support(), 50);
+        assert_eq!(back, runs, "the pools are rebuilt on load");
         for _ in 0..DECAY_AT {
             runs.learn(1, 1);
         }
-        let sum: u64 = runs.hists.iter().map(|h| u64::from(h.total)).sum();
-        assert_eq!(runs.population_support(), sum);
+        let pooled: u64 = runs.pooled.iter().flatten().sum();
+        let learned: u64 = runs.hists.iter().map(|h| u64::from(h.total)).sum();
+        assert_eq!(pooled, learned);
+        // Ops 0 and 2 have 17 and 16 runs (class 16..31); op 1 left the rare classes.
+        assert_eq!(runs.rare_population(30, 1).1, 33);
+        assert_eq!(runs.rare_population(16, 1).1, 0);
     }
 
     #[test]
