@@ -483,7 +483,7 @@ impl Core {
                                 support,
                                 ..
                             } => format!(
-                                "{} repeated {} times in a row; it has too few learned runs ({}) to judge alone, and among all operations' {} learned runs {} were this long (99% upper bound of the share {:.2e})",
+                                "{} repeated {} times in a row; it has too few learned runs ({}) to judge alone, and among the {} learned runs of operations seen about as rarely {} were this long (99% upper bound of the share {:.2e})",
                                 op_name(discovery, op),
                                 r.run_len,
                                 support,
