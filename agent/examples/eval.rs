@@ -10,7 +10,8 @@
 //!
 //! Two measurements per session:
 //! - scores from a frozen copy of the model at the end of training, one per signal (rarest
-//!   transition, strongest missing precedent, longest replay relative to the learned runs,
+//!   transition by its context's tail share, strongest missing precedent, longest replay
+//!   relative to the replay signal's firing point,
 //!   mean surprise) plus `combined` (the smallest benign-tail p-value of the four), thresholded
 //!   on the benign held-out sessions at 0.1% and 1% false positives;
 //! - the engine's own alerts at the default thresholds (what `precedent` would print).
@@ -29,7 +30,7 @@ use precedent::{
     discovery::Discovery,
     engine::{Engine, EngineConfig},
     http::Method,
-    model::{Model, Op, SignalConfig},
+    model::{Model, Op, SignalConfig, signals},
     rules::RuleFile,
 };
 
@@ -478,18 +479,16 @@ fn frozen_scores(
             .map_or(UNKNOWN, |id| discovery.canonical(id).0);
         if run_op == Some(op) {
             run += 1;
-            let support = model.runs().support(op);
-            if support >= cfg.replay_min_runs
-                && let Some(q) = model.runs().quantile(op, cfg.replay_quantile)
-            {
-                s[2] = s[2].max(f64::from(run) / f64::from(q.max(1)));
+            // How far past the firing point (the engine's own judgement, 1 = fires): the
+            // operation's runs when it has enough, else the population's.
+            if let Some(r) = signals::replay_judgement(model.runs(), op, run, cfg) {
+                s[2] = s[2].max(r.excess());
             }
         } else {
             let ctx = &steps[steps.len().saturating_sub(max_order)..];
             let t = model.score(ctx, op);
-            if t.enough_data {
-                let upper = t.interval.map_or(t.probability, |i| i.upper);
-                s[0] = s[0].max(-(upper.max(1e-12)).log10());
+            if let Some(r) = signals::rare_share(model, ctx, op, &t, cfg) {
+                s[0] = s[0].max(-(r.upper.max(1e-12)).log10());
             }
             bits += t.surprise_bits;
             n_bits += 1;
@@ -919,7 +918,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "Mean frozen-model scores per kind (rare: -log10 of the rarest transition's upper bound; precedent: best missing predecessor's score; replay: longest run / learned p99 run; surprise: max over prefixes of (mean bits - population mean) x sqrt(steps))"
+        "Mean frozen-model scores per kind (rare: -log10 of the upper bound of the rarest transition's tail share in its context; precedent: best missing predecessor's score; replay: the longest run's excess over the replay signal's firing point (1 = fires); surprise: max over prefixes of (mean bits - population mean) x sqrt(steps))"
     );
     for (kind, m) in &means {
         let n = m.1.max(1) as f64;

@@ -16,7 +16,7 @@ use crate::{
     http::{HttpConfig, Method, Parser, SelectedHeaders, SkipCounters, SkipReason},
     model::{
         Model, ModelConfig, ModelError, Op, SignalConfig,
-        signals::{confidently_rare, missing_precedent, replay, surprising_session},
+        signals::{ReplayBasis, missing_precedent, rare_transition, replay, surprising_session},
     },
     rules::{HitKind, RuleError, RuleFile, RuleSet, SequenceCandidate},
     session::{IdentifierSource, Session, SessionConfig, SessionKeyer, SessionTable, StepKind},
@@ -399,7 +399,7 @@ impl Core {
                 session.surprise.push(t.surprise_bits);
                 if alerting {
                     if session.alerted & ALERTED_RARE == 0
-                        && let Some(r) = confidently_rare(&t, signals)
+                        && let Some(r) = rare_transition(model, &context, op.0, &t, signals)
                     {
                         session.alerted |= ALERTED_RARE;
                         let prev = context
@@ -409,10 +409,14 @@ impl Core {
                         findings.push(Finding::Signal {
                             signal: Signal::RareTransition,
                             explanation: format!(
-                                "{} after {prev} is confidently rare: {} of {} times in this context (99% interval upper bound {:.4} < {})",
+                                "{} after {prev} is confidently rare: {} of {} times in this context of {} operations, where next operations this rare (or new: {} distinct seen) make up {} of {} observations (99% upper bound {:.4} < {})",
                                 op_name(discovery, op),
                                 r.k,
                                 r.n,
+                                r.context_len,
+                                r.distinct,
+                                r.as_rare,
+                                r.total,
                                 r.upper,
                                 r.threshold
                             ),
@@ -462,13 +466,32 @@ impl Core {
                 {
                     findings.push(Finding::Signal {
                         signal: Signal::Replay,
-                        explanation: format!(
-                            "{} repeated {} times in a row; learned runs reach {} at the {:.0}th percentile",
-                            op_name(discovery, op),
-                            r.run_len,
-                            r.learned,
-                            r.quantile * 100.0
-                        ),
+                        explanation: match &r.basis {
+                            ReplayBasis::Operation {
+                                learned, quantile, ..
+                            } => format!(
+                                "{} repeated {} times in a row; its learned runs reach {} at the {:.0}th percentile",
+                                op_name(discovery, op),
+                                r.run_len,
+                                learned,
+                                quantile * 100.0
+                            ),
+                            ReplayBasis::Population {
+                                at_least,
+                                runs,
+                                upper,
+                                support,
+                                ..
+                            } => format!(
+                                "{} repeated {} times in a row; it has too few learned runs ({}) to judge alone, and among the {} learned runs of operations seen about as rarely {} were this long (99% upper bound of the share {:.2e})",
+                                op_name(discovery, op),
+                                r.run_len,
+                                support,
+                                runs,
+                                at_least,
+                                upper
+                            ),
+                        },
                         numbers: serde_json::to_value(&r).unwrap_or_default(),
                     });
                 }

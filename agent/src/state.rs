@@ -444,6 +444,13 @@ pub fn load_from_path<T: Persist>(path: &Path) -> Result<T, StateError> {
     }
 }
 
+/// The session-hashing secret stored in a state directory (its `secret` file, or a copy), for
+/// `precedent replay --session-secret`: hashed with the daemon's secret, the same session
+/// identifier gets the same short id in replay's alerts as in the daemon's.
+pub fn load_secret_from_path(path: &Path) -> Result<[u8; 16], StateError> {
+    load_from_path::<Secret>(path).map(|Secret(s)| s)
+}
+
 fn split_path(path: &Path) -> Result<(PathBuf, String), StateError> {
     let name = path
         .file_name()

@@ -47,6 +47,10 @@ pub struct ReplayArgs {
     /// (e.g. /var/lib/precedent/model.state).
     #[arg(long, value_name = "PATH")]
     pub model_out: Option<PathBuf>,
+    /// Hash session identifiers with this secret (the daemon's `secret` file in its state
+    /// directory) instead of a fresh random one, so alert session ids match the daemon's.
+    #[arg(long, value_name = "PATH")]
+    pub session_secret: Option<PathBuf>,
     /// Print the end summary on stderr as JSON instead of text.
     #[arg(long)]
     pub summary_json: bool,
@@ -84,8 +88,13 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
             .with_context(|| format!("importing {}", doc.display()))?;
     }
     // Sessions only live for the replay and nothing about them is saved, so a fresh random
-    // key per run is enough: alert session ids are stable within a run, not across runs.
-    let secret = SessionKeyer::random_secret().context("reading /dev/urandom")?;
+    // key per run is enough unless the ids are to be compared with the daemon's: alert session
+    // ids are then stable within a run, not across runs.
+    let secret = match &args.session_secret {
+        Some(p) => state::load_secret_from_path(p)
+            .with_context(|| format!("loading the session secret {}", p.display()))?,
+        None => SessionKeyer::random_secret().context("reading /dev/urandom")?,
+    };
     let engine = Engine::with_state(&cfg, config.rule_file(), secret, mode, model, discovery)?;
 
     let opts = ReplayOptions {

@@ -1,8 +1,8 @@
 //! Anomaly-signal primitives built on the model: confidently rare transition, missing precedent,
-//! replay (a repeat run far beyond the operation's learned run lengths) and session surprise far
-//! above the population's. Each check returns the numbers behind it so an alert can show them;
-//! `decide` turns them into alerts. Nothing fires before there is enough data (every check has a
-//! minimum support).
+//! replay (a repeat run far beyond the operation's learned run lengths, or the population's when
+//! the operation has too few) and session surprise far above the population's. Each check returns
+//! the numbers behind it so an alert can show them; `decide` turns them into alerts. Nothing fires
+//! before there is enough data (every check has a minimum support).
 
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +12,8 @@ use super::{Model, Op, Transition};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SignalConfig {
-    /// Confidently rare: the 99% upper bound of P(next | context) is below this...
+    /// Confidently rare: in the context, next operations as rare as this one (seen as often or
+    /// less, new ones included) make up a share whose 99% upper bound is below this...
     pub rare_upper_bound: f64,
     /// ... in a context observed at least this many times.
     pub rare_min_context_count: u32,
@@ -27,6 +28,12 @@ pub struct SignalConfig {
     pub replay_min_runs: u32,
     /// ... and the run is at least this long.
     pub replay_min_run: u32,
+    /// An operation with fewer learned runs is judged against the runs of operations seen about
+    /// as rarely: a replay when runs this long are confidently rarer than this there (99% upper
+    /// bound of their share) ...
+    pub replay_population_upper: f64,
+    /// ... once the population has at least this many learned runs.
+    pub replay_population_min_runs: u32,
     /// Session surprise: the session's recent mean surprise is at least this many population
     /// standard deviations above the population mean ...
     pub surprise_z: f64,
@@ -48,6 +55,8 @@ impl Default for SignalConfig {
             replay_factor: 2.0,
             replay_min_runs: 30,
             replay_min_run: 3,
+            replay_population_upper: 1e-3,
+            replay_population_min_runs: 1000,
             surprise_z: 4.0,
             surprise_ratio: 2.0,
             surprise_min_steps: 8,
@@ -56,28 +65,110 @@ impl Default for SignalConfig {
     }
 }
 
-/// A transition whose probability is confidently below the threshold.
+/// A transition that is confidently rare in its context, with the numbers behind the verdict.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RareTransition {
+    /// Operations in the context that judged it (the longest reliable one).
     pub context_len: usize,
+    /// Observations of the context, and of this next operation in it.
     pub n: u32,
     pub k: u32,
+    /// Distinct next operations seen in the context (each was new once).
+    pub distinct: u32,
+    /// Observations of next operations as rare as this one (seen at most `k` times here),
+    /// plus one per distinct next operation for "new" (Witten-Bell)...
+    pub as_rare: u32,
+    /// ... out of n + distinct.
+    pub total: u32,
+    /// 99% upper bound of the share `as_rare / total`.
     pub upper: f64,
     pub threshold: f64,
 }
 
-/// Confidently rare transition: the interval's upper bound is below `rare_upper_bound` in a context
-/// with at least `rare_min_context_count` observations. Repeats are not transitions.
-pub fn confidently_rare(t: &Transition, cfg: &SignalConfig) -> Option<RareTransition> {
-    let iv = t.interval?;
-    (!t.is_repeat && t.n >= cfg.rare_min_context_count && iv.upper < cfg.rare_upper_bound)
-        .then_some(RareTransition {
-            context_len: t.context_len,
-            n: t.n,
-            k: t.k,
-            upper: iv.upper,
-            threshold: cfg.rare_upper_bound,
-        })
+/// Cheap pre-check: could this transition be confidently rare at all? Its own probability's 99%
+/// upper bound is below the threshold in a context with enough observations. The share of
+/// equally rare successors that [`rare_transition`] judges is never smaller than the transition's
+/// own probability (adding observations to a Beta posterior's successes only raises its upper
+/// bound), so a transition that fails this cannot be confidently rare.
+pub fn could_be_rare(t: &Transition, cfg: &SignalConfig) -> bool {
+    t.interval.is_some_and(|iv| {
+        !t.is_repeat && t.n >= cfg.rare_min_context_count && iv.upper < cfg.rare_upper_bound
+    })
+}
+
+/// Confidently rare transition, judged by how surprising it is *for its context*, not by its own
+/// probability alone. On a large API (thousands of operations) a busy context has hundreds of
+/// successors, most of them individually rare: some benign session takes one of them every
+/// minute, so "P(next | context) is small" says little. What is anomalous is a transition into the
+/// tail of a context whose traffic is concentrated: after `GET /balance`, 99.9% of sessions go to
+/// `POST /transfer`, so anything else is news.
+///
+/// The measure is the tail share of the context's next-operation distribution: observations of
+/// successors seen at most as often as this one (`k` times or fewer), plus, for successors never
+/// seen, the Witten-Bell escape count (one per distinct successor: each was new once). A context
+/// with many distinct successors therefore has a large "new" share and a large tail, so its rare
+/// transitions are not confident; a context with a handful of successors and thousands of
+/// observations has a tiny tail. The 99% upper bound of that share (Beta interval, uniform prior)
+/// must be below `rare_upper_bound`. Judged in the longest reliable context of the history (the
+/// one [`Model::score`] chose: not collapsed, at least `min_context_count` observations).
+///
+/// Call it right after the engine's observe (score, then learn) for the same transition: `t` is
+/// the score before learning, so the learned observation of `next` is taken back out of the
+/// context's counts here.
+pub fn rare_transition(
+    model: &mut Model,
+    context: &[Op],
+    next: Op,
+    t: &Transition,
+    cfg: &SignalConfig,
+) -> Option<RareTransition> {
+    if !could_be_rare(t, cfg) {
+        return None;
+    }
+    rare_share(model, context, next, t, cfg).filter(|r| r.upper < cfg.rare_upper_bound)
+}
+
+/// The tail share [`rare_transition`] judges, whatever its value (the evaluation ranks sessions by
+/// it). None for repeats and in contexts with fewer than `rare_min_context_count` observations.
+/// `t` is the transition's score before it was learned (if it was): the counts are read from the
+/// judging context with `next` at `t.k`, so this gives the same answer before and after learning.
+pub fn rare_share(
+    model: &mut Model,
+    context: &[Op],
+    next: Op,
+    t: &Transition,
+    cfg: &SignalConfig,
+) -> Option<RareTransition> {
+    if t.is_repeat || t.n < cfg.rare_min_context_count || t.context_len > context.len() {
+        return None;
+    }
+    let judge = &context[context.len() - t.context_len..];
+    let node = model.context(judge)?;
+    // `next` counts t.k (none when 0, even if it was learned since); the other entries are as
+    // they were.
+    let mut distinct = u32::from(t.k > 0);
+    let mut tail = u64::from(t.k);
+    for e in node.entries().iter().filter(|e| e.next != next) {
+        distinct += 1;
+        if e.k <= t.k {
+            tail += u64::from(e.k);
+        }
+    }
+    let total = t.n.saturating_add(distinct);
+    let as_rare = u32::try_from(tail + u64::from(distinct))
+        .unwrap_or(u32::MAX)
+        .min(total);
+    let upper = model.interval(as_rare, total).upper;
+    Some(RareTransition {
+        context_len: t.context_len,
+        n: t.n,
+        k: t.k,
+        distinct,
+        as_rare,
+        total,
+        upper,
+        threshold: cfg.rare_upper_bound,
+    })
 }
 
 /// An operation arrived without an operation that nearly always precedes it.
@@ -143,15 +234,69 @@ struct RunHist {
     bins: [u32; RUN_BINS],
 }
 
-/// Per-operation histograms of successive-repeat run lengths (a run of 1 is "not repeated").
+/// Support classes of the pooled run histograms: class c holds operations with 2^(c-1)..2^c - 1
+/// learned runs (class 0: none), up to the halving point.
+const CLASSES: usize = 22;
+
+fn class_of(support: u32) -> usize {
+    (32 - support.leading_zeros() as usize).min(CLASSES - 1)
+}
+
+/// Per-operation histograms of successive-repeat run lengths (a run of 1 is "not repeated"),
+/// and their sums over operations grouped by how many runs each has (its support class).
+///
+/// The sums are the population an operation with too few runs of its own is judged against,
+/// and only the classes of rarely seen operations go into it: a page visited twice a day is
+/// more like other pages visited twice a day than like the gallery everyone clicks through ten
+/// times, whose long runs would otherwise make every run look ordinary. The sums are derived
+/// state: not saved, rebuilt on load, so state files keep their format.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "SavedRunLengths", into = "SavedRunLengths")]
 pub struct RunLengths {
     max_ops: u32,
     hists: Vec<RunHist>,
+    /// Per support class, the sum of its operations' histograms.
+    pooled: [[u64; RUN_BINS]; CLASSES],
     /// Runs of operations with ids ≥ max_ops, not recorded.
     pub untracked: u64,
     /// Times a histogram was halved.
     pub halvings: u64,
+}
+
+/// What is saved of [`RunLengths`].
+#[derive(Serialize, Deserialize)]
+struct SavedRunLengths {
+    max_ops: u32,
+    hists: Vec<RunHist>,
+    untracked: u64,
+    halvings: u64,
+}
+
+impl From<SavedRunLengths> for RunLengths {
+    fn from(s: SavedRunLengths) -> Self {
+        let mut r = RunLengths {
+            max_ops: s.max_ops,
+            hists: s.hists,
+            pooled: [[0; RUN_BINS]; CLASSES],
+            untracked: s.untracked,
+            halvings: s.halvings,
+        };
+        for i in 0..r.hists.len() {
+            r.pool(i, true);
+        }
+        r
+    }
+}
+
+impl From<RunLengths> for SavedRunLengths {
+    fn from(r: RunLengths) -> Self {
+        SavedRunLengths {
+            max_ops: r.max_ops,
+            hists: r.hists,
+            untracked: r.untracked,
+            halvings: r.halvings,
+        }
+    }
 }
 
 impl RunLengths {
@@ -159,8 +304,22 @@ impl RunLengths {
         RunLengths {
             max_ops,
             hists: Vec::new(),
+            pooled: [[0; RUN_BINS]; CLASSES],
             untracked: 0,
             halvings: 0,
+        }
+    }
+
+    /// Adds (or takes out) histogram `i` to (from) its support class's sum.
+    fn pool(&mut self, i: usize, add: bool) {
+        let h = &self.hists[i];
+        let class = &mut self.pooled[class_of(h.total)];
+        for (p, &c) in class.iter_mut().zip(&h.bins) {
+            if add {
+                *p += u64::from(c);
+            } else {
+                *p -= u64::from(c);
+            }
         }
     }
 
@@ -172,15 +331,31 @@ impl RunLengths {
             self.untracked += 1;
             return;
         }
-        if self.hists.len() <= op as usize {
-            self.hists.resize(op as usize + 1, RunHist::default());
+        let i = op as usize;
+        if self.hists.len() <= i {
+            self.hists.resize(i + 1, RunHist::default());
         }
-        let h = &mut self.hists[op as usize];
-        h.bins[run_bin(run_len)] += 1;
-        h.total += 1;
-        if h.total >= DECAY_AT {
+        let bin = run_bin(run_len);
+        let total = self.hists[i].total;
+        if class_of(total + 1) == class_of(total) {
+            self.pooled[class_of(total)][bin] += 1;
+            let h = &mut self.hists[i];
+            h.bins[bin] += 1;
+            h.total += 1;
+        } else {
+            // The operation moves up a support class: its whole histogram moves with it.
+            self.pool(i, false);
+            let h = &mut self.hists[i];
+            h.bins[bin] += 1;
+            h.total += 1;
+            self.pool(i, true);
+        }
+        if self.hists[i].total >= DECAY_AT {
+            self.pool(i, false);
+            let h = &mut self.hists[i];
             h.bins.iter_mut().for_each(|b| *b /= 2);
             h.total = h.bins.iter().sum();
+            self.pool(i, true);
             self.halvings += 1;
         }
     }
@@ -188,6 +363,21 @@ impl RunLengths {
     /// Runs learned for `op`.
     pub fn support(&self, op: Op) -> u32 {
         self.hists.get(op as usize).map_or(0, |h| h.total)
+    }
+
+    /// The population of operations seen rarely: runs of operations in the support classes
+    /// that start below `below` runs (the classes are powers of two, so the last one can reach
+    /// up to twice `below`). Returns (runs at least `run` long, all runs). A length past the
+    /// exact bins shares its bin with shorter runs; the whole bin is counted, which can only
+    /// make a run look less rare.
+    pub fn rare_population(&self, below: u32, run: u32) -> (u64, u64) {
+        let classes = class_of(below.saturating_sub(1)) + 1;
+        let (mut at_least, mut total) = (0, 0);
+        for class in &self.pooled[..classes.min(CLASSES)] {
+            at_least += class[run_bin(run)..].iter().sum::<u64>();
+            total += class.iter().sum::<u64>();
+        }
+        (at_least, total)
     }
 
     /// The q-quantile of `op`'s run lengths, rounded up to its bin's upper edge.
@@ -205,33 +395,108 @@ impl RunLengths {
     }
 }
 
-/// A run of repeats far beyond what the operation's learned runs allow.
+/// What a replay was judged against.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "basis", rename_all = "snake_case")]
+pub enum ReplayBasis {
+    /// The operation's own learned runs: the run exceeds `factor` × their `quantile`.
+    Operation {
+        /// The learned `quantile` of the operation's run lengths.
+        learned: u32,
+        quantile: f64,
+        factor: f64,
+        /// Runs learned for the operation.
+        support: u32,
+    },
+    /// The operation has fewer than `replay_min_runs` runs of its own: among the learned runs of
+    /// operations seen about as rarely (see [`RunLengths::rare_population`]), `at_least` of
+    /// `runs` were this long or longer, and the 99% upper bound of that share is below
+    /// `threshold`.
+    Population {
+        at_least: u64,
+        runs: u64,
+        upper: f64,
+        threshold: f64,
+        /// Runs learned for the operation itself (too few to judge it alone).
+        support: u32,
+    },
+}
+
+/// A run of repeats far beyond what the learned runs allow.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Replay {
     pub op: Op,
     pub run_len: u32,
-    /// The learned `quantile` of run lengths.
-    pub learned: u32,
-    pub quantile: f64,
-    pub factor: f64,
-    pub support: u32,
+    #[serde(flatten)]
+    pub basis: ReplayBasis,
 }
 
-/// Replay: `run_len` successive repeats of `op` exceed factor × the learned quantile.
+impl Replay {
+    /// How far past the firing point the run is: above 1 fires. Operation basis: run length over
+    /// factor × learned quantile; population basis: log of the share's upper bound over log of
+    /// the threshold.
+    pub fn excess(&self) -> f64 {
+        match &self.basis {
+            ReplayBasis::Operation {
+                learned, factor, ..
+            } => f64::from(self.run_len) / (f64::from((*learned).max(1)) * factor),
+            ReplayBasis::Population {
+                upper, threshold, ..
+            } => upper.max(1e-300).ln() / threshold.ln(),
+        }
+    }
+}
+
+/// Replay: `run_len` successive repeats of `op` beyond what the learned runs allow.
+///
+/// An operation with at least `replay_min_runs` learned runs is judged by its own: the run is
+/// longer than `replay_factor` × the `replay_quantile` of its run lengths. Most operations of a
+/// large API are visited too rarely for that (a replay of one of them would never fire), so the
+/// others are judged against the population of rarely seen operations: the share of their
+/// learned runs that were at least this long must be confidently small (99% Beta upper bound
+/// below `replay_population_upper`, with at least `replay_population_min_runs` runs in that
+/// population). Either way the run is at least `replay_min_run` long.
 pub fn replay(runs: &RunLengths, op: Op, run_len: u32, cfg: &SignalConfig) -> Option<Replay> {
-    let support = runs.support(op);
-    if support < cfg.replay_min_runs || run_len < cfg.replay_min_run {
+    if run_len < cfg.replay_min_run {
         return None;
     }
-    let learned = runs.quantile(op, cfg.replay_quantile)?;
-    (f64::from(run_len) > f64::from(learned) * cfg.replay_factor).then_some(Replay {
-        op,
-        run_len,
-        learned,
-        quantile: cfg.replay_quantile,
-        factor: cfg.replay_factor,
-        support,
-    })
+    replay_judgement(runs, op, run_len, cfg).filter(|r| r.excess() > 1.0)
+}
+
+/// The judgement [`replay`] makes of a run, whether or not it fires (it fires when
+/// [`Replay::excess`] is above 1). None when neither the operation nor the population has
+/// enough learned runs.
+pub fn replay_judgement(
+    runs: &RunLengths,
+    op: Op,
+    run_len: u32,
+    cfg: &SignalConfig,
+) -> Option<Replay> {
+    let support = runs.support(op);
+    let basis = if support >= cfg.replay_min_runs {
+        ReplayBasis::Operation {
+            learned: runs.quantile(op, cfg.replay_quantile)?,
+            quantile: cfg.replay_quantile,
+            factor: cfg.replay_factor,
+            support,
+        }
+    } else {
+        let (at_least, total) = runs.rare_population(cfg.replay_min_runs, run_len);
+        if total < u64::from(cfg.replay_population_min_runs) {
+            return None;
+        }
+        // The Beta interval takes u32 counts; past that both scale down together (same share).
+        let scale = total.div_ceil(u64::from(u32::MAX)).max(1);
+        let (k, n) = ((at_least / scale) as u32, (total / scale) as u32);
+        ReplayBasis::Population {
+            at_least,
+            runs: total,
+            upper: super::interval::beta_interval_exact(k, n).upper,
+            threshold: cfg.replay_population_upper,
+            support,
+        }
+    };
+    Some(Replay { op, run_len, basis })
 }
 
 /// Weight of each new session in the population's mean/variance of session surprise.
@@ -328,7 +593,7 @@ pub fn surprising_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ModelConfig, Transition};
+    use crate::model::ModelConfig;
 
     #[test]
     fn run_bins_cover_lengths_without_gaps() {
@@ -354,16 +619,78 @@ mod tests {
             "4 = 2 × learned quantile is allowed"
         );
         let r = replay(&runs, 5, 5, &cfg).expect("5 > 2 × 2");
-        assert_eq!((r.learned, r.support), (2, 200));
+        let ReplayBasis::Operation {
+            learned, support, ..
+        } = r.basis
+        else {
+            panic!("judged by the operation's own runs: {r:?}");
+        };
+        assert_eq!((learned, support), (2, 200));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["basis"], "operation");
+        assert_eq!(json["learned"], 2);
     }
 
     #[test]
-    fn replay_stays_quiet_without_enough_learned_runs() {
-        let mut runs = RunLengths::new(100);
+    fn replay_of_a_rarely_seen_operation_is_judged_against_rarely_seen_ones() {
+        let cfg = SignalConfig::default();
+        let mut runs = RunLengths::new(10_000);
+        // 10 runs of op 5: too few to judge it alone.
         for _ in 0..10 {
             runs.learn(5, 1);
         }
-        assert!(replay(&runs, 5, 50, &SignalConfig::default()).is_none());
+        assert!(
+            replay(&runs, 5, 50, &cfg).is_none(),
+            "no population to judge against yet"
+        );
+        // 2,000 rarely seen operations with 10 runs each, 1 run in 1,000 of length 3...
+        for i in 0..20_000u32 {
+            runs.learn(100 + i % 2000, if i % 1000 == 0 { 3 } else { 1 });
+        }
+        // ...and a busy operation whose runs are long: not the population of a rare one.
+        for _ in 0..5000 {
+            runs.learn(9, 20);
+        }
+        assert_eq!(runs.rare_population(30, 3), (20, 20_010));
+        assert!(
+            replay(&runs, 5, 3, &cfg).is_none(),
+            "1 run in 1,000 is that long"
+        );
+        let r = replay(&runs, 5, 4, &cfg).expect("no run of 4 among 20,010");
+        let ReplayBasis::Population {
+            at_least,
+            runs: total,
+            upper,
+            support,
+            ..
+        } = r.basis
+        else {
+            panic!("judged by the population: {r:?}");
+        };
+        assert_eq!((at_least, total, support), (0, 20_010, 10));
+        assert!(upper < cfg.replay_population_upper);
+        assert!(r.excess() > 1.0);
+        assert_eq!(serde_json::to_value(&r).unwrap()["basis"], "population");
+    }
+
+    #[test]
+    fn pooled_runs_follow_support_classes_halving_and_a_reload() {
+        let mut runs = RunLengths::new(10);
+        for i in 0..50 {
+            runs.learn(i % 3, 1 + i % 4);
+        }
+        let bytes = postcard::to_allocvec(&runs).unwrap();
+        let back: RunLengths = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, runs, "the pools are rebuilt on load");
+        for _ in 0..DECAY_AT {
+            runs.learn(1, 1);
+        }
+        let pooled: u64 = runs.pooled.iter().flatten().sum();
+        let learned: u64 = runs.hists.iter().map(|h| u64::from(h.total)).sum();
+        assert_eq!(pooled, learned);
+        // Ops 0 and 2 have 17 and 16 runs (class 16..31); op 1 left the rare classes.
+        assert_eq!(runs.rare_population(30, 1).1, 33);
+        assert_eq!(runs.rare_population(16, 1).1, 0);
     }
 
     #[test]
@@ -380,47 +707,70 @@ mod tests {
         assert!(runs.support(1) < DECAY_AT);
     }
 
-    fn transition(k: u32, n: u32) -> Transition {
+    /// A model whose context [7] has seen `spread` (next, count) pairs.
+    fn model_with(spread: &[(Op, u32)]) -> Model {
         let mut m = Model::new(ModelConfig::default()).unwrap();
-        let interval = Some(m.interval(k, n));
-        Transition {
-            context_len: 1,
-            n,
-            k,
-            probability: f64::from(k) / f64::from(n),
-            interval,
-            enough_data: true,
-            is_repeat: false,
-            predictive: 0.001,
-            surprise_bits: 10.0,
+        for &(next, count) in spread {
+            for _ in 0..count {
+                m.learn(&[7], next, 0);
+            }
         }
+        m
     }
 
     #[test]
-    fn rare_fires_only_when_the_upper_bound_is_confidently_below_threshold() {
+    fn rare_fires_in_a_concentrated_context_and_not_in_a_spread_one() {
         let cfg = SignalConfig::default();
-        assert_eq!(cfg.rare_upper_bound, 0.002);
-        // 0 of 3000: upper ≈ 0.0018 < 0.002.
-        let r = confidently_rare(&transition(0, 3000), &cfg).expect("confidently rare");
-        assert!(r.upper < 0.002);
-        // 0 of 2000: upper ≈ 0.0026, not confident enough at the default threshold...
-        assert!(confidently_rare(&transition(0, 2000), &cfg).is_none());
-        // ...but it is under a looser one.
-        let loose = SignalConfig {
-            rare_upper_bound: 0.01,
-            ..SignalConfig::default()
-        };
-        assert!(confidently_rare(&transition(0, 2000), &loose).is_some());
-        // 0 of 100: upper ≈ 0.051, not confident enough.
-        assert!(confidently_rare(&transition(0, 100), &loose).is_none());
-        // 30 of 3000 = 1%: not rare.
-        assert!(confidently_rare(&transition(30, 3000), &cfg).is_none());
-        let mut rep = transition(0, 3000);
-        rep.is_repeat = true;
-        assert!(
-            confidently_rare(&rep, &cfg).is_none(),
-            "a repeat is not a transition"
-        );
+        // After 7, operation 8 in 5,000 of 5,000 observations: anything else is news.
+        let mut funnel = model_with(&[(8, 5000)]);
+        let t = funnel.score(&[7], 9);
+        assert!(could_be_rare(&t, &cfg), "{t:?}");
+        let r = rare_transition(&mut funnel, &[7], 9, &t, &cfg).expect("rare after a funnel");
+        // (The context starts counting once its parent has a few observations.)
+        assert!(r.n > 4990, "{r:?}");
+        assert_eq!((r.k, r.distinct, r.as_rare, r.total), (0, 1, 1, r.n + 1));
+        assert!(r.upper < cfg.rare_upper_bound, "{r:?}");
+        // The same 5,000 observations spread over 500 successors: a new one is unremarkable
+        // (Witten-Bell: 500 of 5,500 observations were "new"), though its own probability is
+        // just as small.
+        let spread: Vec<(Op, u32)> = (100..600).map(|op| (op, 10)).collect();
+        let mut wide = model_with(&spread);
+        let t = wide.score(&[7], 9);
+        assert!(could_be_rare(&t, &cfg), "own probability is small: {t:?}");
+        assert!(rare_transition(&mut wide, &[7], 9, &t, &cfg).is_none());
+        let share = rare_share(&mut wide, &[7], 9, &t, &cfg).unwrap();
+        assert_eq!((share.distinct, share.as_rare), (500, 500));
+        // A seen but rare successor counts every successor as rare as it (10 times or fewer).
+        let t = wide.score(&[7], 599);
+        assert_eq!(t.k, 10);
+        let share = rare_share(&mut wide, &[7], 599, &t, &cfg).unwrap();
+        assert_eq!((share.as_rare, share.total), (share.n + 500, share.n + 500));
+    }
+
+    #[test]
+    fn rare_gives_the_same_answer_before_and_after_learning() {
+        let cfg = SignalConfig::default();
+        let mut m = model_with(&[(8, 4000), (9, 3)]);
+        let t = m.score(&[7], 10);
+        let before = rare_share(&mut m, &[7], 10, &t, &cfg).unwrap();
+        m.learn(&[7], 10, 0);
+        let after = rare_share(&mut m, &[7], 10, &t, &cfg).unwrap();
+        assert_eq!(before, after);
+        // 10 was never seen: no successor was seen as rarely (0 times), so the share is the
+        // "new" count alone, one per distinct successor.
+        assert_eq!((before.distinct, before.as_rare), (2, 2));
+    }
+
+    #[test]
+    fn rare_stays_quiet_for_repeats_and_thin_contexts() {
+        let cfg = SignalConfig::default();
+        let mut thin = model_with(&[(8, 10)]);
+        let t = thin.score(&[7], 9);
+        assert!(rare_share(&mut thin, &[7], 9, &t, &cfg).is_none());
+        let mut m = model_with(&[(8, 5000)]);
+        let t = m.score(&[3, 7], 7);
+        assert!(t.is_repeat);
+        assert!(rare_transition(&mut m, &[3, 7], 7, &t, &cfg).is_none());
     }
 
     #[test]

@@ -228,13 +228,15 @@ fn rare_transition_fires_only_after_enough_data_in_the_context() {
     let sc = SignalConfig::default();
     learn_n(&mut m, &[x], y, 10);
     let t = m.score(&[x], z);
-    assert!(!t.enough_data && signals::confidently_rare(&t, &sc).is_none());
-    learn_n(&mut m, &[x], y, 3000);
+    assert!(!t.enough_data && signals::rare_transition(&mut m, &[x], z, &t, &sc).is_none());
+    learn_n(&mut m, &[x], y, 4000);
     let t = m.score(&[x], z);
-    assert_eq!((t.context_len, t.n, t.k), (1, 3010, 0));
-    let r = signals::confidently_rare(&t, &sc).expect("0 of 3010 is confidently rare");
-    assert!(r.upper < 0.01);
-    assert!(signals::confidently_rare(&m.score(&[x], y), &sc).is_none());
+    assert_eq!((t.context_len, t.n, t.k), (1, 4010, 0));
+    let r = signals::rare_transition(&mut m, &[x], z, &t, &sc)
+        .expect("0 of 4010 after a context with one successor is confidently rare");
+    assert!(r.upper < 0.002);
+    let t = m.score(&[x], y);
+    assert!(signals::rare_transition(&mut m, &[x], y, &t, &sc).is_none());
 }
 
 #[test]

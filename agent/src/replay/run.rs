@@ -25,6 +25,8 @@ pub const DEFAULT_WARMUP_CAP: u64 = 10_000;
 pub const DEFAULT_WARMUP_SHARE: f64 = 0.10;
 
 const SECOND: u64 = 1_000_000_000;
+/// Upkeep rounds run for one gap in the traffic (one per second, like the daemon's timer).
+const MAX_TICKS_PER_GAP: u64 = 3600;
 
 /// Requests before alerts may fire when `--warmup` is not given.
 ///
@@ -123,11 +125,14 @@ impl Driver {
         let ts = rec.ts_ns;
         self.first_ts.get_or_insert(ts);
         self.last_ts = Some(ts);
-        // Upkeep as traffic time crosses each second, before the request (as a live daemon's
-        // timer would have fired in the gap).
+        // Upkeep once per second of traffic time passed, before the request: the daemon's
+        // timer fires every second, so a gap of 3 s got 3 rounds of (budgeted) upkeep there and
+        // gets 3 here. Past an hour of silence the model has long finished its cycles.
         let sec = ts / SECOND;
-        if self.last_second.is_some_and(|s| sec > s) {
-            self.engine.maintain(ts);
+        if let Some(last) = self.last_second.filter(|&s| sec > s) {
+            for back in (0..(sec - last).min(MAX_TICKS_PER_GAP)).rev() {
+                self.engine.maintain(ts - back * SECOND);
+            }
             self.blocks.retain(|_, until| *until > ts);
         }
         self.last_second = Some(self.last_second.map_or(sec, |s| s.max(sec)));
