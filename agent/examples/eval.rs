@@ -5,6 +5,9 @@
 //! Pages become operations `GET /p/x/y/z` (the page id in base 16, one letter per segment, so
 //! no path position has more than 16 values and discovery keeps pages distinct); one page in
 //! seven carries an item id (`/p/x/y/z/123`), the templated operation enumeration abuses.
+//! Every benign request to such a page draws a fresh id (the data only names pages), so a
+//! benign run of one templated page is a walk through items; an injected replay repeats one
+//! identical request, item id included.
 //! The engine learns from the first part of the sessions, then scores a shuffled held-out mix
 //! of benign and injected sessions while it keeps learning, as a live agent would.
 //!
@@ -469,7 +472,8 @@ fn frozen_scores(
     let max_order = model.config().max_order;
     let mut steps: Vec<Op> = Vec::new();
     let mut seen: HashSet<Op> = HashSet::new();
-    let (mut run_op, mut run) = (None, 0u32);
+    // The run of identical requests (same page and item), as the engine counts it.
+    let (mut run_op, mut last_item, mut run) = (None, None, 0u32);
     let mut s = [0.0f64; 4];
     let (mut bits, mut n_bits) = (0.0, 0u32);
     let mut trace = Vec::new();
@@ -478,7 +482,8 @@ fn frozen_scores(
             .resolve(&op_name(r.page))
             .map_or(UNKNOWN, |id| discovery.canonical(id).0);
         if run_op == Some(op) {
-            run += 1;
+            run = if last_item == r.item { run + 1 } else { 1 };
+            last_item = r.item;
             // How far past the firing point (the engine's own judgement, 1 = fires): the
             // operation's runs when it has enough, else the population's.
             if let Some(r) = signals::replay_judgement(model.runs(), op, run, cfg) {
@@ -507,6 +512,7 @@ fn frozen_scores(
             steps.push(op);
             seen.insert(op);
             run_op = Some(op);
+            last_item = r.item;
             run = 1;
         }
         if keep_trace {

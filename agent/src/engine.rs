@@ -184,10 +184,14 @@ impl Engine {
             }
         };
         let (key, _) = core.keyer.key(&req.headers, client);
+        let request = core
+            .keyer
+            .request_hash(req.method, req.host, req.path, req.query);
         Ok(core.step(
             ts_ns,
             client,
             key,
+            request,
             req.method,
             req.host,
             req.path,
@@ -208,8 +212,17 @@ impl Engine {
         active_blocks: usize,
     ) -> Outcome {
         let (key, _) = self.core.keyer.key(headers, client);
-        self.core
-            .step(ts_ns, client, key, method, host, path, active_blocks)
+        let request = self.core.keyer.request_hash(method, host, path, None);
+        self.core.step(
+            ts_ns,
+            client,
+            key,
+            request,
+            method,
+            host,
+            path,
+            active_blocks,
+        )
     }
 
     /// Like [`Engine::on_request`] with an explicit session identifier (hashed here like any
@@ -226,8 +239,17 @@ impl Engine {
         active_blocks: usize,
     ) -> Outcome {
         let key = self.core.keyer.key_for_value(session);
-        self.core
-            .step(ts_ns, client, key, method, host, path, active_blocks)
+        let request = self.core.keyer.request_hash(method, host, path, None);
+        self.core.step(
+            ts_ns,
+            client,
+            key,
+            request,
+            method,
+            host,
+            path,
+            active_blocks,
+        )
     }
 
     /// Periodic upkeep: ends idle sessions (learning from them) and lets the model collapse
@@ -240,8 +262,9 @@ impl Engine {
             ..
         } = &mut self.core;
         sessions.sweep_with(now_ns, |s: &Session| {
+            // The session's last run of identical requests is over: learn its length.
             if let Some(last) = s.history().last() {
-                model.learn_run(discovery.canonical(last.op).0, last.count);
+                model.learn_run(discovery.canonical(last.op).0, s.identical_run);
             }
             if s.surprise.steps > 0 {
                 model.observe_session_surprise(f64::from(s.surprise.mean));
@@ -351,6 +374,7 @@ impl Core {
         ts_ns: u64,
         client: IpAddr,
         key: crate::session::SessionKey,
+        request: u64,
         method: Method,
         host: Option<&str>,
         path: &str,
@@ -369,6 +393,22 @@ impl Core {
             ..
         } = self;
         let (res, session) = sessions.observe(key, op, client, ts_ns);
+        // A run of identical requests (same method, host, path and query) that this request
+        // ended is learned: the replay signal judges runs of identical requests, so that is
+        // what the model learns. Browsing one template's items is not a run.
+        let same_step = res.kind == StepKind::Repeat;
+        if let Some(ended) = session.note_request(request, same_step) {
+            let history = session.history();
+            let prev = if same_step {
+                history.last()
+            } else {
+                history.len().checked_sub(2).and_then(|i| history.get(i))
+            };
+            if let Some(prev) = prev {
+                model.learn_run(discovery.canonical(prev.op).0, ended);
+            }
+        }
+        let run = session.identical_run;
         let history = session.history();
         // The context: earlier steps, oldest first, under their current (canonical) ids.
         let context: SmallVec<[Op; 16]> = history
@@ -380,12 +420,6 @@ impl Core {
         let mut findings: SmallVec<[Finding; 2]> = SmallVec::new();
         match res.kind {
             StepKind::NewSession | StepKind::NewStep => {
-                // The previous step's run of repeats is over: learn its length.
-                if history.len() >= 2
-                    && let Some(prev) = history.get(history.len() - 2)
-                {
-                    model.learn_run(discovery.canonical(prev.op).0, prev.count);
-                }
                 // Score first, then learn (one walk of the context trie).
                 // The session's cursor spares the walk its hash lookups; intervals are only
                 // needed for transitions that could be confidently rare.
@@ -459,10 +493,11 @@ impl Core {
                 }
             }
             StepKind::Repeat => {
-                // Fire once per run: when the run first crosses what was learned.
+                // Fire once per run of identical requests: when it first crosses what was
+                // learned.
                 if alerting
-                    && let Some(r) = replay(model.runs(), op.0, res.count, signals)
-                    && replay(model.runs(), op.0, res.count - 1, signals).is_none()
+                    && let Some(r) = replay(model.runs(), op.0, run, signals)
+                    && replay(model.runs(), op.0, run - 1, signals).is_none()
                 {
                     findings.push(Finding::Signal {
                         signal: Signal::Replay,
@@ -470,7 +505,7 @@ impl Core {
                             ReplayBasis::Operation {
                                 learned, quantile, ..
                             } => format!(
-                                "{} repeated {} times in a row; its learned runs reach {} at the {:.0}th percentile",
+                                "the same {} request repeated {} times in a row; its learned runs of identical requests reach {} at the {:.0}th percentile",
                                 op_name(discovery, op),
                                 r.run_len,
                                 learned,
@@ -483,7 +518,7 @@ impl Core {
                                 support,
                                 ..
                             } => format!(
-                                "{} repeated {} times in a row; it has too few learned runs ({}) to judge alone, and among the {} learned runs of operations seen about as rarely {} were this long (99% upper bound of the share {:.2e})",
+                                "the same {} request repeated {} times in a row; it has too few learned runs of identical requests ({}) to judge alone, and among the {} learned runs of operations seen about as rarely {} were this long (99% upper bound of the share {:.2e})",
                                 op_name(discovery, op),
                                 r.run_len,
                                 support,
@@ -591,7 +626,9 @@ pub struct Learned {
 
 impl crate::state::Persist for Learned {
     const KIND: &'static str = "model";
-    const VERSION: u32 = 1;
+    /// 2: the run histograms hold runs of identical requests (1 held runs of an operation,
+    /// which would misjudge replays if read as the former).
+    const VERSION: u32 = 2;
 }
 
 /// A borrowing twin of [`Learned`] for saving without a copy (same fields, same order).
@@ -638,6 +675,101 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::state::StateDir;
+    use serde_json::Value;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    /// An engine that learned 300 sessions browsing a catalogue: each looks at a few items
+    /// (different ids of `GET /items/{id}`, some reloaded once) and pays once.
+    fn catalogue_engine() -> Engine {
+        let mut e = Engine::new(
+            &EngineConfig::default(),
+            RuleFile::default(),
+            [3; 16],
+            Mode::Learn,
+        )
+        .unwrap();
+        let client: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut t = SECOND;
+        for s in 0..300u64 {
+            let id = format!("s{s}");
+            let mut paths = vec!["/catalogue".to_string()];
+            for i in 0..(3 + s % 9) {
+                let item = format!("/items/{}", 1000 + (s * 31 + i * 7) % 5000);
+                if i % 4 == 1 {
+                    paths.push(item.clone()); // a reload
+                }
+                paths.push(item);
+            }
+            paths.push("/checkout".into());
+            for p in &paths {
+                t += SECOND / 10;
+                e.on_request_in_session(t, client, Method::Get, None, p, &id, 0);
+            }
+            e.maintain(t);
+        }
+        e.set_mode(Mode::Detect);
+        e
+    }
+
+    /// Requests `paths` in a fresh session; the replay alerts' (request index, numbers).
+    fn replay_alerts(e: &mut Engine, session: &str, paths: &[String]) -> Vec<(usize, Value)> {
+        let client: IpAddr = "10.0.0.2".parse().unwrap();
+        let mut out = Vec::new();
+        for (i, p) in paths.iter().enumerate() {
+            let t = 10_000 * SECOND + i as u64 * SECOND / 10;
+            let o = e.on_request_in_session(t, client, Method::Get, None, p, session, 0);
+            out.extend(
+                o.alerts
+                    .into_iter()
+                    .filter(|a| a.signal == Some(Signal::Replay))
+                    .map(|a| (i, a.numbers)),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn a_run_of_identical_requests_is_a_replay() {
+        let mut e = catalogue_engine();
+        let op = e.discovery().resolve("GET /items/{id}").expect("templated");
+        let op = e.discovery().canonical(op).0;
+        // Learned: runs of identical requests (1, sometimes 2), not the runs of the template.
+        assert!(
+            e.model().runs().support(op) >= 300,
+            "{:?}",
+            e.model().runs().support(op)
+        );
+        assert_eq!(e.model().runs().quantile(op, 0.99), Some(2));
+
+        let mut paths = vec!["/catalogue".to_string()];
+        paths.extend(std::iter::repeat_n("/items/4242".to_string(), 8));
+        let alerts = replay_alerts(&mut e, "replayer", &paths);
+        assert_eq!(alerts.len(), 1, "fires once per run: {alerts:?}");
+        let (at, numbers) = &alerts[0];
+        // 0.99 quantile 2, factor 2: the fifth identical request is the first past 4.
+        assert_eq!(*at, 5, "{numbers}");
+        assert_eq!(numbers["run_len"], 5);
+        assert_eq!(numbers["basis"], "operation");
+        assert_eq!(numbers["learned"], 2);
+        assert!(numbers["support"].as_u64().unwrap() >= 300);
+    }
+
+    #[test]
+    fn browsing_many_ids_of_one_template_is_not_a_replay() {
+        let mut e = catalogue_engine();
+        let mut paths = vec!["/catalogue".to_string()];
+        paths.extend((0..8).map(|i| format!("/items/{}", 7000 + i)));
+        assert_eq!(replay_alerts(&mut e, "browser", &paths), vec![]);
+        // The same ids with a query that differs are different requests too...
+        let paths: Vec<String> = (0..8).map(|i| format!("/items/77?page={i}")).collect();
+        assert_eq!(replay_alerts(&mut e, "pager", &paths), vec![]);
+        // ... and one identical request among them starts the run afresh.
+        let mut paths = vec!["/items/5".to_string(); 4];
+        paths.push("/items/6".into());
+        paths.extend(vec!["/items/5".to_string(); 4]);
+        assert_eq!(replay_alerts(&mut e, "alternator", &paths), vec![]);
+    }
 
     #[test]
     fn learned_state_round_trips_through_a_state_file() {

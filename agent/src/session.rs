@@ -141,6 +141,32 @@ impl SessionKeyer {
         self.hash(u8::MAX - 1, value.as_bytes())
     }
 
+    /// A keyed 64-bit hash of one request's method, host and raw target (path, then `?query`
+    /// when given separately), so a session can tell "the same request again" (a replay)
+    /// without storing paths. A target with its query inline hashes like the split form.
+    pub fn request_hash(
+        &self,
+        method: crate::http::Method,
+        host: Option<&str>,
+        path: &str,
+        query: Option<&str>,
+    ) -> u64 {
+        let mut h = SipHasher13::new_with_key(&self.secret);
+        h.write_u8(u8::MAX - 2);
+        h.write(method.as_str().as_bytes());
+        h.write_u8(b' ');
+        // Length-prefixed so host and path cannot trade bytes.
+        let host = host.unwrap_or("").as_bytes();
+        h.write_usize(host.len());
+        h.write(host);
+        h.write(path.as_bytes());
+        if let Some(q) = query {
+            h.write_u8(b'?');
+            h.write(q.as_bytes());
+        }
+        h.finish128().h1
+    }
+
     fn hash(&self, tag: u8, value: &[u8]) -> SessionKey {
         let mut h = SipHasher13::new_with_key(&self.secret);
         h.write_u8(tag);
@@ -271,6 +297,10 @@ pub struct Session {
     /// Bits the engine sets for once-per-session alerts (so a signal does not fire on every
     /// later step of the same session).
     pub alerted: u8,
+    /// [`SessionKeyer::request_hash`] of the last request, and how many identical requests in
+    /// a row ended with it (0 before the first): the replay signal's run.
+    pub last_request: u64,
+    pub identical_run: u32,
     /// Where the model's walk for this session's next step starts (a cache of slots, not state).
     #[serde(skip)]
     pub cursor: crate::model::Cursor,
@@ -291,6 +321,8 @@ impl Session {
             request_count: 0,
             surprise: crate::model::SessionSurprise::default(),
             alerted: 0,
+            last_request: 0,
+            identical_run: 0,
             cursor: crate::model::Cursor::default(),
             steps: VecDeque::with_capacity(history_cap),
             ops_seen: SmallVec::new(),
@@ -311,6 +343,20 @@ impl Session {
             Err(_) if self.ops_seen_full => None,
             Err(_) => Some(false),
         }
+    }
+
+    /// Counts a request (its [`SessionKeyer::request_hash`]) into the run of identical
+    /// requests; `same_step` is whether it repeated the last step's operation (a run never
+    /// spans two operations). Returns the length of the run it ended, if any.
+    pub fn note_request(&mut self, request: u64, same_step: bool) -> Option<u32> {
+        if same_step && self.identical_run > 0 && request == self.last_request {
+            self.identical_run = self.identical_run.saturating_add(1);
+            return None;
+        }
+        let ended = (self.identical_run > 0).then_some(self.identical_run);
+        self.last_request = request;
+        self.identical_run = 1;
+        ended
     }
 
     pub fn ops_seen(&self) -> &[OpId] {
@@ -564,7 +610,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::http::{HttpConfig, Parser};
+    use crate::http::{HttpConfig, Method, Parser};
 
     const SECRET: [u8; 16] = *b"0123456789abcdef";
     const SEC: u64 = 1_000_000_000;
@@ -858,5 +904,45 @@ mod tests {
             }
         );
         assert!(toml::from_str::<SessionConfig>("idle_timeout = \"10 parsecs\"").is_err());
+    }
+
+    #[test]
+    fn identical_requests_make_a_run_and_anything_else_ends_it() {
+        let keyer = SessionKeyer::new([5; 16], vec![]);
+        let get = |p: &str, q: Option<&str>| keyer.request_hash(Method::Get, None, p, q);
+        // An inline query hashes like the split form the parser gives; other fields differ.
+        assert_eq!(get("/a/1?x=2", None), get("/a/1", Some("x=2")));
+        for other in [
+            get("/a/1", None),
+            get("/a/1", Some("x=3")),
+            get("/a/2", Some("x=2")),
+            keyer.request_hash(Method::Post, None, "/a/1", Some("x=2")),
+            keyer.request_hash(Method::Get, Some("h"), "/a/1", Some("x=2")),
+            SessionKeyer::new([6; 16], vec![]).request_hash(Method::Get, None, "/a/1?x=2", None),
+        ] {
+            assert_ne!(other, get("/a/1?x=2", None));
+        }
+
+        let mut s = Session::new(SessionKey(1), IP, 0, 4);
+        let (a, b) = (get("/a/1", None), get("/a/2", None));
+        assert_eq!(
+            s.note_request(a, false),
+            None,
+            "the first request ends nothing"
+        );
+        assert_eq!(s.note_request(a, true), None);
+        assert_eq!(s.note_request(a, true), None);
+        assert_eq!(s.identical_run, 3);
+        assert_eq!(
+            s.note_request(b, true),
+            Some(3),
+            "another id of the same operation"
+        );
+        assert_eq!(
+            s.note_request(b, false),
+            Some(1),
+            "a new step always ends the run"
+        );
+        assert_eq!(s.identical_run, 1);
     }
 }

@@ -1,6 +1,6 @@
 //! Anomaly-signal primitives built on the model: confidently rare transition, missing precedent,
-//! replay (a repeat run far beyond the operation's learned run lengths, or the population's when
-//! the operation has too few) and session surprise far above the population's. Each check returns
+//! replay (a run of identical requests far beyond the operation's learned runs of identical
+//! requests, or the population's when the operation has too few) and session surprise far above the population's. Each check returns
 //! the numbers behind it so an alert can show them; `decide` turns them into alerts. Nothing fires
 //! before there is enough data (every check has a minimum support).
 
@@ -242,8 +242,11 @@ fn class_of(support: u32) -> usize {
     (32 - support.leading_zeros() as usize).min(CLASSES - 1)
 }
 
-/// Per-operation histograms of successive-repeat run lengths (a run of 1 is "not repeated"),
-/// and their sums over operations grouped by how many runs each has (its support class).
+/// Per-operation histograms of the lengths of runs of identical requests (same method, host,
+/// path and query in a row; a run of 1 is "not repeated"), and their sums over operations
+/// grouped by how many runs each has (its support class). Browsing one template's items
+/// (`/items/1`, `/items/2`, ...) is a series of runs of 1, not one long run: the replay signal
+/// is about the same request sent again, so that is what is learned and judged.
 ///
 /// The sums are the population an operation with too few runs of its own is judged against,
 /// and only the classes of rarely seen operations go into it: a page visited twice a day is
@@ -422,7 +425,7 @@ pub enum ReplayBasis {
     },
 }
 
-/// A run of repeats far beyond what the learned runs allow.
+/// A run of identical requests far beyond what the learned runs allow.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Replay {
     pub op: Op,
@@ -447,7 +450,8 @@ impl Replay {
     }
 }
 
-/// Replay: `run_len` successive repeats of `op` beyond what the learned runs allow.
+/// Replay: `run_len` identical requests in a row (to `op`) beyond what the learned runs of
+/// identical requests allow.
 ///
 /// An operation with at least `replay_min_runs` learned runs is judged by its own: the run is
 /// longer than `replay_factor` × the `replay_quantile` of its run lengths. Most operations of a
