@@ -13,10 +13,11 @@
 //!
 //! Two measurements per session:
 //! - scores from a frozen copy of the model at the end of training, one per signal (rarest
-//!   transition by its context's tail share, strongest missing precedent, longest replay
-//!   relative to the replay signal's firing point,
-//!   mean surprise) plus `combined` (the smallest benign-tail p-value of the four), thresholded
-//!   on the benign held-out sessions at 0.1% and 1% false positives;
+//!   transition by its context's tail share, strongest missing precedent, longest run of
+//!   identical requests relative to the replay signal's firing point, mean surprise, longest
+//!   step of varied requests relative to the enumeration signal's firing point) plus
+//!   `combined` (the smallest benign-tail p-value of the five), thresholded on the benign
+//!   held-out sessions at 0.1% and 1% false positives;
 //! - the engine's own alerts at the default thresholds (what `precedent` would print).
 //!
 //! Deterministic given the seeds. Usage:
@@ -43,7 +44,8 @@ const T0: u64 = 1_790_000_000 * SECOND;
 /// Sessions of one slow-scraping campaign.
 const CAMPAIGN: usize = 8;
 /// Continuous per-session scores: rare, precedent, replay, surprise.
-const SCORES: [&str; 4] = ["rare", "precedent", "replay", "surprise"];
+const SCORES: [&str; NS] = ["rare", "precedent", "replay", "surprise", "enumeration"];
+const NS: usize = 5;
 
 /// splitmix64: small, seedable, good enough for sampling.
 struct Rng(u64);
@@ -452,9 +454,9 @@ struct Scored {
     kind: Kind,
     campaign: Option<usize>,
     /// Final scores (one per `SCORES`).
-    scores: [f64; 4],
+    scores: [f64; NS],
     /// Running scores after each request (attacks only: for requests-until-detection).
-    trace: Vec<[f64; 4]>,
+    trace: Vec<[f64; NS]>,
     /// Engine alerts: (signal, request index of the first alert of that signal).
     alerts: BTreeMap<&'static str, usize>,
 }
@@ -467,14 +469,16 @@ fn frozen_scores(
     keep_trace: bool,
     cfg: &SignalConfig,
     population_bits: f64,
-) -> ([f64; 4], Vec<[f64; 4]>) {
+) -> ([f64; NS], Vec<[f64; NS]>) {
     const UNKNOWN: Op = u32::MAX - 1;
     let max_order = model.config().max_order;
     let mut steps: Vec<Op> = Vec::new();
     let mut seen: HashSet<Op> = HashSet::new();
     // The run of identical requests (same page and item), as the engine counts it.
     let (mut run_op, mut last_item, mut run) = (None, None, 0u32);
-    let mut s = [0.0f64; 4];
+    // The step: requests to one operation in a row, and whether they were not all identical.
+    let (mut step, mut varied) = (0u32, false);
+    let mut s = [0.0f64; NS];
     let (mut bits, mut n_bits) = (0.0, 0u32);
     let mut trace = Vec::new();
     for r in reqs {
@@ -488,6 +492,12 @@ fn frozen_scores(
             // operation's runs when it has enough, else the population's.
             if let Some(r) = signals::replay_judgement(model.runs(), op, run, cfg) {
                 s[2] = s[2].max(r.excess());
+            }
+            // The step as the enumeration signal judges it, once its requests differ.
+            step += 1;
+            varied |= run < step;
+            if varied && let Some(r) = signals::replay_judgement(model.step_runs(), op, step, cfg) {
+                s[4] = s[4].max(r.excess());
             }
         } else {
             let ctx = &steps[steps.len().saturating_sub(max_order)..];
@@ -514,6 +524,8 @@ fn frozen_scores(
             run_op = Some(op);
             last_item = r.item;
             run = 1;
+            step = 1;
+            varied = false;
         }
         if keep_trace {
             trace.push(s);
@@ -638,7 +650,7 @@ fn run_seed(
 
 /// Benign-tail p-value of each score: share of benign sessions scoring at least as high.
 struct Tails {
-    sorted: [Vec<f64>; 4],
+    sorted: [Vec<f64>; NS],
 }
 
 impl Tails {
@@ -656,8 +668,8 @@ impl Tails {
         (v.len() - below) as f64 / v.len() as f64
     }
     /// The combined score: 1 − the smallest tail p-value (higher is more anomalous).
-    fn combined(&self, s: &[f64; 4]) -> f64 {
-        let p = (0..4)
+    fn combined(&self, s: &[f64; NS]) -> f64 {
+        let p = (0..NS)
             .filter(|&j| s[j] > 0.0)
             .map(|j| self.p(j, s[j]))
             .fold(1.0, f64::min);
@@ -767,24 +779,24 @@ fn main() -> anyhow::Result<()> {
     // Thresholds per seed (each seed's own benign held-out set), results pooled.
     struct Row {
         n: usize,
-        det: [[usize; 2]; 7], // per score (4), combined, engine (any), engine (blocking signals)
+        det: [[usize; 2]; NS + 3], // per score, combined, engine (any), engine (blocking signals)
         delay_combined: Vec<usize>,
         delay_engine: Vec<usize>,
         by_signal: BTreeMap<&'static str, usize>,
     }
     let mut rows: BTreeMap<Kind, Row> = BTreeMap::new();
     let mut campaigns: HashMap<usize, [bool; 3]> = HashMap::new();
-    let mut means: BTreeMap<Kind, ([f64; 4], usize)> = BTreeMap::new();
+    let mut means: BTreeMap<Kind, ([f64; NS], usize)> = BTreeMap::new();
     for scored in thresholds_by_seed {
         let benign: Vec<&Scored> = scored.iter().filter(|s| s.kind == Kind::Benign).collect();
         let tails = Tails::new(&benign);
-        let mut th = [[0.0f64; 2]; 5];
+        let mut th = [[0.0f64; 2]; NS + 1];
         for (j, row) in th.iter_mut().enumerate() {
             for (f, fpr) in [0.001, 0.01].into_iter().enumerate() {
                 let mut v: Vec<f64> = benign
                     .iter()
                     .map(|s| {
-                        if j < 4 {
+                        if j < NS {
                             s.scores[j]
                         } else {
                             tails.combined(&s.scores)
@@ -797,14 +809,14 @@ fn main() -> anyhow::Result<()> {
         for s in &scored {
             let row = rows.entry(s.kind).or_insert_with(|| Row {
                 n: 0,
-                det: [[0; 2]; 7],
+                det: [[0; 2]; NS + 3],
                 delay_combined: Vec::new(),
                 delay_engine: Vec::new(),
                 by_signal: BTreeMap::new(),
             });
             row.n += 1;
-            let m = means.entry(s.kind).or_insert(([0.0; 4], 0));
-            for j in 0..4 {
+            let m = means.entry(s.kind).or_insert(([0.0; NS], 0));
+            for j in 0..NS {
                 m.0[j] += s.scores[j];
             }
             m.1 += 1;
@@ -816,20 +828,23 @@ fn main() -> anyhow::Result<()> {
                         row.det[j][f] += 1;
                     }
                 }
-                if combined > th[4][f] {
-                    row.det[4][f] += 1;
+                if combined > th[NS][f] {
+                    row.det[NS][f] += 1;
                     hit[f] = true;
                 }
             }
             if !s.alerts.is_empty() {
-                row.det[5][0] += 1;
-                row.det[5][1] += 1;
+                row.det[NS + 1][0] += 1;
+                row.det[NS + 1][1] += 1;
                 hit[2] = true;
                 row.delay_engine
                     .push(s.alerts.values().copied().min().unwrap_or(0) + 1);
             }
-            if s.alerts.contains_key("missing_precedent") || s.alerts.contains_key("replay") {
-                row.det[6][0] += 1;
+            if ["missing_precedent", "replay", "enumeration"]
+                .iter()
+                .any(|k| s.alerts.contains_key(k))
+            {
+                row.det[NS + 2][0] += 1;
             }
             for sig in s.alerts.keys() {
                 *row.by_signal.entry(sig).or_default() += 1;
@@ -837,7 +852,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(i) = s
                 .trace
                 .iter()
-                .position(|step| tails.combined(step) > th[4][1])
+                .position(|step| tails.combined(step) > th[NS][1])
             {
                 row.delay_combined.push(i + 1);
             }
@@ -868,10 +883,10 @@ fn main() -> anyhow::Result<()> {
             "{:<26} {:>6} {:>10} {:>10} {:>9} {:>9} {:>12} {:>12}",
             kind.name(),
             row.n,
-            pct(row.det[4][0], row.n),
-            pct(row.det[4][1], row.n),
-            pct(row.det[5][0], row.n),
-            pct(row.det[6][0], row.n),
+            pct(row.det[NS][0], row.n),
+            pct(row.det[NS][1], row.n),
+            pct(row.det[NS + 1][0], row.n),
+            pct(row.det[NS + 2][0], row.n),
             if *kind == Kind::Benign {
                 "-".into()
             } else {
@@ -908,7 +923,7 @@ fn main() -> anyhow::Result<()> {
     println!();
     for (kind, row) in &rows {
         print!("{:<26}", kind.name());
-        for d in &row.det[..4] {
+        for d in &row.det[..NS] {
             print!(
                 " {:>13}",
                 format!("{}/{}", pct(d[0], row.n), pct(d[1], row.n))
@@ -924,17 +939,18 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "Mean frozen-model scores per kind (rare: -log10 of the upper bound of the rarest transition's tail share in its context; precedent: best missing predecessor's score; replay: the longest run's excess over the replay signal's firing point (1 = fires); surprise: max over prefixes of (mean bits - population mean) x sqrt(steps))"
+        "Mean frozen-model scores per kind (rare: -log10 of the upper bound of the rarest transition's tail share in its context; precedent: best missing predecessor's score; replay: the longest run of identical requests' excess over the replay signal's firing point (1 = fires); surprise: max over prefixes of (mean bits - population mean) x sqrt(steps); enumeration: the longest step of varied requests' excess over the enumeration signal's firing point)"
     );
     for (kind, m) in &means {
         let n = m.1.max(1) as f64;
         println!(
-            "{:<26} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            "{:<26} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
             kind.name(),
             m.0[0] / n,
             m.0[1] / n,
             m.0[2] / n,
-            m.0[3] / n
+            m.0[3] / n,
+            m.0[4] / n
         );
     }
     let benign = &rows[&Kind::Benign];
@@ -944,12 +960,12 @@ fn main() -> anyhow::Result<()> {
         benign_alerts,
         benign_requests,
         100.0 * benign_alerts as f64 / benign_requests.max(1) as f64,
-        benign.det[5][0],
+        benign.det[NS + 1][0],
         benign.n,
-        100.0 * benign.det[5][0] as f64 / benign.n.max(1) as f64
+        100.0 * benign.det[NS + 1][0] as f64 / benign.n.max(1) as f64
     );
     println!(
-        "det@X% = share of sessions whose combined score exceeds the threshold that flags X% of benign sessions; engine = share with any engine alert (default thresholds); eng-block = with a missing_precedent or replay alert (the signals that block by default); req med/p90 = requests until the combined score crosses the 1% threshold; eng = requests until the first engine alert."
+        "det@X% = share of sessions whose combined score exceeds the threshold that flags X% of benign sessions; engine = share with any engine alert (default thresholds); eng-block = with a missing_precedent, replay or enumeration alert (the signals that block by default); req med/p90 = requests until the combined score crosses the 1% threshold; eng = requests until the first engine alert."
     );
     Ok(())
 }

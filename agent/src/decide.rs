@@ -57,18 +57,23 @@ pub enum Signal {
     RareTransition,
     /// An operation almost always preceded by something this session never did.
     MissingPrecedent,
-    /// A run of repeats far beyond the operation's learned run lengths.
+    /// The same request again and again, far beyond the operation's learned runs of identical
+    /// requests.
     Replay,
     /// A session far more surprising than the population's sessions.
     SurprisingSession,
+    /// One operation requested with changing ids or queries far more times in a row than its
+    /// learned runs allow (walking object ids).
+    Enumeration,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 4] = [
+    pub const ALL: [Signal; 5] = [
         Signal::RareTransition,
         Signal::MissingPrecedent,
         Signal::Replay,
         Signal::SurprisingSession,
+        Signal::Enumeration,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +82,7 @@ impl Signal {
             Signal::MissingPrecedent => "missing_precedent",
             Signal::Replay => "replay",
             Signal::SurprisingSession => "surprising_session",
+            Signal::Enumeration => "enumeration",
         }
     }
 }
@@ -102,7 +108,11 @@ pub struct DecideConfig {
 impl Default for DecideConfig {
     fn default() -> Self {
         Self {
-            block_signals: vec![Signal::MissingPrecedent, Signal::Replay],
+            block_signals: vec![
+                Signal::MissingPrecedent,
+                Signal::Replay,
+                Signal::Enumeration,
+            ],
             block_ttl: Duration::from_secs(15 * 60),
             max_block_share: 0.1,
             guard_min_clients: 20,

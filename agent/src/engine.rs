@@ -262,9 +262,11 @@ impl Engine {
             ..
         } = &mut self.core;
         sessions.sweep_with(now_ns, |s: &Session| {
-            // The session's last run of identical requests is over: learn its length.
+            // The session's last runs (of identical requests, of its last step) are over.
             if let Some(last) = s.history().last() {
-                model.learn_run(discovery.canonical(last.op).0, s.identical_run);
+                let op = discovery.canonical(last.op).0;
+                model.learn_run(op, s.identical_run);
+                model.learn_step_run(op, last.count);
             }
             if s.surprise.steps > 0 {
                 model.observe_session_surprise(f64::from(s.surprise.mean));
@@ -420,6 +422,10 @@ impl Core {
         let mut findings: SmallVec<[Finding; 2]> = SmallVec::new();
         match res.kind {
             StepKind::NewSession | StepKind::NewStep => {
+                // The previous step is over: learn its length (the enumeration signal's run).
+                if let Some(prev) = history.len().checked_sub(2).and_then(|i| history.get(i)) {
+                    model.learn_step_run(discovery.canonical(prev.op).0, prev.count);
+                }
                 // Score first, then learn (one walk of the context trie).
                 // The session's cursor spares the walk its hash lookups; intervals are only
                 // needed for transitions that could be confidently rare.
@@ -519,6 +525,46 @@ impl Core {
                                 ..
                             } => format!(
                                 "the same {} request repeated {} times in a row; it has too few learned runs of identical requests ({}) to judge alone, and among the {} learned runs of operations seen about as rarely {} were this long (99% upper bound of the share {:.2e})",
+                                op_name(discovery, op),
+                                r.run_len,
+                                support,
+                                runs,
+                                at_least,
+                                upper
+                            ),
+                        },
+                        numbers: serde_json::to_value(&r).unwrap_or_default(),
+                    });
+                }
+                // Enumeration: the step (requests to this operation in a row, not all the
+                // same request) first crosses what its learned steps allow. Judged like a
+                // replay, against the step runs.
+                let count = res.count;
+                if alerting
+                    && run < count
+                    && let Some(r) = replay(model.step_runs(), op.0, count, signals)
+                    && replay(model.step_runs(), op.0, count - 1, signals).is_none()
+                {
+                    findings.push(Finding::Signal {
+                        signal: Signal::Enumeration,
+                        explanation: match &r.basis {
+                            ReplayBasis::Operation {
+                                learned, quantile, ..
+                            } => format!(
+                                "{} requested {} times in a row with changing ids or queries; its learned runs reach {} at the {:.0}th percentile",
+                                op_name(discovery, op),
+                                r.run_len,
+                                learned,
+                                quantile * 100.0
+                            ),
+                            ReplayBasis::Population {
+                                at_least,
+                                runs,
+                                upper,
+                                support,
+                                ..
+                            } => format!(
+                                "{} requested {} times in a row with changing ids or queries; it has too few learned runs ({}) to judge alone, and among the {} learned runs of operations seen about as rarely {} were this long (99% upper bound of the share {:.2e})",
                                 op_name(discovery, op),
                                 r.run_len,
                                 support,
@@ -769,6 +815,28 @@ mod tests {
         paths.push("/items/6".into());
         paths.extend(vec!["/items/5".to_string(); 4]);
         assert_eq!(replay_alerts(&mut e, "alternator", &paths), vec![]);
+    }
+
+    #[test]
+    fn a_long_walk_through_ids_is_an_enumeration_not_a_replay() {
+        let mut e = catalogue_engine();
+        let client: IpAddr = "10.0.0.3".parse().unwrap();
+        let mut signals = Vec::new();
+        for i in 0..30u64 {
+            let p = format!("/items/{}", 9000 + i);
+            let t = 20_000 * SECOND + i * SECOND / 10;
+            let o = e.on_request_in_session(t, client, Method::Get, None, &p, "walker", 0);
+            signals.extend(o.alerts.iter().filter_map(|a| a.signal.map(|s| (i, s))));
+        }
+        let enumerations: Vec<_> = signals
+            .iter()
+            .filter(|(_, s)| *s == Signal::Enumeration)
+            .collect();
+        assert_eq!(enumerations.len(), 1, "{signals:?}");
+        assert!(
+            !signals.iter().any(|(_, s)| *s == Signal::Replay),
+            "{signals:?}"
+        );
     }
 
     #[test]

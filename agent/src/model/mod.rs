@@ -254,7 +254,10 @@ pub struct Model {
     /// Contexts kept so far by the collapse in progress.
     pending_retained: u64,
     predecessors: FxHashMap<Op, Vec<Predecessor>>,
+    /// Runs of identical requests (the replay signal's).
     runs: RunLengths,
+    /// Runs of one operation, whatever its parameters (the enumeration signal's).
+    step_runs: RunLengths,
     population: PopulationSurprise,
     stats: ModelStats,
     #[serde(skip)]
@@ -310,6 +313,7 @@ impl Model {
     pub fn new(cfg: ModelConfig) -> Result<Self, ModelError> {
         cfg.validate()?;
         let runs = RunLengths::new(cfg.max_ops);
+        let step_runs = RunLengths::new(cfg.max_ops);
         Ok(Model {
             nodes: vec![Node::new(NO_SLOT, 0, 0, ROOT_KEY)],
             index: FxHashMap::default(),
@@ -323,6 +327,7 @@ impl Model {
             pending_retained: 0,
             predecessors: FxHashMap::default(),
             runs,
+            step_runs,
             population: PopulationSurprise::default(),
             stats: ModelStats::default(),
             cache: IntervalCache::new(),
@@ -775,13 +780,24 @@ impl Model {
         seqs
     }
 
-    /// Records the length of a finished (or growing) run of successive repeats of `op`.
+    /// Records the length of a finished run of identical requests to `op`.
     pub fn learn_run(&mut self, op: Op, run_len: u32) {
         self.runs.learn(op, run_len);
     }
 
+    /// Runs of identical requests, per operation (the replay signal's).
     pub fn runs(&self) -> &RunLengths {
         &self.runs
+    }
+
+    /// Records the length of a finished step: a run of requests to `op`, ids and queries aside.
+    pub fn learn_step_run(&mut self, op: Op, run_len: u32) {
+        self.step_runs.learn(op, run_len);
+    }
+
+    /// Runs of requests to one operation, per operation (the enumeration signal's).
+    pub fn step_runs(&self) -> &RunLengths {
+        &self.step_runs
     }
 
     pub fn population(&self) -> &PopulationSurprise {
