@@ -222,7 +222,7 @@ fn replay_and_daemon_alert_alike_on_the_same_requests() {
         .iter()
         .map(|a| a["signal"].as_str().unwrap_or("-").to_string())
         .collect();
-    for expected in ["missing_precedent", "replay"] {
+    for expected in ["missing_precedent", "replay", "enumeration"] {
         assert!(
             signals.iter().any(|s| s == expected),
             "no {expected} alert from the daemon: {daemon_alerts:#?}"
