@@ -32,7 +32,14 @@ pub const PROGRAM: &str = "precedent";
 pub const BASELINE_PROGRAM: &str = "baseline";
 const EVENTS_MAP: &str = "EVENTS";
 /// Maps that hold operator state and are pinned when pinning is on, so blocks survive restarts.
-pub const PINNED_MAPS: [&str; 4] = ["BLOCK_V4", "BLOCK_V6", "ALLOW_V4", "ALLOW_V6"];
+pub const PINNED_MAPS: [&str; 6] = [
+    "BLOCK_EXACT_V4",
+    "BLOCK_EXACT_V6",
+    "BLOCK_V4",
+    "BLOCK_V6",
+    "ALLOW_V4",
+    "ALLOW_V6",
+];
 
 /// Capture set-up failures, each phrased so the operator knows what to do next.
 #[derive(Debug, Error)]
@@ -218,6 +225,8 @@ impl CapturedRequest {
 pub struct Datapath {
     ebpf: Ebpf,
     attachments: Vec<(Attachment, XdpLinkId)>,
+    /// The block and allow maps are pinned, so they may hold entries from an earlier run.
+    pinned: bool,
 }
 
 impl Datapath {
@@ -260,6 +269,7 @@ impl Datapath {
         let mut dp = Self {
             ebpf,
             attachments: Vec::new(),
+            pinned: opts.pin_dir.is_some(),
         };
         dp.set_capture_len(opts.capture_len)?;
         Ok(dp)
@@ -375,7 +385,7 @@ impl Datapath {
 
     /// Takes the block and allow maps out, for the enforcement side.
     pub fn take_enforcer(&mut self) -> Result<Enforcer, CaptureError> {
-        Enforcer::from_ebpf(&mut self.ebpf)
+        Enforcer::from_ebpf(&mut self.ebpf, self.pinned)
     }
 
     /// Runs `program` once per repeat on `packet` through BPF_PROG_TEST_RUN; returns the

@@ -25,7 +25,7 @@ use std::{
 };
 
 use agent_common::Counter;
-use precedent::capture::{AttachMode, Datapath, DRAIN_EVERY, LoadOptions};
+use precedent::capture::{AttachMode, DRAIN_EVERY, Datapath, LoadOptions};
 use precedent_tests::{Daemon, HttpServer, TestNet};
 
 /// Concurrent keep-alive clients generating load.
@@ -56,7 +56,12 @@ fn main() -> anyhow::Result<()> {
     if !precedent_tests::is_root() {
         anyhow::bail!("bench-e2e attaches XDP programs and needs root");
     }
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let seconds = env("E2E_SECONDS", 3);
     let rounds = env("E2E_ROUNDS", 5) as usize;
     let reader_cpu = env("E2E_READER_CPU", SERVER_CPU as u64) as usize;
@@ -162,7 +167,9 @@ fn measure(
             ))
         }
         Setup::Daemon => {
-            let bin = daemon_bin.as_ref().expect("daemon setup needs PRECEDENT_BIN");
+            let bin = daemon_bin
+                .as_ref()
+                .expect("daemon setup needs PRECEDENT_BIN");
             let daemon =
                 Daemon::start_discarding_stdout(bin, &["daemon", "--iface", &net.host_if])?;
             let rate = load(net, target, dur)?;
