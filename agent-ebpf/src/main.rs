@@ -16,7 +16,7 @@ use agent_common::{
     BlockEntry, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
     EXACT_SLOTS, EXACT_WAYS, EventHeader, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6,
     FLAG_BLOCK_V4, FLAG_BLOCK_V6, FLAG_EXACT_V4, FLAG_EXACT_V6, MAX_ALLOW, MAX_BLOCKS,
-    exact_bucket_v4, exact_bucket_v6,
+    RING_WAKEUP_EVERY_NS, exact_bucket_v4, exact_bucket_v6,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -66,6 +66,10 @@ static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0)
 
 #[map]
 static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// When this CPU last let a ring submission wake the reader (`bpf_ktime_get_ns`).
+#[map]
+static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn precedent(ctx: XdpContext) -> u32 {
@@ -356,9 +360,10 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
             return Err(skip);
         }
     };
+    let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         (*rec).header = EventHeader {
-            ts_ns: bpf_ktime_get_ns(),
+            ts_ns: now,
             saddr,
             daddr,
             sport,
@@ -371,15 +376,31 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
             _pad2: 0,
         };
     }
-    // Adaptive wakeup (flags 0): the kernel wakes the reader only when it had caught up with
-    // the ring. A quiet server gets each request at once (blocks land within a millisecond);
-    // under load the reader is behind and wakeups batch by themselves.
-    entry.submit(0);
+    entry.submit(wakeup_flags(now));
     bump(Counter::Captured);
     if h.payload_len > captured {
         bump(Counter::Truncated);
     }
     Ok(())
+}
+
+/// Submission flags: at most one wakeup per RING_WAKEUP_EVERY_NS per CPU (see agent-common
+/// for the reader's side of the contract). When allowed, flags 0 (adaptive): the kernel wakes
+/// the reader if it had caught up with the ring; a quiet server's request is read at once.
+#[inline(always)]
+fn wakeup_flags(now: u64) -> u64 {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        if now.wrapping_sub(*last) >= RING_WAKEUP_EVERY_NS {
+            *last = now;
+            0
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    }
 }
 
 #[cfg(not(test))]

@@ -3,7 +3,11 @@
 //!
 //! Configurations, each measured once per round:
 //! - `without`: nothing attached;
-//! - `xdp native` / `xdp generic`: the XDP program loaded and attached by the daemon's own
+//! - `empty native` / `empty generic`: the empty baseline XDP program attached. On a veth,
+//!   attaching any program changes the receive path (native: NAPI, GRO and a copy of every
+//!   cloned TCP skb into an XDP buffer; generic: the skb is copied/linearised too), so this is
+//!   the price of XDP on this link, whatever the program does;
+//! - `xdp native` / `xdp generic`: precedent's program loaded and attached by the daemon's own
 //!   code ([`Datapath`]), its ring buffer emptied by a minimal reader that decodes nothing and
 //!   runs no engine: the cost of the program on the request path;
 //! - `daemon`: the full `precedent daemon` (capture, engine, alerts), when `PRECEDENT_BIN` is
@@ -25,7 +29,7 @@ use std::{
 };
 
 use agent_common::Counter;
-use precedent::capture::{AttachMode, DRAIN_EVERY, Datapath, LoadOptions};
+use precedent::capture::{AttachMode, DRAIN_EVERY, Datapath, LoadOptions, RING_LINGER};
 use precedent_tests::{Daemon, HttpServer, TestNet};
 
 /// Concurrent keep-alive clients generating load.
@@ -37,17 +41,51 @@ const SERVER_CPU: usize = 1;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Setup {
     Without,
-    Xdp(AttachMode),
+    /// The empty baseline program.
+    Empty(AttachMode),
+    /// precedent's program with a minimal ring reader.
+    Xdp(AttachMode, Reader),
     Daemon,
+}
+
+/// How the minimal reader waits for records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// Like the daemon: woken by the kernel (and every DRAIN_EVERY in any case).
+    Woken,
+    /// Never waits on the ring: drains every DRAIN_EVERY. Tells how much of the cost is the
+    /// wakeups (the kernel still signals; nobody sleeps on the ring).
+    Timer,
 }
 
 impl Setup {
     fn name(self) -> &'static str {
         match self {
             Setup::Without => "without",
-            Setup::Xdp(AttachMode::Generic) => "xdp generic",
-            Setup::Xdp(_) => "xdp native",
+            Setup::Empty(AttachMode::Generic) => "empty generic",
+            Setup::Empty(_) => "empty native",
+            Setup::Xdp(AttachMode::Generic, _) => "xdp generic",
+            Setup::Xdp(_, Reader::Woken) => "xdp native",
+            Setup::Xdp(_, Reader::Timer) => "xdp nat timer",
             Setup::Daemon => "full daemon",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            Setup::Without => "no XDP program",
+            Setup::Empty(AttachMode::Generic) => "empty XDP program, generic (skb) mode",
+            Setup::Empty(_) => "empty XDP program, native (driver) mode",
+            Setup::Xdp(AttachMode::Generic, _) => {
+                "precedent's program, generic mode, minimal reader woken by the kernel"
+            }
+            Setup::Xdp(_, Reader::Woken) => {
+                "precedent's program, native mode, minimal reader woken by the kernel"
+            }
+            Setup::Xdp(_, Reader::Timer) => {
+                "precedent's program, native mode, minimal reader draining every 10 ms"
+            }
+            Setup::Daemon => "precedent daemon (auto = native): capture, engine, alerts; unpinned",
         }
     }
 }
@@ -78,8 +116,11 @@ fn main() -> anyhow::Result<()> {
 
     let mut setups = vec![
         Setup::Without,
-        Setup::Xdp(AttachMode::Native),
-        Setup::Xdp(AttachMode::Generic),
+        Setup::Empty(AttachMode::Native),
+        Setup::Xdp(AttachMode::Native, Reader::Woken),
+        Setup::Xdp(AttachMode::Native, Reader::Timer),
+        Setup::Empty(AttachMode::Generic),
+        Setup::Xdp(AttachMode::Generic, Reader::Woken),
     ];
     if daemon_bin.is_some() {
         setups.push(Setup::Daemon);
@@ -92,30 +133,31 @@ fn main() -> anyhow::Result<()> {
     let dur = Duration::from_secs(seconds);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     for round in 1..=rounds {
-        let mut line = format!("  round {round}:");
+        println!("  round {round}:");
         for (i, setup) in setups.iter().enumerate() {
             let (rate, note) = measure(*setup, &net, target, dur, reader_cpu, &daemon_bin)?;
-            line.push_str(&format!("  {} {rate:>7.0}{note}", setup.name()));
+            println!("    {:<13} {rate:>7.0} req/s{note}", setup.name());
             rates[i].push(rate);
         }
-        println!("{line}");
     }
 
     let medians: Vec<f64> = rates.iter_mut().map(|v| median(v)).collect();
-    println!("median req/s and ratio to `without` (same run):");
+    let median_of = |s: Setup| setups.iter().position(|x| *x == s).map(|i| medians[i]);
+    println!(
+        "medians (same run): req/s, ratio to `without`, ratio to the empty program in the same mode"
+    );
     for (setup, m) in setups.iter().zip(&medians) {
-        let what = match setup {
-            Setup::Without => "no XDP program",
-            Setup::Xdp(AttachMode::Generic) => {
-                "program attached in generic (skb) mode, minimal ring reader"
+        let vs_empty = match setup {
+            Setup::Xdp(mode, _) => {
+                median_of(Setup::Empty(*mode)).map_or(String::new(), |e| format!("{:.3}", m / e))
             }
-            Setup::Xdp(_) => "program attached in native (driver) mode, minimal ring reader",
-            Setup::Daemon => "precedent daemon: capture, engine, alerts (unpinned)",
+            _ => String::new(),
         };
         println!(
-            "  {:<12} {m:>9.0} req/s   ratio {:.3}   {what}",
+            "  {:<13} {m:>9.0} req/s   {:.3}   {vs_empty:>5}   {}",
             setup.name(),
-            m / medians[0]
+            m / medians[0],
+            setup.description()
         );
     }
     println!("  requests served in total: {}", server.served());
@@ -134,7 +176,15 @@ fn measure(
 ) -> anyhow::Result<(f64, String)> {
     match setup {
         Setup::Without => Ok((load(net, target, dur)?, String::new())),
-        Setup::Xdp(mode) => {
+        Setup::Empty(mode) => {
+            let mut dp = Datapath::load(&LoadOptions::default())?;
+            let used = dp.attach_baseline(&net.host_if, mode)?;
+            anyhow::ensure!(used == mode, "asked for {mode} XDP, got {used}");
+            let rate = load(net, target, dur)?;
+            drop(dp);
+            Ok((rate, String::new()))
+        }
+        Setup::Xdp(mode, how) => {
             let mut dp = Datapath::load(&LoadOptions::default())?;
             let ring = dp.take_events()?;
             let _enforcer = dp.take_enforcer()?;
@@ -143,7 +193,7 @@ fn measure(
             let stop = Arc::new(AtomicBool::new(false));
             let reader = {
                 let stop = stop.clone();
-                std::thread::spawn(move || read_ring(ring, &stop, reader_cpu))
+                std::thread::spawn(move || read_ring(ring, &stop, reader_cpu, how))
             };
             let rate = load(net, target, dur);
             stop.store(true, Ordering::Relaxed);
@@ -186,6 +236,7 @@ fn read_ring(
     mut ring: aya::maps::RingBuf<aya::maps::MapData>,
     stop: &AtomicBool,
     cpu: usize,
+    how: Reader,
 ) -> anyhow::Result<u64> {
     pin_current_thread(cpu)?;
     let mut read = 0u64;
@@ -196,11 +247,25 @@ fn read_ring(
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd; the ring (and its fd) outlive the call.
-        unsafe { libc::poll(&mut pfd, 1, DRAIN_EVERY.as_millis() as i32) };
-        while let Some(item) = ring.next() {
-            std::hint::black_box(item.len());
-            read += 1;
+        match how {
+            // SAFETY: one valid pollfd; the ring (and its fd) outlive the call.
+            Reader::Woken => unsafe {
+                libc::poll(&mut pfd, 1, DRAIN_EVERY.as_millis() as i32);
+            },
+            Reader::Timer => std::thread::sleep(DRAIN_EVERY),
+        }
+        // The daemon reader's contract (see RING_LINGER): after records, look again later.
+        loop {
+            let mut n = 0;
+            while let Some(item) = ring.next() {
+                std::hint::black_box(item.len());
+                n += 1;
+            }
+            read += n;
+            if n == 0 {
+                break;
+            }
+            std::thread::sleep(RING_LINGER);
         }
     }
     Ok(read)
