@@ -134,7 +134,11 @@ fn main() -> anyhow::Result<()> {
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     for round in 1..=rounds {
         println!("  round {round}:");
-        for (i, setup) in setups.iter().enumerate() {
+        // Each round starts with a different setup, so slow drifts in the machine's load do
+        // not always hit the same one.
+        let order = (0..setups.len()).map(|k| (k + round - 1) % setups.len());
+        for i in order {
+            let setup = &setups[i];
             let (rate, note) = measure(*setup, &net, target, dur, reader_cpu, &daemon_bin)?;
             println!("    {:<13} {rate:>7.0} req/s{note}", setup.name());
             rates[i].push(rate);
@@ -142,11 +146,16 @@ fn main() -> anyhow::Result<()> {
     }
 
     let medians: Vec<f64> = rates.iter_mut().map(|v| median(v)).collect();
+    // `median` sorted each series: first and last are the extremes.
+    let ranges: Vec<String> = rates
+        .iter()
+        .map(|v| format!("{:.0}-{:.0}", v[0], v[v.len() - 1]))
+        .collect();
     let median_of = |s: Setup| setups.iter().position(|x| *x == s).map(|i| medians[i]);
     println!(
-        "medians (same run): req/s, ratio to `without`, ratio to the empty program in the same mode"
+        "medians (same run): req/s, ratio to `without`, ratio to the empty program in the same mode, range over rounds"
     );
-    for (setup, m) in setups.iter().zip(&medians) {
+    for (i, (setup, m)) in setups.iter().zip(&medians).enumerate() {
         let vs_empty = match setup {
             Setup::Xdp(mode, _) => {
                 median_of(Setup::Empty(*mode)).map_or(String::new(), |e| format!("{:.3}", m / e))
@@ -154,9 +163,10 @@ fn main() -> anyhow::Result<()> {
             _ => String::new(),
         };
         println!(
-            "  {:<13} {m:>9.0} req/s   {:.3}   {vs_empty:>5}   {}",
+            "  {:<13} {m:>9.0} req/s   {:.3}   {vs_empty:>5}   {:>13}   {}",
             setup.name(),
             m / medians[0],
+            ranges[i],
             setup.description()
         );
     }
