@@ -452,6 +452,11 @@ fn v6_words(addr: Ipv6Addr) -> [u64; 2] {
 /// consecutive slots, which the XDP program searches with inlined array lookups. The map is
 /// the truth; `slots` indexes its occupied slots, so placing and listing entries need no scan
 /// of the whole map.
+///
+/// A slot write is a plain copy, not atomic against the program reading it: a packet racing
+/// an update may see the old or new address with the old or new expiry. Either way it is
+/// judged by an entry that existed (or by none, as for an empty slot, whose address 0 only
+/// 0.0.0.0 could match), and a drop counted during a rewrite of the same slot may be lost.
 struct ExactTable<S: Slot> {
     map: Array<MapData, S>,
     slots: HashMap<u32, IpAddr>,
