@@ -142,6 +142,8 @@ impl Default for LoadOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Attachment {
     pub iface: String,
+    /// The interface's index when attached: a re-created interface of the same name has another.
+    pub ifindex: u32,
     /// `native` or `generic`: what the kernel accepted.
     pub mode: AttachMode,
 }
@@ -304,6 +306,7 @@ impl Datapath {
                 available: available_interfaces(),
             });
         }
+        let ifindex = crate::ifwatch::if_index(iface).unwrap_or(0);
         let prog = program(&mut self.ebpf, name)?;
         let try_mode = |prog: &mut Xdp, m: AttachMode| {
             let flags = if m == AttachMode::Generic {
@@ -340,6 +343,7 @@ impl Datapath {
         self.attachments.push((
             Attachment {
                 iface: iface.to_string(),
+                ifindex,
                 mode: used,
             },
             name,
@@ -350,6 +354,32 @@ impl Datapath {
 
     pub fn attachments(&self) -> Vec<Attachment> {
         self.attachments.iter().map(|(a, _, _)| a.clone()).collect()
+    }
+
+    /// Kernel id of the capturing program, to recognise it among an interface's XDP programs.
+    pub fn program_id(&mut self) -> Result<u32, CaptureError> {
+        let info = program(&mut self.ebpf, PROGRAM)?
+            .info()
+            .map_err(|e| CaptureError::Load(chain(&e)))?;
+        Ok(info.id())
+    }
+
+    /// Forgets the attachment to `iface` (after the interface vanished or lost the program),
+    /// releasing its link. Errors are expected here (the interface may be gone) and only logged.
+    pub fn detach(&mut self, iface: &str) {
+        let Some(i) = self
+            .attachments
+            .iter()
+            .position(|(a, _, _)| a.iface == iface)
+        else {
+            return;
+        };
+        let (_, name, link) = self.attachments.remove(i);
+        if let Ok(prog) = program(&mut self.ebpf, name)
+            && let Err(e) = prog.detach(link)
+        {
+            tracing::debug!(iface, error = %e, "releasing a stale xdp attachment");
+        }
     }
 
     /// Detaches from every interface, logging each.

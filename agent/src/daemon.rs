@@ -8,6 +8,10 @@
 //!
 //! Nothing blocks the ring buffer reader: when the engine falls behind, requests are counted
 //! and dropped, and the count shows in `precedent status` and the periodic counters line.
+//! Once a second the interface watcher ([`crate::ifwatch`]) checks that every configured
+//! interface still runs the program and re-attaches it where it does not (re-created
+//! interface, program detached from outside). A failing state save (full disk) is logged,
+//! counted and shown by `status` until a save succeeds; capture and blocking carry on.
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
@@ -44,6 +48,7 @@ use crate::{
     },
     enforce::Enforcer,
     engine::{Engine, Learned},
+    ifwatch::{self, Watcher},
     notify,
     rules::RuleFile,
     state::{Persist, StateDir},
@@ -134,6 +139,9 @@ struct Counters {
     alerts_dropped: u64,
     blocks_failed: u64,
     state_save_failures: u64,
+    interfaces_lost: u64,
+    interfaces_reattached: u64,
+    interface_attach_failures: u64,
 }
 
 pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
@@ -149,6 +157,8 @@ struct Daemon {
     overrides: Overrides,
     engine: Engine,
     datapath: Datapath,
+    /// Puts the program back on interfaces that lost it (deleted and re-created, detached).
+    watcher: Watcher,
     enforcer: Enforcer,
     state: StateDir,
     runtime_rules: RuleFile,
@@ -161,6 +171,8 @@ struct Daemon {
     control: mpsc::Receiver<ControlRequest>,
     reader_overflow: Arc<AtomicU64>,
     counters: Counters,
+    /// The last state save's error, until a save succeeds again (shown by `status`).
+    state_error: Option<String>,
     shutdown: CancellationToken,
     started: Instant,
 }
@@ -244,6 +256,7 @@ impl Daemon {
         for iface in &config.interfaces {
             datapath.attach(iface, config.attach_mode)?;
         }
+        let watcher = Watcher::new(&mut datapath, config.interfaces.clone(), config.attach_mode)?;
         let ring = datapath.take_events()?;
         let reader_overflow = Arc::new(AtomicU64::new(0));
         let (tx, captured) = mpsc::channel(PIPELINE_DEPTH);
@@ -274,6 +287,7 @@ impl Daemon {
             overrides,
             engine,
             datapath,
+            watcher,
             enforcer,
             state,
             runtime_rules,
@@ -282,6 +296,7 @@ impl Daemon {
             control,
             reader_overflow,
             counters: Counters::default(),
+            state_error: None,
             shutdown,
             started: Instant::now(),
         })
@@ -301,6 +316,7 @@ impl Daemon {
         let mut sweep = every(SWEEP_BLOCKS_EVERY);
         let mut save = every(self.config.save_every);
         let mut report = every(COUNTERS_EVERY);
+        let mut interfaces = every(ifwatch::CHECK_EVERY);
         loop {
             tokio::select! {
                 Some(req) = self.captured.recv() => self.on_capture(req),
@@ -316,6 +332,7 @@ impl Daemon {
                 },
                 _ = save.tick() => { let _ = self.save_state(); }
                 _ = report.tick() => self.log_counters(),
+                _ = interfaces.tick() => self.check_interfaces(),
                 _ = sighup.recv() => self.reload(),
                 _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
                 _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
@@ -332,6 +349,38 @@ impl Daemon {
         self.log_counters();
         self.datapath.detach_all();
         tracing::info!("precedent daemon stopped");
+    }
+
+    /// Runs the interface watcher and reports what it did, loudly: while an interface is
+    /// missing, requests there are neither seen nor blocked.
+    fn check_interfaces(&mut self) {
+        for event in self.watcher.check(&mut self.datapath) {
+            match event {
+                ifwatch::Event::Lost { iface } => {
+                    self.counters.interfaces_lost += 1;
+                    tracing::error!(
+                        iface,
+                        "interface gone: not capturing or blocking there until it comes back"
+                    );
+                }
+                ifwatch::Event::Reattached {
+                    iface,
+                    ifindex,
+                    mode,
+                } => {
+                    self.counters.interfaces_reattached += 1;
+                    tracing::warn!(iface, ifindex, %mode, "xdp program re-attached");
+                }
+                ifwatch::Event::AttachFailed { iface, error } => {
+                    self.counters.interface_attach_failures += 1;
+                    tracing::error!(
+                        iface,
+                        error,
+                        "re-attaching the xdp program failed; retrying every second"
+                    );
+                }
+            }
+        }
     }
 
     fn on_capture(&mut self, req: CapturedRequest) {
@@ -573,6 +622,15 @@ impl Daemon {
             "state_save_failures".into(),
             self.counters.state_save_failures,
         );
+        userspace.insert("interfaces_lost".into(), self.counters.interfaces_lost);
+        userspace.insert(
+            "interfaces_reattached".into(),
+            self.counters.interfaces_reattached,
+        );
+        userspace.insert(
+            "interface_attach_failures".into(),
+            self.counters.interface_attach_failures,
+        );
         let sc = self.engine.sessions().counters();
         userspace.insert("sessions_created".into(), sc.created);
         userspace.insert("sessions_expired".into(), sc.expired);
@@ -603,8 +661,10 @@ impl Daemon {
                 .datapath
                 .attachments()
                 .into_iter()
-                .map(|a| InterfaceStatus { name: a.iface, attach_mode: a.mode })
+                .map(|a| InterfaceStatus { name: a.iface, ifindex: a.ifindex, attach_mode: a.mode })
                 .collect(),
+            interfaces_missing: self.watcher.missing(&self.datapath),
+            state_save_error: self.state_error.clone(),
             kernel_counters: self
                 .datapath
                 .counters()
@@ -704,14 +764,21 @@ impl Daemon {
             Ok(bytes)
         })();
         match &result {
-            Ok(bytes) => tracing::info!(
-                model_bytes = bytes,
-                took_ms = started.elapsed().as_millis() as u64,
-                "state saved"
-            ),
+            Ok(bytes) => {
+                if self.state_error.take().is_some() {
+                    tracing::info!("state saves work again");
+                }
+                tracing::info!(
+                    model_bytes = bytes,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "state saved"
+                )
+            }
             Err(e) => {
                 self.counters.state_save_failures += 1;
-                tracing::error!(error = %format!("{e:#}"), "saving state failed; protection continues");
+                let e = format!("{e:#}");
+                tracing::error!(error = %e, "saving state failed; protection continues");
+                self.state_error = Some(e);
             }
         }
         result.map(|_| ())

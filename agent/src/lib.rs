@@ -16,6 +16,7 @@ pub mod enforce;
 pub mod engine;
 pub mod graph;
 pub mod http;
+pub mod ifwatch;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -73,6 +73,25 @@ pub fn render(report: &StatusReport) -> String {
     x.sample("precedent_enforcement_suspended", &[], suspended);
 
     x.family(
+        "precedent_interfaces_missing",
+        Kind::Gauge,
+        "Configured interfaces the XDP program is not on (deleted; re-attached when they return).",
+    );
+    x.sample(
+        "precedent_interfaces_missing",
+        &[],
+        report.interfaces_missing.len(),
+    );
+
+    x.family(
+        "precedent_state_save_failing",
+        Kind::Gauge,
+        "1 while state saves fail (a full disk, ...); protection continues.",
+    );
+    let failing = u8::from(report.state_save_error.is_some());
+    x.sample("precedent_state_save_failing", &[], failing);
+
+    x.family(
         "precedent_uptime_seconds",
         Kind::Gauge,
         "Seconds since the daemon started.",
@@ -542,10 +561,12 @@ mod tests {
             interfaces: vec![
                 InterfaceStatus {
                     name: "eth0".into(),
+                    ifindex: 2,
                     attach_mode: AttachMode::Native,
                 },
                 InterfaceStatus {
                     name: "veth-a".into(),
+                    ifindex: 2,
                     attach_mode: AttachMode::Generic,
                 },
             ],
@@ -572,6 +593,8 @@ mod tests {
                 ("rule:odd \"id\" \\ with\nnewline", 1),
             ]),
             enforcement_suspended: None,
+            interfaces_missing: Vec::new(),
+            state_save_error: None,
         }
     }
 
@@ -784,9 +807,22 @@ mod tests {
             + r.alerts_by_signal.len()
             + r.interfaces.len()
             + Mode::ALL.len()
-            + 3 // build_info, enforcement_suspended, uptime
+            + 5 // build_info, enforcement_suspended, interfaces_missing, state_save_failing, uptime
             + 6; // sessions, blocks, endpoints, model x3
         assert_eq!(samples, expected, "{text}");
+    }
+
+    #[test]
+    fn missing_interfaces_and_failing_saves_are_gauges() {
+        let mut r = report();
+        let text = render(&r);
+        assert!(text.lines().any(|l| l == "precedent_interfaces_missing 0"));
+        assert!(text.lines().any(|l| l == "precedent_state_save_failing 0"));
+        r.interfaces_missing = vec!["eth1".into()];
+        r.state_save_error = Some("full".into());
+        let text = render(&r);
+        assert!(text.lines().any(|l| l == "precedent_interfaces_missing 1"));
+        assert!(text.lines().any(|l| l == "precedent_state_save_failing 1"));
     }
 
     #[test]

@@ -37,58 +37,70 @@ impl TestNet {
         net.remove();
         // From here on, `net` owns what exists: an error below still cleans up on drop.
         ip(&["netns", "add", &net.ns])?;
+        net.create_link()?;
+        Ok(net)
+    }
+
+    /// Creates the veth pair with its addresses, both ends up (done by [`TestNet::new`]; again
+    /// after [`TestNet::delete_link`] to re-create the interface under the same names).
+    pub fn create_link(&self) -> anyhow::Result<()> {
         ip(&[
             "link",
             "add",
-            &net.host_if,
+            &self.host_if,
             "type",
             "veth",
             "peer",
             "name",
-            &net.ns_if,
+            &self.ns_if,
         ])?;
-        ip(&["link", "set", &net.ns_if, "netns", &net.ns])?;
+        ip(&["link", "set", &self.ns_if, "netns", &self.ns])?;
         ip(&[
             "addr",
             "add",
-            &format!("{}/24", net.host_ip),
+            &format!("{}/24", self.host_ip),
             "dev",
-            &net.host_if,
+            &self.host_if,
         ])?;
-        ip(&["link", "set", &net.host_if, "up"])?;
+        ip(&["link", "set", &self.host_if, "up"])?;
         ip(&[
             "-n",
-            &net.ns,
+            &self.ns,
             "addr",
             "add",
-            &format!("{}/24", net.ns_ip),
+            &format!("{}/24", self.ns_ip),
             "dev",
-            &net.ns_if,
+            &self.ns_if,
         ])?;
-        ip(&["-n", &net.ns, "link", "set", &net.ns_if, "up"])?;
-        ip(&["-n", &net.ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &self.ns, "link", "set", &self.ns_if, "up"])?;
+        ip(&["-n", &self.ns, "link", "set", "lo", "up"])?;
         // nodad: usable at once, instead of after duplicate address detection (~2 s).
         ip(&[
             "-6",
             "addr",
             "add",
-            &format!("{}/64", net.host_ip6),
+            &format!("{}/64", self.host_ip6),
             "dev",
-            &net.host_if,
+            &self.host_if,
             "nodad",
         ])?;
         ip(&[
             "-n",
-            &net.ns,
+            &self.ns,
             "-6",
             "addr",
             "add",
-            &format!("{}/64", net.ns_ip6),
+            &format!("{}/64", self.ns_ip6),
             "dev",
-            &net.ns_if,
+            &self.ns_if,
             "nodad",
         ])?;
-        Ok(net)
+        Ok(())
+    }
+
+    /// Deletes the veth pair (both ends), as an operator or a network manager might.
+    pub fn delete_link(&self) -> anyhow::Result<()> {
+        ip(&["link", "del", &self.host_if])
     }
 
     /// Adds another address on the namespace side (another client on the same link).

@@ -20,6 +20,12 @@ pub struct StatusReport {
     pub mode: Mode,
     pub uptime_secs: u64,
     pub interfaces: Vec<InterfaceStatus>,
+    /// Configured interfaces the program is not on (deleted; re-attached when they return).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces_missing: Vec<String>,
+    /// Why the last state save failed (a full disk, ...), until one succeeds again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_save_error: Option<String>,
     /// The XDP program's counters by name (see `capture::Counters::iter`).
     pub kernel_counters: BTreeMap<String, u64>,
     /// Userspace counters by name: ring-buffer reader overflow, parse skips by reason
@@ -39,6 +45,9 @@ pub struct StatusReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
+    /// Kernel index of the interface attached to (changes when it is re-created).
+    #[serde(default)]
+    pub ifindex: u32,
     /// What the kernel accepted (`native` or `generic`).
     pub attach_mode: AttachMode,
 }

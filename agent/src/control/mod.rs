@@ -514,6 +514,7 @@ mod tests {
             uptime_secs: 5,
             interfaces: vec![api::InterfaceStatus {
                 name: "eth0".into(),
+                ifindex: 2,
                 attach_mode: crate::capture::AttachMode::Native,
             }],
             kernel_counters: [("passed".to_string(), 10)].into(),
@@ -524,6 +525,8 @@ mod tests {
             blocks_active: 0,
             alerts_by_signal: Default::default(),
             enforcement_suspended: None,
+            interfaces_missing: Vec::new(),
+            state_save_error: None,
         };
         let v = serde_json::to_value(&status).unwrap();
         assert_eq!(v["interfaces"][0]["attach_mode"], "native");
