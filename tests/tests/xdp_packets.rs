@@ -436,15 +436,17 @@ fn expired_blocks_stop_applying_in_the_kernel_and_are_swept() {
         ("fd00:9::2/128", "fd00:9::2", "fd00:9::1"),
         ("fd00:4::/64", "fd00:4::99", "fd00:9::1"),
     ];
+    // Long enough that the first packets surely arrive before expiry, even under QEMU TCG
+    // on a loaded machine (50 ms was not).
+    const TTL: Duration = Duration::from_secs(2);
     for (block, _, _) in cases {
-        h.enforcer
-            .block(net(block), Duration::from_millis(50))
-            .unwrap();
+        h.enforcer.block(net(block), TTL).unwrap();
     }
     for (_, src, dst) in cases {
         assert_eq!(h.run(&Packet::tcp(src, dst, &get("/x"))).verdict, XDP_DROP);
     }
-    std::thread::sleep(Duration::from_millis(120));
+    // The kernel's coarse clock, cached per CPU until jiffies move, may end a block a tick late.
+    std::thread::sleep(TTL + Duration::from_millis(100));
     for (block, src, dst) in cases {
         let o = h.run(&Packet::tcp(src, dst, &get("/x")));
         assert_eq!(o.verdict, XDP_PASS, "{block}");
