@@ -132,6 +132,22 @@ impl IntervalCache {
         iv
     }
 
+    /// False only when the upper bound of k out of n is surely at least `r`, found without
+    /// computing the interval: the upper bound is the 99.5% quantile, so it lies below r exactly
+    /// when more than 99.5% of Beta(k + 1, n − k + 1) does, which one regularized incomplete
+    /// beta says (an inverse takes several). Intervals that cost nothing (table, closed forms,
+    /// memo) always say true, and so does a CDF within rounding of the edge: there the exact
+    /// interval decides.
+    pub fn upper_could_be_below(&self, k: u32, n: u32, r: f64) -> bool {
+        let k = k.min(n);
+        if n <= TABLE_MAX_N || k == 0 || k == n || self.memo.contains_key(&(k, n)) {
+            return true;
+        }
+        let (a, b) = (f64::from(k) + 1.0, f64::from(n - k) + 1.0);
+        statrs::function::beta::checked_beta_reg(a, b, r.clamp(0.0, 1.0))
+            .map_or(true, |cdf| cdf >= 1.0 - TAIL - 1e-9)
+    }
+
     /// Do the intervals of k1/n1 and k2/n2 overlap? Skips the exact computation when the point
     /// estimates are equal: both intervals contain their mode k/n (the 0.5% quantile of
     /// Beta(k+1, n−k+1) never exceeds its mode, nor the 99.5% quantile fall below it).
@@ -347,8 +363,14 @@ mod tests {
             for (k, n) in [(k1, n1), (k2, n2)] {
                 let b = Bounds::new(k, n);
                 let iv = beta_interval_exact(k, n);
-                assert!(b.lower_min <= iv.lower && iv.lower <= b.lower_max, "{k}/{n}: {b:?} {iv:?}");
-                assert!(b.upper_min <= iv.upper && iv.upper <= b.upper_max, "{k}/{n}: {b:?} {iv:?}");
+                assert!(
+                    b.lower_min <= iv.lower && iv.lower <= b.lower_max,
+                    "{k}/{n}: {b:?} {iv:?}"
+                );
+                assert!(
+                    b.upper_min <= iv.upper && iv.upper <= b.upper_max,
+                    "{k}/{n}: {b:?} {iv:?}"
+                );
             }
             let exact = beta_interval_exact(k1, n1).overlaps(&beta_interval_exact(k2, n2));
             let (b1, b2) = (Bounds::new(k1, n1), Bounds::new(k2, n2));
@@ -362,7 +384,33 @@ mod tests {
             assert_eq!(IntervalCache::new().overlap(k1, n1, k2, n2), exact);
             pairs += 1;
         }
-        assert!(decided * 2 > pairs, "bounds decided only {decided} of {pairs}");
+        assert!(
+            decided * 2 > pairs,
+            "bounds decided only {decided} of {pairs}"
+        );
+    }
+
+    /// Never false where the exact upper bound is below r.
+    #[test]
+    fn upper_could_be_below_never_rules_out_a_lower_upper_bound() {
+        let cache = IntervalCache::new();
+        let (mut ruled_out, mut cases) = (0, 0);
+        for n in [129u32, 500, 1_000, 5_000, 20_000, 100_000, 400_000] {
+            for k in [1u32, 2, 3, 5, 10, 30, 100, 300] {
+                let upper = beta_interval_exact(k, n).upper;
+                for r in [0.0005, 0.001, 0.002, 0.005, 0.01, 0.05] {
+                    cases += 1;
+                    if !cache.upper_could_be_below(k, n, r) {
+                        assert!(upper >= r, "k={k} n={n} r={r}: upper {upper}");
+                        ruled_out += 1;
+                    } else if k < n && n > TABLE_MAX_N {
+                        // Said "could be": then it is (up to rounding at the edge).
+                        assert!(upper < r * (1.0 + 1e-6), "k={k} n={n} r={r}: upper {upper}");
+                    }
+                }
+            }
+        }
+        assert!(ruled_out * 4 > cases, "{ruled_out} of {cases}");
     }
 
     #[test]
