@@ -145,7 +145,8 @@ impl Workload {
     fn truncated(mut self, n: usize) -> Self {
         if n < self.reqs.len() {
             self.reqs.truncate(n);
-            self.buf.truncate(self.reqs.last().map_or(0, |r| r.0 as usize));
+            self.buf
+                .truncate(self.reqs.last().map_or(0, |r| r.0 as usize));
         }
         self
     }

@@ -470,10 +470,7 @@ impl fmt::Debug for SessionTable {
         f.debug_struct("SessionTable")
             .field("config", &self.config)
             .field("counters", &self.counters)
-            .field(
-                "sessions",
-                &self.sessions().collect::<Vec<_>>(),
-            )
+            .field("sessions", &self.sessions().collect::<Vec<_>>())
             .finish()
     }
 }
