@@ -863,7 +863,18 @@ fn normalise_host(h: &str) -> Cow<'_, str> {
 ///   never creates a new segment.
 fn split_path(path: &str) -> SmallVec<[Cow<'_, str>; 16]> {
     let mut out: SmallVec<[Cow<'_, str>; 16]> = SmallVec::new();
-    for raw in path.split('/') {
+    // A byte scan: segments are short, and a searcher call per segment costs more than it.
+    // '/' is ASCII, so every cut falls on a character boundary.
+    let mut start = 0;
+    let cuts = path
+        .bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'/')
+        .map(|(i, _)| i)
+        .chain(std::iter::once(path.len()));
+    for end in cuts {
+        let raw = &path[start..end];
+        start = end + 1;
         let seg = if raw.contains('%') {
             normalise_escapes(raw)
         } else {
