@@ -167,6 +167,12 @@ enum Origin {
     TableFull,
 }
 
+/// Maps keyed by path segments and hosts, which clients choose, looked up for every segment
+/// of every request: foldhash with a per-process random seed (hashbrown's default hasher)
+/// rather than std's SipHash, several times faster on short keys. A flood aimed at one map
+/// is bounded anyway: a path position stops taking children at the cardinality threshold.
+type SegMap<V> = HashMap<Box<str>, V, hashbrown::DefaultHashBuilder>;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OpEntry {
     name: Box<str>,
@@ -184,7 +190,7 @@ struct Node {
     depth: u16,
     live: bool,
     /// Concrete child segments (while the position is not a variable).
-    children: HashMap<Box<str>, u32>,
+    children: SegMap<u32>,
     /// Children for `{id}`, `{uuid}`, `{hex}`, `{token}`.
     typed: [Option<u32>; 4],
     /// Once set, every value at this position goes here (children and typed are empty).
@@ -195,7 +201,7 @@ struct Node {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct TplNode {
-    literals: HashMap<Box<str>, u32>,
+    literals: SegMap<u32>,
     param: Option<u32>,
     terminal: Option<u32>,
 }
@@ -207,7 +213,7 @@ struct State {
     nodes: Vec<Node>,
     free: Vec<u32>,
     /// Host → root node (one root, key "", when hosts are not in names).
-    roots: HashMap<Box<str>, u32>,
+    roots: SegMap<u32>,
     ops: Vec<OpEntry>,
     templates: Vec<Box<str>>,
     tpl_nodes: Vec<TplNode>,
@@ -261,7 +267,7 @@ impl Discovery {
             config,
             nodes: Vec::new(),
             free: Vec::new(),
-            roots: HashMap::new(),
+            roots: SegMap::default(),
             ops: Vec::new(),
             templates: Vec::new(),
             tpl_nodes: vec![TplNode::default()],
@@ -828,7 +834,7 @@ impl OpResolver for Discovery {
 
 /// Children in segment order: HashMap order is random per process, and merges must issue
 /// operation ids in the same order on every run.
-fn sorted_children(children: &mut HashMap<Box<str>, u32>) -> Vec<u32> {
+fn sorted_children(children: &mut SegMap<u32>) -> Vec<u32> {
     let mut v: Vec<(Box<str>, u32)> = children.drain().collect();
     v.sort_unstable();
     v.into_iter().map(|(_, c)| c).collect()
@@ -857,7 +863,18 @@ fn normalise_host(h: &str) -> Cow<'_, str> {
 ///   never creates a new segment.
 fn split_path(path: &str) -> SmallVec<[Cow<'_, str>; 16]> {
     let mut out: SmallVec<[Cow<'_, str>; 16]> = SmallVec::new();
-    for raw in path.split('/') {
+    // A byte scan: segments are short, and a searcher call per segment costs more than it.
+    // '/' is ASCII, so every cut falls on a character boundary.
+    let mut start = 0;
+    let cuts = path
+        .bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'/')
+        .map(|(i, _)| i)
+        .chain(std::iter::once(path.len()));
+    for end in cuts {
+        let raw = &path[start..end];
+        start = end + 1;
         let seg = if raw.contains('%') {
             normalise_escapes(raw)
         } else {

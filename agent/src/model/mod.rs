@@ -380,7 +380,7 @@ impl Model {
     /// (through the links of the transitions it learns). Same counts, same scores. The interval
     /// is computed only when the transition could be confidently rare against `rare_below` (the
     /// engine's threshold): when the posterior mean (k+1)/(n+2) is below it, since a 99% upper
-    /// bound is never below the mean (nor the point estimate).
+    /// bound is never below the mean (nor the point estimate). `rare_below` = 0 asks for none.
     pub fn observe_with(
         &mut self,
         history: &[Op],
@@ -539,9 +539,15 @@ impl Model {
         let could_be_rare = rare_below.is_none_or(|r| {
             (f64::from(k) + 1.0) / (f64::from(n) + 2.0) < r.min(self.cfg.interval_below)
         });
-        let interval =
-            (score && enough_data && probability < self.cfg.interval_below && could_be_rare)
-                .then(|| self.cache.interval(k, n));
+        // Exact quantiles cost microseconds: with a threshold, one CDF first rules out the
+        // transitions whose upper bound cannot be below it (most of those `could_be_rare` lets by).
+        let below = rare_below.map(|r| r.min(self.cfg.interval_below));
+        let interval = (score
+            && enough_data
+            && probability < self.cfg.interval_below
+            && could_be_rare
+            && below.is_none_or(|r| self.cache.upper_could_be_below(k, n, r)))
+        .then(|| self.cache.interval(k, n));
         if let Some(c) = cursor {
             *c = next_cursor;
         }
