@@ -23,7 +23,8 @@ const MAGIC: [u8; 8] = *b"PRCDSTAT";
 /// Version of the container (header layout); payload versions are per kind.
 const CONTAINER_VERSION: u16 = 1;
 const KIND_LEN: usize = 16;
-const HEADER_LEN: usize = 8 + 2 + 2 + KIND_LEN + 4 + 8 + 4;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 8 + 2 + 2 + KIND_LEN + 4 + 8 + 4;
 /// Larger files are treated as corrupt rather than read into memory: the model is tens of MB.
 pub const MAX_STATE_BYTES: u64 = 1 << 30;
 /// Damaged copies kept per kind; older ones are deleted so a failing disk cannot fill itself.
@@ -492,7 +493,8 @@ fn check_kind(kind: &'static str) -> Result<(), StateError> {
 
 /// Header fields, little-endian: magic[8] container_version:u16 flags:u16 kind[16]
 /// kind_version:u32 payload_len:u64 crc32:u32 (over the header before it and the payload).
-fn encode_file(kind: &str, version: u32, payload: &[u8]) -> Vec<u8> {
+/// The bytes of a state file holding `payload`; public, with [`decode_file`], for the fuzz targets.
+pub fn encode_file(kind: &str, version: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&CONTAINER_VERSION.to_le_bytes());
@@ -510,7 +512,8 @@ fn encode_file(kind: &str, version: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decode_file<T: Persist>(bytes: &[u8]) -> Result<T, Damage> {
+/// A state file's bytes back into a `T`, or why not: what [`StateDir::load`] does once read.
+pub fn decode_file<T: Persist>(bytes: &[u8]) -> Result<T, Damage> {
     if bytes.len() < HEADER_LEN {
         return Err(Damage::TooShort(bytes.len() as u64));
     }

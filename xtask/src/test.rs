@@ -1,5 +1,6 @@
 //! `cargo xtask test`: set-up, unit tests (no root), then the root integration tests,
-//! single-threaded because they create network namespaces and attach XDP programs.
+//! single-threaded because they create network namespaces and attach XDP programs, then a
+//! short run of every fuzz target.
 use crate::{build_agent, cargo, is_root, setup, step};
 
 pub fn run(unit_only: bool) -> anyhow::Result<()> {
@@ -34,6 +35,13 @@ pub fn run(unit_only: bool) -> anyhow::Result<()> {
             "replay::tests::throughput",
         ])?;
     }
+    // Every parser briefly, from the committed seeds and what earlier runs found; the long
+    // campaign is `cargo xtask fuzz --time 600`.
+    crate::fuzz::run(&crate::fuzz::Options {
+        seconds: 15,
+        targets: Vec::new(),
+        log_dir: None,
+    })?;
     eprintln!("all tests passed in {:.0}s", start.elapsed().as_secs_f64());
     Ok(())
 }
