@@ -795,6 +795,12 @@ impl Discovery {
     }
 
     fn merge_op(&mut self, from: OpId, into: OpId) {
+        // Already one operation: a name reached again from another node (the table-full
+        // operation, a literal segment spelled like a placeholder) leads a merge back to where it
+        // started, and merging an operation into its own chain would make `canonical` loop.
+        if self.canonical(from) == self.canonical(into) {
+            return;
+        }
         let count = std::mem::take(&mut self.s.ops[from.0 as usize].count);
         self.s.ops[into.0 as usize].count += count;
         self.s.ops[from.0 as usize].merged_into = Some(into);
@@ -1239,6 +1245,39 @@ mod tests {
                 "{what} passed the check"
             );
         }
+    }
+
+    /// Found by the `discovery` fuzz target (fuzz/, minimised): these requests merged an
+    /// operation into its own chain, and the next `canonical` looped for ever: one request could
+    /// hang the engine. Lines are `METHOD PATH [HOST]`, a whole-line `GET` path otherwise, and
+    /// `T TEMPLATE`, as in the target.
+    #[test]
+    fn merges_never_make_a_cycle_that_canonical_would_loop_on() {
+        const INPUT: &[u8] = b"T /api/vs/logcounba+\npi/v0/users/{user}\n`ET /v1/accounts/01/bGET\xef\xbf\xbd\nPUT ers{user_id}\nGET /api/v1/accounts/42/balance\nPsere\nG\x00/api/v1/users/7/exT\xff\xff\n\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff /api/v1/u\xd9\x00\x00\x00\x00\x00\x00\x00sers/7 other.example\nGET \xd9\x00\x00\x00\x00\x00\x00\x00/apu1i/v/sersQ7/extra\n";
+        let mut d = Discovery::new(DiscoveryConfig {
+            include_host: true,
+            cardinality_threshold: 3,
+            max_nodes: 40,
+            max_ops: 24,
+            max_depth: 5,
+            max_hosts: 3,
+            templates: Vec::new(),
+        })
+        .unwrap();
+        for line in String::from_utf8_lossy(INPUT).lines() {
+            if let Some(t) = line.strip_prefix("T ") {
+                let _ = d.add_template(t);
+                continue;
+            }
+            let mut parts = line.splitn(3, ' ');
+            let (method, path, host) = match (parts.next().and_then(Method::parse), parts.next()) {
+                (Some(m), Some(p)) => (m, p, parts.next()),
+                _ => (Method::Get, line, None),
+            };
+            let id = d.observe(host, method, path);
+            assert_eq!(d.canonical(id), id);
+        }
+        assert_eq!(d.check(), Ok(()));
     }
 
     #[test]

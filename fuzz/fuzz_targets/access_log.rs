@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(r.headers.is_empty() && r.session.is_none());
         }
         if let Ok(r) = parser.jsonl(line, origin) {
-            check(r);
+            check(&r);
         }
     }
 });
