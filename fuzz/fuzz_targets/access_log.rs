@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(r) = &combined {
             check(r);
             // A combined line is a common line with two more fields.
-            assert_eq!(common.as_ref().ok(), Some(r), "combined line rejected as common");
+            assert_eq!(
+                common.as_ref().ok(),
+                Some(r),
+                "combined line rejected as common"
+            );
         }
         if let Ok(r) = &common {
             check(r);

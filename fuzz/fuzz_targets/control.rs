@@ -24,11 +24,21 @@ thread_local! {
 }
 
 fn trained_engine() -> Engine {
-    let mut e = Engine::new(&EngineConfig::default(), RuleFile::default(), [7; 16], Mode::Detect)
-        .expect("default engine");
+    let mut e = Engine::new(
+        &EngineConfig::default(),
+        RuleFile::default(),
+        [7; 16],
+        Mode::Detect,
+    )
+    .expect("default engine");
     let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
     for i in 0..300u64 {
-        for path in ["/login", "/users/7/accounts", "/accounts/9/balance", "/transfer"] {
+        for path in [
+            "/login",
+            "/users/7/accounts",
+            "/accounts/9/balance",
+            "/transfer",
+        ] {
             let req = format!("GET {path} HTTP/1.1\r\nAuthorization: t{}\r\n\r\n", i % 30);
             let _ = e.on_capture(i * 1_000_000_000, client, req.as_bytes(), 0);
         }

@@ -37,7 +37,11 @@ fuzz_target!(|data: &[u8]| {
         let id = d.observe(host, method, path);
         assert_eq!(d.canonical(id), id, "observe returned a merged id");
         let name = d.name(id).expect("an issued id has a name").to_owned();
-        assert_eq!(d.resolve(&name), Some(id), "{name:?} does not resolve to its id");
+        assert_eq!(
+            d.resolve(&name),
+            Some(id),
+            "{name:?} does not resolve to its id"
+        );
         let stats = d.stats();
         assert!(
             stats.live_nodes <= config.max_nodes,

@@ -10,16 +10,24 @@ fuzz_target!(|data: &[u8]| {
     let mut parser = Parser::new(HttpConfig::default());
     let max_path = parser.config().max_path_len;
     let first = parser.parse(data).map(|r| {
-        assert!(r.path.starts_with('/'), "path {:?} is not origin-form", r.path);
+        assert!(
+            r.path.starts_with('/'),
+            "path {:?} is not origin-form",
+            r.path
+        );
         assert!(r.path.len() <= max_path, "path over max_path_len");
-        assert!(!r.path.contains(['#', '?']), "path keeps a query or fragment");
+        assert!(
+            !r.path.contains(['#', '?']),
+            "path keeps a query or fragment"
+        );
         if let Some(q) = r.query {
             assert!(!q.contains('#'), "query keeps a fragment");
         }
         if let Some(h) = r.host {
             assert!(
                 h.len() <= 255
-                    && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b)),
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b)),
                 "host {h:?} has characters no host name has"
             );
         }
