@@ -593,6 +593,13 @@ pub struct Learned {
 impl crate::state::Persist for Learned {
     const KIND: &'static str = "model";
     const VERSION: u32 = 1;
+
+    fn check(&self) -> Result<(), String> {
+        self.discovery
+            .check()
+            .map_err(|e| format!("endpoints: {e}"))?;
+        self.model.check().map_err(|e| format!("model: {e}"))
+    }
 }
 
 /// A borrowing twin of [`Learned`] for saving without a copy (same fields, same order).
