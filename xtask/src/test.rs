@@ -1,6 +1,7 @@
 //! `cargo xtask test`: set-up, unit tests (no root), then the root integration tests on the host
 //! kernel, single-threaded because they create network namespaces and attach XDP programs, then
-//! the same root tests on Debian's 6.1 LTS kernel under QEMU (vm.rs), one table of both, and a short run of every fuzz target.
+//! the same root tests on Debian's 6.1 LTS kernel under QEMU (vm.rs), one table of both, and
+//! a short run of every fuzz target (fuzz.rs).
 //!
 //! The root tests run their binaries directly (not through `cargo test`) so each test's outcome
 //! can be read from libtest's `test NAME ... ok` lines, the same way on the host and in the VM.
