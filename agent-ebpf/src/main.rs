@@ -1,7 +1,7 @@
 //! precedent's XDP program.
 //!
-//! For every packet: if its source address is in a block map (and the block has not expired
-//! and the allowlist does not cover it), drop it. Otherwise, if it is a TCP segment whose
+//! For every packet: if its source address is blocked (exact-address table or prefix trie),
+//! the block has not expired and the allowlist does not cover it, drop it. Otherwise, if it is a TCP segment whose
 //! payload starts with an HTTP/1.x method token and a space, copy the start of the payload
 //! into the `EVENTS` ring buffer. The only verdicts are pass and drop; packets are never
 //! modified. Every outcome is counted in the per-CPU `COUNTERS` array.
@@ -13,14 +13,16 @@
 mod parse;
 
 use agent_common::{
-    BlockEntry, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EventHeader,
-    FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, MAX_ALLOW, MAX_BLOCKS,
+    BlockEntry, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
+    EXACT_SLOTS, EXACT_WAYS, EventHeader, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6,
+    FLAG_BLOCK_V4, FLAG_BLOCK_V6, FLAG_EXACT_V4, FLAG_EXACT_V6, MAX_ALLOW, MAX_BLOCKS,
+    RING_WAKEUP_EVERY_NS, exact_bucket_v4, exact_bucket_v6,
 };
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+        generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     },
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -45,6 +47,14 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 #[map]
 static ENFORCE_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Blocks of single addresses (/32, /128): hash tables in array maps (see `EXACT_WAYS` in
+/// agent-common for why not a BPF hash map).
+#[map]
+static BLOCK_EXACT_V4: Array<ExactSlotV4> = Array::with_max_entries(EXACT_SLOTS, 0);
+#[map]
+static BLOCK_EXACT_V6: Array<ExactSlotV6> = Array::with_max_entries(EXACT_SLOTS, 0);
+/// Blocks of real prefixes (shorter than /32, /128), and single addresses whose bucket in the
+/// exact table was full: longest-prefix match.
 #[map]
 static BLOCK_V4: LpmTrie<[u8; 4], BlockEntry> = LpmTrie::with_max_entries(MAX_BLOCKS, 0);
 #[map]
@@ -53,6 +63,13 @@ static BLOCK_V6: LpmTrie<[u8; 16], BlockEntry> = LpmTrie::with_max_entries(MAX_B
 static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
 #[map]
 static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
+
+#[map]
+static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
+/// When this CPU last let a ring submission wake the reader (`bpf_ktime_get_ns`).
+#[map]
+static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn precedent(ctx: XdpContext) -> u32 {
@@ -99,25 +116,41 @@ fn inspect(ctx: &XdpContext) -> Verdict {
     // Empty maps are not searched at all: most of the time there is nothing to find.
     let flags = ENFORCE_FLAGS.get(0).copied().unwrap_or(0);
     let blocked = if h.is_v6 {
-        flags & FLAG_BLOCK_V6 != 0
+        flags & (FLAG_EXACT_V6 | FLAG_BLOCK_V6) != 0
             && match parse::source_v6(ctx, &h) {
-                Ok(src) => is_blocked(
-                    &BLOCK_V6,
-                    &ALLOW_V6,
-                    flags & FLAG_ALLOW_V6 != 0,
-                    Key::new(128, src),
-                ),
+                Ok(src) => {
+                    let exact = if flags & FLAG_EXACT_V6 != 0 {
+                        exact_v6(src)
+                    } else {
+                        None
+                    };
+                    is_blocked(
+                        exact,
+                        src,
+                        128,
+                        (&BLOCK_V6, flags & FLAG_BLOCK_V6 != 0),
+                        (&ALLOW_V6, flags & FLAG_ALLOW_V6 != 0),
+                    )
+                }
                 Err(_) => false,
             }
     } else {
-        flags & FLAG_BLOCK_V4 != 0
+        flags & (FLAG_EXACT_V4 | FLAG_BLOCK_V4) != 0
             && match parse::source_v4(ctx, &h) {
-                Ok(src) => is_blocked(
-                    &BLOCK_V4,
-                    &ALLOW_V4,
-                    flags & FLAG_ALLOW_V4 != 0,
-                    Key::new(32, src),
-                ),
+                Ok(src) => {
+                    let exact = if flags & FLAG_EXACT_V4 != 0 {
+                        exact_v4(src)
+                    } else {
+                        None
+                    };
+                    is_blocked(
+                        exact,
+                        src,
+                        32,
+                        (&BLOCK_V4, flags & FLAG_BLOCK_V4 != 0),
+                        (&ALLOW_V4, flags & FLAG_ALLOW_V4 != 0),
+                    )
+                }
                 Err(_) => false,
             }
     };
@@ -144,31 +177,112 @@ fn count_skip(skip: Skip) {
     }
 }
 
-/// Looks the source up in the block trie (longest prefix); an expired block or an allowlist
-/// match lets the packet through.
+/// The entry for exactly `src` in the IPv4 exact-address table: its bucket's slots are
+/// compared in turn (array lookups, inlined by the verifier).
 #[inline(always)]
-fn is_blocked<K>(
-    block: &LpmTrie<K, BlockEntry>,
-    allow: &LpmTrie<K, u8>,
-    allow_in_use: bool,
-    key: Key<K>,
-) -> bool {
-    let Some(entry) = block.get(&key) else {
-        return false;
-    };
-    // The coarse clock is enough for expiry and cheaper than a precise read.
-    if unsafe { bpf_ktime_get_coarse_ns() } >= entry.expires_ns {
-        bump(Counter::BlockExpired);
-        return false;
+fn exact_v4(src: [u8; 4]) -> Option<*mut BlockEntry> {
+    let addr = u32::from_ne_bytes(src);
+    let first = exact_bucket_v4(addr) * EXACT_WAYS;
+    for way in 0..EXACT_WAYS {
+        let slot = BLOCK_EXACT_V4.get_ptr_mut(first + way)?;
+        unsafe {
+            if (*slot).entry.expires_ns != 0 && (*slot).addr == addr {
+                return Some(&raw mut (*slot).entry);
+            }
+        }
     }
-    if allow_in_use && allow.get(&key).is_some() {
+    None
+}
+
+#[inline(always)]
+fn exact_v6(src: [u8; 16]) -> Option<*mut BlockEntry> {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&src[..8]);
+    lo.copy_from_slice(&src[8..]);
+    let addr = [u64::from_ne_bytes(hi), u64::from_ne_bytes(lo)];
+    let first = exact_bucket_v6(addr) * EXACT_WAYS;
+    for way in 0..EXACT_WAYS {
+        let slot = BLOCK_EXACT_V6.get_ptr_mut(first + way)?;
+        unsafe {
+            if (*slot).entry.expires_ns != 0
+                && (*slot).addr[0] == addr[0]
+                && (*slot).addr[1] == addr[1]
+            {
+                return Some(&raw mut (*slot).entry);
+            }
+        }
+    }
+    None
+}
+
+/// Decides on a source given its exact-table entry (if any), then the prefix trie (longest
+/// match, only when it holds entries). A live entry drops the packet unless the allowlist
+/// covers the source; the allowlist is consulted only after such a hit, so unblocked traffic
+/// never pays for it. An expired exact entry does not hide a live prefix block.
+#[inline(always)]
+fn is_blocked<K: Copy>(
+    exact: Option<*mut BlockEntry>,
+    src: K,
+    bits: u32,
+    (prefix, prefix_in_use): (&LpmTrie<K, BlockEntry>, bool),
+    (allow, allow_in_use): (&LpmTrie<K, u8>, bool),
+) -> bool {
+    let key = Key::new(bits, src);
+    let mut expired = false;
+    if let Some(entry) = exact {
+        if coarse_now() < unsafe { (*entry).expires_ns } {
+            return enforce(entry, allow_in_use, allow, &key);
+        }
+        expired = true;
+    }
+    if prefix_in_use && let Some(entry) = prefix.get(&key) {
+        if coarse_now() < entry.expires_ns {
+            let entry = entry as *const BlockEntry as *mut BlockEntry;
+            return enforce(entry, allow_in_use, allow, &key);
+        }
+        expired = true;
+    }
+    if expired {
+        bump(Counter::BlockExpired);
+    }
+    false
+}
+
+/// CLOCK_MONOTONIC at the coarse clock's resolution (one tick), for block expiry. Reading the
+/// coarse clock is a kernel call (~20 ns here) while `jiffies` is inlined into a plain load,
+/// so each CPU keeps the last reading and refreshes it when `jiffies` has moved. The reading
+/// can lag the coarse clock by up to a tick more: a block may end one tick late, never early.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = CLOCK.get_ptr_mut(0) else {
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    unsafe {
+        if (*cache).jiffies != jiffies || (*cache).coarse_ns == 0 {
+            (*cache).coarse_ns = bpf_ktime_get_coarse_ns();
+            (*cache).jiffies = jiffies;
+        }
+        (*cache).coarse_ns
+    }
+}
+
+/// A live block matched: drop unless the allowlist covers the source (it always wins).
+#[inline(always)]
+fn enforce<K>(
+    entry: *mut BlockEntry,
+    allow_in_use: bool,
+    allow: &LpmTrie<K, u8>,
+    key: &Key<K>,
+) -> bool {
+    if allow_in_use && allow.get(key).is_some() {
         bump(Counter::Allowlisted);
         return false;
     }
     // Map values are shared by all CPUs: add atomically (BPF_ATOMIC_ADD). The BPF target
     // exposes no stable atomic types, hence the intrinsic.
-    let dropped = &entry.dropped as *const u64 as *mut u64;
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dropped, 1) };
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).dropped, 1) };
     true
 }
 
@@ -246,9 +360,10 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
             return Err(skip);
         }
     };
+    let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         (*rec).header = EventHeader {
-            ts_ns: bpf_ktime_get_ns(),
+            ts_ns: now,
             saddr,
             daddr,
             sport,
@@ -261,15 +376,31 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
             _pad2: 0,
         };
     }
-    // Adaptive wakeup (flags 0): the kernel wakes the reader only when it had caught up with
-    // the ring. A quiet server gets each request at once (blocks land within a millisecond);
-    // under load the reader is behind and wakeups batch by themselves.
-    entry.submit(0);
+    entry.submit(wakeup_flags(now));
     bump(Counter::Captured);
     if h.payload_len > captured {
         bump(Counter::Truncated);
     }
     Ok(())
+}
+
+/// Submission flags: at most one wakeup per RING_WAKEUP_EVERY_NS per CPU (see agent-common
+/// for the reader's side of the contract). When allowed, flags 0 (adaptive): the kernel wakes
+/// the reader if it had caught up with the ring; a quiet server's request is read at once.
+#[inline(always)]
+fn wakeup_flags(now: u64) -> u64 {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        if now.wrapping_sub(*last) >= RING_WAKEUP_EVERY_NS {
+            *last = now;
+            0
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    }
 }
 
 #[cfg(not(test))]

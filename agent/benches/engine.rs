@@ -141,12 +141,23 @@ impl Workload {
         }
     }
 
+    /// The first `n` requests only.
+    fn truncated(mut self, n: usize) -> Self {
+        if n < self.reqs.len() {
+            self.reqs.truncate(n);
+            self.buf
+                .truncate(self.reqs.last().map_or(0, |r| r.0 as usize));
+        }
+        self
+    }
+
     fn len(&self) -> u64 {
         self.reqs.len() as u64
     }
 
     /// Feeds every request to `engine`, calling `maintain` every `MAINTAIN_EVERY` requests.
-    /// Returns the alerts raised.
+    /// Returns the alerts raised. Not inlined, so profilers can attribute the pass to it.
+    #[inline(never)]
     fn run(&self, engine: &mut Engine) -> u64 {
         let mut start = 0usize;
         let mut alerts = 0u64;
@@ -365,20 +376,48 @@ fn model_bytes(sessions: &[Vec<u32>]) {
     );
 }
 
-fn main() {
-    let fifa_raw = fifa_sessions();
-    let fifa = Workload::build("FIFA", &fifa_raw, fifa_path_for, 1);
-    let syn_raw = synthetic_sessions();
+fn fifa_workload(raw: &[Vec<u32>]) -> Workload {
+    Workload::build("FIFA", raw, fifa_path_for, 1)
+}
+
+fn synthetic_workload() -> Workload {
     let mut id_rng = Rng(9);
     let ids: Vec<u64> = (0..SYN_ENDPOINTS)
         .map(|_| 1000 + id_rng.below(1_000_000))
         .collect();
-    let syn = Workload::build(
+    Workload::build(
         "synthetic",
-        &syn_raw,
+        &synthetic_sessions(),
         |op| synthetic_path(op, ids[op as usize]),
         2,
-    );
+    )
+}
+
+fn main() {
+    let fifa_raw = fifa_sessions();
+    // One pass and nothing else, for instruction counts under callgrind (repeatable on a
+    // shared machine where wall time is not): PRECEDENT_BENCH_PASS=fifa|synthetic, optionally
+    // PRECEDENT_BENCH_REQUESTS=n to stop after the first n requests.
+    if let Ok(which) = std::env::var("PRECEDENT_BENCH_PASS") {
+        let w = match which.as_str() {
+            "fifa" => fifa_workload(&fifa_raw),
+            "synthetic" => synthetic_workload(),
+            other => panic!("PRECEDENT_BENCH_PASS={other}: use fifa or synthetic"),
+        };
+        let limit = std::env::var("PRECEDENT_BENCH_REQUESTS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok());
+        let w = w.truncated(limit.unwrap_or(usize::MAX));
+        // The interval table is built once per process, on first use; outside the pass, so a
+        // short pass is not dominated by it.
+        black_box(precedent::model::IntervalCache::new().interval(1, 2));
+        let mut e = engine();
+        let alerts = w.run(&mut e);
+        println!("{} requests of {}: {alerts} alerts", w.len(), w.name);
+        return;
+    }
+    let fifa = fifa_workload(&fifa_raw);
+    let syn = synthetic_workload();
 
     println!(
         "engine: Engine::on_capture on raw requests (parse → discover → session → score → \

@@ -32,7 +32,14 @@ pub const PROGRAM: &str = "precedent";
 pub const BASELINE_PROGRAM: &str = "baseline";
 const EVENTS_MAP: &str = "EVENTS";
 /// Maps that hold operator state and are pinned when pinning is on, so blocks survive restarts.
-pub const PINNED_MAPS: [&str; 4] = ["BLOCK_V4", "BLOCK_V6", "ALLOW_V4", "ALLOW_V6"];
+pub const PINNED_MAPS: [&str; 6] = [
+    "BLOCK_EXACT_V4",
+    "BLOCK_EXACT_V6",
+    "BLOCK_V4",
+    "BLOCK_V6",
+    "ALLOW_V4",
+    "ALLOW_V6",
+];
 
 /// Capture set-up failures, each phrased so the operator knows what to do next.
 #[derive(Debug, Error)]
@@ -219,7 +226,10 @@ impl CapturedRequest {
 /// The loaded programs and maps, attached to zero or more interfaces. Dropping it detaches.
 pub struct Datapath {
     ebpf: Ebpf,
-    attachments: Vec<(Attachment, XdpLinkId)>,
+    /// Each attachment, with the program attached (`PROGRAM`, or the baseline in benchmarks).
+    attachments: Vec<(Attachment, &'static str, XdpLinkId)>,
+    /// The block and allow maps are pinned, so they may hold entries from an earlier run.
+    pinned: bool,
 }
 
 impl Datapath {
@@ -262,6 +272,7 @@ impl Datapath {
         let mut dp = Self {
             ebpf,
             attachments: Vec::new(),
+            pinned: opts.pin_dir.is_some(),
         };
         dp.set_capture_len(opts.capture_len)?;
         Ok(dp)
@@ -270,6 +281,25 @@ impl Datapath {
     /// Attaches the capturing program to `iface`. `Auto` tries native XDP first and falls
     /// back to generic when the driver refuses.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, CaptureError> {
+        self.attach_program(PROGRAM, iface, mode)
+    }
+
+    /// Attaches the empty baseline program instead: benchmarks use it to tell the cost of
+    /// having any XDP program on an interface from the cost of this one.
+    pub fn attach_baseline(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<AttachMode, CaptureError> {
+        self.attach_program(BASELINE_PROGRAM, iface, mode)
+    }
+
+    fn attach_program(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<AttachMode, CaptureError> {
         if !Path::new("/sys/class/net").join(iface).exists() {
             return Err(CaptureError::UnknownInterface {
                 name: iface.to_string(),
@@ -277,7 +307,7 @@ impl Datapath {
             });
         }
         let ifindex = crate::ifwatch::if_index(iface).unwrap_or(0);
-        let prog = program(&mut self.ebpf, PROGRAM)?;
+        let prog = program(&mut self.ebpf, name)?;
         let try_mode = |prog: &mut Xdp, m: AttachMode| {
             let flags = if m == AttachMode::Generic {
                 XdpMode::Skb
@@ -309,20 +339,21 @@ impl Datapath {
             },
             m => (try_mode(prog, m)?, m),
         };
-        tracing::info!(iface, mode = %used, "xdp program attached");
+        tracing::info!(iface, mode = %used, program = name, "xdp program attached");
         self.attachments.push((
             Attachment {
                 iface: iface.to_string(),
                 ifindex,
                 mode: used,
             },
+            name,
             link,
         ));
         Ok(used)
     }
 
     pub fn attachments(&self) -> Vec<Attachment> {
-        self.attachments.iter().map(|(a, _)| a.clone()).collect()
+        self.attachments.iter().map(|(a, _, _)| a.clone()).collect()
     }
 
     /// Kernel id of the capturing program, to recognise it among an interface's XDP programs.
@@ -336,11 +367,15 @@ impl Datapath {
     /// Forgets the attachment to `iface` (after the interface vanished or lost the program),
     /// releasing its link. Errors are expected here (the interface may be gone) and only logged.
     pub fn detach(&mut self, iface: &str) {
-        let Some(i) = self.attachments.iter().position(|(a, _)| a.iface == iface) else {
+        let Some(i) = self
+            .attachments
+            .iter()
+            .position(|(a, _, _)| a.iface == iface)
+        else {
             return;
         };
-        let (_, link) = self.attachments.remove(i);
-        if let Ok(prog) = program(&mut self.ebpf, PROGRAM)
+        let (_, name, link) = self.attachments.remove(i);
+        if let Ok(prog) = program(&mut self.ebpf, name)
             && let Err(e) = prog.detach(link)
         {
             tracing::debug!(iface, error = %e, "releasing a stale xdp attachment");
@@ -349,11 +384,10 @@ impl Datapath {
 
     /// Detaches from every interface, logging each.
     pub fn detach_all(&mut self) {
-        let Ok(prog) = program(&mut self.ebpf, PROGRAM) else {
-            return;
-        };
-        for (a, link) in self.attachments.drain(..) {
-            match prog.detach(link) {
+        for (a, name, link) in std::mem::take(&mut self.attachments) {
+            let detached = program(&mut self.ebpf, name)
+                .and_then(|p| p.detach(link).map_err(|e| CaptureError::Load(chain(&e))));
+            match detached {
                 Ok(()) => tracing::info!(iface = %a.iface, "xdp program detached"),
                 Err(e) => tracing::warn!(iface = %a.iface, error = %e, "xdp detach failed"),
             }
@@ -401,7 +435,7 @@ impl Datapath {
 
     /// Takes the block and allow maps out, for the enforcement side.
     pub fn take_enforcer(&mut self) -> Result<Enforcer, CaptureError> {
-        Enforcer::from_ebpf(&mut self.ebpf)
+        Enforcer::from_ebpf(&mut self.ebpf, self.pinned)
     }
 
     /// Runs `program` once per repeat on `packet` through BPF_PROG_TEST_RUN; returns the
@@ -430,9 +464,14 @@ impl Drop for Datapath {
 }
 
 /// How often the reader also drains the ring without being woken: a safety net, since the
-/// kernel's adaptive wakeups (see the XDP program's `emit`) normally deliver within
-/// microseconds.
+/// kernel's wakeups (see [`RING_LINGER`]) normally deliver within a millisecond.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
+/// The XDP program wakes the reader at most once per this interval per CPU (under load, one
+/// wakeup per request cost a quarter of the throughput). So after every drain that found
+/// records, the reader drains again this long later, until a drain finds nothing: a record
+/// submitted without a wakeup is read at most about this late.
+pub const RING_LINGER: Duration = Duration::from_nanos(agent_common::RING_WAKEUP_EVERY_NS);
 
 /// Reads the ring buffer until `tx` closes, decoding each record.
 ///
@@ -452,29 +491,43 @@ pub async fn read_events(
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let mut drained = tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                let open = drain(guard.get_inner_mut(), &tx, &overflow, offset);
+                let n = drain(guard.get_inner_mut(), &tx, &overflow, offset);
                 guard.clear_ready();
-                if !open { return Ok(()); }
+                n
             }
-            _ = tick.tick() => {
-                if !drain(fd.get_mut(), &tx, &overflow, offset) { return Ok(()); }
-            }
+            _ = tick.tick() => drain(fd.get_mut(), &tx, &overflow, offset),
             () = tx.closed() => return Ok(()),
+        };
+        // Records may have come in without a wakeup: look again until the ring stays empty.
+        loop {
+            match drained {
+                None => return Ok(()),
+                Some(0) => break,
+                Some(_) => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(RING_LINGER) => {}
+                () = tx.closed() => return Ok(()),
+            }
+            drained = drain(fd.get_mut(), &tx, &overflow, offset);
         }
     }
 }
 
-/// Hands every record in the ring downstream; false once the receiver is gone.
+/// Hands every record in the ring downstream and says how many there were; None once the
+/// receiver is gone.
 fn drain(
     ring: &mut RingBuf<MapData>,
     tx: &mpsc::Sender<CapturedRequest>,
     overflow: &std::sync::atomic::AtomicU64,
     offset: i128,
-) -> bool {
+) -> Option<usize> {
+    let mut n = 0;
     while let Some(item) = ring.next() {
+        n += 1;
         let Some(req) = CapturedRequest::decode(&item, offset) else {
             continue;
         };
@@ -487,10 +540,10 @@ fn drain(
                     tracing::warn!(dropped = n, "engine behind: captured requests dropped");
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Closed(_)) => return None,
         }
     }
-    true
+    Some(n)
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, CaptureError> {

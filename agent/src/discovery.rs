@@ -167,6 +167,12 @@ enum Origin {
     TableFull,
 }
 
+/// Maps keyed by path segments and hosts, which clients choose, looked up for every segment
+/// of every request: foldhash with a per-process random seed (hashbrown's default hasher)
+/// rather than std's SipHash, several times faster on short keys. A flood aimed at one map
+/// is bounded anyway: a path position stops taking children at the cardinality threshold.
+type SegMap<V> = HashMap<Box<str>, V, hashbrown::DefaultHashBuilder>;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OpEntry {
     name: Box<str>,
@@ -184,7 +190,7 @@ struct Node {
     depth: u16,
     live: bool,
     /// Concrete child segments (while the position is not a variable).
-    children: HashMap<Box<str>, u32>,
+    children: SegMap<u32>,
     /// Children for `{id}`, `{uuid}`, `{hex}`, `{token}`.
     typed: [Option<u32>; 4],
     /// Once set, every value at this position goes here (children and typed are empty).
@@ -195,7 +201,7 @@ struct Node {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct TplNode {
-    literals: HashMap<Box<str>, u32>,
+    literals: SegMap<u32>,
     param: Option<u32>,
     terminal: Option<u32>,
 }
@@ -207,7 +213,7 @@ struct State {
     nodes: Vec<Node>,
     free: Vec<u32>,
     /// Host → root node (one root, key "", when hosts are not in names).
-    roots: HashMap<Box<str>, u32>,
+    roots: SegMap<u32>,
     ops: Vec<OpEntry>,
     templates: Vec<Box<str>>,
     tpl_nodes: Vec<TplNode>,
@@ -243,6 +249,113 @@ impl From<State> for Discovery {
     }
 }
 
+impl State {
+    /// What every state built by [`Discovery`] satisfies and the code relies on: indexes in
+    /// range, the trie a tree (each live node reached once from the roots, through its parent),
+    /// merge chains without cycles (so `canonical` ends), the live count right.
+    fn check(&self) -> Result<(), String> {
+        let c = &self.config;
+        if c.cardinality_threshold == 0 || c.max_depth == 0 || c.max_nodes < 2 {
+            return Err("discovery config with a zero threshold, depth or node cap".into());
+        }
+        let (nodes, ops) = (self.nodes.len(), self.ops.len());
+        let mut seen = vec![false; nodes];
+        let mut stack: Vec<(u32, u32)> = self.roots.values().map(|&r| (r, u32::MAX)).collect();
+        while let Some((n, parent)) = stack.pop() {
+            let Some(node) = self.nodes.get(n as usize) else {
+                return Err(format!("trie node {n} out of range ({nodes} nodes)"));
+            };
+            if std::mem::replace(&mut seen[n as usize], true) {
+                return Err(format!("trie node {n} reached twice"));
+            }
+            if !node.live || node.parent != parent {
+                return Err(format!(
+                    "trie node {n}: not live, or not its parent's child"
+                ));
+            }
+            if let Some((_, _, op)) = node.ops.iter().find(|(_, _, op)| op.0 as usize >= ops) {
+                return Err(format!("trie node {n} names operation {op} of {ops}"));
+            }
+            let kids = node.children.values().chain(node.typed.iter().flatten());
+            stack.extend(kids.chain(&node.var).map(|&k| (k, n)));
+        }
+        let reached = seen.iter().filter(|&&s| s).count();
+        let live = self.nodes.iter().filter(|n| n.live).count();
+        if reached != live || live != self.stats.live_nodes {
+            return Err(format!(
+                "{live} live trie nodes, {reached} reachable, {} counted",
+                self.stats.live_nodes
+            ));
+        }
+        let mut free = vec![false; nodes];
+        for &f in &self.free {
+            match free.get_mut(f as usize) {
+                Some(slot) if !*slot && !self.nodes[f as usize].live => *slot = true,
+                _ => {
+                    return Err(format!(
+                        "free slot {f} is out of range, live or listed twice"
+                    ));
+                }
+            }
+        }
+        for (i, o) in self.ops.iter().enumerate() {
+            let ok = match o.origin {
+                Origin::Learned { node, .. } => (node as usize) < nodes,
+                Origin::Template {
+                    host_root,
+                    template,
+                } => {
+                    (host_root as usize) < nodes.max(1)
+                        && (template as usize) < self.templates.len()
+                }
+                Origin::TableFull => true,
+            };
+            if !ok || o.merged_into.is_some_and(|m| m.0 as usize >= ops) {
+                return Err(format!(
+                    "operation {i} ({:?}) points outside the state",
+                    o.name
+                ));
+            }
+        }
+        // Merge chains must end, or canonical() loops: walk each once (0 new, 1 on the walk in
+        // progress, 2 known to end).
+        let mut mark = vec![0u8; ops];
+        for start in 0..ops {
+            let mut walk = Vec::new();
+            let mut at = Some(start);
+            while let Some(i) = at.filter(|&i| mark[i] != 2) {
+                if mark[i] == 1 {
+                    return Err(format!(
+                        "operation {i} is merged into itself through a cycle"
+                    ));
+                }
+                mark[i] = 1;
+                walk.push(i);
+                at = self.ops[i].merged_into.map(|m| m.0 as usize);
+            }
+            walk.into_iter().for_each(|i| mark[i] = 2);
+        }
+        let tpls = self.tpl_nodes.len();
+        if tpls == 0 {
+            return Err("no template root".into());
+        }
+        for (i, t) in self.tpl_nodes.iter().enumerate() {
+            let kids_ok = t
+                .literals
+                .values()
+                .chain(&t.param)
+                .all(|&k| (k as usize) < tpls);
+            if !kids_ok
+                || t.terminal
+                    .is_some_and(|x| x as usize >= self.templates.len())
+            {
+                return Err(format!("template node {i} points outside the state"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl From<Discovery> for State {
     fn from(d: Discovery) -> Self {
         d.s
@@ -261,7 +374,7 @@ impl Discovery {
             config,
             nodes: Vec::new(),
             free: Vec::new(),
-            roots: HashMap::new(),
+            roots: SegMap::default(),
             ops: Vec::new(),
             templates: Vec::new(),
             tpl_nodes: vec![TplNode::default()],
@@ -276,6 +389,12 @@ impl Discovery {
 
     pub fn config(&self) -> &DiscoveryConfig {
         &self.s.config
+    }
+
+    /// Whether a loaded state is one this code could have built (see `State::check`): the state
+    /// file's loader refuses anything else as damaged instead of panicking or looping later.
+    pub fn check(&self) -> Result<(), String> {
+        self.s.check()
     }
 
     pub fn stats(&self) -> DiscoveryStats {
@@ -370,8 +489,8 @@ impl Discovery {
     /// resolve), but new requests only ever get canonical ids; callers holding old ids (session
     /// histories, model contexts) should compare through this.
     pub fn canonical(&self, mut id: OpId) -> OpId {
-        // Chains are short (one link per generalisation above the op) and acyclic: an op is
-        // only ever merged into a newer one.
+        // Chains are short (one link per generalisation above the op) and acyclic (merging
+        // never makes a cycle, and a loaded state is checked for one).
         while let Some(next) = self.s.ops.get(id.0 as usize).and_then(|o| o.merged_into) {
             id = next;
         }
@@ -682,6 +801,12 @@ impl Discovery {
     }
 
     fn merge_op(&mut self, from: OpId, into: OpId) {
+        // Already one operation: a name reached again from another node (the table-full
+        // operation, a literal segment spelled like a placeholder) leads a merge back to where it
+        // started, and merging an operation into its own chain would make `canonical` loop.
+        if self.canonical(from) == self.canonical(into) {
+            return;
+        }
         let count = std::mem::take(&mut self.s.ops[from.0 as usize].count);
         self.s.ops[into.0 as usize].count += count;
         self.s.ops[from.0 as usize].merged_into = Some(into);
@@ -828,7 +953,7 @@ impl OpResolver for Discovery {
 
 /// Children in segment order: HashMap order is random per process, and merges must issue
 /// operation ids in the same order on every run.
-fn sorted_children(children: &mut HashMap<Box<str>, u32>) -> Vec<u32> {
+fn sorted_children(children: &mut SegMap<u32>) -> Vec<u32> {
     let mut v: Vec<(Box<str>, u32)> = children.drain().collect();
     v.sort_unstable();
     v.into_iter().map(|(_, c)| c).collect()
@@ -857,7 +982,18 @@ fn normalise_host(h: &str) -> Cow<'_, str> {
 ///   never creates a new segment.
 fn split_path(path: &str) -> SmallVec<[Cow<'_, str>; 16]> {
     let mut out: SmallVec<[Cow<'_, str>; 16]> = SmallVec::new();
-    for raw in path.split('/') {
+    // A byte scan: segments are short, and a searcher call per segment costs more than it.
+    // '/' is ASCII, so every cut falls on a character boundary.
+    let mut start = 0;
+    let cuts = path
+        .bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'/')
+        .map(|(i, _)| i)
+        .chain(std::iter::once(path.len()));
+    for end in cuts {
+        let raw = &path[start..end];
+        start = end + 1;
         let seg = if raw.contains('%') {
             normalise_escapes(raw)
         } else {
@@ -1070,6 +1206,95 @@ mod tests {
 
     fn name(d: &Discovery, id: OpId) -> String {
         d.name(id).unwrap().to_string()
+    }
+
+    /// A state file can pass its checksum and still not be one this code wrote. Each of these
+    /// would panic (an index out of range, `live_nodes` going below zero) or loop for ever
+    /// (`canonical` around a merge cycle, a trie walk around a node cycle) once used.
+    #[test]
+    fn loaded_states_with_cycles_or_dangling_indexes_are_refused() {
+        let mut d = Discovery::new(DiscoveryConfig {
+            cardinality_threshold: 2,
+            templates: vec!["/api/{v}".into()],
+            ..DiscoveryConfig::default()
+        })
+        .unwrap();
+        for p in [
+            "/shop/apples",
+            "/shop/pears",
+            "/shop/figs",
+            "/login",
+            "/api/x",
+        ] {
+            d.observe(None, Method::Get, p);
+        }
+        assert!(d.stats().generalisations > 0);
+        assert_eq!(d.check(), Ok(()));
+        let good = State::from(d);
+        type Corrupt = fn(&mut State);
+        let cases: [(&str, Corrupt); 9] = [
+            ("merged into itself", |s| {
+                s.ops[0].merged_into = Some(OpId(0))
+            }),
+            ("merge cycle", |s| {
+                s.ops[0].merged_into = Some(OpId(1));
+                s.ops[1].merged_into = Some(OpId(0));
+            }),
+            ("dangling child", |s| {
+                s.nodes[0].children.insert("x".into(), 999);
+            }),
+            ("node cycle", |s| {
+                s.nodes[1].children.insert("again".into(), 0);
+            }),
+            ("live count", |s| s.stats.live_nodes += 1),
+            ("dangling op", |s| {
+                s.nodes[1].ops.push((Method::Get, Tail::End, OpId(999)))
+            }),
+            ("free slot in use", |s| s.free.push(0)),
+            ("no template root", |s| s.tpl_nodes.clear()),
+            ("zero threshold", |s| s.config.cardinality_threshold = 0),
+        ];
+        for (what, corrupt) in cases {
+            let mut s = good.clone();
+            corrupt(&mut s);
+            assert!(
+                Discovery::from(s).check().is_err(),
+                "{what} passed the check"
+            );
+        }
+    }
+
+    /// Found by the `discovery` fuzz target (fuzz/, minimised): these requests merged an
+    /// operation into its own chain, and the next `canonical` looped for ever: one request could
+    /// hang the engine. Lines are `METHOD PATH [HOST]`, a whole-line `GET` path otherwise, and
+    /// `T TEMPLATE`, as in the target.
+    #[test]
+    fn merges_never_make_a_cycle_that_canonical_would_loop_on() {
+        const INPUT: &[u8] = b"T /api/vs/logcounba+\npi/v0/users/{user}\n`ET /v1/accounts/01/bGET\xef\xbf\xbd\nPUT ers{user_id}\nGET /api/v1/accounts/42/balance\nPsere\nG\x00/api/v1/users/7/exT\xff\xff\n\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff /api/v1/u\xd9\x00\x00\x00\x00\x00\x00\x00sers/7 other.example\nGET \xd9\x00\x00\x00\x00\x00\x00\x00/apu1i/v/sersQ7/extra\n";
+        let mut d = Discovery::new(DiscoveryConfig {
+            include_host: true,
+            cardinality_threshold: 3,
+            max_nodes: 40,
+            max_ops: 24,
+            max_depth: 5,
+            max_hosts: 3,
+            templates: Vec::new(),
+        })
+        .unwrap();
+        for line in String::from_utf8_lossy(INPUT).lines() {
+            if let Some(t) = line.strip_prefix("T ") {
+                let _ = d.add_template(t);
+                continue;
+            }
+            let mut parts = line.splitn(3, ' ');
+            let (method, path, host) = match (parts.next().and_then(Method::parse), parts.next()) {
+                (Some(m), Some(p)) => (m, p, parts.next()),
+                _ => (Method::Get, line, None),
+            };
+            let id = d.observe(host, method, path);
+            assert_eq!(d.canonical(id), id);
+        }
+        assert_eq!(d.check(), Ok(()));
     }
 
     #[test]

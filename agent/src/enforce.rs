@@ -1,10 +1,21 @@
-//! The userspace side of blocking: the LPM-trie block and allow maps the XDP program reads.
+//! The userspace side of blocking: the block and allow maps the XDP program reads.
 //!
 //! Blocks are source prefixes with an expiry on the kernel's monotonic clock, so they end on
 //! time even if this process is gone. The allowlist always wins, in the kernel and here.
-use std::{collections::HashSet, net::IpAddr, time::Duration};
+//! A block of one address (/32, /128: what the daemon creates) goes to an exact-address table
+//! (an array map used as a hash table, see [`ExactTable`]), which the kernel searches much
+//! faster than a trie; wider prefixes, and single addresses whose bucket is full, go to the
+//! LPM tries. Callers never see the difference.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
-use agent_common::{BlockEntry, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6};
+use agent_common::{
+    BlockEntry, EXACT_WAYS, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4,
+    FLAG_BLOCK_V6, FLAG_EXACT_V4, FLAG_EXACT_V6, exact_bucket_v4, exact_bucket_v6,
+};
 use aya::{
     Ebpf,
     maps::{Array, LpmTrie, MapData, MapError, lpm_trie::Key},
@@ -16,9 +27,11 @@ use crate::{capture::CaptureError, clock};
 
 type Trie<K, V> = LpmTrie<MapData, K, V>;
 
-/// Owner of the four block/allow maps, and of the flags telling the kernel which of them
+/// Owner of the six block/allow maps, and of the flags telling the kernel which of them
 /// hold entries (it skips lookups in empty ones).
 pub struct Enforcer {
+    exact_v4: ExactTable<ExactSlotV4>,
+    exact_v6: ExactTable<ExactSlotV6>,
     block_v4: Trie<[u8; 4], BlockEntry>,
     block_v6: Trie<[u8; 16], BlockEntry>,
     allow_v4: Trie<[u8; 4], u8>,
@@ -28,6 +41,9 @@ pub struct Enforcer {
     /// cannot say whether an exact key exists; this mirror can, and gives the FLAG_* bits.
     blocked: HashSet<IpNet>,
     allowed: HashSet<IpNet>,
+    /// Single addresses whose block is in a trie (their bucket was full, or an earlier
+    /// version put them there) rather than in an exact table.
+    in_trie: HashSet<IpAddr>,
 }
 
 /// One block as the kernel holds it.
@@ -62,51 +78,65 @@ pub enum EnforceError {
 }
 
 impl Enforcer {
-    pub(crate) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, CaptureError> {
-        fn take<K: aya::Pod, V: aya::Pod>(
+    /// Takes the block and allow maps out of `ebpf`. `reused`: the maps may hold entries from
+    /// an earlier run (pinned), so the exact tables are scanned for occupied slots.
+    pub(crate) fn from_ebpf(ebpf: &mut Ebpf, reused: bool) -> Result<Self, CaptureError> {
+        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+            ebpf.take_map(name).ok_or(CaptureError::Map {
+                map: name,
+                detail: "missing from the object".into(),
+            })
+        }
+        fn trie<K: aya::Pod, V: aya::Pod>(
             ebpf: &mut Ebpf,
             name: &'static str,
         ) -> Result<Trie<K, V>, CaptureError> {
-            let map = ebpf.take_map(name).ok_or(CaptureError::Map {
-                map: name,
-                detail: "missing from the object".into(),
-            })?;
-            LpmTrie::try_from(map).map_err(|e| CaptureError::Map {
-                map: name,
-                detail: e.to_string(),
-            })
+            LpmTrie::try_from(take(ebpf, name)?).map_err(capture_err(name))
         }
-        let flags_map = ebpf.take_map("ENFORCE_FLAGS").ok_or(CaptureError::Map {
-            map: "ENFORCE_FLAGS",
-            detail: "missing from the object".into(),
-        })?;
-        let flags = Array::try_from(flags_map).map_err(|e| CaptureError::Map {
-            map: "ENFORCE_FLAGS",
-            detail: e.to_string(),
-        })?;
+        fn exact<S: Slot>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+            reused: bool,
+        ) -> Result<ExactTable<S>, CaptureError> {
+            let map = Array::try_from(take(ebpf, name)?).map_err(capture_err(name))?;
+            ExactTable::new(map, reused).map_err(capture_err(name))
+        }
+        let flags =
+            Array::try_from(take(ebpf, "ENFORCE_FLAGS")?).map_err(capture_err("ENFORCE_FLAGS"))?;
         let mut me = Self {
-            block_v4: take(ebpf, "BLOCK_V4")?,
-            block_v6: take(ebpf, "BLOCK_V6")?,
-            allow_v4: take(ebpf, "ALLOW_V4")?,
-            allow_v6: take(ebpf, "ALLOW_V6")?,
+            exact_v4: exact(ebpf, "BLOCK_EXACT_V4", reused)?,
+            exact_v6: exact(ebpf, "BLOCK_EXACT_V6", reused)?,
+            block_v4: trie(ebpf, "BLOCK_V4")?,
+            block_v6: trie(ebpf, "BLOCK_V6")?,
+            allow_v4: trie(ebpf, "ALLOW_V4")?,
+            allow_v6: trie(ebpf, "ALLOW_V6")?,
             flags,
             blocked: HashSet::new(),
             allowed: HashSet::new(),
+            in_trie: HashSet::new(),
         };
         // Pinned maps may arrive with entries from an earlier run.
         let key_net = |data: IpAddr, len: u32| IpNet::new(data, len as u8).ok();
-        me.blocked.extend(
-            me.block_v4
-                .keys()
-                .flatten()
-                .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
-        );
-        me.blocked.extend(
-            me.block_v6
-                .keys()
-                .flatten()
-                .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
-        );
+        let in_tries: Vec<IpNet> = me
+            .block_v4
+            .keys()
+            .flatten()
+            .filter_map(|k| key_net(k.data().into(), k.prefix_len()))
+            .chain(
+                me.block_v6
+                    .keys()
+                    .flatten()
+                    .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
+            )
+            .collect();
+        me.in_trie = in_tries
+            .iter()
+            .filter(|n| is_exact(n))
+            .map(|n| n.addr())
+            .collect();
+        me.blocked.extend(in_tries);
+        let in_tables = me.exact_v4.slots.values().chain(me.exact_v6.slots.values());
+        me.blocked.extend(in_tables.map(|a| IpNet::from(*a)));
         me.allowed.extend(
             me.allow_v4
                 .keys()
@@ -128,20 +158,66 @@ impl Enforcer {
 
     /// Tells the kernel which maps hold entries.
     fn write_flags(&mut self) -> Result<(), EnforceError> {
-        let any =
-            |set: &HashSet<IpNet>, v4: bool| set.iter().any(|n| matches!(n, IpNet::V4(_)) == v4);
         let mut bits = 0;
-        for (set, v4, bit) in [
-            (&self.blocked, true, FLAG_BLOCK_V4),
-            (&self.blocked, false, FLAG_BLOCK_V6),
-            (&self.allowed, true, FLAG_ALLOW_V4),
-            (&self.allowed, false, FLAG_ALLOW_V6),
-        ] {
-            if any(set, v4) {
-                bits |= bit;
+        if !self.exact_v4.slots.is_empty() {
+            bits |= FLAG_EXACT_V4;
+        }
+        if !self.exact_v6.slots.is_empty() {
+            bits |= FLAG_EXACT_V6;
+        }
+        for n in &self.blocked {
+            if !is_exact(n) || self.in_trie.contains(&n.addr()) {
+                bits |= match n {
+                    IpNet::V4(_) => FLAG_BLOCK_V4,
+                    IpNet::V6(_) => FLAG_BLOCK_V6,
+                };
             }
         }
+        for n in &self.allowed {
+            bits |= match n {
+                IpNet::V4(_) => FLAG_ALLOW_V4,
+                IpNet::V6(_) => FLAG_ALLOW_V6,
+            };
+        }
         self.flags.set(0, bits, 0).map_err(map_err("flags"))
+    }
+
+    /// Writes a block entry where its prefix length belongs: a single address in its exact
+    /// table unless it is already in the trie or its bucket is full, anything else in the trie.
+    fn insert_block(&mut self, net: IpNet, entry: BlockEntry) -> Result<(), MapError> {
+        if is_exact(&net) && !self.in_trie.contains(&net.addr()) {
+            let placed = match net.addr() {
+                IpAddr::V4(a) => self.exact_v4.insert(a, entry)?,
+                IpAddr::V6(a) => self.exact_v6.insert(a, entry)?,
+            };
+            if placed {
+                return Ok(());
+            }
+            tracing::debug!(%net, "exact-address bucket full; block kept in the trie");
+        }
+        insert_net(&mut self.block_v4, &mut self.block_v6, net, entry)?;
+        if is_exact(&net) {
+            self.in_trie.insert(net.addr());
+        }
+        Ok(())
+    }
+
+    /// Removes the block of exactly `net`, wherever it is; false when there was none.
+    fn remove_block(&mut self, net: IpNet) -> Result<bool, MapError> {
+        if is_exact(&net) && !self.in_trie.contains(&net.addr()) {
+            return match net.addr() {
+                IpAddr::V4(a) => self.exact_v4.remove(a),
+                IpAddr::V6(a) => self.exact_v6.remove(a),
+            };
+        }
+        match remove_net(&mut self.block_v4, &mut self.block_v6, net) {
+            Ok(()) => {
+                self.in_trie.remove(&net.addr());
+                Ok(true)
+            }
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Blocks `net` for `ttl` (replacing any block of the same prefix). Refused when an
@@ -161,7 +237,7 @@ impl Enforcer {
             expires_ns,
             dropped: 0,
         };
-        insert_net(&mut self.block_v4, &mut self.block_v6, net, entry).map_err(map_err("block"))?;
+        self.insert_block(net, entry).map_err(map_err("block"))?;
         if self.blocked.insert(net) {
             self.write_flags()?;
         }
@@ -172,17 +248,13 @@ impl Enforcer {
     /// Removes the block of exactly `net`; false when there was none.
     pub fn unblock(&mut self, net: IpNet) -> Result<bool, EnforceError> {
         let net = net.trunc();
-        let r = remove_net(&mut self.block_v4, &mut self.block_v6, net);
-        match r {
-            Ok(()) => {
-                self.blocked.remove(&net);
-                self.write_flags()?;
-                tracing::info!(%net, "unblocked");
-                Ok(true)
-            }
-            Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(map_err("block")(e)),
+        if !self.remove_block(net).map_err(map_err("block"))? {
+            return Ok(false);
         }
+        self.blocked.remove(&net);
+        self.write_flags()?;
+        tracing::info!(%net, "unblocked");
+        Ok(true)
     }
 
     /// Block entries in the maps (expired ones included until swept).
@@ -197,35 +269,30 @@ impl Enforcer {
     /// Every block entry, expired ones included (with zero time left).
     pub fn blocks(&self) -> Result<Vec<Block>, EnforceError> {
         let now = clock::monotonic_ns();
-        let mut out = Vec::new();
-        let remaining = |e: &BlockEntry| Duration::from_nanos(e.expires_ns.saturating_sub(now));
-        for item in self.block_v4.iter() {
-            let (k, e) = item.map_err(map_err("block"))?;
-            let net = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8).map_err(|e| {
-                EnforceError::Map {
+        let block = |addr: IpAddr, len: u32, e: BlockEntry| -> Result<Block, EnforceError> {
+            Ok(Block {
+                net: IpNet::new(addr, len as u8).map_err(|e| EnforceError::Map {
                     map: "block",
                     detail: e.to_string(),
-                }
-            })?;
-            out.push(Block {
-                net,
-                remaining: remaining(&e),
+                })?,
+                remaining: Duration::from_nanos(e.expires_ns.saturating_sub(now)),
                 dropped: e.dropped,
-            });
+            })
+        };
+        let mut out = Vec::with_capacity(self.blocked.len());
+        for (a, e) in self.exact_v4.entries().map_err(map_err("block"))? {
+            out.push(block(a, 32, e)?);
+        }
+        for (a, e) in self.exact_v6.entries().map_err(map_err("block"))? {
+            out.push(block(a, 128, e)?);
+        }
+        for item in self.block_v4.iter() {
+            let (k, e) = item.map_err(map_err("block"))?;
+            out.push(block(k.data().into(), k.prefix_len(), e)?);
         }
         for item in self.block_v6.iter() {
             let (k, e) = item.map_err(map_err("block"))?;
-            let net = IpNet::new(IpAddr::from(k.data()), k.prefix_len() as u8).map_err(|e| {
-                EnforceError::Map {
-                    map: "block",
-                    detail: e.to_string(),
-                }
-            })?;
-            out.push(Block {
-                net,
-                remaining: remaining(&e),
-                dropped: e.dropped,
-            });
+            out.push(block(k.data().into(), k.prefix_len(), e)?);
         }
         out.sort_by_key(|b| b.net);
         Ok(out)
@@ -317,6 +384,140 @@ impl Enforcer {
     }
 }
 
+/// A single address (/32, /128): its block goes to an exact-address table.
+fn is_exact(net: &IpNet) -> bool {
+    net.prefix_len() == net.max_prefix_len()
+}
+
+/// What the kernel's exact-address tables hold per slot, and how an address picks its bucket
+/// (the hash functions are shared with the XDP program through agent-common).
+trait Slot: aya::Pod + Default {
+    type Addr: Copy + Into<IpAddr>;
+    fn new(addr: Self::Addr, entry: BlockEntry) -> Self;
+    fn entry(&self) -> BlockEntry;
+    fn addr(&self) -> Self::Addr;
+    fn bucket(addr: Self::Addr) -> u32;
+}
+
+impl Slot for ExactSlotV4 {
+    type Addr = Ipv4Addr;
+    fn new(addr: Ipv4Addr, entry: BlockEntry) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(addr.octets()),
+            _pad: 0,
+            entry,
+        }
+    }
+    fn entry(&self) -> BlockEntry {
+        self.entry
+    }
+    fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr.to_ne_bytes())
+    }
+    fn bucket(addr: Ipv4Addr) -> u32 {
+        exact_bucket_v4(u32::from_ne_bytes(addr.octets()))
+    }
+}
+
+impl Slot for ExactSlotV6 {
+    type Addr = Ipv6Addr;
+    fn new(addr: Ipv6Addr, entry: BlockEntry) -> Self {
+        Self {
+            addr: v6_words(addr),
+            entry,
+        }
+    }
+    fn entry(&self) -> BlockEntry {
+        self.entry
+    }
+    fn addr(&self) -> Ipv6Addr {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.addr[0].to_ne_bytes());
+        b[8..].copy_from_slice(&self.addr[1].to_ne_bytes());
+        Ipv6Addr::from(b)
+    }
+    fn bucket(addr: Ipv6Addr) -> u32 {
+        exact_bucket_v6(v6_words(addr))
+    }
+}
+
+/// The 16 address bytes as the two native-order words the kernel compares.
+fn v6_words(addr: Ipv6Addr) -> [u64; 2] {
+    let o = addr.octets();
+    let word = |i: usize| u64::from_ne_bytes(o[i..i + 8].try_into().expect("8 bytes"));
+    [word(0), word(8)]
+}
+
+/// An exact-address table: an array map used as a hash table with buckets of `EXACT_WAYS`
+/// consecutive slots, which the XDP program searches with inlined array lookups. The map is
+/// the truth; `slots` indexes its occupied slots, so placing and listing entries need no scan
+/// of the whole map.
+///
+/// A slot write is a plain copy, not atomic against the program reading it: a packet racing
+/// an update may see the old or new address with the old or new expiry. Either way it is
+/// judged by an entry that existed (or by none, as for an empty slot, whose address 0 only
+/// 0.0.0.0 could match), and a drop counted during a rewrite of the same slot may be lost.
+struct ExactTable<S: Slot> {
+    map: Array<MapData, S>,
+    slots: HashMap<u32, IpAddr>,
+}
+
+impl<S: Slot> ExactTable<S> {
+    /// `scan`: read every slot for entries left by an earlier run (pinned maps).
+    fn new(map: Array<MapData, S>, scan: bool) -> Result<Self, MapError> {
+        let mut slots = HashMap::new();
+        if scan {
+            for (i, slot) in map.iter().enumerate() {
+                let slot = slot?;
+                if slot.entry().expires_ns != 0 {
+                    slots.insert(i as u32, slot.addr().into());
+                }
+            }
+        }
+        Ok(Self { map, slots })
+    }
+
+    fn bucket_slots(addr: S::Addr) -> std::ops::Range<u32> {
+        let first = S::bucket(addr) * EXACT_WAYS;
+        first..first + EXACT_WAYS
+    }
+
+    /// The slot holding `addr`'s block.
+    fn find(&self, addr: S::Addr) -> Option<u32> {
+        let ip: IpAddr = addr.into();
+        Self::bucket_slots(addr).find(|i| self.slots.get(i) == Some(&ip))
+    }
+
+    /// Writes the block of `addr` (in place if it has one); false when its bucket is full.
+    fn insert(&mut self, addr: S::Addr, entry: BlockEntry) -> Result<bool, MapError> {
+        let free = || Self::bucket_slots(addr).find(|i| !self.slots.contains_key(i));
+        let Some(slot) = self.find(addr).or_else(free) else {
+            return Ok(false);
+        };
+        self.map.set(slot, S::new(addr, entry), 0)?;
+        self.slots.insert(slot, addr.into());
+        Ok(true)
+    }
+
+    /// Empties `addr`'s slot; false when it had none.
+    fn remove(&mut self, addr: S::Addr) -> Result<bool, MapError> {
+        let Some(slot) = self.find(addr) else {
+            return Ok(false);
+        };
+        self.map.set(slot, S::default(), 0)?;
+        self.slots.remove(&slot);
+        Ok(true)
+    }
+
+    /// Every occupied slot's address and entry, as the kernel holds them now.
+    fn entries(&self) -> Result<Vec<(IpAddr, BlockEntry)>, MapError> {
+        self.slots
+            .iter()
+            .map(|(i, a)| Ok((*a, self.map.get(i, 0)?.entry())))
+            .collect()
+    }
+}
+
 /// Inserts `value` under `net` in the trie of its address family.
 fn insert_net<V: aya::Pod>(
     v4: &mut Trie<[u8; 4], V>,
@@ -355,6 +556,13 @@ fn is_not_found(e: &MapError) -> bool {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
+    }
+}
+
+fn capture_err<E: std::fmt::Display>(map: &'static str) -> impl Fn(E) -> CaptureError {
+    move |e| CaptureError::Map {
+        map,
+        detail: e.to_string(),
     }
 }
 

@@ -429,13 +429,14 @@ impl Core {
                 // Score first, then learn (one walk of the context trie).
                 // The session's cursor spares the walk its hash lookups; intervals are only
                 // needed for transitions that could be confidently rare.
-                let t = model.observe_with(
-                    &context,
-                    op.0,
-                    ts_ns,
-                    &mut session.cursor,
-                    signals.rare_upper_bound,
-                );
+                // Exact intervals (microseconds each) only where the rare-transition alert can
+                // still fire: never in learn mode, nor once the session has had it.
+                let rare_below = if alerting && session.alerted & ALERTED_RARE == 0 {
+                    signals.rare_upper_bound
+                } else {
+                    0.0
+                };
+                let t = model.observe_with(&context, op.0, ts_ns, &mut session.cursor, rare_below);
                 session.surprise.push(t.surprise_bits);
                 if alerting {
                     if session.alerted & ALERTED_RARE == 0
@@ -673,8 +674,15 @@ pub struct Learned {
 impl crate::state::Persist for Learned {
     const KIND: &'static str = "model";
     /// 2: the run histograms hold runs of identical requests (1 held runs of an operation,
-    /// which would misjudge replays if read as the former).
+    /// which would misjudge replays if read as the former), and the step runs are new.
     const VERSION: u32 = 2;
+
+    fn check(&self) -> Result<(), String> {
+        self.discovery
+            .check()
+            .map_err(|e| format!("endpoints: {e}"))?;
+        self.model.check().map_err(|e| format!("model: {e}"))
+    }
 }
 
 /// A borrowing twin of [`Learned`] for saving without a copy (same fields, same order).

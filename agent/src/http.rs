@@ -4,8 +4,9 @@
 //! mid-header: parsing accepts that as long as the request line is whole, and keeps the
 //! headers whose lines fitted. Anything else that is not a clean HTTP/1.x request is skipped
 //! with a named [`SkipReason`] (counted by [`SkipCounters`]), never a panic.
-use std::fmt;
+use std::{fmt, sync::LazyLock};
 
+use memchr::memmem;
 use smallvec::SmallVec;
 use thiserror::Error;
 
@@ -295,7 +296,7 @@ impl Parser {
         }
         // Strict line endings: a bare LF is accepted as a line end by some servers and not by
         // others, which is exactly what header smuggling exploits. Bare CR likewise.
-        let head_end = find(bytes, b"\r\n\r\n").map(|i| i + 4);
+        let head_end = HEAD_END.find(bytes).map(|i| i + 4);
         let head = &bytes[..head_end.unwrap_or(bytes.len())];
         if let Some(reason) = injection_in(head) {
             // Only meaningful once the request line is known to be HTTP-ish.
@@ -427,7 +428,7 @@ fn build<'a>(
             continue;
         }
         let value = std::str::from_utf8(h.value).map_err(|_| SkipReason::InvalidUtf8)?;
-        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+        if has_control(value.as_bytes()) {
             return Err(SkipReason::HeaderInjection);
         }
         let value = value.trim_matches([' ', '\t']);
@@ -481,6 +482,15 @@ fn split_target(target: &str) -> Result<(Option<&str>, &str), SkipReason> {
     Ok((Some(authority), path))
 }
 
+/// A control character other than tab (`is_ascii_control`: below 0x20, or 0x7f). Written
+/// without an early exit so the compiler can test many bytes per instruction (values such as
+/// tokens are tens of bytes, and every request has some).
+fn has_control(v: &[u8]) -> bool {
+    v.iter().fold(false, |bad, &b| {
+        bad | ((b < 0x20 && b != b'\t') | (b == 0x7f))
+    })
+}
+
 fn valid_host(h: &str) -> bool {
     h.len() <= 255
         && h.bytes().all(|b| {
@@ -491,13 +501,28 @@ fn valid_host(h: &str) -> bool {
 /// CR or LF not part of CRLF, NUL, or a line that starts with whitespace (obs-fold) in the
 /// request head.
 fn injection_in(head: &[u8]) -> Option<SkipReason> {
-    let bad = head.iter().enumerate().any(|(i, &b)| match b {
-        0 => true,
-        b'\r' => head.get(i + 1).is_some_and(|&n| n != b'\n'),
-        b'\n' => i == 0 || head[i - 1] != b'\r' || matches!(head.get(i + 1), Some(b' ' | b'\t')),
-        _ => false,
-    });
-    bad.then_some(SkipReason::HeaderInjection)
+    // Every byte is judged with its neighbours, without branches or an early exit, so the
+    // compiler tests many bytes per instruction (a head is a few hundred bytes, every request).
+    let bad = |prev: u8, b: u8, next: Option<u8>| {
+        (b == 0)
+            | ((b == b'\r') & next.is_some_and(|n| n != b'\n'))
+            | ((b == b'\n') & ((prev != b'\r') | matches!(next, Some(b' ' | b'\t'))))
+    };
+    let found = match head {
+        [] => false,
+        [only] => bad(0, *only, None),
+        [first, .., last] => {
+            let n = head.len();
+            // An LF first has no CR before it (prev 0); a CR last may be cut (next None).
+            let middle = head[..n - 2]
+                .iter()
+                .zip(&head[1..n - 1])
+                .zip(&head[2..])
+                .fold(false, |acc, ((&p, &b), &nx)| acc | bad(p, b, Some(nx)));
+            bad(0, *first, Some(head[1])) | middle | bad(head[n - 2], *last, None)
+        }
+    };
+    found.then_some(SkipReason::HeaderInjection)
 }
 
 /// Method token (uppercase letters) then a space: worth naming a header problem rather than
@@ -539,12 +564,17 @@ fn classify(e: httparse::Error, bytes: &[u8], config: &HttpConfig) -> SkipReason
     }
 }
 
+/// The blank line ending a request head, searched once per request: the searcher is built
+/// once, since building one costs more than a search through a few hundred bytes.
+static HEAD_END: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memmem::find(hay, needle)
 }
 
 fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
+    memmem::rfind(hay, needle)
 }
 
 #[cfg(test)]
@@ -553,6 +583,45 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<OwnedRequest, SkipReason> {
         parse_request_owned(bytes, &HttpConfig::default())
+    }
+
+    /// The branch-free scan agrees with the rule written byte by byte, on every head of up to
+    /// 6 bytes over the characters that matter.
+    #[test]
+    fn injection_scan_matches_the_byte_by_byte_rule() {
+        fn reference(head: &[u8]) -> bool {
+            head.iter().enumerate().any(|(i, &b)| match b {
+                0 => true,
+                b'\r' => head.get(i + 1).is_some_and(|&n| n != b'\n'),
+                b'\n' => {
+                    i == 0 || head[i - 1] != b'\r' || matches!(head.get(i + 1), Some(b' ' | b'\t'))
+                }
+                _ => false,
+            })
+        }
+        const ALPHABET: [u8; 6] = [b'a', b'\r', b'\n', b' ', b'\t', 0];
+        for len in 0..=6u32 {
+            for mut code in 0..6usize.pow(len) {
+                let head: Vec<u8> = (0..len)
+                    .map(|_| {
+                        let c = ALPHABET[code % 6];
+                        code /= 6;
+                        c
+                    })
+                    .collect();
+                assert_eq!(injection_in(&head).is_some(), reference(&head), "{head:?}");
+            }
+        }
+    }
+
+    /// The branch-free scan flags exactly what `is_ascii_control` flags, tab excepted.
+    #[test]
+    fn control_scan_matches_is_ascii_control_except_tab() {
+        for b in 0..=255u8 {
+            let want = b.is_ascii_control() && b != b'\t';
+            assert_eq!(has_control(&[b'a', b, b'z']), want, "byte {b:#04x}");
+        }
+        assert!(!has_control(b"Bearer tok-0001\tx"));
     }
 
     #[test]

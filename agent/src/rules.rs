@@ -567,6 +567,10 @@ impl RuleSet {
             return hits;
         };
         let cur = resolver.canonical(current.op);
+        // Most requests are no rule's target: say so before gathering the previous steps.
+        if !self.by_target.contains_key(&cur) && !self.deny_by_last.contains_key(&cur) {
+            return hits;
+        }
         let prev: SmallVec<[OpId; 16]> = history
             .iter()
             .take(history.len() - 1)

@@ -3,10 +3,10 @@
 //! A session key comes from the configured identifier (header, cookie, JWT claim, else the
 //! client address) and is hashed with a per-install secret before anything stores it. Each
 //! session keeps a short history of steps (successive repeats collapsed) in a bounded table.
-use std::{collections::VecDeque, fmt, net::IpAddr, num::NonZeroUsize, time::Duration};
+use std::{fmt, hash::BuildHasher as _, net::IpAddr, time::Duration};
 
 use base64::Engine as _;
-use lru::LruCache;
+use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 use siphasher::sip128::{Hasher128 as _, SipHasher13};
@@ -282,6 +282,63 @@ impl<'a> History<'a> {
     }
 }
 
+/// A session's retained steps: a ring of the last `n_max + 1`, stored inline for the default
+/// `n_max` (8), so a session owns no heap memory of its own and a new one allocates nothing.
+#[derive(Debug, Clone, Default)]
+struct StepRing {
+    buf: SmallVec<[Step; INLINE_STEPS]>,
+    /// Position of the oldest step once the ring is full (0 while it fills).
+    head: usize,
+}
+
+/// Steps kept inline: `n_max + 1` for the default `n_max`; larger histories spill once.
+const INLINE_STEPS: usize = 9;
+
+impl StepRing {
+    /// Oldest first: the part from the oldest to the end of the buffer, then the wrapped part.
+    fn as_slices(&self) -> (&[Step], &[Step]) {
+        (&self.buf[self.head..], &self.buf[..self.head])
+    }
+
+    fn back_mut(&mut self) -> Option<&mut Step> {
+        let len = self.buf.len();
+        if len == 0 {
+            return None;
+        }
+        // The newest is just before the oldest (or at the end while the ring fills).
+        let i = (self.head + len - 1) % len;
+        self.buf.get_mut(i)
+    }
+
+    /// Appends `step`, replacing the oldest once `cap` steps are held.
+    fn push(&mut self, step: Step, cap: usize) {
+        if self.buf.len() < cap {
+            self.buf.push(step);
+        } else if let Some(slot) = self.buf.get_mut(self.head) {
+            *slot = step;
+            self.head = (self.head + 1) % self.buf.len();
+        }
+    }
+}
+
+/// Saved and listed as the steps oldest first.
+impl Serialize for StepRing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (a, b) = self.as_slices();
+        s.collect_seq(a.iter().chain(b))
+    }
+}
+
+impl<'de> Deserialize<'de> for StepRing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let steps = Vec::<Step>::deserialize(d)?;
+        Ok(StepRing {
+            buf: steps.into(),
+            head: 0,
+        })
+    }
+}
+
 /// One client's session. Holds no identifier, only the hashed key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Session {
@@ -304,14 +361,14 @@ pub struct Session {
     /// Where the model's walk for this session's next step starts (a cache of slots, not state).
     #[serde(skip)]
     pub cursor: crate::model::Cursor,
-    steps: VecDeque<Step>,
+    steps: StepRing,
     /// Sorted, capped set of operations seen in this session.
     ops_seen: SmallVec<[OpId; 16]>,
     ops_seen_full: bool,
 }
 
 impl Session {
-    fn new(key: SessionKey, client: IpAddr, now_ns: u64, history_cap: usize) -> Self {
+    fn new(key: SessionKey, client: IpAddr, now_ns: u64) -> Self {
         Session {
             key,
             client,
@@ -324,7 +381,7 @@ impl Session {
             last_request: 0,
             identical_run: 0,
             cursor: crate::model::Cursor::default(),
-            steps: VecDeque::with_capacity(history_cap),
+            steps: StepRing::default(),
             ops_seen: SmallVec::new(),
             ops_seen_full: false,
         }
@@ -415,12 +472,43 @@ pub struct SessionInfo {
     pub last_seen_ns: u64,
 }
 
+/// "No slot": the end of the recency list.
+const NIL: u32 = u32::MAX;
+
+/// A session and its neighbours in the recency list.
+#[derive(Debug, Clone)]
+struct Slot {
+    session: Session,
+    /// The next more recently active slot (`NIL` for the most recent).
+    newer: u32,
+    /// The next less recently active slot (`NIL` for the least recent).
+    older: u32,
+}
+
 /// Bounded table of live sessions, least recently active evicted first.
+///
+/// Flat storage: sessions live in one `Vec` of slots (reused, never more than `max_sessions`),
+/// ordered by recency through slot indexes, and found through a hash table of slot indexes.
+/// A request costs one probe and a few index writes; nothing is allocated once the table has
+/// grown, and a session's history is inline (see [`StepRing`]).
 pub struct SessionTable {
     config: SessionConfig,
     idle_ns: u64,
-    sessions: LruCache<SessionKey, Session, FxBuildHasher>,
+    slots: Vec<Slot>,
+    /// Slots of sessions that ended, for reuse.
+    free: Vec<u32>,
+    /// Slot indexes, hashed by their session's key.
+    index: HashTable<u32>,
+    /// Most and least recently active slots (`NIL` when empty).
+    newest: u32,
+    oldest: u32,
     counters: SessionCounters,
+}
+
+/// Keys are already secret-keyed hashes (uniform, unpredictable without the secret), so the
+/// fast FxHash mix of their bits is enough; it also spreads test keys such as `SessionKey(3)`.
+fn key_hash(key: &SessionKey) -> u64 {
+    FxBuildHasher.hash_one(key)
 }
 
 impl fmt::Debug for SessionTable {
@@ -428,21 +516,20 @@ impl fmt::Debug for SessionTable {
         f.debug_struct("SessionTable")
             .field("config", &self.config)
             .field("counters", &self.counters)
-            .field(
-                "sessions",
-                &self.sessions.iter().map(|(_, s)| s).collect::<Vec<_>>(),
-            )
+            .field("sessions", &self.sessions().collect::<Vec<_>>())
             .finish()
     }
 }
 
 impl SessionTable {
     pub fn new(config: SessionConfig) -> Self {
-        let cap = NonZeroUsize::new(config.max_sessions.max(1)).unwrap_or(NonZeroUsize::MIN);
         SessionTable {
             idle_ns: u64::try_from(config.idle_timeout.as_nanos()).unwrap_or(u64::MAX),
-            // Keys are secret-keyed hashes, so a fast non-DoS-resistant hasher is safe here.
-            sessions: LruCache::with_hasher(cap, FxBuildHasher),
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashTable::new(),
+            newest: NIL,
+            oldest: NIL,
             counters: SessionCounters::default(),
             config,
         }
@@ -450,6 +537,84 @@ impl SessionTable {
 
     pub fn config(&self) -> &SessionConfig {
         &self.config
+    }
+
+    fn cap(&self) -> usize {
+        self.config.max_sessions.max(1)
+    }
+
+    fn find(&self, key: &SessionKey) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(key_hash(key), |&i| slots[i as usize].session.key == *key)
+            .copied()
+    }
+
+    /// Takes slot `i` out of the recency list.
+    fn unlink(&mut self, i: u32) {
+        let Slot { newer, older, .. } = self.slots[i as usize];
+        match newer {
+            NIL => self.newest = older,
+            n => self.slots[n as usize].older = older,
+        }
+        match older {
+            NIL => self.oldest = newer,
+            o => self.slots[o as usize].newer = newer,
+        }
+    }
+
+    /// Puts slot `i` (not in the list) at the most recent end.
+    fn link_newest(&mut self, i: u32) {
+        let old_newest = self.newest;
+        let s = &mut self.slots[i as usize];
+        s.newer = NIL;
+        s.older = old_newest;
+        match old_newest {
+            NIL => self.oldest = i,
+            n => self.slots[n as usize].newer = i,
+        }
+        self.newest = i;
+    }
+
+    /// Drops slot `i`'s session from the index and the recency list; the slot is then free.
+    fn remove(&mut self, i: u32) {
+        self.unlink(i);
+        let hash = key_hash(&self.slots[i as usize].session.key);
+        if let Ok(entry) = self.index.find_entry(hash, |&j| j == i) {
+            entry.remove();
+        }
+        self.free.push(i);
+    }
+
+    /// A slot for a new session: a free one, a new one below the cap, else the least recently
+    /// active session's (evicted). Returns the slot and whether a session was evicted.
+    fn insert(&mut self, session: Session) -> (u32, bool) {
+        let mut evicted = false;
+        if self.index.len() >= self.cap() && self.oldest != NIL {
+            self.remove(self.oldest);
+            evicted = true;
+        }
+        let hash = key_hash(&session.key);
+        let slot = Slot {
+            session,
+            newer: NIL,
+            older: NIL,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        self.index
+            .insert_unique(hash, i, |&j| key_hash(&slots[j as usize].session.key));
+        self.link_newest(i);
+        (i, evicted)
     }
 
     /// Records that `key` requested `op` at `now_ns`: starts a session if needed (evicting the
@@ -466,32 +631,34 @@ impl SessionTable {
         let mut restarted = false;
         let mut evicted = false;
         let mut new_session = false;
-        let idle_ns = self.idle_ns;
-        match self.sessions.get_mut(&key) {
-            Some(s) if now_ns.saturating_sub(s.last_seen_ns) > idle_ns => {
-                *s = Session::new(key, client, now_ns, history_cap);
-                restarted = true;
-                new_session = true;
-                self.counters.expired += 1;
-                self.counters.created += 1;
+        let i = match self.find(&key) {
+            Some(i) => {
+                self.unlink(i);
+                self.link_newest(i);
+                let s = &mut self.slots[i as usize].session;
+                if now_ns.saturating_sub(s.last_seen_ns) > self.idle_ns {
+                    *s = Session::new(key, client, now_ns);
+                    restarted = true;
+                    new_session = true;
+                    self.counters.expired += 1;
+                    self.counters.created += 1;
+                }
+                i
             }
-            Some(_) => {}
             None => {
-                let s = Session::new(key, client, now_ns, history_cap);
-                if self.sessions.push(key, s).is_some() {
+                let (i, ev) = self.insert(Session::new(key, client, now_ns));
+                if ev {
                     evicted = true;
                     self.counters.evicted += 1;
                 }
                 new_session = true;
                 self.counters.created += 1;
+                i
             }
-        }
-        self.counters.live = self.sessions.len();
+        };
+        self.counters.live = self.index.len();
         let max_ops_seen = self.config.max_ops_seen;
-        let s = self
-            .sessions
-            .get_mut(&key)
-            .expect("session was just looked up or inserted");
+        let s = &mut self.slots[i as usize].session;
         s.last_seen_ns = s.last_seen_ns.max(now_ns);
         s.client = client;
         s.request_count += 1;
@@ -502,15 +669,15 @@ impl SessionTable {
                 (StepKind::Repeat, last.count)
             }
             _ => {
-                if s.steps.len() == history_cap {
-                    s.steps.pop_front();
-                }
-                s.steps.push_back(Step {
-                    op,
-                    count: 1,
-                    first_ns: now_ns,
-                    last_ns: now_ns,
-                });
+                s.steps.push(
+                    Step {
+                        op,
+                        count: 1,
+                        first_ns: now_ns,
+                        last_ns: now_ns,
+                    },
+                    history_cap,
+                );
                 s.step_count += 1;
                 s.record_op(op, max_ops_seen);
                 (
@@ -536,11 +703,11 @@ impl SessionTable {
 
     /// The session for `key` without touching its recency.
     pub fn get(&self, key: &SessionKey) -> Option<&Session> {
-        self.sessions.peek(key)
+        self.find(key).map(|i| &self.slots[i as usize].session)
     }
 
     pub fn get_mut(&mut self, key: &SessionKey) -> Option<&mut Session> {
-        self.sessions.peek_mut(key)
+        self.find(key).map(|i| &mut self.slots[i as usize].session)
     }
 
     /// Ends sessions idle for longer than the timeout. The least recently active session is
@@ -554,41 +721,41 @@ impl SessionTable {
     /// learns from a session's last run and its overall surprise when it ends).
     pub fn sweep_with(&mut self, now_ns: u64, mut ended: impl FnMut(&Session)) -> usize {
         let mut n = 0;
-        while let Some((_, s)) = self.sessions.peek_lru() {
+        while self.oldest != NIL {
+            let i = self.oldest;
+            let s = &self.slots[i as usize].session;
             if now_ns.saturating_sub(s.last_seen_ns) <= self.idle_ns {
                 break;
             }
-            if let Some((_, s)) = self.sessions.pop_lru() {
-                ended(&s);
-            }
+            ended(s);
+            self.remove(i);
             n += 1;
         }
         self.counters.expired += n as u64;
-        self.counters.live = self.sessions.len();
+        self.counters.live = self.index.len();
         n
     }
 
     pub fn counters(&self) -> SessionCounters {
         SessionCounters {
-            live: self.sessions.len(),
+            live: self.index.len(),
             ..self.counters
         }
     }
 
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.index.is_empty()
     }
 
     /// Most recently active first, at most `limit`.
     pub fn list(&self, limit: usize) -> Vec<SessionInfo> {
-        self.sessions
-            .iter()
+        self.sessions()
             .take(limit)
-            .map(|(_, s)| SessionInfo {
+            .map(|s| SessionInfo {
                 session: s.key.short(),
                 client: s.client,
                 steps: s.step_count,
@@ -601,7 +768,12 @@ impl SessionTable {
 
     /// Every live session, most recently active first (for snapshots; holds no raw identifier).
     pub fn sessions(&self) -> impl Iterator<Item = &Session> {
-        self.sessions.iter().map(|(_, s)| s)
+        let mut i = self.newest;
+        std::iter::from_fn(move || {
+            let slot = self.slots.get(i as usize)?;
+            i = slot.older;
+            Some(&slot.session)
+        })
     }
 }
 
@@ -923,7 +1095,7 @@ mod tests {
             assert_ne!(other, get("/a/1?x=2", None));
         }
 
-        let mut s = Session::new(SessionKey(1), IP, 0, 4);
+        let mut s = Session::new(SessionKey(1), IP, 0);
         let (a, b) = (get("/a/1", None), get("/a/2", None));
         assert_eq!(
             s.note_request(a, false),

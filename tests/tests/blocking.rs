@@ -8,10 +8,12 @@ use std::{
 };
 
 use agent_common::Counter;
-use precedent::capture::{AttachMode, Datapath, LoadOptions};
+use precedent::capture::{AttachMode, Datapath, LoadOptions, PROGRAM};
 use precedent_tests::{HttpServer, TestNet};
 
 const PORT: u16 = 8080;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 
 /// One GET on `s`; Ok(status line) or the I/O error (a timeout when blocked).
 fn request(s: &mut TcpStream) -> std::io::Result<String> {
@@ -119,22 +121,68 @@ fn pinned_block_maps_survive_a_restart() {
     {
         let mut dp = Datapath::load(&opts).unwrap();
         let mut enforcer = dp.take_enforcer().unwrap();
-        enforcer
-            .block("10.44.0.0/16".parse().unwrap(), Duration::from_secs(600))
-            .unwrap();
+        // A prefix (trie) and single addresses (exact-address hash maps).
+        for net in ["10.44.0.0/16", "10.45.0.9/32", "fd00:45::9/128"] {
+            enforcer
+                .block(net.parse().unwrap(), Duration::from_secs(600))
+                .unwrap();
+        }
         enforcer.allow("10.44.1.0/24".parse().unwrap()).unwrap();
     }
-    // A new load (a restarted daemon) finds the same entries.
+    // An earlier version kept single addresses in the trie: put one there by hand.
+    {
+        let data = aya::maps::MapData::from_pin(dir.join("BLOCK_V4")).unwrap();
+        let mut trie: aya::maps::LpmTrie<_, [u8; 4], agent_common::BlockEntry> =
+            aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+        let entry = agent_common::BlockEntry {
+            expires_ns: precedent::clock::monotonic_ns() + 600_000_000_000,
+            dropped: 3,
+        };
+        trie.insert(&aya::maps::lpm_trie::Key::new(32, [10, 46, 0, 1]), entry, 0)
+            .unwrap();
+    }
+    // A new load (a restarted daemon) finds the same entries, the old-style one included.
     let mut dp = Datapath::load(&opts).unwrap();
-    let enforcer = dp.take_enforcer().unwrap();
+    let mut enforcer = dp.take_enforcer().unwrap();
     let blocks = enforcer.blocks().unwrap();
-    assert_eq!(blocks.len(), 1);
-    assert_eq!(blocks[0].net, "10.44.0.0/16".parse().unwrap());
-    assert!(blocks[0].remaining > Duration::from_secs(500));
+    let nets: Vec<String> = blocks.iter().map(|b| b.net.to_string()).collect();
+    assert_eq!(
+        nets,
+        [
+            "10.44.0.0/16",
+            "10.45.0.9/32",
+            "10.46.0.1/32",
+            "fd00:45::9/128"
+        ]
+    );
+    assert!(
+        blocks
+            .iter()
+            .all(|b| b.remaining > Duration::from_secs(500))
+    );
+    assert_eq!(blocks[2].dropped, 3);
+    assert_eq!(enforcer.len(), 4);
     assert_eq!(
         enforcer.allowlist().unwrap(),
         vec!["10.44.1.0/24".parse().unwrap()]
     );
+    // The kernel enforces all of them, and the moved entry unblocks like any other.
+    for src in ["10.44.7.7", "10.45.0.9", "10.46.0.1", "fd00:45::9"] {
+        let dst = if src.contains(':') {
+            "fd00:45::1"
+        } else {
+            "10.45.0.1"
+        };
+        let frame = precedent_tests::Packet::tcp(src, dst, b"GET / HTTP/1.1\r\n\r\n").build();
+        assert_eq!(
+            dp.test_run(PROGRAM, &frame, 1).unwrap().0,
+            XDP_DROP,
+            "{src}"
+        );
+    }
+    assert!(enforcer.unblock("10.46.0.1/32".parse().unwrap()).unwrap());
+    let frame = precedent_tests::Packet::tcp("10.46.0.1", "10.45.0.1", b"x").build();
+    assert_eq!(dp.test_run(PROGRAM, &frame, 1).unwrap().0, XDP_PASS);
     // Without pinning, a fresh load starts empty.
     let mut fresh = Datapath::load(&LoadOptions::default()).unwrap();
     assert!(fresh.take_enforcer().unwrap().blocks().unwrap().is_empty());

@@ -401,11 +401,19 @@ fn blocked_ipv6_sources_are_dropped_exact_and_by_prefix() {
     let o = h.run(&Packet::tcp("fd00:9::2", "fd00:9::1", &get("/x")));
     assert_eq!(o.verdict, XDP_DROP);
     o.assert_counters(&[(Counter::Blocked, 1)]);
+    // The exact entry matches that one address only.
     assert_eq!(
-        h.run(&Packet::tcp("fd00:8:0:1::abcd", "fd00:9::1", &get("/x")))
+        h.run(&Packet::tcp("fd00:9::3", "fd00:9::1", &get("/x")))
             .verdict,
-        XDP_DROP
+        XDP_PASS
     );
+    let o = h.run(&Packet::tcp("fd00:8:0:1::abcd", "fd00:9::1", &get("/x")));
+    assert_eq!(o.verdict, XDP_DROP);
+    o.assert_counters(&[(Counter::Blocked, 1)]);
+    let blocks = h.enforcer.blocks().unwrap();
+    let nets: Vec<String> = blocks.iter().map(|b| b.net.to_string()).collect();
+    assert_eq!(nets, ["fd00:8:0:1::/64", "fd00:9::2/128"]);
+    assert!(blocks.iter().all(|b| b.dropped == 1));
     assert_eq!(
         h.run(&Packet::tcp("fd00:8:0:2::1", "fd00:9::1", &get("/x")))
             .verdict,
@@ -421,27 +429,104 @@ fn blocked_ipv6_sources_are_dropped_exact_and_by_prefix() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn expired_blocks_stop_applying_in_the_kernel_and_are_swept() {
     let mut h = Harness::new();
-    h.enforcer
-        .block(net("10.9.0.2/32"), Duration::from_millis(50))
-        .unwrap();
+    // Exact addresses (hash maps) and prefixes (tries), both families.
+    let cases = [
+        ("10.9.0.2/32", "10.9.0.2", "10.9.0.1"),
+        ("10.4.0.0/16", "10.4.9.9", "10.9.0.1"),
+        ("fd00:9::2/128", "fd00:9::2", "fd00:9::1"),
+        ("fd00:4::/64", "fd00:4::99", "fd00:9::1"),
+    ];
+    // Long enough that the first packets surely arrive before expiry, even under QEMU TCG
+    // on a loaded machine (50 ms was not).
+    const TTL: Duration = Duration::from_secs(2);
+    for (block, _, _) in cases {
+        h.enforcer.block(net(block), TTL).unwrap();
+    }
+    for (_, src, dst) in cases {
+        assert_eq!(h.run(&Packet::tcp(src, dst, &get("/x"))).verdict, XDP_DROP);
+    }
+    // The kernel's coarse clock, cached per CPU until jiffies move, may end a block a tick late.
+    std::thread::sleep(TTL + Duration::from_millis(100));
+    for (block, src, dst) in cases {
+        let o = h.run(&Packet::tcp(src, dst, &get("/x")));
+        assert_eq!(o.verdict, XDP_PASS, "{block}");
+        o.assert_counters(&[
+            (Counter::Passed, 1),
+            (Counter::Captured, 1),
+            (Counter::BlockExpired, 1),
+        ]);
+    }
+    assert_eq!(h.enforcer.sweep().unwrap(), 4);
+    assert!(h.enforcer.blocks().unwrap().is_empty());
+    assert!(h.enforcer.is_empty());
     assert_eq!(
-        h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", &get("/x")))
-            .verdict,
-        XDP_DROP
+        h.enforcer.block(net("10.9.0.2/32"), Duration::ZERO),
+        Err(EnforceError::ZeroTtl)
     );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn an_expired_exact_block_does_not_hide_a_live_prefix_block() {
+    let mut h = Harness::new();
+    h.enforcer
+        .block(net("10.8.0.0/16"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer
+        .block(net("10.8.0.5/32"), Duration::from_millis(50))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(120));
-    let o = h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", &get("/x")));
+    let o = h.run(&Packet::tcp("10.8.0.5", "10.9.0.1", &get("/x")));
+    assert_eq!(o.verdict, XDP_DROP);
+    // Dropped by the live prefix; the expired entry let nothing through, so it is not counted.
+    o.assert_counters(&[(Counter::Blocked, 1)]);
+    let blocks = h.enforcer.blocks().unwrap();
+    assert_eq!(blocks[0].net, net("10.8.0.0/16"));
+    assert_eq!(blocks[0].dropped, 1);
+    assert_eq!((blocks[1].net, blocks[1].dropped), (net("10.8.0.5/32"), 0));
+    assert!(blocks[1].remaining.is_zero());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn allowlist_wins_over_an_exact_block() {
+    let mut h = Harness::new();
+    // The blocks come first; the allowlist entries added afterwards cover them.
+    h.enforcer
+        .block(net("10.7.3.3/32"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer
+        .block(net("10.7.4.4/32"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer
+        .block(net("fd00:7::3/128"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer.allow(net("10.7.3.0/24")).unwrap();
+    h.enforcer.allow(net("fd00:7::/64")).unwrap();
+    let o = h.run(&Packet::tcp("10.7.3.3", "10.9.0.1", &get("/x")));
     assert_eq!(o.verdict, XDP_PASS);
     o.assert_counters(&[
         (Counter::Passed, 1),
         (Counter::Captured, 1),
-        (Counter::BlockExpired, 1),
+        (Counter::Allowlisted, 1),
     ]);
-    assert_eq!(h.enforcer.sweep().unwrap(), 1);
-    assert!(h.enforcer.blocks().unwrap().is_empty());
+    let o = h.run(&Packet::tcp("fd00:7::3", "fd00:9::1", &get("/x")));
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[
+        (Counter::Passed, 1),
+        (Counter::Captured, 1),
+        (Counter::Allowlisted, 1),
+    ]);
+    // An exact block outside the allowlist still drops.
+    let o = h.run(&Packet::tcp("10.7.4.4", "10.9.0.1", &get("/x")));
+    assert_eq!(o.verdict, XDP_DROP);
+    o.assert_counters(&[(Counter::Blocked, 1)]);
+    // Once the allowlist entry goes, the exact block applies again.
+    assert!(h.enforcer.disallow(net("10.7.3.0/24")).unwrap());
     assert_eq!(
-        h.enforcer.block(net("10.9.0.2/32"), Duration::ZERO),
-        Err(EnforceError::ZeroTtl)
+        h.run(&Packet::tcp("10.7.3.3", "10.9.0.1", &get("/x")))
+            .verdict,
+        XDP_DROP
     );
 }
 
@@ -550,4 +635,49 @@ fn batch_updates_report_each_result() {
         .map(|b| b.net)
         .collect();
     assert_eq!(nets, vec![net("fd00:5::/64")]);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_full_exact_bucket_spills_into_the_trie_transparently() {
+    use agent_common::{EXACT_WAYS, exact_bucket_v4};
+    let mut h = Harness::new();
+    // EXACT_WAYS + 2 addresses that hash to the same bucket of the exact table.
+    let bucket = |a: std::net::Ipv4Addr| exact_bucket_v4(u32::from_ne_bytes(a.octets()));
+    let first: std::net::Ipv4Addr = "10.3.0.1".parse().unwrap();
+    let same: Vec<std::net::Ipv4Addr> = (u32::from(first)..)
+        .map(std::net::Ipv4Addr::from)
+        .filter(|a| bucket(*a) == bucket(first))
+        .take(EXACT_WAYS as usize + 2)
+        .collect();
+    for a in &same {
+        h.enforcer
+            .block(net(&format!("{a}/32")), Duration::from_secs(60))
+            .unwrap();
+    }
+    // Every one of them is dropped, whether its block sits in the table or in the trie.
+    for a in &same {
+        let o = h.run(&Packet::tcp(&a.to_string(), "10.9.0.1", &get("/x")));
+        assert_eq!(o.verdict, XDP_DROP, "{a}");
+        o.assert_counters(&[(Counter::Blocked, 1)]);
+    }
+    let blocks = h.enforcer.blocks().unwrap();
+    assert_eq!(blocks.len(), same.len());
+    assert!(
+        blocks
+            .iter()
+            .all(|b| b.dropped == 1 && b.net.prefix_len() == 32)
+    );
+    // Re-blocking one in place does not duplicate it; unblocking frees the slot for another.
+    h.enforcer
+        .block(net(&format!("{}/32", same[0])), Duration::from_secs(90))
+        .unwrap();
+    assert_eq!(h.enforcer.len(), same.len());
+    for a in &same {
+        assert!(h.enforcer.unblock(net(&format!("{a}/32"))).unwrap(), "{a}");
+        let o = h.run(&Packet::tcp(&a.to_string(), "10.9.0.1", &get("/x")));
+        assert_eq!(o.verdict, XDP_PASS, "{a} after unblock");
+    }
+    assert!(h.enforcer.is_empty());
+    assert!(h.enforcer.blocks().unwrap().is_empty());
 }

@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -41,85 +41,25 @@ pub fn engine() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Concurrent keep-alive clients generating load.
+/// Concurrent keep-alive clients generating load (bench-memory).
 const CLIENTS: usize = 4;
 const PORT: u16 = 8080;
 
+/// `cargo xtask bench-e2e`: builds the release daemon, then runs tests/benches/e2e.rs, which
+/// measures HTTP req/s through a veth pair without precedent, with the XDP program alone
+/// (native and generic attach, minimal ring reader) and with the full daemon, alternating.
 pub fn e2e(seconds: u64, rounds: usize) -> anyhow::Result<()> {
     let bin = release_agent("bench-e2e")?;
-
-    let net = TestNet::new("bench", 77)?;
-    let server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT))?;
-    let target = SocketAddr::new(net.host_ip.into(), PORT);
-    step(&format!(
-        "{rounds} rounds x {seconds}s each, alternating without/with `precedent daemon --iface {}`; {CLIENTS} keep-alive clients",
-        net.host_if
-    ));
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        let off = load(&net, target, Duration::from_secs(seconds))?;
-        let daemon = Daemon::start_discarding_stdout(&bin, &["daemon", "--iface", &net.host_if])?;
-        let on = load(&net, target, Duration::from_secs(seconds))?;
-        drop(daemon);
-        eprintln!("  round {round}: without {off:>9.0} req/s   with {on:>9.0} req/s");
-        without.push(off);
-        with.push(on);
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let (off, on) = (median(&mut without), median(&mut with));
-    println!(
-        "HTTP through veth ({CLIENTS} keep-alive clients, median of {rounds} rounds of {seconds}s, alternating)"
-    );
-    println!("  without precedent: {off:>10.0} req/s");
-    println!("  with precedent:    {on:>10.0} req/s   (daemon running: capture, engine, alerts)");
-    println!("  ratio with/without: {:.3}", on / off);
-    println!("  requests served in total: {}", server.served());
-    Ok(())
-}
-
-/// Requests per second that `CLIENTS` keep-alive connections from the namespace achieve.
-fn load(net: &TestNet, target: SocketAddr, dur: Duration) -> anyhow::Result<f64> {
-    let done = Arc::new(AtomicU64::new(0));
-    let d = done.clone();
-    net.run_in_ns(move || {
-        let stop = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
-        let threads: Vec<_> = (0..CLIENTS)
-            .map(|i| {
-                let (stop, d) = (stop.clone(), d.clone());
-                std::thread::spawn(move || -> std::io::Result<()> {
-                    let mut s = TcpStream::connect(target)?;
-                    s.set_nodelay(true)?;
-                    let req = format!("GET /api/v1/items/{i} HTTP/1.1\r\nHost: bench\r\n\r\n");
-                    let mut buf = [0u8; 256];
-                    while !stop.load(Ordering::Relaxed) {
-                        s.write_all(req.as_bytes())?;
-                        // The server's reply is small and fixed; read until its 2-byte body.
-                        let mut got = Vec::with_capacity(96);
-                        while !got.ends_with(b"\r\n\r\nok") {
-                            let n = s.read(&mut buf)?;
-                            if n == 0 {
-                                return Ok(());
-                            }
-                            got.extend_from_slice(&buf[..n]);
-                        }
-                        d.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        std::thread::sleep(dur);
-        stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            let _ = t.join();
-        }
-        start.elapsed()
-    })
-    .map(|elapsed| done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
+    step("cargo bench -p precedent-tests --bench e2e");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    exec(
+        std::process::Command::new(cargo)
+            .args(["bench", "--package", "precedent-tests", "--bench", "e2e"])
+            .env("PRECEDENT_BIN", &bin)
+            .env("E2E_SECONDS", seconds.to_string())
+            .env("E2E_ROUNDS", rounds.to_string())
+            .current_dir(workspace_root()),
+    )
 }
 
 /// Set-up, root check, and the release binary (benchmarks measure what would be deployed).

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod eval;
+mod fuzz;
 mod package;
 mod setup;
 mod test;
@@ -89,6 +90,19 @@ enum Task {
     /// The detection engine on one core: requests/s (FIFA sessions and a synthetic API), memory
     /// per session and context, and the model side by side with anomaly-grid (no root needed).
     BenchEngine,
+    /// Fuzz every parser of outside input (HTTP requests, access logs, captures, config, rules,
+    /// state files, control requests, discovery) with cargo-fuzz, one target after another.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Per-target libFuzzer logs go here (default: fuzz/logs).
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
+        /// Only these targets (default: all).
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -110,6 +124,15 @@ fn main() -> std::process::ExitCode {
         Task::BenchMemory { requests, sessions } => bench::memory(requests, sessions),
         Task::BenchE2e { seconds, rounds } => bench::e2e(seconds, rounds),
         Task::BenchEngine => bench::engine(),
+        Task::Fuzz {
+            time,
+            log_dir,
+            targets,
+        } => fuzz::run(&fuzz::Options {
+            seconds: time,
+            targets,
+            log_dir,
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -28,7 +28,7 @@ const EXPECTED: &[&str] = &[
 
 pub fn run() -> anyhow::Result<()> {
     setup::ensure()?;
-    let deb_bin_dir = ensure_cargo_deb()?;
+    let deb_bin_dir = setup::ensure_cargo_tool("cargo-deb", CARGO_DEB_VERSION)?;
     let target = target_dir();
 
     step("building precedent (release, XDP program embedded)");
@@ -75,45 +75,6 @@ pub fn run() -> anyhow::Result<()> {
         deb.display()
     );
     Ok(())
-}
-
-/// A directory holding `cargo-deb`: the one on PATH if it runs, otherwise
-/// `<cache>/cargo-deb/bin`, filled by `cargo install cargo-deb --locked` on first use.
-fn ensure_cargo_deb() -> anyhow::Result<PathBuf> {
-    let runs = |bin: &Path| {
-        Command::new(bin)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    if let Some(dir) = std::env::split_paths(&path).find(|d| runs(&d.join("cargo-deb"))) {
-        step(&format!("cargo-deb: present ({})", dir.display()));
-        return Ok(dir);
-    }
-    let root = setup::cache_dir().join("cargo-deb");
-    let bin = root.join("bin/cargo-deb");
-    if runs(&bin) {
-        step(&format!("cargo-deb: present ({})", bin.display()));
-        return Ok(root.join("bin"));
-    }
-    step(&format!(
-        "installing cargo-deb {CARGO_DEB_VERSION} into {} (cargo install --locked; a few minutes, once)",
-        root.display()
-    ));
-    exec(
-        Command::new("cargo")
-            .args([
-                "install",
-                "cargo-deb",
-                "--version",
-                CARGO_DEB_VERSION,
-                "--locked",
-                "--root",
-            ])
-            .arg(&root),
-    )?;
-    Ok(root.join("bin"))
 }
 
 /// Runs `cmd` and returns its stdout; fails with its stderr.

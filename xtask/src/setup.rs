@@ -62,7 +62,7 @@ pub fn cache_dir() -> PathBuf {
         .join("precedent")
 }
 
-fn ensure_nightly(nightly: &str) -> anyhow::Result<()> {
+pub fn ensure_nightly(nightly: &str) -> anyhow::Result<()> {
     let installed = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", nightly])
         .output()
@@ -153,6 +153,39 @@ fn ensure_bpf_linker(nightly: &str) -> anyhow::Result<()> {
     exec(&mut cmd)?;
     std::fs::write(&marker, wanted)?;
     Ok(())
+}
+
+/// A directory holding the cargo subcommand `krate` (cargo-deb, cargo-fuzz): the one on PATH
+/// if it runs, otherwise `<cache>/KRATE/bin`, filled by `cargo install KRATE --locked` (pinned
+/// `version`) on first use.
+pub fn ensure_cargo_tool(krate: &str, version: &str) -> anyhow::Result<PathBuf> {
+    let runs = |bin: &Path| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(dir) = std::env::split_paths(&path).find(|d| runs(&d.join(krate))) {
+        step(&format!("{krate}: present ({})", dir.display()));
+        return Ok(dir);
+    }
+    let root = cache_dir().join(krate);
+    let bin = root.join("bin").join(krate);
+    if runs(&bin) {
+        step(&format!("{krate}: present ({})", bin.display()));
+        return Ok(root.join("bin"));
+    }
+    step(&format!(
+        "installing {krate} {version} into {} (cargo install --locked; a few minutes, once)",
+        root.display()
+    ));
+    exec(
+        Command::new("cargo")
+            .args(["install", krate, "--version", version, "--locked", "--root"])
+            .arg(&root),
+    )?;
+    Ok(root.join("bin"))
 }
 
 fn llvm_major(nightly: &str) -> anyhow::Result<u32> {

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: set-up, unit tests (no root), then the root integration tests on the host
 //! kernel, single-threaded because they create network namespaces and attach XDP programs, then
-//! the same root tests on Debian's 6.1 LTS kernel under QEMU (vm.rs), and one table of both.
+//! the same root tests on Debian's 6.1 LTS kernel under QEMU (vm.rs), one table of both, and
+//! a short run of every fuzz target (fuzz.rs).
 //!
 //! The root tests run their binaries directly (not through `cargo test`) so each test's outcome
 //! can be read from libtest's `test NAME ... ok` lines, the same way on the host and in the VM.
@@ -52,6 +53,13 @@ pub fn run(unit_only: bool) -> anyhow::Result<()> {
     let matrix = [host, guest];
     print_matrix(&matrix);
     check(&matrix)?;
+    // Every parser briefly, from the committed seeds and what earlier runs found; the long
+    // campaign is `cargo xtask fuzz --time 600`.
+    crate::fuzz::run(&crate::fuzz::Options {
+        seconds: 15,
+        targets: Vec::new(),
+        log_dir: None,
+    })?;
     eprintln!("all tests passed in {:.0}s", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -222,6 +222,36 @@ impl Node {
         self.index = None;
     }
 
+    /// For [`super::Model::check`]: counts that cover their buckets (so expiry's subtractions
+    /// cannot underflow) and an index that finds every entry where it is.
+    pub(super) fn check(&self) -> Result<(), String> {
+        let mut total = 0u64;
+        for (i, e) in self.entries.iter().enumerate() {
+            let held: u64 = e.buckets.iter().map(|&(_, c)| u64::from(c)).sum();
+            if held > u64::from(e.k) {
+                return Err(format!(
+                    "next {} counts {} but its buckets hold {held}",
+                    e.next, e.k
+                ));
+            }
+            if self
+                .index
+                .as_ref()
+                .is_some_and(|ix| ix.get(e.next) != Some(i))
+            {
+                return Err(format!("the index does not find next {} at {i}", e.next));
+            }
+            total += u64::from(e.k);
+        }
+        if total > u64::from(self.n) {
+            return Err(format!(
+                "{} observations but its entries count {total}",
+                self.n
+            ));
+        }
+        Ok(())
+    }
+
     /// Approximate heap bytes owned by this node beyond its inline size.
     pub(super) fn heap_bytes(&self) -> usize {
         let mut b = 0;

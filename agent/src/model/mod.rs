@@ -343,6 +343,82 @@ impl Model {
         &self.stats
     }
 
+    /// Whether a loaded model is one this code could have built: a valid config, a root, every
+    /// context indexed under its key with a live parent one shorter, child and live counts
+    /// right, counts that cover their buckets, and maintenance state within range. The state
+    /// file's loader refuses anything else as damaged, instead of a panic or wrong arithmetic
+    /// later.
+    pub fn check(&self) -> Result<(), String> {
+        self.cfg.validate().map_err(|e| e.to_string())?;
+        let len = self.nodes.len();
+        let root = self.nodes.first().ok_or("no root context")?;
+        if !root.live || root.parent != NO_SLOT || root.depth != 0 {
+            return Err("context 0 is not the root".into());
+        }
+        let mut children = vec![0u32; len];
+        let mut live = 0usize;
+        for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.live) {
+            live += 1;
+            node.check().map_err(|e| format!("context {i}: {e}"))?;
+            if i == ROOT as usize {
+                continue;
+            }
+            let parent_ok = self
+                .nodes
+                .get(node.parent as usize)
+                .is_some_and(|p| p.live && usize::from(p.depth) + 1 == usize::from(node.depth));
+            if !parent_ok || usize::from(node.depth) > self.cfg.max_order {
+                return Err(format!("context {i}: no live parent one operation shorter"));
+            }
+            if self.index.get(&node.key) != Some(&(i as u32)) {
+                return Err(format!("context {i} is not indexed under its key"));
+            }
+            children[node.parent as usize] += 1;
+        }
+        if live != self.live || self.index.len() + 1 != live {
+            return Err(format!(
+                "{live} live contexts, {} counted, {} indexed",
+                self.live,
+                self.index.len()
+            ));
+        }
+        if let Some(i) =
+            (0..len).find(|&i| self.nodes[i].live && self.nodes[i].children != children[i])
+        {
+            return Err(format!(
+                "context {i}: child count {} is not {}",
+                self.nodes[i].children, children[i]
+            ));
+        }
+        let mut free = vec![false; len];
+        for &f in &self.free {
+            match free.get_mut(f as usize) {
+                Some(seen) if !*seen && !self.nodes[f as usize].live => *seen = true,
+                _ => {
+                    return Err(format!(
+                        "free slot {f} is out of range, live or listed twice"
+                    ));
+                }
+            }
+        }
+        if self.by_depth.iter().flatten().any(|&s| s as usize >= len) {
+            return Err("a gathered slot is out of range".into());
+        }
+        // A cycle in progress reads by_depth up to max_order (a new one sizes it first).
+        let cycle_ok = match self.phase {
+            Phase::Expire { cursor: 0 } => true,
+            Phase::Expire { .. } => self.by_depth.len() == self.cfg.max_order + 1,
+            Phase::Collapse { depth, .. } => {
+                self.by_depth.len() == self.cfg.max_order + 1
+                    && usize::from(depth) <= self.cfg.max_order
+            }
+        };
+        if !cycle_ok {
+            return Err("maintenance cycle state does not fit max_order".into());
+        }
+        Ok(())
+    }
+
     /// Contexts currently stored (including the empty one).
     pub fn contexts(&self) -> usize {
         self.live
@@ -385,7 +461,7 @@ impl Model {
     /// (through the links of the transitions it learns). Same counts, same scores. The interval
     /// is computed only when the transition could be confidently rare against `rare_below` (the
     /// engine's threshold): when the posterior mean (k+1)/(n+2) is below it, since a 99% upper
-    /// bound is never below the mean (nor the point estimate).
+    /// bound is never below the mean (nor the point estimate). `rare_below` = 0 asks for none.
     pub fn observe_with(
         &mut self,
         history: &[Op],
@@ -544,9 +620,15 @@ impl Model {
         let could_be_rare = rare_below.is_none_or(|r| {
             (f64::from(k) + 1.0) / (f64::from(n) + 2.0) < r.min(self.cfg.interval_below)
         });
-        let interval =
-            (score && enough_data && probability < self.cfg.interval_below && could_be_rare)
-                .then(|| self.cache.interval(k, n));
+        // Exact quantiles cost microseconds: with a threshold, one CDF first rules out the
+        // transitions whose upper bound cannot be below it (most of those `could_be_rare` lets by).
+        let below = rare_below.map(|r| r.min(self.cfg.interval_below));
+        let interval = (score
+            && enough_data
+            && probability < self.cfg.interval_below
+            && could_be_rare
+            && below.is_none_or(|r| self.cache.upper_could_be_below(k, n, r)))
+        .then(|| self.cache.interval(k, n));
         if let Some(c) = cursor {
             *c = next_cursor;
         }

@@ -442,3 +442,40 @@ fn memory_report_counts_every_context() {
     assert_eq!(r.contexts, m.contexts());
     assert!(r.bytes_per_context > std::mem::size_of::<Node>() as f64);
 }
+
+/// A model file can pass its checksum and still not be one this code wrote. Each of these would
+/// panic (an index out of range, a count going below zero, a cycle gathered for a depth that
+/// does not exist) once the loaded model is used.
+#[test]
+fn loaded_models_with_dangling_contexts_or_counts_are_refused() {
+    let mut good = banking_model(cfg());
+    good.maintain(HOUR);
+    assert_eq!(good.check(), Ok(()));
+    assert_eq!(seed_model().check(), Ok(()));
+    let deep = (1..good.nodes.len()).find(|&i| good.nodes[i].live && good.nodes[i].depth == 2);
+    let deep = deep.expect("a context of two operations");
+    type Corrupt = fn(&mut Model, usize);
+    let cases: [(&str, Corrupt); 8] = [
+        ("no root", |m, _| m.nodes.clear()),
+        ("dangling parent", |m, i| m.nodes[i].parent = 999),
+        ("parent of the wrong depth", |m, i| m.nodes[i].parent = ROOT),
+        ("not indexed", |m, i| {
+            let key = m.nodes[i].key;
+            m.index.remove(&key);
+        }),
+        ("child count", |m, _| m.nodes[ROOT as usize].children += 1),
+        ("fewer observations than counts", |m, i| m.nodes[i].n = 0),
+        ("cycle state past max_order", |m, _| {
+            m.phase = Phase::Collapse { depth: 3, pos: 0 };
+            m.by_depth.truncate(2);
+        }),
+        ("invalid config", |m, _| {
+            m.cfg.max_order = MAX_ORDER_LIMIT + 1
+        }),
+    ];
+    for (what, corrupt) in cases {
+        let mut m = good.clone();
+        corrupt(&mut m, deep);
+        assert!(m.check().is_err(), "{what} passed the check");
+    }
+}

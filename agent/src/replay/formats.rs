@@ -282,8 +282,9 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// Per-file parsing state for the text formats: reused buffers and the live path's parser.
+/// Public for the fuzz targets (fuzz/), which feed it lines the way replay does.
 #[derive(Debug)]
-pub(crate) struct LineParser {
+pub struct LineParser {
     http: http::Parser,
     /// Header names kept in records (lowercase): the session headers and `cookie`.
     keep: Vec<String>,
