@@ -419,7 +419,9 @@ fn which(cmd: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// The VM's /init: mounts what the tests use, loads the modules, runs each binary's root tests
-/// with a time limit, and reports on /dev/ttyS1 between `@@` marker lines.
+/// with a time limit, and reports on /dev/ttyS1 between `@@` marker lines. /tmp stays on the
+/// initramfs (already a writable tmpfs): a checkout under /tmp (a CI clone, say) has its test
+/// binaries and package directories there, and a tmpfs mounted over it would hide them.
 fn init_script(kernel: &Kernel, binaries: &[TestBinary], precedent: &Path) -> String {
     let q = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
     let mut s = String::from(
@@ -431,7 +433,7 @@ fn init_script(kernel: &Kernel, binaries: &[TestBinary], precedent: &Path) -> St
          mount -t devtmpfs devtmpfs /dev\n\
          mount -t bpf bpf /sys/fs/bpf\n\
          mount -t tmpfs tmpfs /run\n\
-         mount -t tmpfs tmpfs /tmp\n\
+         mkdir -p /tmp && chmod 1777 /tmp\n\
          ln -s /run /var/run\n\
          mkdir -p /run/netns\n\
          R=/dev/ttyS1\n",
