@@ -60,7 +60,8 @@ pub struct DiscoveryConfig {
     /// A position becomes `{param}` when the number of distinct values seen at it under the
     /// same parent passes this (the 21st distinct value with the default 20), and not before.
     pub cardinality_threshold: usize,
-    /// Trie nodes (learned path positions) at most.
+    /// Trie nodes (learned path positions) at most, not counting the root of each host (at
+    /// most `max_hosts` + 1 more).
     pub max_nodes: usize,
     /// Operations at most (plus one overflow operation per method beyond it).
     pub max_ops: usize,
@@ -573,6 +574,13 @@ impl Discovery {
         r
     }
 
+    /// The path-position nodes (every live node but the host roots) have reached `max_nodes`.
+    /// Roots are bounded apart (at most `max_hosts` + the overflow host): counting them against
+    /// the cap let a new host's root push the trie one node past it (found by fuzzing).
+    fn positions_full(&self) -> bool {
+        self.s.stats.live_nodes.saturating_sub(self.s.roots.len()) >= self.s.config.max_nodes
+    }
+
     fn alloc(&mut self, mut node: Node) -> u32 {
         node.live = true;
         self.s.stats.live_nodes += 1;
@@ -666,7 +674,7 @@ impl Discovery {
             if let Some(c) = node.typed[kind] {
                 return Some(c);
             }
-            if self.s.stats.live_nodes >= self.s.config.max_nodes {
+            if self.positions_full() {
                 return None;
             }
             let c = self.alloc(Node {
@@ -684,7 +692,7 @@ impl Discovery {
         if node.children.len() >= self.s.config.cardinality_threshold {
             return Some(self.generalise(n));
         }
-        if self.s.stats.live_nodes >= self.s.config.max_nodes {
+        if self.positions_full() {
             return None;
         }
         let c = self.alloc(Node {
@@ -1297,6 +1305,40 @@ mod tests {
         assert_eq!(d.check(), Ok(()));
     }
 
+    /// Found by the `discovery` fuzz target's 10-minute run (fuzz/): hosts first seen once the
+    /// trie was full got a root past the node cap (41 live nodes, cap 40). Roots are now bounded
+    /// apart: path positions stay within `max_nodes`, roots within `max_hosts` + 1.
+    #[test]
+    fn new_hosts_on_a_full_trie_keep_the_node_cap() {
+        const INPUT: &[u8] = b"2/GET/lgo\n@GET /useGapi/v1/transfrs/{us_edir}\nGET /api/v1/{cco\x03\x00\x00\x00\x00\x00\x00\x00apkpi.euntsj/2/4alance\nPUT /api/v0/uwe\x95\x8c\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd0\xc8\xdf\x90\x8b\x97er.ei/v1/transfrsogin\nGET /7/ac/acE/22e%/2/{us_edir}xamplid}\nGET /Gapi/v1/transfrs/{us_eapi/v1/use\x95\x8c\xd0\xc8\xdf\x90\x8b\x97erUT /api/v0/uwe\x95\x8c\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd1\xd0\xc8\xdf\x90\x8b\x97er.ei/v1/transfrsogin\nGET /7/ac/acE/22e%/2/{us_edir}xamplid}\nGET /Gapi/v1/transfrs/{us_eapi/v1/use\x95\x8c\xd0\xc8\xdf\x90\x8b\x97er.examplid}\nGET /api/v1/accounts/42/ir}\nGET /api/v2u/a/v0/accounts/4\x00\x00\x00\x00\x00\x00\x00\x00e\nPUT /aT /api/v1rs/{user_id}\nGse\x95\x8c\xd0\xc8\xdf\x90\x8be\x95\x8c\xd0\xc8v/1xampb\xef\xbf\xbdlanplETe.c/mbce /";
+        let config = DiscoveryConfig {
+            include_host: true,
+            cardinality_threshold: 3,
+            max_nodes: 40,
+            max_ops: 24,
+            max_depth: 5,
+            max_hosts: 3,
+            templates: Vec::new(),
+        };
+        let mut d = Discovery::new(config.clone()).unwrap();
+        for line in String::from_utf8_lossy(INPUT).lines() {
+            let mut parts = line.splitn(3, ' ');
+            let (method, path, host) = match (parts.next().and_then(Method::parse), parts.next()) {
+                (Some(m), Some(p)) => (m, p, parts.next()),
+                _ => (Method::Get, line, None),
+            };
+            d.observe(host, method, path);
+            let roots = d.s.roots.len();
+            assert!(roots <= config.max_hosts + 1, "{roots} roots");
+            assert!(
+                d.stats().live_nodes - roots <= config.max_nodes,
+                "{:?} with {roots} roots",
+                d.stats()
+            );
+        }
+        assert_eq!(d.check(), Ok(()));
+    }
+
     #[test]
     fn integer_ids_become_id_placeholder_immediately() {
         let mut d = d();
@@ -1535,7 +1577,8 @@ mod tests {
         let o = d.observe(None, Method::Get, "/api/another");
         assert_eq!(name(&d, o), "GET /api/{overflow}");
         assert!(d.stats().overflow_hits > 0);
-        assert!(d.stats().live_nodes <= 8);
+        // Eight path positions plus the one root (no hosts in names).
+        assert_eq!(d.stats().live_nodes, 8 + 1);
     }
 
     #[test]
