@@ -62,21 +62,44 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// Bits of the `ENFORCE_FLAGS` array map (entry 0): which block/allow maps hold entries.
-/// The XDP program skips lookups in empty maps, which keeps the common path cheap; the
-/// userspace enforcer keeps these bits in step with the maps.
+/// Bits of [`Enforcement::flags`]: which block/allow tries hold entries. The XDP program
+/// skips lookups in empty maps, which keeps the common path cheap; the userspace enforcer
+/// keeps these bits in step with the maps.
 ///
 /// `FLAG_BLOCK_*`: the prefix tries (`BLOCK_V4`, `BLOCK_V6`) hold entries.
 pub const FLAG_BLOCK_V4: u32 = 1 << 0;
 pub const FLAG_BLOCK_V6: u32 = 1 << 1;
 pub const FLAG_ALLOW_V4: u32 = 1 << 2;
 pub const FLAG_ALLOW_V6: u32 = 1 << 3;
-/// The exact-address tables (`BLOCK_EXACT_V4`, `BLOCK_EXACT_V6`) hold entries.
-pub const FLAG_EXACT_V4: u32 = 1 << 4;
-pub const FLAG_EXACT_V6: u32 = 1 << 5;
+
+/// How many prefix lengths per address family the hash tables serve. Operators use few
+/// (the daemon blocks /32 and /128; people add /24, /64, /48...); a block of a ninth
+/// length goes to the LPM trie, which matches any length, only more slowly.
+pub const HASHED_LENGTHS: usize = 8;
+
+/// Entry 0 of the `ENFORCE` array map, written by userspace: what the block maps hold, so
+/// the program searches only where something can be found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enforcement {
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// How many entries of `host_bits_v4` / `host_bits_v6` are in use.
+    pub lengths_v4: u8,
+    pub lengths_v6: u8,
+    pub _pad: [u8; 2],
+    /// The prefix lengths present in the hash tables, as host bits (32 − prefix length for
+    /// IPv4, 128 − it for IPv6), longest prefix first. The program derives each length's mask
+    /// from its host bits, so a torn read of this array (userspace rewrites it while packets
+    /// are judged) can only skip or add a probe, never pair a key with the wrong mask.
+    pub host_bits_v4: [u8; HASHED_LENGTHS],
+    pub host_bits_v6: [u8; HASHED_LENGTHS],
+}
+
+const _: () = assert!(core::mem::size_of::<Enforcement>() == 24);
 
 /// A block: the value of the LPM tries keyed by source prefix, and part of each slot of the
-/// exact-address tables.
+/// hash tables.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockEntry {
@@ -88,26 +111,47 @@ pub struct BlockEntry {
     pub dropped: u64,
 }
 
-/// Blocks of single addresses (/32, /128: the daemon's own blocks) live in the exact-address
-/// tables: array maps used as hash tables with buckets of [`EXACT_WAYS`] consecutive slots,
-/// the bucket chosen by [`exact_bucket_v4`] / [`exact_bucket_v6`]. Array lookups are inlined
-/// into the program by the verifier, so a lookup costs a few instructions per slot, where a
-/// BPF hash map or LPM trie lookup is a call into the kernel (measured here: ~22-34 ns for a
-/// hash map, ~16 ns for a trie, against ~0 for an array; see `cargo xtask bench-xdp`).
-/// Userspace places entries; an address whose bucket is full goes to the LPM trie instead,
-/// which matches it just as well (only more slowly).
+/// Blocks live in hash tables keyed by (prefix, prefix length): array maps used as hash tables
+/// with buckets of [`EXACT_WAYS`] consecutive slots, the bucket chosen by [`exact_bucket_v4`] /
+/// [`exact_bucket_v6`]. The program probes one bucket per prefix length in use ("tuple space
+/// search": a handful of lengths, each an exact match). Array lookups are inlined into the
+/// program by the verifier, so a probe costs a few instructions per slot, where a BPF hash map
+/// or LPM trie lookup is a call into the kernel (measured here: ~22-34 ns for a hash map,
+/// ~16-20 ns for a trie, against ~0 for an array; see `cargo xtask bench-xdp`).
+/// Userspace places entries; a block whose bucket is full, or whose prefix length is not
+/// among the [`HASHED_LENGTHS`] served, goes to the LPM trie instead, which matches it just
+/// as well (only more slowly).
 pub const EXACT_BUCKET_BITS: u32 = 14;
 pub const EXACT_WAYS: u32 = 4;
-/// Slots per exact-address table.
-pub const EXACT_SLOTS: u32 = (1 << EXACT_BUCKET_BITS) * EXACT_WAYS;
+/// Buckets per hash table (the array map's entries: one lookup reaches a whole bucket).
+pub const EXACT_BUCKETS: u32 = 1 << EXACT_BUCKET_BITS;
+
+/// A bucket of a hash table: the value of `BLOCK_EXACT_V4` / `BLOCK_EXACT_V6`. A prefix may
+/// sit in any of its bucket's slots; an empty slot has an expiry of 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket<S> {
+    pub slots: [S; EXACT_WAYS as usize],
+}
+
+/// Entries of the hash tables before buckets were map values (one slot per entry, single
+/// addresses only): userspace moves the blocks of such pinned tables into the current ones.
+pub const LEGACY_EXACT_SLOTS: u32 = EXACT_BUCKETS * EXACT_WAYS;
+/// Value sizes of those earlier slots: the address (4 bytes and 4 of padding, or 16), then a
+/// [`BlockEntry`].
+pub const LEGACY_EXACT_SLOT_V4_SIZE: usize = 24;
+pub const LEGACY_EXACT_SLOT_V6_SIZE: usize = 32;
 
 /// A slot of `BLOCK_EXACT_V4`. Empty while `entry.expires_ns` is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExactSlotV4 {
-    /// The address as its 4 network-order bytes read as a native integer (`u32::from_ne_bytes`).
+    /// The prefix (host bits zero) as its 4 network-order bytes read as a native integer
+    /// (`u32::from_ne_bytes`): see [`prefix_v4`].
     pub addr: u32,
-    pub _pad: u32,
+    /// 32 − prefix length: 0 for a single address. Follows `addr` so the program compares
+    /// both as one 64-bit word.
+    pub host_bits: u32,
     pub entry: BlockEntry,
 }
 
@@ -115,25 +159,80 @@ pub struct ExactSlotV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExactSlotV6 {
-    /// The address's 16 network-order bytes as two native integers (`u64::from_ne_bytes`).
+    /// The prefix's 16 network-order bytes as two native integers (`u64::from_ne_bytes`),
+    /// host bits zero: see [`prefix_v6`].
     pub addr: [u64; 2],
+    /// 128 − prefix length: 0 for a single address.
+    pub host_bits: u32,
+    pub _pad: u32,
     pub entry: BlockEntry,
 }
 
 const _: () = assert!(core::mem::size_of::<ExactSlotV4>() == 24);
-const _: () = assert!(core::mem::size_of::<ExactSlotV6>() == 32);
+const _: () = assert!(core::mem::size_of::<ExactSlotV6>() == 40);
+const _: () = assert!(core::mem::size_of::<Bucket<ExactSlotV4>>() == 96);
+const _: () = assert!(core::mem::size_of::<Bucket<ExactSlotV6>>() == 160);
 
-/// The bucket of an IPv4 address (multiplicative hashing: one multiply, one shift). The kernel
-/// and userspace both call this, so they always agree.
-#[inline(always)]
-pub const fn exact_bucket_v4(addr: u32) -> u32 {
-    addr.wrapping_mul(0x9E37_79B1) >> (32 - EXACT_BUCKET_BITS)
+impl ExactSlotV4 {
+    /// `addr` and `host_bits` as the one word the program compares (little-endian layout).
+    #[inline(always)]
+    pub const fn key(prefix: u32, host_bits: u32) -> u64 {
+        prefix as u64 | (host_bits as u64) << 32
+    }
 }
 
-/// The bucket of an IPv6 address (both halves folded, then multiplicative hashing).
+/// `addr` (network-order bytes read natively, as in the slots) with its lowest `host_bits`
+/// address bits cleared; `host_bits` is at most 32.
 #[inline(always)]
-pub const fn exact_bucket_v6(addr: [u64; 2]) -> u32 {
-    let folded = addr[0] ^ addr[1].rotate_left(29);
+pub const fn prefix_v4(addr: u32, host_bits: u32) -> u32 {
+    // The mask in network order (the top `32 - host_bits` bits set), then byte-swapped into
+    // the slots' native reading on little-endian machines. Shifting by 32 is undefined, so
+    // a /0 (all host bits) is spelled out.
+    let mask = if host_bits >= 32 {
+        0
+    } else {
+        u32::MAX << host_bits
+    };
+    addr & u32::from_ne_bytes(mask.to_be_bytes())
+}
+
+/// `addr` (two native words of network-order bytes) with its lowest `host_bits` bits
+/// cleared; `host_bits` is at most 128.
+#[inline(always)]
+pub const fn prefix_v6(addr: [u64; 2], host_bits: u32) -> [u64; 2] {
+    let (hi_bits, lo_bits) = if host_bits > 64 {
+        (host_bits - 64, 64)
+    } else {
+        (0, host_bits)
+    };
+    [
+        addr[0] & mask_v6_word(hi_bits),
+        addr[1] & mask_v6_word(lo_bits),
+    ]
+}
+
+/// The mask keeping all but the lowest `bits` bits of a network-order word read natively.
+#[inline(always)]
+const fn mask_v6_word(bits: u32) -> u64 {
+    let m = if bits >= 64 { 0 } else { u64::MAX << bits };
+    u64::from_ne_bytes(m.to_be_bytes())
+}
+
+/// The bucket of an IPv4 prefix (its host bits folded in, then multiplicative hashing: one
+/// multiply, one shift). The kernel and userspace both call this, so they always agree.
+#[inline(always)]
+pub const fn exact_bucket_v4(prefix: u32, host_bits: u32) -> u32 {
+    (prefix ^ host_bits.wrapping_mul(0x85EB_CA6B)).wrapping_mul(0x9E37_79B1)
+        >> (32 - EXACT_BUCKET_BITS)
+}
+
+/// The bucket of an IPv6 prefix (both halves and the host bits folded, then multiplicative
+/// hashing).
+#[inline(always)]
+pub const fn exact_bucket_v6(prefix: [u64; 2], host_bits: u32) -> u32 {
+    let folded = prefix[0]
+        ^ prefix[1].rotate_left(29)
+        ^ (host_bits as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - EXACT_BUCKET_BITS)) as u32
 }
 
@@ -219,9 +318,12 @@ mod user {
     // SAFETY: all are repr(C), Copy, padded explicitly, and valid for every bit pattern.
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Enforcement {}
     unsafe impl aya::Pod for super::BlockEntry {}
     unsafe impl aya::Pod for super::ExactSlotV4 {}
     unsafe impl aya::Pod for super::ExactSlotV6 {}
+    // An array of Pod slots, nothing else.
+    unsafe impl<S: aya::Pod> aya::Pod for super::Bucket<S> {}
 }
 
 #[cfg(test)]
@@ -234,17 +336,76 @@ mod tests {
         let mut seen = [false; 1 << EXACT_BUCKET_BITS];
         // 4,096 consecutive addresses (a /20 an attacker might hold): almost no two collide.
         for i in 0..4096u32 {
-            let b = exact_bucket_v4(u32::from_ne_bytes((0x0a03_0000 + i).to_be_bytes()));
+            let b = exact_bucket_v4(u32::from_ne_bytes((0x0a03_0000 + i).to_be_bytes()), 0);
             assert!(b < n);
             seen[b as usize] = true;
         }
         assert!(seen.iter().filter(|s| **s).count() > 3500);
         let mut seen6 = [false; 1 << EXACT_BUCKET_BITS];
         for i in 0..4096u64 {
-            let b = exact_bucket_v6([0x0000_00fd_u64, i.to_be()]);
+            let b = exact_bucket_v6([0x0000_00fd_u64, i.to_be()], 0);
             assert!(b < n);
             seen6[b as usize] = true;
         }
         assert!(seen6.iter().filter(|s| **s).count() > 3500);
+    }
+
+    #[test]
+    fn prefixes_clear_exactly_the_host_bits_in_network_order() {
+        let v4 = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let addr = v4([10, 66, 3, 4]);
+        assert_eq!(prefix_v4(addr, 0), addr);
+        assert_eq!(prefix_v4(addr, 8), v4([10, 66, 3, 0]));
+        assert_eq!(prefix_v4(addr, 16), v4([10, 66, 0, 0]));
+        assert_eq!(prefix_v4(addr, 20), v4([10, 64, 0, 0]));
+        assert_eq!(prefix_v4(addr, 31), v4([0, 0, 0, 0]));
+        assert_eq!(prefix_v4(addr, 32), 0);
+        let v6 = |a: [u8; 16]| {
+            [
+                u64::from_ne_bytes(a[..8].try_into().unwrap()),
+                u64::from_ne_bytes(a[8..].try_into().unwrap()),
+            ]
+        };
+        let addr = v6([0xfd, 0, 0, 8, 0, 0, 0, 1, 0xab, 0xcd, 0, 0, 0, 0, 0, 0x99]);
+        assert_eq!(prefix_v6(addr, 0), addr);
+        assert_eq!(
+            prefix_v6(addr, 64),
+            v6([0xfd, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+        );
+        assert_eq!(
+            prefix_v6(addr, 56),
+            v6([0xfd, 0, 0, 8, 0, 0, 0, 1, 0xab, 0, 0, 0, 0, 0, 0, 0])
+        );
+        assert_eq!(
+            prefix_v6(addr, 80),
+            v6([0xfd, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        );
+        assert_eq!(prefix_v6(addr, 128), [0, 0]);
+    }
+
+    #[test]
+    fn single_address_buckets_are_those_of_tables_written_before_prefixes_were_hashed() {
+        // Pinned tables from earlier versions hold single addresses placed by the old hashes
+        // (no host bits); the current ones must find them where they are.
+        let old_v4 = |a: u32| a.wrapping_mul(0x9E37_79B1) >> (32 - EXACT_BUCKET_BITS);
+        let old_v6 = |a: [u64; 2]| {
+            let folded = a[0] ^ a[1].rotate_left(29);
+            (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - EXACT_BUCKET_BITS)) as u32
+        };
+        for i in 0..1000u32 {
+            let a = 0x0a00_0000u32.wrapping_add(i.wrapping_mul(2_654_435_761));
+            assert_eq!(exact_bucket_v4(a, 0), old_v4(a));
+            let w = [u64::from(a) << 7, u64::from(i)];
+            assert_eq!(exact_bucket_v6(w, 0), old_v6(w));
+        }
+        // Lengths spread: the same prefix at different lengths rarely shares a bucket.
+        let p = prefix_v4(u32::from_ne_bytes([10, 0, 0, 0]), 24);
+        let mut buckets = [0u32; 33];
+        for (hb, b) in buckets.iter_mut().enumerate() {
+            *b = exact_bucket_v4(p, hb as u32);
+        }
+        buckets.sort_unstable();
+        let distinct = 1 + buckets.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(distinct > 30, "{distinct}");
     }
 }

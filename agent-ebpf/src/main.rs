@@ -1,6 +1,6 @@
 //! precedent's XDP program.
 //!
-//! For every packet: if its source address is blocked (exact-address table or prefix trie),
+//! For every packet: if its source address is blocked (hash table of prefixes or prefix trie),
 //! the block has not expired and the allowlist does not cover it, drop it. Otherwise, if it is a TCP segment whose
 //! payload starts with an HTTP/1.x method token and a space, copy the start of the payload
 //! into the `EVENTS` ring buffer. The only verdicts are pass and drop; packets are never
@@ -13,10 +13,10 @@
 mod parse;
 
 use agent_common::{
-    BlockEntry, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
-    EXACT_SLOTS, EXACT_WAYS, EventHeader, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6,
-    FLAG_BLOCK_V4, FLAG_BLOCK_V6, FLAG_EXACT_V4, FLAG_EXACT_V6, MAX_ALLOW, MAX_BLOCKS,
-    RING_WAKEUP_EVERY_NS, exact_bucket_v4, exact_bucket_v6,
+    BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
+    EXACT_BUCKETS, EXACT_WAYS, Enforcement, EventHeader, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4,
+    FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS,
+    RING_WAKEUP_EVERY_NS, exact_bucket_v4, exact_bucket_v6, prefix_v4, prefix_v6,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -43,18 +43,19 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
-/// Which block/allow maps hold entries (FLAG_* bits), written by userspace.
+/// What the block maps hold (which tries are in use, which prefix lengths the hash tables
+/// serve), written by userspace.
 #[map]
-static ENFORCE_FLAGS: Array<u32> = Array::with_max_entries(1, 0);
+static ENFORCE: Array<Enforcement> = Array::with_max_entries(1, 0);
 
-/// Blocks of single addresses (/32, /128): hash tables in array maps (see `EXACT_WAYS` in
-/// agent-common for why not a BPF hash map).
+/// Blocks keyed by (prefix, prefix length): hash tables in array maps (see `EXACT_WAYS` in
+/// agent-common for why not a BPF hash map or the trie).
 #[map]
-static BLOCK_EXACT_V4: Array<ExactSlotV4> = Array::with_max_entries(EXACT_SLOTS, 0);
+static BLOCK_EXACT_V4: Array<Bucket<ExactSlotV4>> = Array::with_max_entries(EXACT_BUCKETS, 0);
 #[map]
-static BLOCK_EXACT_V6: Array<ExactSlotV6> = Array::with_max_entries(EXACT_SLOTS, 0);
-/// Blocks of real prefixes (shorter than /32, /128), and single addresses whose bucket in the
-/// exact table was full: longest-prefix match.
+static BLOCK_EXACT_V6: Array<Bucket<ExactSlotV6>> = Array::with_max_entries(EXACT_BUCKETS, 0);
+/// Blocks the hash tables do not hold (a full bucket, a prefix length beyond the
+/// `HASHED_LENGTHS` served): longest-prefix match.
 #[map]
 static BLOCK_V4: LpmTrie<[u8; 4], BlockEntry> = LpmTrie::with_max_entries(MAX_BLOCKS, 0);
 #[map]
@@ -114,43 +115,31 @@ fn inspect(ctx: &XdpContext) -> Verdict {
     };
     // Blocking applies to every packet from the source, whatever its protocol, SYNs included.
     // Empty maps are not searched at all: most of the time there is nothing to find.
-    let flags = ENFORCE_FLAGS.get(0).copied().unwrap_or(0);
+    let Some(st) = ENFORCE.get(0) else {
+        return Verdict::Pass;
+    };
     let blocked = if h.is_v6 {
-        flags & (FLAG_EXACT_V6 | FLAG_BLOCK_V6) != 0
+        (st.lengths_v6 != 0 || st.flags & FLAG_BLOCK_V6 != 0)
             && match parse::source_v6(ctx, &h) {
-                Ok(src) => {
-                    let exact = if flags & FLAG_EXACT_V6 != 0 {
-                        exact_v6(src)
-                    } else {
-                        None
-                    };
-                    is_blocked(
-                        exact,
-                        src,
-                        128,
-                        (&BLOCK_V6, flags & FLAG_BLOCK_V6 != 0),
-                        (&ALLOW_V6, flags & FLAG_ALLOW_V6 != 0),
-                    )
-                }
+                Ok(src) => is_blocked(
+                    hashed_v6(src, st),
+                    src,
+                    128,
+                    (&BLOCK_V6, st.flags & FLAG_BLOCK_V6 != 0),
+                    (&ALLOW_V6, st.flags & FLAG_ALLOW_V6 != 0),
+                ),
                 Err(_) => false,
             }
     } else {
-        flags & (FLAG_EXACT_V4 | FLAG_BLOCK_V4) != 0
+        (st.lengths_v4 != 0 || st.flags & FLAG_BLOCK_V4 != 0)
             && match parse::source_v4(ctx, &h) {
-                Ok(src) => {
-                    let exact = if flags & FLAG_EXACT_V4 != 0 {
-                        exact_v4(src)
-                    } else {
-                        None
-                    };
-                    is_blocked(
-                        exact,
-                        src,
-                        32,
-                        (&BLOCK_V4, flags & FLAG_BLOCK_V4 != 0),
-                        (&ALLOW_V4, flags & FLAG_ALLOW_V4 != 0),
-                    )
-                }
+                Ok(src) => is_blocked(
+                    hashed_v4(src, st),
+                    src,
+                    32,
+                    (&BLOCK_V4, st.flags & FLAG_BLOCK_V4 != 0),
+                    (&ALLOW_V4, st.flags & FLAG_ALLOW_V4 != 0),
+                ),
                 Err(_) => false,
             }
     };
@@ -177,52 +166,102 @@ fn count_skip(skip: Skip) {
     }
 }
 
-/// The entry for exactly `src` in the IPv4 exact-address table: its bucket's slots are
-/// compared in turn (array lookups, inlined by the verifier).
+/// What the hash tables hold for a source.
+enum Found {
+    /// A live block covers it.
+    Live(*mut BlockEntry),
+    /// Only blocks that have expired (not yet swept) cover it.
+    Expired,
+    Nothing,
+}
+
+/// Searches the IPv4 hash table: for each prefix length in use, longest first, the source's
+/// prefix of that length is looked up in its bucket (one array lookup, inlined by the
+/// verifier, then the bucket's slots compared in turn). Every length is tried until a live
+/// block is found, so an expired narrower block never hides a live wider one.
 #[inline(always)]
-fn exact_v4(src: [u8; 4]) -> Option<*mut BlockEntry> {
+fn hashed_v4(src: [u8; 4], st: &Enforcement) -> Found {
     let addr = u32::from_ne_bytes(src);
-    let first = exact_bucket_v4(addr) * EXACT_WAYS;
-    for way in 0..EXACT_WAYS {
-        let slot = BLOCK_EXACT_V4.get_ptr_mut(first + way)?;
-        unsafe {
-            if (*slot).entry.expires_ns != 0 && (*slot).addr == addr {
-                return Some(&raw mut (*slot).entry);
+    let mut found = Found::Nothing;
+    for i in 0..HASHED_LENGTHS {
+        if i >= st.lengths_v4 as usize {
+            break;
+        }
+        let host_bits = st.host_bits_v4[i] as u32;
+        if host_bits > 32 {
+            break;
+        }
+        let prefix = prefix_v4(addr, host_bits);
+        let key = ExactSlotV4::key(prefix, host_bits);
+        let Some(bucket) = BLOCK_EXACT_V4.get_ptr_mut(exact_bucket_v4(prefix, host_bits)) else {
+            break;
+        };
+        for way in 0..EXACT_WAYS as usize {
+            unsafe {
+                let slot = (&raw mut (*bucket).slots).cast::<ExactSlotV4>().add(way);
+                // addr and host_bits, adjacent and 8-byte aligned, read as one word.
+                if *(&raw const (*slot).addr).cast::<u64>() == key && (*slot).entry.expires_ns != 0
+                {
+                    if coarse_now() < (*slot).entry.expires_ns {
+                        return Found::Live(&raw mut (*slot).entry);
+                    }
+                    found = Found::Expired;
+                    break;
+                }
             }
         }
     }
-    None
+    found
 }
 
+/// [`hashed_v4`] for IPv6.
 #[inline(always)]
-fn exact_v6(src: [u8; 16]) -> Option<*mut BlockEntry> {
+fn hashed_v6(src: [u8; 16], st: &Enforcement) -> Found {
     let mut hi = [0u8; 8];
     let mut lo = [0u8; 8];
     hi.copy_from_slice(&src[..8]);
     lo.copy_from_slice(&src[8..]);
     let addr = [u64::from_ne_bytes(hi), u64::from_ne_bytes(lo)];
-    let first = exact_bucket_v6(addr) * EXACT_WAYS;
-    for way in 0..EXACT_WAYS {
-        let slot = BLOCK_EXACT_V6.get_ptr_mut(first + way)?;
-        unsafe {
-            if (*slot).entry.expires_ns != 0
-                && (*slot).addr[0] == addr[0]
-                && (*slot).addr[1] == addr[1]
-            {
-                return Some(&raw mut (*slot).entry);
+    let mut found = Found::Nothing;
+    for i in 0..HASHED_LENGTHS {
+        if i >= st.lengths_v6 as usize {
+            break;
+        }
+        let host_bits = st.host_bits_v6[i] as u32;
+        if host_bits > 128 {
+            break;
+        }
+        let key = prefix_v6(addr, host_bits);
+        let Some(bucket) = BLOCK_EXACT_V6.get_ptr_mut(exact_bucket_v6(key, host_bits)) else {
+            break;
+        };
+        for way in 0..EXACT_WAYS as usize {
+            unsafe {
+                let slot = (&raw mut (*bucket).slots).cast::<ExactSlotV6>().add(way);
+                if (*slot).addr[0] == key[0]
+                    && (*slot).addr[1] == key[1]
+                    && (*slot).host_bits == host_bits
+                    && (*slot).entry.expires_ns != 0
+                {
+                    if coarse_now() < (*slot).entry.expires_ns {
+                        return Found::Live(&raw mut (*slot).entry);
+                    }
+                    found = Found::Expired;
+                    break;
+                }
             }
         }
     }
-    None
+    found
 }
 
-/// Decides on a source given its exact-table entry (if any), then the prefix trie (longest
+/// Decides on a source given what the hash table holds for it, then the prefix trie (longest
 /// match, only when it holds entries). A live entry drops the packet unless the allowlist
 /// covers the source; the allowlist is consulted only after such a hit, so unblocked traffic
-/// never pays for it. An expired exact entry does not hide a live prefix block.
+/// never pays for it. An expired entry does not hide a live one elsewhere.
 #[inline(always)]
 fn is_blocked<K: Copy>(
-    exact: Option<*mut BlockEntry>,
+    hashed: Found,
     src: K,
     bits: u32,
     (prefix, prefix_in_use): (&LpmTrie<K, BlockEntry>, bool),
@@ -230,11 +269,10 @@ fn is_blocked<K: Copy>(
 ) -> bool {
     let key = Key::new(bits, src);
     let mut expired = false;
-    if let Some(entry) = exact {
-        if coarse_now() < unsafe { (*entry).expires_ns } {
-            return enforce(entry, allow_in_use, allow, &key);
-        }
-        expired = true;
+    match hashed {
+        Found::Live(entry) => return enforce(entry, allow_in_use, allow, &key),
+        Found::Expired => expired = true,
+        Found::Nothing => {}
     }
     if prefix_in_use && let Some(entry) = prefix.get(&key) {
         if coarse_now() < entry.expires_ns {

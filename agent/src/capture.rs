@@ -11,13 +11,15 @@ use std::{
 };
 
 use agent_common::{
-    CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EVENT_HEADER_LEN, EventHeader, FAMILY_IPV4,
+    BlockEntry, Bucket, CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EVENT_HEADER_LEN,
+    EXACT_BUCKETS, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, MAX_ALLOW, MAX_BLOCKS,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
+use ipnet::IpNet;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -74,6 +76,10 @@ pub enum CaptureError {
     RingSize(u32),
     #[error("pin directory {path}: {detail}")]
     PinDir { path: PathBuf, detail: String },
+    #[error(
+        "pinned map {path} does not have the layout this version uses ({detail}); it was left by an incompatible version: remove it (its entries are lost) and start again"
+    )]
+    PinnedLayout { path: PathBuf, detail: String },
     #[error("loading the XDP program failed: {0}")]
     Load(String),
     #[error("BPF map {map}: {detail}")]
@@ -230,6 +236,9 @@ pub struct Datapath {
     attachments: Vec<(Attachment, &'static str, XdpLinkId)>,
     /// The block and allow maps are pinned, so they may hold entries from an earlier run.
     pinned: bool,
+    /// Blocks read from pinned hash tables of an earlier layout (see [`legacy_exact`]),
+    /// written into the current maps when the enforcer is taken.
+    legacy: Vec<(IpAddr, BlockEntry)>,
 }
 
 impl Datapath {
@@ -251,9 +260,11 @@ impl Datapath {
 
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(EVENTS_MAP, opts.ring_bytes);
+        let mut legacy = Vec::new();
         let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 prepare_pin_dir(dir)?;
+                legacy = check_pins(dir)?;
                 PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
             }
             None => Vec::new(),
@@ -273,6 +284,7 @@ impl Datapath {
             ebpf,
             attachments: Vec::new(),
             pinned: opts.pin_dir.is_some(),
+            legacy,
         };
         dp.set_capture_len(opts.capture_len)?;
         Ok(dp)
@@ -435,7 +447,16 @@ impl Datapath {
 
     /// Takes the block and allow maps out, for the enforcement side.
     pub fn take_enforcer(&mut self) -> Result<Enforcer, CaptureError> {
-        Enforcer::from_ebpf(&mut self.ebpf, self.pinned)
+        let mut enforcer = Enforcer::from_ebpf(&mut self.ebpf, self.pinned)?;
+        for (addr, entry) in std::mem::take(&mut self.legacy) {
+            enforcer
+                .restore(IpNet::from(addr), entry)
+                .map_err(|e| CaptureError::Map {
+                    map: "BLOCK_EXACT",
+                    detail: format!("moving the block of {addr} from the earlier layout: {e}"),
+                })?;
+        }
+        Ok(enforcer)
     }
 
     /// Runs `program` once per repeat on `packet` through BPF_PROG_TEST_RUN; returns the
@@ -565,6 +586,100 @@ fn map_err<E: std::error::Error + 'static>(map: &'static str) -> impl Fn(E) -> C
         map,
         detail: chain(&e),
     }
+}
+
+/// The layout each pinned map must have: (key size, value size, entries).
+fn pinned_layout(name: &str) -> (u32, u32, u32) {
+    use std::mem::size_of;
+    // LPM trie keys are a 4-byte prefix length followed by the address.
+    match name {
+        "BLOCK_EXACT_V4" => (4, size_of::<Bucket<ExactSlotV4>>() as u32, EXACT_BUCKETS),
+        "BLOCK_EXACT_V6" => (4, size_of::<Bucket<ExactSlotV6>>() as u32, EXACT_BUCKETS),
+        "BLOCK_V4" => (8, size_of::<BlockEntry>() as u32, MAX_BLOCKS),
+        "BLOCK_V6" => (20, size_of::<BlockEntry>() as u32, MAX_BLOCKS),
+        "ALLOW_V4" => (8, 1, MAX_ALLOW),
+        "ALLOW_V6" => (20, 1, MAX_ALLOW),
+        other => unreachable!("{other} is not a pinned map"),
+    }
+}
+
+/// Checks the maps an earlier run pinned under `dir` before they are reused: a map of another
+/// layout would fail the program's load with a verifier message no operator can act on. The
+/// hash tables of the earlier layout (one slot per map entry, single addresses only) are read
+/// out and unpinned; their blocks come back, with their expiry, in the new tables.
+fn check_pins(dir: &Path) -> Result<Vec<(IpAddr, BlockEntry)>, CaptureError> {
+    use agent_common::{LEGACY_EXACT_SLOT_V4_SIZE, LEGACY_EXACT_SLOT_V6_SIZE, LEGACY_EXACT_SLOTS};
+    let mut legacy = Vec::new();
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let err = |detail: String| CaptureError::PinnedLayout {
+            path: path.clone(),
+            detail,
+        };
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| err(chain(&e)))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let want = pinned_layout(name);
+        if found == want {
+            continue;
+        }
+        let earlier = match name {
+            "BLOCK_EXACT_V4" => (4, LEGACY_EXACT_SLOT_V4_SIZE as u32, LEGACY_EXACT_SLOTS),
+            "BLOCK_EXACT_V6" => (4, LEGACY_EXACT_SLOT_V6_SIZE as u32, LEGACY_EXACT_SLOTS),
+            _ => (0, 0, 0),
+        };
+        if found != earlier {
+            return Err(err(format!(
+                "key/value sizes and entries {found:?}, expected {want:?}"
+            )));
+        }
+        let blocks = legacy_exact(&path, name == "BLOCK_EXACT_V6").map_err(err)?;
+        std::fs::remove_file(&path).map_err(|e| err(format!("unpinning: {e}")))?;
+        tracing::info!(path = %path.display(), blocks = blocks.len(), "moving blocks from a pinned table of the earlier layout");
+        legacy.extend(blocks);
+    }
+    Ok(legacy)
+}
+
+/// The live blocks of a pinned hash table of the earlier layout: one slot per entry, the
+/// address's network-order bytes (IPv4: 4 and 4 of padding; IPv6: 16) then a [`BlockEntry`].
+fn legacy_exact(path: &Path, v6: bool) -> Result<Vec<(IpAddr, BlockEntry)>, String> {
+    let data = aya::maps::MapData::from_pin(path).map_err(|e| chain(&e))?;
+    let map = aya::maps::Map::Array(data);
+    // Both layouts are read as raw bytes: the structs they were are gone.
+    let slots: Vec<Vec<u8>> = if v6 {
+        let t: Array<MapData, [u8; 32]> = Array::try_from(map).map_err(|e| chain(&e))?;
+        t.iter()
+            .map(|s| s.map(|s| s.to_vec()))
+            .collect::<Result<_, _>>()
+    } else {
+        let t: Array<MapData, [u8; 24]> = Array::try_from(map).map_err(|e| chain(&e))?;
+        t.iter()
+            .map(|s| s.map(|s| s.to_vec()))
+            .collect::<Result<_, _>>()
+    }
+    .map_err(|e| chain(&e))?;
+    let mut out = Vec::new();
+    for slot in slots {
+        let entry_at = slot.len() - 16;
+        let word = |i: usize| u64::from_ne_bytes(slot[i..i + 8].try_into().expect("8 bytes"));
+        let entry = BlockEntry {
+            expires_ns: word(entry_at),
+            dropped: word(entry_at + 8),
+        };
+        if entry.expires_ns == 0 {
+            continue;
+        }
+        let addr: IpAddr = if v6 {
+            <[u8; 16]>::try_from(&slot[..16]).expect("16 bytes").into()
+        } else {
+            <[u8; 4]>::try_from(&slot[..4]).expect("4 bytes").into()
+        };
+        out.push((addr, entry));
+    }
+    Ok(out)
 }
 
 /// The pin directory must be on a BPF filesystem; create it if needed. Like bpftool, mount

@@ -2,19 +2,20 @@
 //!
 //! Blocks are source prefixes with an expiry on the kernel's monotonic clock, so they end on
 //! time even if this process is gone. The allowlist always wins, in the kernel and here.
-//! A block of one address (/32, /128: what the daemon creates) goes to an exact-address table
-//! (an array map used as a hash table, see [`ExactTable`]), which the kernel searches much
-//! faster than a trie; wider prefixes, and single addresses whose bucket is full, go to the
-//! LPM tries. Callers never see the difference.
+//! Blocks go to hash tables keyed by (prefix, prefix length) (array maps used as hash tables,
+//! see [`ExactTable`]), which the kernel searches much faster than a trie: one bucket per
+//! prefix length in use, up to [`HASHED_LENGTHS`] lengths per family. A block whose bucket is
+//! full, or of a length beyond those, goes to the LPM trie. Callers never see the difference.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
 use agent_common::{
-    BlockEntry, EXACT_WAYS, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4,
-    FLAG_BLOCK_V6, FLAG_EXACT_V4, FLAG_EXACT_V6, exact_bucket_v4, exact_bucket_v6,
+    BlockEntry, Bucket, EXACT_WAYS, Enforcement, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4,
+    FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, HASHED_LENGTHS, exact_bucket_v4, exact_bucket_v6,
+    prefix_v4, prefix_v6,
 };
 use aya::{
     Ebpf,
@@ -27,8 +28,8 @@ use crate::{capture::CaptureError, clock};
 
 type Trie<K, V> = LpmTrie<MapData, K, V>;
 
-/// Owner of the six block/allow maps, and of the flags telling the kernel which of them
-/// hold entries (it skips lookups in empty ones).
+/// Owner of the six block/allow maps, and of the `ENFORCE` entry telling the kernel which of
+/// them hold entries (it skips lookups in empty ones) and which prefix lengths to probe.
 pub struct Enforcer {
     exact_v4: ExactTable<ExactSlotV4>,
     exact_v6: ExactTable<ExactSlotV6>,
@@ -36,14 +37,14 @@ pub struct Enforcer {
     block_v6: Trie<[u8; 16], BlockEntry>,
     allow_v4: Trie<[u8; 4], u8>,
     allow_v6: Trie<[u8; 16], u8>,
-    flags: Array<MapData, u32>,
+    state: Array<MapData, Enforcement>,
     /// The keys of the block and allow maps. A trie lookup is a longest-prefix match and
     /// cannot say whether an exact key exists; this mirror can, and gives the FLAG_* bits.
     blocked: HashSet<IpNet>,
     allowed: HashSet<IpNet>,
-    /// Single addresses whose block is in a trie (their bucket was full, or an earlier
-    /// version put them there) rather than in an exact table.
-    in_trie: HashSet<IpAddr>,
+    /// Blocks held by a trie rather than a hash table (their bucket was full, their length
+    /// was not served, or an earlier version put them there).
+    in_trie: HashSet<IpNet>,
 }
 
 /// One block as the kernel holds it.
@@ -101,8 +102,7 @@ impl Enforcer {
             let map = Array::try_from(take(ebpf, name)?).map_err(capture_err(name))?;
             ExactTable::new(map, reused).map_err(capture_err(name))
         }
-        let flags =
-            Array::try_from(take(ebpf, "ENFORCE_FLAGS")?).map_err(capture_err("ENFORCE_FLAGS"))?;
+        let state = Array::try_from(take(ebpf, "ENFORCE")?).map_err(capture_err("ENFORCE"))?;
         let mut me = Self {
             exact_v4: exact(ebpf, "BLOCK_EXACT_V4", reused)?,
             exact_v6: exact(ebpf, "BLOCK_EXACT_V6", reused)?,
@@ -110,7 +110,7 @@ impl Enforcer {
             block_v6: trie(ebpf, "BLOCK_V6")?,
             allow_v4: trie(ebpf, "ALLOW_V4")?,
             allow_v6: trie(ebpf, "ALLOW_V6")?,
-            flags,
+            state,
             blocked: HashSet::new(),
             allowed: HashSet::new(),
             in_trie: HashSet::new(),
@@ -129,14 +129,10 @@ impl Enforcer {
                     .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
             )
             .collect();
-        me.in_trie = in_tries
-            .iter()
-            .filter(|n| is_exact(n))
-            .map(|n| n.addr())
-            .collect();
+        me.in_trie = in_tries.iter().copied().collect();
         me.blocked.extend(in_tries);
         let in_tables = me.exact_v4.slots.values().chain(me.exact_v6.slots.values());
-        me.blocked.extend(in_tables.map(|a| IpNet::from(*a)));
+        me.blocked.extend(in_tables.copied());
         me.allowed.extend(
             me.allow_v4
                 .keys()
@@ -149,70 +145,69 @@ impl Enforcer {
                 .flatten()
                 .filter_map(|k| key_net(k.data().into(), k.prefix_len())),
         );
-        me.write_flags().map_err(|e| CaptureError::Map {
-            map: "ENFORCE_FLAGS",
+        me.write_state().map_err(|e| CaptureError::Map {
+            map: "ENFORCE",
             detail: e.to_string(),
         })?;
         Ok(me)
     }
 
-    /// Tells the kernel which maps hold entries.
-    fn write_flags(&mut self) -> Result<(), EnforceError> {
-        let mut bits = 0;
-        if !self.exact_v4.slots.is_empty() {
-            bits |= FLAG_EXACT_V4;
-        }
-        if !self.exact_v6.slots.is_empty() {
-            bits |= FLAG_EXACT_V6;
-        }
-        for n in &self.blocked {
-            if !is_exact(n) || self.in_trie.contains(&n.addr()) {
-                bits |= match n {
-                    IpNet::V4(_) => FLAG_BLOCK_V4,
-                    IpNet::V6(_) => FLAG_BLOCK_V6,
-                };
-            }
+    /// Tells the kernel which maps hold entries and which prefix lengths the hash tables
+    /// serve (longest first, so a drop is counted on the narrowest live block).
+    fn write_state(&mut self) -> Result<(), EnforceError> {
+        let mut st = Enforcement::default();
+        for n in &self.in_trie {
+            st.flags |= match n {
+                IpNet::V4(_) => FLAG_BLOCK_V4,
+                IpNet::V6(_) => FLAG_BLOCK_V6,
+            };
         }
         for n in &self.allowed {
-            bits |= match n {
+            st.flags |= match n {
                 IpNet::V4(_) => FLAG_ALLOW_V4,
                 IpNet::V6(_) => FLAG_ALLOW_V6,
             };
         }
-        self.flags.set(0, bits, 0).map_err(map_err("flags"))
+        st.lengths_v4 = self.exact_v4.lengths.len() as u8;
+        for (slot, hb) in st.host_bits_v4.iter_mut().zip(self.exact_v4.lengths.keys()) {
+            *slot = *hb;
+        }
+        st.lengths_v6 = self.exact_v6.lengths.len() as u8;
+        for (slot, hb) in st.host_bits_v6.iter_mut().zip(self.exact_v6.lengths.keys()) {
+            *slot = *hb;
+        }
+        self.state.set(0, st, 0).map_err(map_err("enforce state"))
     }
 
-    /// Writes a block entry where its prefix length belongs: a single address in its exact
-    /// table unless it is already in the trie or its bucket is full, anything else in the trie.
-    fn insert_block(&mut self, net: IpNet, entry: BlockEntry) -> Result<(), MapError> {
-        if is_exact(&net) && !self.in_trie.contains(&net.addr()) {
-            let placed = match net.addr() {
-                IpAddr::V4(a) => self.exact_v4.insert(a, entry)?,
-                IpAddr::V6(a) => self.exact_v6.insert(a, entry)?,
+    /// Writes a block entry: in its hash table unless it is already in the trie, its length
+    /// is not served (all [`HASHED_LENGTHS`] taken by others) or its bucket is full; else in
+    /// the trie. True when the prefix lengths the kernel must probe changed.
+    fn insert_block(&mut self, net: IpNet, entry: BlockEntry) -> Result<bool, MapError> {
+        if !self.in_trie.contains(&net) {
+            let placed = match net {
+                IpNet::V4(n) => self.exact_v4.insert(n.addr(), n.prefix_len(), entry)?,
+                IpNet::V6(n) => self.exact_v6.insert(n.addr(), n.prefix_len(), entry)?,
             };
-            if placed {
-                return Ok(());
+            if let Some(new_length) = placed {
+                return Ok(new_length);
             }
-            tracing::debug!(%net, "exact-address bucket full; block kept in the trie");
+            tracing::debug!(%net, "hash bucket full or prefix length not served; block kept in the trie");
         }
         insert_net(&mut self.block_v4, &mut self.block_v6, net, entry)?;
-        if is_exact(&net) {
-            self.in_trie.insert(net.addr());
-        }
-        Ok(())
+        Ok(self.in_trie.insert(net))
     }
 
     /// Removes the block of exactly `net`, wherever it is; false when there was none.
     fn remove_block(&mut self, net: IpNet) -> Result<bool, MapError> {
-        if is_exact(&net) && !self.in_trie.contains(&net.addr()) {
-            return match net.addr() {
-                IpAddr::V4(a) => self.exact_v4.remove(a),
-                IpAddr::V6(a) => self.exact_v6.remove(a),
+        if !self.in_trie.contains(&net) {
+            return match net {
+                IpNet::V4(n) => self.exact_v4.remove(n.addr(), n.prefix_len()),
+                IpNet::V6(n) => self.exact_v6.remove(n.addr(), n.prefix_len()),
             };
         }
         match remove_net(&mut self.block_v4, &mut self.block_v6, net) {
             Ok(()) => {
-                self.in_trie.remove(&net.addr());
+                self.in_trie.remove(&net);
                 Ok(true)
             }
             Err(e) if is_not_found(&e) => Ok(false),
@@ -237,11 +232,25 @@ impl Enforcer {
             expires_ns,
             dropped: 0,
         };
-        self.insert_block(net, entry).map_err(map_err("block"))?;
-        if self.blocked.insert(net) {
-            self.write_flags()?;
+        let changed = self.insert_block(net, entry).map_err(map_err("block"))?;
+        if self.blocked.insert(net) || changed {
+            self.write_state()?;
         }
         tracing::info!(%net, ttl = %humantime::format_duration(ttl), "blocked");
+        Ok(())
+    }
+
+    /// Writes a block with a known expiry and drop count (moved from an earlier map layout).
+    /// An expired one is dropped: the kernel would ignore it anyway.
+    pub(crate) fn restore(&mut self, net: IpNet, entry: BlockEntry) -> Result<(), EnforceError> {
+        if entry.expires_ns <= clock::monotonic_ns() {
+            return Ok(());
+        }
+        let net = net.trunc();
+        let changed = self.insert_block(net, entry).map_err(map_err("block"))?;
+        if self.blocked.insert(net) || changed {
+            self.write_state()?;
+        }
         Ok(())
     }
 
@@ -252,7 +261,7 @@ impl Enforcer {
             return Ok(false);
         }
         self.blocked.remove(&net);
-        self.write_flags()?;
+        self.write_state()?;
         tracing::info!(%net, "unblocked");
         Ok(true)
     }
@@ -280,11 +289,11 @@ impl Enforcer {
             })
         };
         let mut out = Vec::with_capacity(self.blocked.len());
-        for (a, e) in self.exact_v4.entries().map_err(map_err("block"))? {
-            out.push(block(a, 32, e)?);
+        for (n, e) in self.exact_v4.entries().map_err(map_err("block"))? {
+            out.push(block(n.addr(), n.prefix_len().into(), e)?);
         }
-        for (a, e) in self.exact_v6.entries().map_err(map_err("block"))? {
-            out.push(block(a, 128, e)?);
+        for (n, e) in self.exact_v6.entries().map_err(map_err("block"))? {
+            out.push(block(n.addr(), n.prefix_len().into(), e)?);
         }
         for item in self.block_v4.iter() {
             let (k, e) = item.map_err(map_err("block"))?;
@@ -329,7 +338,7 @@ impl Enforcer {
         let net = net.trunc();
         insert_net(&mut self.allow_v4, &mut self.allow_v6, net, 1u8).map_err(map_err("allow"))?;
         if self.allowed.insert(net) {
-            self.write_flags()?;
+            self.write_state()?;
         }
         tracing::info!(%net, "allowlisted");
         Ok(())
@@ -342,7 +351,7 @@ impl Enforcer {
         match r {
             Ok(()) => {
                 self.allowed.remove(&net);
-                self.write_flags()?;
+                self.write_state()?;
                 Ok(true)
             }
             Err(e) if is_not_found(&e) => Ok(false),
@@ -384,26 +393,52 @@ impl Enforcer {
     }
 }
 
-/// A single address (/32, /128): its block goes to an exact-address table.
-fn is_exact(net: &IpNet) -> bool {
-    net.prefix_len() == net.max_prefix_len()
-}
-
-/// What the kernel's exact-address tables hold per slot, and how an address picks its bucket
-/// (the hash functions are shared with the XDP program through agent-common).
+/// What the kernel's hash tables hold per slot, and how a prefix picks its bucket (the hash
+/// functions are shared with the XDP program through agent-common).
 trait Slot: aya::Pod + Default {
     type Addr: Copy + Into<IpAddr>;
-    fn new(addr: Self::Addr, entry: BlockEntry) -> Self;
+    /// Address bits of the family (32, 128).
+    const BITS: u8;
+    /// A slot for the prefix of `addr` with `host_bits` host bits (cleared here).
+    fn new(addr: Self::Addr, host_bits: u8, entry: BlockEntry) -> Self;
     fn entry(&self) -> BlockEntry;
-    fn addr(&self) -> Self::Addr;
-    fn bucket(addr: Self::Addr) -> u32;
+    /// The prefix the slot holds, as a network.
+    fn net(&self) -> Option<IpNet>;
+    /// The bucket of the prefix of `addr` with `host_bits` host bits.
+    fn bucket(addr: Self::Addr, host_bits: u8) -> u32;
 }
 
 impl Slot for ExactSlotV4 {
     type Addr = Ipv4Addr;
-    fn new(addr: Ipv4Addr, entry: BlockEntry) -> Self {
+    const BITS: u8 = 32;
+    fn new(addr: Ipv4Addr, host_bits: u8, entry: BlockEntry) -> Self {
         Self {
-            addr: u32::from_ne_bytes(addr.octets()),
+            addr: prefix_v4(u32::from_ne_bytes(addr.octets()), host_bits.into()),
+            host_bits: host_bits.into(),
+            entry,
+        }
+    }
+    fn entry(&self) -> BlockEntry {
+        self.entry
+    }
+    fn net(&self) -> Option<IpNet> {
+        let addr = Ipv4Addr::from(self.addr.to_ne_bytes());
+        let len = 32u32.checked_sub(self.host_bits)?;
+        IpNet::new(addr.into(), len as u8).ok()
+    }
+    fn bucket(addr: Ipv4Addr, host_bits: u8) -> u32 {
+        let hb = host_bits.into();
+        exact_bucket_v4(prefix_v4(u32::from_ne_bytes(addr.octets()), hb), hb)
+    }
+}
+
+impl Slot for ExactSlotV6 {
+    type Addr = Ipv6Addr;
+    const BITS: u8 = 128;
+    fn new(addr: Ipv6Addr, host_bits: u8, entry: BlockEntry) -> Self {
+        Self {
+            addr: prefix_v6(v6_words(addr), host_bits.into()),
+            host_bits: host_bits.into(),
             _pad: 0,
             entry,
         }
@@ -411,33 +446,16 @@ impl Slot for ExactSlotV4 {
     fn entry(&self) -> BlockEntry {
         self.entry
     }
-    fn addr(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.addr.to_ne_bytes())
-    }
-    fn bucket(addr: Ipv4Addr) -> u32 {
-        exact_bucket_v4(u32::from_ne_bytes(addr.octets()))
-    }
-}
-
-impl Slot for ExactSlotV6 {
-    type Addr = Ipv6Addr;
-    fn new(addr: Ipv6Addr, entry: BlockEntry) -> Self {
-        Self {
-            addr: v6_words(addr),
-            entry,
-        }
-    }
-    fn entry(&self) -> BlockEntry {
-        self.entry
-    }
-    fn addr(&self) -> Ipv6Addr {
+    fn net(&self) -> Option<IpNet> {
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&self.addr[0].to_ne_bytes());
         b[8..].copy_from_slice(&self.addr[1].to_ne_bytes());
-        Ipv6Addr::from(b)
+        let len = 128u32.checked_sub(self.host_bits)?;
+        IpNet::new(Ipv6Addr::from(b).into(), len as u8).ok()
     }
-    fn bucket(addr: Ipv6Addr) -> u32 {
-        exact_bucket_v6(v6_words(addr))
+    fn bucket(addr: Ipv6Addr, host_bits: u8) -> u32 {
+        let hb = host_bits.into();
+        exact_bucket_v6(prefix_v6(v6_words(addr), hb), hb)
     }
 }
 
@@ -448,72 +466,126 @@ fn v6_words(addr: Ipv6Addr) -> [u64; 2] {
     [word(0), word(8)]
 }
 
-/// An exact-address table: an array map used as a hash table with buckets of `EXACT_WAYS`
-/// consecutive slots, which the XDP program searches with inlined array lookups. The map is
-/// the truth; `slots` indexes its occupied slots, so placing and listing entries need no scan
-/// of the whole map.
+/// A hash table of blocks keyed by (prefix, prefix length): an array map used as a hash table
+/// with buckets of `EXACT_WAYS` consecutive slots, which the XDP program searches with inlined
+/// array lookups, one bucket per prefix length in `lengths`. The map is the truth; `slots`
+/// indexes its occupied slots, so placing and listing entries need no scan of the whole map.
 ///
 /// A slot write is a plain copy, not atomic against the program reading it: a packet racing
-/// an update may see the old or new address with the old or new expiry. Either way it is
-/// judged by an entry that existed (or by none, as for an empty slot, whose address 0 only
-/// 0.0.0.0 could match), and a drop counted during a rewrite of the same slot may be lost.
+/// an update may see the old or new prefix with the old or new expiry. Either way it is
+/// judged by an entry that existed (or by none, as for an empty slot, whose expiry of 0 the
+/// program skips), and a drop counted during a rewrite of the same slot may be lost.
 struct ExactTable<S: Slot> {
-    map: Array<MapData, S>,
-    slots: HashMap<u32, IpAddr>,
+    map: Array<MapData, Bucket<S>>,
+    slots: HashMap<u32, IpNet>,
+    /// Entries per prefix length (as host bits), for the lengths the table serves (at most
+    /// [`HASHED_LENGTHS`]); ascending host bits is longest prefix first.
+    lengths: BTreeMap<u8, u32>,
 }
 
 impl<S: Slot> ExactTable<S> {
     /// `scan`: read every slot for entries left by an earlier run (pinned maps).
-    fn new(map: Array<MapData, S>, scan: bool) -> Result<Self, MapError> {
-        let mut slots = HashMap::new();
+    fn new(map: Array<MapData, Bucket<S>>, scan: bool) -> Result<Self, MapError> {
+        let mut me = Self {
+            map,
+            slots: HashMap::new(),
+            lengths: BTreeMap::new(),
+        };
         if scan {
-            for (i, slot) in map.iter().enumerate() {
-                let slot = slot?;
-                if slot.entry().expires_ns != 0 {
-                    slots.insert(i as u32, slot.addr().into());
+            let mut found = Vec::new();
+            for (b, bucket) in me.map.iter().enumerate() {
+                for (way, slot) in bucket?.slots.iter().enumerate() {
+                    if slot.entry().expires_ns != 0
+                        && let Some(net) = slot.net()
+                    {
+                        found.push((b as u32 * EXACT_WAYS + way as u32, net));
+                    }
                 }
             }
+            for (i, net) in found {
+                me.slots.insert(i, net);
+                *me.lengths.entry(S::BITS - net.prefix_len()).or_default() += 1;
+            }
         }
-        Ok(Self { map, slots })
+        Ok(me)
     }
 
-    fn bucket_slots(addr: S::Addr) -> std::ops::Range<u32> {
-        let first = S::bucket(addr) * EXACT_WAYS;
+    fn bucket_slots(addr: S::Addr, host_bits: u8) -> std::ops::Range<u32> {
+        let first = S::bucket(addr, host_bits) * EXACT_WAYS;
         first..first + EXACT_WAYS
     }
 
-    /// The slot holding `addr`'s block.
-    fn find(&self, addr: S::Addr) -> Option<u32> {
-        let ip: IpAddr = addr.into();
-        Self::bucket_slots(addr).find(|i| self.slots.get(i) == Some(&ip))
+    /// The slot holding the block of `addr`/`len` (`addr` with host bits cleared).
+    fn find(&self, addr: S::Addr, len: u8) -> Option<u32> {
+        let net = IpNet::new(addr.into(), len).ok()?;
+        Self::bucket_slots(addr, S::BITS - len).find(|i| self.slots.get(i) == Some(&net))
     }
 
-    /// Writes the block of `addr` (in place if it has one); false when its bucket is full.
-    fn insert(&mut self, addr: S::Addr, entry: BlockEntry) -> Result<bool, MapError> {
-        let free = || Self::bucket_slots(addr).find(|i| !self.slots.contains_key(i));
-        let Some(slot) = self.find(addr).or_else(free) else {
-            return Ok(false);
+    /// Writes the block of `addr`/`len` (in place if it has one). `None` when its bucket is
+    /// full or its length is not served; else whether its length is newly served.
+    fn insert(
+        &mut self,
+        addr: S::Addr,
+        len: u8,
+        entry: BlockEntry,
+    ) -> Result<Option<bool>, MapError> {
+        let host_bits = S::BITS - len;
+        let Ok(net) = IpNet::new(addr.into(), len) else {
+            return Ok(None);
         };
-        self.map.set(slot, S::new(addr, entry), 0)?;
-        self.slots.insert(slot, addr.into());
-        Ok(true)
+        if let Some(slot) = self.find(addr, len) {
+            self.write(slot, S::new(addr, host_bits, entry))?;
+            return Ok(Some(false));
+        }
+        let served = self.lengths.contains_key(&host_bits);
+        if !served && self.lengths.len() >= HASHED_LENGTHS {
+            return Ok(None);
+        }
+        let Some(slot) = Self::bucket_slots(addr, host_bits).find(|i| !self.slots.contains_key(i))
+        else {
+            return Ok(None);
+        };
+        self.write(slot, S::new(addr, host_bits, entry))?;
+        self.slots.insert(slot, net);
+        *self.lengths.entry(host_bits).or_default() += 1;
+        Ok(Some(!served))
     }
 
-    /// Empties `addr`'s slot; false when it had none.
-    fn remove(&mut self, addr: S::Addr) -> Result<bool, MapError> {
-        let Some(slot) = self.find(addr) else {
+    /// Empties the slot of `addr`/`len`; false when it had none.
+    fn remove(&mut self, addr: S::Addr, len: u8) -> Result<bool, MapError> {
+        let Some(slot) = self.find(addr, len) else {
             return Ok(false);
         };
-        self.map.set(slot, S::default(), 0)?;
+        self.write(slot, S::default())?;
         self.slots.remove(&slot);
+        let host_bits = S::BITS - len;
+        if let Some(n) = self.lengths.get_mut(&host_bits) {
+            *n -= 1;
+            if *n == 0 {
+                self.lengths.remove(&host_bits);
+            }
+        }
         Ok(true)
     }
 
-    /// Every occupied slot's address and entry, as the kernel holds them now.
-    fn entries(&self) -> Result<Vec<(IpAddr, BlockEntry)>, MapError> {
+    /// Writes one slot (slot ids are bucket × ways + way). The whole bucket is rewritten, its
+    /// other slots with the bytes they already hold, so a packet reading it meanwhile sees
+    /// them unchanged.
+    fn write(&mut self, slot: u32, value: S) -> Result<(), MapError> {
+        let index = slot / EXACT_WAYS;
+        let mut bucket = self.map.get(&index, 0)?;
+        bucket.slots[(slot % EXACT_WAYS) as usize] = value;
+        self.map.set(index, bucket, 0)
+    }
+
+    /// Every occupied slot's prefix and entry, as the kernel holds them now.
+    fn entries(&self) -> Result<Vec<(IpNet, BlockEntry)>, MapError> {
         self.slots
             .iter()
-            .map(|(i, a)| Ok((*a, self.map.get(i, 0)?.entry())))
+            .map(|(i, n)| {
+                let bucket = self.map.get(&(i / EXACT_WAYS), 0)?;
+                Ok((*n, bucket.slots[(i % EXACT_WAYS) as usize].entry()))
+            })
             .collect()
     }
 }

@@ -249,3 +249,167 @@ fn scopeguard(dir: std::path::PathBuf) -> impl Drop {
     }
     Guard(dir)
 }
+
+/// Raw `bpf(2)` calls, to build pinned maps of layouts this version no longer creates.
+mod raw_bpf {
+    use std::{ffi::CString, os::fd::RawFd, path::Path};
+
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> i64 {
+        // SAFETY: `attr` is a zeroed union bpf_attr of ample size for these commands.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr) as libc::c_uint,
+            )
+        }
+    }
+
+    /// An array map of `entries` values of `value_size` bytes, pinned at `path`, with `values`
+    /// written at their indexes.
+    pub fn pinned_array(path: &Path, value_size: u32, entries: u32, values: &[(u32, Vec<u8>)]) {
+        let mut attr = [0u64; 16];
+        // map_type, key_size; value_size, max_entries.
+        attr[0] = u64::from(BPF_MAP_TYPE_ARRAY) | (4u64 << 32);
+        attr[1] = u64::from(value_size) | (u64::from(entries) << 32);
+        let fd = bpf(BPF_MAP_CREATE, &mut attr);
+        assert!(
+            fd >= 0,
+            "BPF_MAP_CREATE: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = fd as RawFd;
+        for (key, value) in values {
+            assert_eq!(value.len(), value_size as usize);
+            let mut attr = [0u64; 16];
+            // map_fd, (pad), key pointer, value pointer, flags.
+            attr[0] = fd as u64;
+            attr[1] = key as *const u32 as u64;
+            attr[2] = value.as_ptr() as u64;
+            assert_eq!(bpf(BPF_MAP_UPDATE_ELEM, &mut attr), 0, "update");
+        }
+        let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut attr = [0u64; 16];
+        // pathname pointer, bpf_fd.
+        attr[0] = c.as_ptr() as u64;
+        attr[1] = fd as u64;
+        assert_eq!(
+            bpf(BPF_OBJ_PIN, &mut attr),
+            0,
+            "pin: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: our own descriptor; the pin keeps the map alive.
+        unsafe { libc::close(fd) };
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn pinned_tables_of_the_earlier_layout_are_moved_into_the_current_ones() {
+    use agent_common::{LEGACY_EXACT_SLOTS, exact_bucket_v4, exact_bucket_v6};
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/precedent-test-legacy-{}",
+        std::process::id()
+    ));
+    let cleanup = scopeguard(dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    let expires = precedent::clock::monotonic_ns() + 600_000_000_000;
+    let entry = |dropped: u64| {
+        let mut v = expires.to_ne_bytes().to_vec();
+        v.extend_from_slice(&dropped.to_ne_bytes());
+        v
+    };
+    // The earlier layout: one map entry per slot, slot = bucket * 4 + way, the address first.
+    let v4: std::net::Ipv4Addr = "10.47.0.9".parse().unwrap();
+    let mut slot4 = v4.octets().to_vec();
+    slot4.extend_from_slice(&[0; 4]);
+    slot4.extend(entry(5));
+    let b4 = exact_bucket_v4(u32::from_ne_bytes(v4.octets()), 0) * 4;
+    raw_bpf::pinned_array(
+        &dir.join("BLOCK_EXACT_V4"),
+        24,
+        LEGACY_EXACT_SLOTS,
+        &[(b4 + 1, slot4)],
+    );
+    let v6: std::net::Ipv6Addr = "fd00:47::9".parse().unwrap();
+    let mut slot6 = v6.octets().to_vec();
+    slot6.extend(entry(7));
+    let o = v6.octets();
+    let words = [
+        u64::from_ne_bytes(o[..8].try_into().unwrap()),
+        u64::from_ne_bytes(o[8..].try_into().unwrap()),
+    ];
+    let b6 = exact_bucket_v6(words, 0) * 4;
+    raw_bpf::pinned_array(
+        &dir.join("BLOCK_EXACT_V6"),
+        32,
+        LEGACY_EXACT_SLOTS,
+        &[(b6, slot6)],
+    );
+
+    let opts = LoadOptions {
+        pin_dir: Some(dir.clone()),
+        ..LoadOptions::default()
+    };
+    let mut dp = Datapath::load(&opts).unwrap();
+    let mut enforcer = dp.take_enforcer().unwrap();
+    let blocks = enforcer.blocks().unwrap();
+    let got: Vec<(String, u64)> = blocks
+        .iter()
+        .map(|b| (b.net.to_string(), b.dropped))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("10.47.0.9/32".to_string(), 5),
+            ("fd00:47::9/128".to_string(), 7)
+        ]
+    );
+    assert!(
+        blocks
+            .iter()
+            .all(|b| b.remaining > Duration::from_secs(500))
+    );
+    for (src, dst) in [("10.47.0.9", "10.47.0.1"), ("fd00:47::9", "fd00:47::1")] {
+        let frame = precedent_tests::Packet::tcp(src, dst, b"GET / HTTP/1.1\r\n\r\n").build();
+        assert_eq!(
+            dp.test_run(PROGRAM, &frame, 1).unwrap().0,
+            XDP_DROP,
+            "{src}"
+        );
+    }
+    assert!(enforcer.unblock("10.47.0.9/32".parse().unwrap()).unwrap());
+    drop((enforcer, dp));
+    // The tables are of the current layout now: the next start reuses them as they are.
+    let mut dp = Datapath::load(&opts).unwrap();
+    let nets: Vec<String> = dp
+        .take_enforcer()
+        .unwrap()
+        .blocks()
+        .unwrap()
+        .iter()
+        .map(|b| b.net.to_string())
+        .collect();
+    assert_eq!(nets, ["fd00:47::9/128"]);
+    drop(dp);
+
+    // Any other layout is refused with the path and what to do, not a verifier dump.
+    std::fs::remove_file(dir.join("ALLOW_V4")).unwrap();
+    raw_bpf::pinned_array(&dir.join("ALLOW_V4"), 8, 16, &[]);
+    let err = Datapath::load(&opts)
+        .err()
+        .expect("an incompatible pin is refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("ALLOW_V4") && msg.contains("remove it"),
+        "{msg}"
+    );
+    drop(cleanup);
+}

@@ -643,7 +643,7 @@ fn a_full_exact_bucket_spills_into_the_trie_transparently() {
     use agent_common::{EXACT_WAYS, exact_bucket_v4};
     let mut h = Harness::new();
     // EXACT_WAYS + 2 addresses that hash to the same bucket of the exact table.
-    let bucket = |a: std::net::Ipv4Addr| exact_bucket_v4(u32::from_ne_bytes(a.octets()));
+    let bucket = |a: std::net::Ipv4Addr| exact_bucket_v4(u32::from_ne_bytes(a.octets()), 0);
     let first: std::net::Ipv4Addr = "10.3.0.1".parse().unwrap();
     let same: Vec<std::net::Ipv4Addr> = (u32::from(first)..)
         .map(std::net::Ipv4Addr::from)
@@ -680,4 +680,108 @@ fn a_full_exact_bucket_spills_into_the_trie_transparently() {
     }
     assert!(h.enforcer.is_empty());
     assert!(h.enforcer.blocks().unwrap().is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn an_expired_narrow_block_does_not_hide_a_live_wider_one() {
+    // A longest-prefix match alone would find the expired /24 and stop there.
+    let mut h = Harness::new();
+    h.enforcer
+        .block(net("10.8.0.0/16"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer
+        .block(net("10.8.5.0/24"), Duration::from_millis(50))
+        .unwrap();
+    h.enforcer
+        .block(net("fd00:8::/48"), Duration::from_secs(60))
+        .unwrap();
+    h.enforcer
+        .block(net("fd00:8:0:5::/64"), Duration::from_millis(50))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(120));
+    for src in ["10.8.5.9", "fd00:8:0:5::9"] {
+        let dst = if src.contains(':') {
+            "fd00:9::1"
+        } else {
+            "10.9.0.1"
+        };
+        let o = h.run(&Packet::tcp(src, dst, &get("/x")));
+        assert_eq!(o.verdict, XDP_DROP, "{src}");
+        o.assert_counters(&[(Counter::Blocked, 1)]);
+    }
+    let dropped: Vec<(String, u64)> = h
+        .enforcer
+        .blocks()
+        .unwrap()
+        .iter()
+        .map(|b| (b.net.to_string(), b.dropped))
+        .collect();
+    assert_eq!(
+        dropped,
+        [
+            ("10.8.0.0/16".to_string(), 1),
+            ("10.8.5.0/24".to_string(), 0),
+            ("fd00:8::/48".to_string(), 1),
+            ("fd00:8:0:5::/64".to_string(), 0),
+        ]
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn prefix_lengths_beyond_those_hashed_are_blocked_through_the_trie() {
+    use agent_common::HASHED_LENGTHS;
+    let mut h = Harness::new();
+    // One block per length from /32 down: the first HASHED_LENGTHS go to the hash table,
+    // the rest to the trie; every one of them drops, the narrowest live block counting it.
+    let lens: Vec<u8> = (0..HASHED_LENGTHS as u8 + 3).map(|i| 32 - 2 * i).collect();
+    let blocks: Vec<(String, String)> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, len)| {
+            // Disjoint networks (first octets differ, lengths exceed 8); the source is the
+            // last address of each.
+            let base = format!("{}.1.2.3", 20 + i);
+            let net = ipnet::Ipv4Net::new(base.parse().unwrap(), *len)
+                .unwrap()
+                .trunc();
+            (net.to_string(), net.broadcast().to_string())
+        })
+        .collect();
+    for (b, _) in &blocks {
+        h.enforcer.block(net(b), Duration::from_secs(60)).unwrap();
+    }
+    for (b, src) in &blocks {
+        let o = h.run(&Packet::tcp(src, "10.9.0.1", &get("/x")));
+        assert_eq!(o.verdict, XDP_DROP, "{b} via {src}");
+    }
+    assert!(h.enforcer.blocks().unwrap().iter().all(|b| b.dropped == 1));
+    // Freeing a hashed length makes room for another; everything still applies.
+    assert!(h.enforcer.unblock(net(&blocks[0].0)).unwrap());
+    h.enforcer
+        .block(net("10.250.0.0/23"), Duration::from_secs(60))
+        .unwrap();
+    for src in ["10.250.1.1", blocks[5].1.as_str()] {
+        assert_eq!(
+            h.run(&Packet::tcp(src, "10.9.0.1", &get("/x"))).verdict,
+            XDP_DROP,
+            "{src}"
+        );
+    }
+    assert_eq!(
+        h.run(&Packet::tcp(&blocks[0].1, "10.9.0.1", &get("/x")))
+            .verdict,
+        XDP_PASS
+    );
+    for (b, _) in &blocks[1..] {
+        assert!(h.enforcer.unblock(net(b)).unwrap(), "{b}");
+    }
+    assert!(h.enforcer.unblock(net("10.250.0.0/23")).unwrap());
+    assert!(h.enforcer.is_empty());
+    assert_eq!(
+        h.run(&Packet::tcp(&blocks[5].1, "10.9.0.1", &get("/x")))
+            .verdict,
+        XDP_PASS
+    );
 }
