@@ -15,7 +15,9 @@
 //!
 //! The load generator and the HTTP server are pinned to different CPUs so they do not
 //! compete with each other; the reader goes on `E2E_READER_CPU` (default: the server's).
-//! Settings: `E2E_SECONDS` (per measurement, default 3), `E2E_ROUNDS` (default 5).
+//! Settings: `E2E_SECONDS` (per measurement, default 3), `E2E_ROUNDS` (default 5),
+//! `E2E_ONLY` (comma-separated setup names, e.g. `without,empty native`: a subset, to profile
+//! one setup with `perf record -a`; the ratios need `without` in it).
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -124,6 +126,11 @@ fn main() -> anyhow::Result<()> {
     ];
     if daemon_bin.is_some() {
         setups.push(Setup::Daemon);
+    }
+    if let Ok(only) = std::env::var("E2E_ONLY") {
+        let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
+        setups.retain(|s| wanted.contains(&s.name()));
+        anyhow::ensure!(!setups.is_empty(), "E2E_ONLY={only:?} names no setup");
     }
     println!(
         "HTTP through veth {}: {CLIENTS} keep-alive clients pinned to CPU {CLIENT_CPU}, server on CPU {SERVER_CPU}, \
