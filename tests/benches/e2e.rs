@@ -34,7 +34,7 @@ use agent_common::Counter;
 use precedent::capture::{AttachMode, DRAIN_EVERY, Datapath, LoadOptions, RING_LINGER};
 use precedent_tests::{Daemon, HttpServer, TestNet};
 
-/// Concurrent keep-alive clients generating load.
+/// Concurrent keep-alive clients generating load (`E2E_CLIENTS` overrides).
 const CLIENTS: usize = 4;
 const PORT: u16 = 8080;
 const CLIENT_CPU: usize = 0;
@@ -103,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(d)
     };
     let seconds = env("E2E_SECONDS", 3);
+    let clients = env("E2E_CLIENTS", CLIENTS as u64) as usize;
     let rounds = env("E2E_ROUNDS", 5) as usize;
     let reader_cpu = env("E2E_READER_CPU", SERVER_CPU as u64) as usize;
     let daemon_bin = std::env::var_os("PRECEDENT_BIN").map(PathBuf::from);
@@ -110,6 +111,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(cpus >= 2, "bench-e2e pins client and server to two CPUs");
 
     let net = TestNet::new("bench", 77)?;
+    // Receive through NAPI in every setup, as a NIC does (see `set_host_gro`): without this,
+    // "without" would take the veth's cheaper non-NAPI path that no XDP setup can take.
+    let gro = std::env::var("E2E_GRO").map_or(true, |v| v != "0");
+    net.set_host_gro(gro)?;
     let target = SocketAddr::new(net.host_ip.into(), PORT);
     // The server's threads (acceptor and one per connection) inherit this thread's CPU set.
     pin_current_thread(SERVER_CPU)?;
@@ -133,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(!setups.is_empty(), "E2E_ONLY={only:?} names no setup");
     }
     println!(
-        "HTTP through veth {}: {CLIENTS} keep-alive clients pinned to CPU {CLIENT_CPU}, server on CPU {SERVER_CPU}, \
+        "HTTP through veth {}: {clients} keep-alive clients pinned to CPU {CLIENT_CPU}, server on CPU {SERVER_CPU}, \
          ring reader on CPU {reader_cpu}; {rounds} rounds x {seconds}s per setup, alternating",
         net.host_if
     );
@@ -146,7 +151,14 @@ fn main() -> anyhow::Result<()> {
         let order = (0..setups.len()).map(|k| (k + round - 1) % setups.len());
         for i in order {
             let setup = &setups[i];
-            let (rate, note) = measure(*setup, &net, target, dur, reader_cpu, &daemon_bin)?;
+            let (rate, note) = measure(
+                *setup,
+                &net,
+                target,
+                (dur, clients),
+                reader_cpu,
+                &daemon_bin,
+            )?;
             println!("    {:<13} {rate:>7.0} req/s{note}", setup.name());
             rates[i].push(rate);
         }
@@ -187,17 +199,17 @@ fn measure(
     setup: Setup,
     net: &TestNet,
     target: SocketAddr,
-    dur: Duration,
+    (dur, clients): (Duration, usize),
     reader_cpu: usize,
     daemon_bin: &Option<PathBuf>,
 ) -> anyhow::Result<(f64, String)> {
     match setup {
-        Setup::Without => Ok((load(net, target, dur)?, String::new())),
+        Setup::Without => Ok((load(net, target, dur, clients)?, String::new())),
         Setup::Empty(mode) => {
             let mut dp = Datapath::load(&LoadOptions::default())?;
             let used = dp.attach_baseline(&net.host_if, mode)?;
             anyhow::ensure!(used == mode, "asked for {mode} XDP, got {used}");
-            let rate = load(net, target, dur)?;
+            let rate = load(net, target, dur, clients)?;
             drop(dp);
             Ok((rate, String::new()))
         }
@@ -212,7 +224,7 @@ fn measure(
                 let stop = stop.clone();
                 std::thread::spawn(move || read_ring(ring, &stop, reader_cpu, how))
             };
-            let rate = load(net, target, dur);
+            let rate = load(net, target, dur, clients);
             stop.store(true, Ordering::Relaxed);
             let read = reader.join().expect("ring reader panicked")?;
             let c = dp.counters()?;
@@ -239,7 +251,7 @@ fn measure(
                 .expect("daemon setup needs PRECEDENT_BIN");
             let daemon =
                 Daemon::start_discarding_stdout(bin, &["daemon", "--iface", &net.host_if])?;
-            let rate = load(net, target, dur)?;
+            let rate = load(net, target, dur, clients)?;
             drop(daemon);
             Ok((rate, String::new()))
         }
@@ -288,8 +300,8 @@ fn read_ring(
     Ok(read)
 }
 
-/// Requests per second that `CLIENTS` keep-alive connections from the namespace achieve.
-fn load(net: &TestNet, target: SocketAddr, dur: Duration) -> anyhow::Result<f64> {
+/// Requests per second that `clients` keep-alive connections from the namespace achieve.
+fn load(net: &TestNet, target: SocketAddr, dur: Duration, clients: usize) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let d = done.clone();
     let elapsed = net.run_in_ns(move || -> anyhow::Result<Duration> {
@@ -297,7 +309,7 @@ fn load(net: &TestNet, target: SocketAddr, dur: Duration) -> anyhow::Result<f64>
         pin_current_thread(CLIENT_CPU)?;
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
-        let threads: Vec<_> = (0..CLIENTS)
+        let threads: Vec<_> = (0..clients)
             .map(|i| {
                 let (stop, d) = (stop.clone(), d.clone());
                 std::thread::spawn(move || -> std::io::Result<()> {

@@ -121,6 +121,39 @@ impl TestNet {
         ])
     }
 
+    /// Turns GRO on or off on the host end. A veth receives through NAPI (like a NIC driver)
+    /// only when GRO is on or an XDP program is attached; with GRO off, attaching any program
+    /// switches the receive path, and a with/without comparison measures that switch.
+    pub fn set_host_gro(&self, on: bool) -> anyhow::Result<()> {
+        const ETHTOOL_SGRO: u32 = 0x2c;
+        #[repr(C)]
+        struct EthtoolValue {
+            cmd: u32,
+            data: u32,
+        }
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_SGRO,
+            data: on.into(),
+        };
+        // SAFETY: a zeroed ifreq is valid; the name fits (interface names are < 16 bytes).
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(self.host_if.bytes()) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&raw mut value).cast();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both live.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+        if rc != 0 {
+            bail!(
+                "setting GRO on {}: {}",
+                self.host_if,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a thread that has joined the namespace, so its sockets live there.
     pub fn run_in_ns<F, R>(&self, f: F) -> anyhow::Result<R>
     where
