@@ -5,6 +5,7 @@
 //! still cleans up. Traffic only ever flows between the test's own namespace and the host end
 //! of its own veth pair.
 pub mod daemon;
+pub mod fixtures;
 pub mod hostile;
 pub mod http_server;
 pub mod netns;

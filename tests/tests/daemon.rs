@@ -1,14 +1,12 @@
 //! The daemon as an operator runs it: config file, control socket and CLI, enforcement over
 //! real TCP, SIGHUP reload, state across restarts. Needs root (XDP, namespaces).
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
-use precedent_tests::{Daemon, HttpServer, TestNet, precedent_bin};
+use precedent_tests::{
+    Daemon, HttpServer, TestNet,
+    fixtures::{Scratch, request, write_config},
+    precedent_bin,
+};
 
 const PORT: u16 = 8080;
 
@@ -34,42 +32,12 @@ fn cli(socket: &Path, args: &[&str]) -> serde_json::Value {
     })
 }
 
-/// One request on a fresh connection with a bearer token; the status line, or the error kind.
-fn request(
-    target: SocketAddr,
-    token: &str,
-    method: &str,
-    path: &str,
-) -> Result<String, std::io::ErrorKind> {
-    let mut s =
-        TcpStream::connect_timeout(&target, Duration::from_millis(800)).map_err(|e| e.kind())?;
-    s.set_read_timeout(Some(Duration::from_millis(800)))
-        .unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.kind())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.kind())?;
-    Ok(String::from_utf8_lossy(&buf)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string())
-}
-
-fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
-    let p = dir.join("precedent.toml");
-    std::fs::write(&p, format!("log_format = \"text\"\n{body}")).unwrap();
-    p
-}
-
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
     let net = TestNet::new("dmn1", 21).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = tempdir("dmn1");
+    let dir = Scratch::new("dmn1");
     let config = write_config(
         &dir,
         r#"
@@ -82,7 +50,6 @@ action = "block"
 block_ttl = "10m"
 "#,
     );
-    let config = config.display().to_string();
     let daemon = Daemon::start(
         &precedent_bin(),
         &["daemon", "--iface", &net.host_if, "--config", &config],
@@ -195,17 +162,14 @@ block_ttl = "10m"
     assert_eq!(cli(&socket, &["mode", "detect"])["mode"], "detect");
     assert_eq!(cli(&socket, &["status"])["mode"], "detect");
     drop(daemon);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
     let net = TestNet::new("dmn2", 22).unwrap();
-    let dir = tempdir("dmn2");
-    let config = write_config(&dir, "mode = \"learn\"\n")
-        .display()
-        .to_string();
+    let dir = Scratch::new("dmn2");
+    let config = write_config(&dir, "mode = \"learn\"\n");
     let mut daemon = Daemon::start(
         &precedent_bin(),
         &["daemon", "--iface", &net.host_if, "--config", &config],
@@ -238,7 +202,6 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
     );
     let status = daemon.stop(Duration::from_secs(5)).unwrap();
     assert!(status.success());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -246,12 +209,10 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
 fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
     let net = TestNet::new("dmn3", 23).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = tempdir("dmn3");
+    let dir = Scratch::new("dmn3");
     let state = dir.join("state");
     let state_s = state.display().to_string();
-    let config = write_config(&dir, "mode = \"learn\"\n")
-        .display()
-        .to_string();
+    let config = write_config(&dir, "mode = \"learn\"\n");
     let args = [
         "daemon",
         "--iface",
@@ -340,7 +301,6 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
             .is_some()
     );
     drop(daemon);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -376,7 +336,7 @@ fn config_check_accepts_the_shipped_file_and_names_bad_keys() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = tempdir("cfgchk");
+    let dir = Scratch::new("cfgchk");
     let bad = write_config(&dir, "[decide]\nblock_ttl = \"whenever\"\n");
     let out = Command::new(precedent_bin())
         .args(["config", "check"])
@@ -386,7 +346,6 @@ fn config_check_accepts_the_shipped_file_and_names_bad_keys() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("block_ttl"), "{err}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn write_rule(dir: &Path) -> String {
@@ -397,11 +356,4 @@ fn write_rule(dir: &Path) -> String {
     )
     .unwrap();
     p.display().to_string()
-}
-
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("precedent-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

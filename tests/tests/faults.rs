@@ -4,7 +4,7 @@
 //! Needs root (XDP, namespaces, mounts).
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
@@ -13,64 +13,15 @@ use std::{
 
 use precedent_tests::{
     Daemon, HttpServer, TestNet,
+    fixtures::{Scratch, request, wait_until, write_config},
     hostile::{Rng, control, control_raw, counter, force_detach_xdp_links},
     precedent_bin,
 };
 
 const PORT: u16 = 8080;
 
-/// One request on a fresh connection; the status line, or the error kind (blocked clients
-/// time out).
-fn request(
-    target: SocketAddr,
-    token: &str,
-    method: &str,
-    path: &str,
-) -> Result<String, std::io::ErrorKind> {
-    let mut s =
-        TcpStream::connect_timeout(&target, Duration::from_millis(800)).map_err(|e| e.kind())?;
-    s.set_read_timeout(Some(Duration::from_millis(800)))
-        .unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.kind())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.kind())?;
-    Ok(String::from_utf8_lossy(&buf)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string())
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("precedent-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn write_config(dir: &Path, body: &str) -> String {
-    let p = dir.join("precedent.toml");
-    std::fs::write(&p, format!("log_format = \"text\"\n{body}")).unwrap();
-    p.display().to_string()
-}
-
 fn status(socket: &Path) -> serde_json::Value {
     control(socket, "status").unwrap().0
-}
-
-/// Polls `f` every 50 ms until it returns true or `timeout` passes.
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 const BREAK_RULE: &str = r#"
@@ -117,7 +68,7 @@ fn attacker_gets_blocked(net: &TestNet, target: SocketAddr) -> bool {
 fn sigkill_during_state_writes_never_loads_a_torn_file() {
     let net = TestNet::new("flt1", 41).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = tempdir("flt1");
+    let dir = Scratch::new("flt1");
     let state = dir.join("state");
     let state_s = state.display().to_string();
     let config = write_config(&dir, "mode = \"learn\"\n");
@@ -239,7 +190,6 @@ fn sigkill_during_state_writes_never_loads_a_torn_file() {
         "the .prev copy was not loaded"
     );
     drop(daemon);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A tmpfs mounted for the test, unmounted on drop.
@@ -287,7 +237,7 @@ fn fill(dir: &Path) -> PathBuf {
 fn full_state_directory_is_reported_and_blocking_continues() {
     let net = TestNet::new("flt2", 42).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = tempdir("flt2");
+    let dir = Scratch::new("flt2");
     let state = dir.join("state");
     let tmpfs = Tmpfs::mount(&state, "512k");
     let config = write_config(&dir, &format!("save_every = \"1s\"\n{BREAK_RULE}"));
@@ -353,7 +303,6 @@ fn full_state_directory_is_reported_and_blocking_continues() {
     );
     drop(daemon);
     drop(tmpfs);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn ip(args: &[&str]) -> std::process::Output {
@@ -372,7 +321,7 @@ fn xdp_detached_from_outside_is_refused_or_reattached() {
     let net = TestNet::new("flt3", 43).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
     let target = SocketAddr::new(net.host_ip.into(), PORT);
-    let dir = tempdir("flt3");
+    let dir = Scratch::new("flt3");
     for (mode, own_variant) in [("native", "xdpdrv"), ("generic", "xdpgeneric")] {
         let config = write_config(&dir, &format!("attach_mode = \"{mode}\"\n"));
         let daemon = Daemon::start(
@@ -470,7 +419,6 @@ fn xdp_detached_from_outside_is_refused_or_reattached() {
         )
         .unwrap();
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The interface is deleted (the kernel drops the program with it) and created again under

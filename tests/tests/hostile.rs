@@ -20,23 +20,15 @@ use std::{
 
 use precedent_tests::{
     Daemon, HttpServer, Packet, TestNet,
+    fixtures::{Scratch, write_config},
     hostile::{FrameSender, Rng, control, counter, rss_kib},
     precedent_bin,
 };
 
 const PORT: u16 = 8080;
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("precedent-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn start(net: &TestNet, dir: &Path, config: &str) -> Daemon {
-    let p = dir.join("precedent.toml");
-    std::fs::write(&p, format!("log_format = \"text\"\n{config}")).unwrap();
-    let p = p.display().to_string();
+    let p = write_config(dir, config);
     Daemon::start_discarding_stdout(
         &precedent_bin(),
         &["daemon", "--iface", &net.host_if, "--config", &p],
@@ -120,7 +112,7 @@ fn mib(kib: u64) -> f64 {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn request_flood_is_counted_status_answers_and_memory_stays_flat() {
     let net = TestNet::new("hst1", 51).unwrap();
-    let dir = tempdir("hst1");
+    let dir = Scratch::new("hst1");
     let daemon = start(&net, &dir, "mode = \"learn\"\nring_buffer_bytes = 65536\n");
     let socket = daemon.socket().unwrap();
     let pid = daemon.pid();
@@ -229,7 +221,6 @@ fn request_flood_is_counted_status_answers_and_memory_stays_flat() {
     );
     assert_eq!(u("sessions_evicted"), 0);
     drop(daemon);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Random paths and random session keys against small caps: the endpoint, context and
@@ -244,7 +235,7 @@ fn random_paths_and_session_keys_hold_every_cap() {
     const MAX_CONTEXTS: u64 = 500;
     const N: u64 = 120_000;
     let net = TestNet::new("hst2", 52).unwrap();
-    let dir = tempdir("hst2");
+    let dir = Scratch::new("hst2");
     let daemon = start(
         &net,
         &dir,
@@ -357,7 +348,6 @@ fn random_paths_and_session_keys_hold_every_cap() {
         "RSS grew {growth} KiB, beyond what the caps allow"
     );
     drop(daemon);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Connections that send half a request line and stall, and connections that drip a request
@@ -372,7 +362,7 @@ fn half_sent_and_dripped_requests_leave_the_daemon_unaffected() {
     let net = TestNet::new("hst3", 53).unwrap();
     let target = SocketAddr::new(net.host_ip.into(), PORT);
     let server = HttpServer::start(target).unwrap();
-    let dir = tempdir("hst3");
+    let dir = Scratch::new("hst3");
     let daemon = start(&net, &dir, "mode = \"learn\"\n");
     let socket = daemon.socket().unwrap();
 
@@ -441,7 +431,6 @@ fn half_sent_and_dripped_requests_leave_the_daemon_unaffected() {
     assert_eq!(server.served(), NORMAL as u64);
     assert!(status(&socket)["pid"].as_u64().is_some());
     drop(daemon);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Distinct session keys, one request each, against a 10,000-session cap: every session
@@ -456,7 +445,7 @@ fn a_million_session_keys_are_evicted_and_counted() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let net = TestNet::new("hst4", 54).unwrap();
-    let dir = tempdir("hst4");
+    let dir = Scratch::new("hst4");
     let daemon = start(
         &net,
         &dir,
@@ -502,5 +491,4 @@ fn a_million_session_keys_are_evicted_and_counted() {
     // Paced: all of them were processed, none dropped.
     assert_eq!(u("requests"), n, "{s}");
     drop(daemon);
-    let _ = std::fs::remove_dir_all(dir);
 }

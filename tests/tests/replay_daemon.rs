@@ -13,32 +13,22 @@
 //! against replay's traffic-time seconds), which publishes learned precedences. So the story
 //! runs in two acts separated by a pause of a few seconds: customers teach the model, then, once
 //! both paths have run their upkeep on the same counts, the attackers act. Needs root.
-use std::{
-    collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, process::Command, time::Duration};
 
-use precedent_tests::{Daemon, HttpServer, TestNet, precedent_bin};
+use precedent_tests::{
+    Daemon, HttpServer, TestNet,
+    fixtures::{self, Scratch},
+    precedent_bin,
+};
 
 const PORT: u16 = 8080;
 
-/// One request on a fresh connection with a bearer token; panics on failure (nothing here is
-/// blocked: detect mode).
+/// One request; nothing here is blocked (detect mode), so it must succeed.
 fn request(target: SocketAddr, token: &str, method: &str, path: &str) {
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
+    let status = fixtures::request(target, token, method, path);
     assert!(
-        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
-        "{method} {path}"
+        status.as_ref().is_ok_and(|s| s.starts_with("HTTP/1.1 200")),
+        "{method} {path}: {status:?}"
     );
 }
 
@@ -76,13 +66,6 @@ fn attacks() -> Vec<(&'static str, Vec<(&'static str, String)>)> {
     ]
 }
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("precedent-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -94,7 +77,7 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 fn replay_and_daemon_alert_alike_on_the_same_requests() {
     let net = TestNet::new("rpd1", 31).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = tempdir("rpd1");
+    let dir = Scratch::new("rpd1");
     let config = dir.join("precedent.toml");
     std::fs::write(&config, "log_format = \"text\"\nmode = \"detect\"\n").unwrap();
     let config = config.display().to_string();
@@ -253,5 +236,4 @@ fn replay_and_daemon_alert_alike_on_the_same_requests() {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
