@@ -39,7 +39,21 @@ fn main() {
             .block(hit.parse().unwrap(), Duration::from_secs(3600))
             .unwrap();
     }
-    assert_eq!(enforcer.len(), 1001);
+    // IPv6: 200 single addresses, 100 /64s and the /48 a case hits.
+    for i in 0..300u32 {
+        let net = if i % 3 == 0 {
+            format!("fd00:{:x}:{:x}::/64", 0x100 + i / 256, i % 256)
+        } else {
+            format!("fd00:{:x}::{:x}/128", 0x200 + i / 256, i % 256)
+        };
+        enforcer
+            .block(net.parse().unwrap(), Duration::from_secs(3600))
+            .unwrap();
+    }
+    enforcer
+        .block("fd00:66::/48".parse().unwrap(), Duration::from_secs(3600))
+        .unwrap();
+    assert_eq!(enforcer.len(), 1302);
 
     let mut non_http = Packet::tcp("10.9.0.2", "10.9.0.1", &[0x17; 200]); // TLS-like record
     non_http.tcp_options = 12; // timestamps, as on a real connection
@@ -56,6 +70,10 @@ fn main() {
     blocked_exact.tcp_options = 12;
     let mut blocked_prefix = Packet::tcp("10.66.3.4", "10.9.0.1", &[0x17; 200]);
     blocked_prefix.tcp_options = 12;
+    let mut non_http6 = Packet::tcp("fd00:9::2", "fd00:9::1", &[0x17; 200]);
+    non_http6.tcp_options = 12;
+    let mut blocked6 = Packet::tcp("fd00:66:0:7::9", "fd00:9::1", &[0x17; 200]);
+    blocked6.tcp_options = 12;
 
     // A second instance whose block maps are empty: the common case on most servers.
     let mut empty = Datapath::load(&LoadOptions::default()).expect("load XDP program");
@@ -71,7 +89,7 @@ fn main() {
             .unwrap();
     }
 
-    let cases: [(&str, &str, Vec<u8>); 5] = [
+    let cases: [(&str, &str, Vec<u8>); 7] = [
         (
             "baseline (empty XDP program)",
             BASELINE_PROGRAM,
@@ -85,6 +103,8 @@ fn main() {
             blocked_exact.build(),
         ),
         ("blocked, inside a /16", PROGRAM, blocked_prefix.build()),
+        ("IPv6 non-HTTP TCP packet", PROGRAM, non_http6.build()),
+        ("IPv6 blocked, inside a /48", PROGRAM, blocked6.build()),
     ];
 
     // Interleave the cases round by round so machine noise hits them alike; report medians.
@@ -110,7 +130,7 @@ fn main() {
         "every request run must be captured"
     );
     assert_eq!(delta.get(Counter::RingbufFull), 0);
-    assert_eq!(delta.get(Counter::Blocked), 2 * total);
+    assert_eq!(delta.get(Counter::Blocked), 3 * total);
 
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -118,7 +138,7 @@ fn main() {
     };
     let medians: Vec<f64> = samples.iter_mut().map(median).collect();
     println!(
-        "XDP cost per packet (BPF_PROG_TEST_RUN, {ROUNDS} rounds x {REPEAT} repeats, median; 1,001 block entries: 667 /32, 333 /24, one /16)"
+        "XDP cost per packet (BPF_PROG_TEST_RUN, {ROUNDS} rounds x {REPEAT} repeats, median; IPv4 blocks: 667 /32, 333 /24, one /16; IPv6: 200 /128, 100 /64, one /48)"
     );
     println!("{:<34} {:>10} {:>10}", "case", "ns/packet", "x baseline");
     let names = cases.iter().map(|(n, _, _)| *n).chain([
