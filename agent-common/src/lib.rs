@@ -59,8 +59,19 @@ pub struct Config {
     /// Bytes of payload to capture per request; 0 means [`CAPTURE_DEFAULT`]; capped at
     /// [`CAPTURE_MAX`].
     pub capture_len: u32,
-    pub _pad: u32,
+    /// How many of `ports` are in use; 0: requests to any port are captured.
+    pub port_count: u32,
+    /// Server ports whose requests are captured, in network byte order (compared with the
+    /// TCP header as it is); unused slots hold 0. Requests to other ports are counted, not
+    /// sent to userspace.
+    pub ports: [u16; KERNEL_PORTS],
 }
+
+/// Server ports the program itself can filter on; with more configured, it captures every
+/// port and userspace filters.
+pub const KERNEL_PORTS: usize = 16;
+
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
 /// Bits of [`Enforcement::flags`]: which block/allow tries hold entries. The XDP program
 /// skips lookups in empty maps, which keeps the common path cheap; the userspace enforcer
@@ -271,9 +282,11 @@ pub enum Counter {
     ParseGaveUp,
     /// IPv6 packets with extension headers (passed without capture).
     Ipv6ExtHeader,
+    /// Requests to server ports not configured for analysis (passed without capture).
+    OtherPort,
 }
 
-pub const COUNTER_COUNT: u32 = 11;
+pub const COUNTER_COUNT: u32 = 12;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -288,6 +301,7 @@ impl Counter {
         Counter::NonlinearSkipped,
         Counter::ParseGaveUp,
         Counter::Ipv6ExtHeader,
+        Counter::OtherPort,
     ];
 
     /// Stable snake_case name, used in logs, `status` and JSON.
@@ -304,6 +318,7 @@ impl Counter {
             Counter::NonlinearSkipped => "nonlinear_skipped",
             Counter::ParseGaveUp => "parse_gave_up",
             Counter::Ipv6ExtHeader => "ipv6_ext_header",
+            Counter::OtherPort => "other_port",
         }
     }
 }

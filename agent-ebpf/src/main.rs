@@ -163,6 +163,7 @@ fn count_skip(skip: Skip) {
         Skip::Malformed => bump(Counter::ParseGaveUp),
         Skip::Nonlinear => bump(Counter::NonlinearSkipped),
         Skip::Http2 => bump(Counter::Http2Preface),
+        Skip::OtherPort => bump(Counter::OtherPort),
     }
 }
 
@@ -339,9 +340,21 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         return Err(Skip::NotInteresting);
     }
 
-    let limit = match CONFIG.get(0) {
-        Some(c) if c.capture_len != 0 => c.capture_len as usize,
-        _ => CAPTURE_DEFAULT as usize,
+    let Some(config) = CONFIG.get(0) else {
+        return Err(Skip::NotInteresting);
+    };
+    if config.port_count != 0 {
+        // All KERNEL_PORTS slots are compared, unused ones hold 0 (never a configured port):
+        // a loop bounded by port_count becomes pointer arithmetic 6.1's verifier rejects.
+        let port = parse::dest_port_be(ctx, h)?;
+        if !config.ports.contains(&port) {
+            return Err(Skip::OtherPort);
+        }
+    }
+    let limit = if config.capture_len != 0 {
+        config.capture_len as usize
+    } else {
+        CAPTURE_DEFAULT as usize
     };
     let captured = if h.payload_len < limit {
         h.payload_len

@@ -26,6 +26,8 @@ pub enum Skip {
     Nonlinear,
     /// HTTP/2 connection preface.
     Http2,
+    /// A request to a server port not configured for analysis.
+    OtherPort,
 }
 
 #[repr(C)]
@@ -204,6 +206,12 @@ pub fn endpoints(ctx: &XdpContext, h: &Headers) -> Result<([u8; 16], [u8; 16], u
     let t = ptr_at::<TcpHdr>(ctx, h.l4)?;
     let (sport, dport) = unsafe { (u16::from_be((*t).source), u16::from_be((*t).dest)) };
     Ok((s, d, sport, dport))
+}
+
+/// The TCP destination port as it is in the header (network byte order).
+#[inline(always)]
+pub fn dest_port_be(ctx: &XdpContext, h: &Headers) -> Result<u16, Skip> {
+    Ok(unsafe { (*ptr_at::<TcpHdr>(ctx, h.l4)?).dest })
 }
 
 /// `len`, already checked to be in 1..=N (N a power of two), as a length the verifier can

@@ -12,7 +12,8 @@ use std::{
 
 use agent_common::{
     BlockEntry, Bucket, CAPTURE_MAX, COUNTER_COUNT, Config, Counter, EVENT_HEADER_LEN,
-    EXACT_BUCKETS, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, MAX_ALLOW, MAX_BLOCKS,
+    EXACT_BUCKETS, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, KERNEL_PORTS, MAX_ALLOW,
+    MAX_BLOCKS,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -132,6 +133,9 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Pin the block and allow maps in this bpffs directory and re-use them on the next start.
     pub pin_dir: Option<PathBuf>,
+    /// Capture only requests to these server ports (empty: every port). See
+    /// [`Datapath::set_ports`].
+    pub ports: Vec<u16>,
 }
 
 impl Default for LoadOptions {
@@ -140,6 +144,7 @@ impl Default for LoadOptions {
             capture_len: agent_common::CAPTURE_DEFAULT,
             ring_bytes: 4 << 20,
             pin_dir: None,
+            ports: Vec::new(),
         }
     }
 }
@@ -287,6 +292,7 @@ impl Datapath {
             legacy,
         };
         dp.set_capture_len(opts.capture_len)?;
+        dp.set_ports(&opts.ports)?;
         Ok(dp)
     }
 
@@ -411,19 +417,35 @@ impl Datapath {
         if !(1..=CAPTURE_MAX as u32).contains(&len) {
             return Err(CaptureError::CaptureLen(len));
         }
+        self.update_config(|c| c.capture_len = len)
+    }
+
+    /// Captures only requests to these server ports from now on (empty: every port); the
+    /// others are counted as `other_port`. The program compares at most [`KERNEL_PORTS`]; with
+    /// more, it captures every port and the caller filters (the daemon always does).
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), CaptureError> {
+        self.update_config(|c| {
+            c.ports = [0; KERNEL_PORTS];
+            if ports.len() > KERNEL_PORTS {
+                c.port_count = 0;
+                return;
+            }
+            for (slot, port) in c.ports.iter_mut().zip(ports) {
+                *slot = port.to_be();
+            }
+            c.port_count = ports.len() as u32;
+        })
+    }
+
+    /// Reads, changes and writes back the program's `CONFIG` entry. A packet racing the write
+    /// may see a mix of old and new fields; each field alone is valid either way.
+    fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), CaptureError> {
         let map = self.ebpf.map_mut("CONFIG").ok_or(missing("CONFIG"))?;
         let mut config: Array<&mut MapData, Config> =
             Array::try_from(map).map_err(map_err("CONFIG"))?;
-        config
-            .set(
-                0,
-                Config {
-                    capture_len: len,
-                    _pad: 0,
-                },
-                0,
-            )
-            .map_err(map_err("CONFIG"))
+        let mut value = config.get(&0, 0).map_err(map_err("CONFIG"))?;
+        change(&mut value);
+        config.set(0, value, 0).map_err(map_err("CONFIG"))
     }
 
     /// The kernel counters, summed over CPUs.

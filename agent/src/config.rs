@@ -49,7 +49,8 @@ pub struct Config {
     pub capture_len: u32,
     /// Ring buffer between the kernel and the daemon, bytes (a power of two, >= 64 KiB).
     pub ring_buffer_bytes: u32,
-    /// Only requests to these server ports are analysed (empty: all ports).
+    /// Only requests to these server ports are analysed (empty: all ports). The XDP program
+    /// filters up to `agent_common::KERNEL_PORTS` of them itself; the daemon filters the rest.
     pub ports: Vec<u16>,
     /// Pin the block and allow maps in this bpffs directory so blocks survive restarts.
     pub pin_maps: Option<PathBuf>,

@@ -238,6 +238,7 @@ impl Daemon {
             capture_len: config.capture_len,
             ring_bytes: config.ring_buffer_bytes,
             pin_dir: config.pin_maps.clone(),
+            ports: config.ports.clone(),
         })?;
         // The enforcer tells the kernel which (possibly pinned) maps hold entries: take it
         // before attaching so pinned blocks apply from the first packet.
@@ -384,6 +385,8 @@ impl Daemon {
     }
 
     fn on_capture(&mut self, req: CapturedRequest) {
+        // The program filters up to KERNEL_PORTS ports itself; this covers longer lists and
+        // records captured just before a reload changed the ports.
         if !self.config.ports.is_empty() && !self.config.ports.contains(&req.server.port()) {
             self.counters.port_filtered += 1;
             return;
@@ -810,6 +813,9 @@ impl Daemon {
             }
             if new.capture_len != self.config.capture_len {
                 self.datapath.set_capture_len(new.capture_len)?;
+            }
+            if new.ports != self.config.ports {
+                self.datapath.set_ports(&new.ports)?;
             }
             for net in new
                 .allowlist

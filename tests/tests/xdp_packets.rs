@@ -785,3 +785,42 @@ fn prefix_lengths_beyond_those_hashed_are_blocked_through_the_trie() {
         XDP_PASS
     );
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn only_requests_to_the_configured_ports_are_captured() {
+    let mut h = Harness::with(LoadOptions {
+        ports: vec![8080, 443],
+        ..LoadOptions::default()
+    });
+    let to = |port: u16| {
+        let mut p = Packet::tcp("10.9.0.2", "10.9.0.1", &get("/x"));
+        p.dport = port;
+        p
+    };
+    for port in [8080, 443] {
+        let o = h.run(&to(port));
+        assert_eq!(o.verdict, XDP_PASS);
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+        assert_eq!(o.events.len(), 1, "{port}");
+    }
+    let o = h.run(&to(9090));
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::OtherPort, 1)]);
+    assert!(o.events.is_empty());
+    // Blocking does not depend on the port.
+    h.enforcer
+        .block(net("10.9.0.2/32"), Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(h.run(&to(9090)).verdict, XDP_DROP);
+    h.enforcer.unblock(net("10.9.0.2/32")).unwrap();
+    // Changed at runtime: more ports than the program compares means all, filtered upstream.
+    let many: Vec<u16> = (1..=agent_common::KERNEL_PORTS as u16 + 1).collect();
+    h.dp.set_ports(&many).unwrap();
+    assert_eq!(h.run(&to(9090)).events.len(), 1);
+    h.dp.set_ports(&[9090]).unwrap();
+    assert_eq!(h.run(&to(9090)).events.len(), 1);
+    assert!(h.run(&to(8080)).events.is_empty());
+    h.dp.set_ports(&[]).unwrap();
+    assert_eq!(h.run(&to(8080)).events.len(), 1);
+}
