@@ -489,14 +489,18 @@ fn frozen_scores(
             run = if last_item == r.item { run + 1 } else { 1 };
             last_item = r.item;
             // How far past the firing point (the engine's own judgement, 1 = fires): the
-            // operation's runs when it has enough, else the population's.
-            if let Some(r) = signals::replay_judgement(model.runs(), op, run, cfg) {
+            // run's probability under the operation's learned runs shrunk toward all runs, on
+            // the runs the engine judges (at least replay_min_run long).
+            if run >= cfg.replay_min_run
+                && let Some(r) = signals::replay_judgement(model.runs(), op, run, cfg)
+            {
                 s[2] = s[2].max(r.excess());
             }
             // The step as the enumeration signal judges it, once its requests differ.
             step += 1;
             varied |= run < step;
-            if varied && let Some(r) = signals::replay_judgement(model.step_runs(), op, step, cfg) {
+            if varied && let Some(r) = signals::long_run_judgement(model.step_runs(), op, step, cfg)
+            {
                 s[4] = s[4].max(r.excess());
             }
         } else {

@@ -16,7 +16,9 @@ use crate::{
     http::{HttpConfig, Method, Parser, SelectedHeaders, SkipCounters, SkipReason},
     model::{
         Model, ModelConfig, ModelError, Op, SignalConfig,
-        signals::{ReplayBasis, missing_precedent, rare_transition, replay, surprising_session},
+        signals::{
+            RunBasis, long_run, missing_precedent, rare_transition, replay, surprising_session,
+        },
     },
     rules::{HitKind, RuleError, RuleFile, RuleSet, SequenceCandidate},
     session::{IdentifierSource, Session, SessionConfig, SessionKeyer, SessionTable, StepKind},
@@ -60,6 +62,12 @@ const ALERTED_SURPRISE: u8 = 1;
 /// A session's first confidently rare transition is news; on a large API a long benign session
 /// can hold several, and repeating the alert for each adds noise, not information.
 const ALERTED_RARE: u8 = 2;
+/// The session's current run of identical requests was alerted as a replay. It is not learned
+/// when it ends: the replay judgement rests on how rarely runs go on, and a handful of learned
+/// replays would teach it that they do (the threshold length would creep up with every attack
+/// it saw). Runs that stay below the threshold are learned as ever, so an operation whose
+/// visitors start reloading more raises its own threshold.
+const IN_REPLAY: u8 = 4;
 
 /// Counters for `status` and the replay summary.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -265,7 +273,9 @@ impl Engine {
             // The session's last runs (of identical requests, of its last step) are over.
             if let Some(last) = s.history().last() {
                 let op = discovery.canonical(last.op).0;
-                model.learn_run(op, s.identical_run);
+                if s.alerted & IN_REPLAY == 0 {
+                    model.learn_run(op, s.identical_run);
+                }
                 model.learn_step_run(op, last.count);
             }
             if s.surprise.steps > 0 {
@@ -400,13 +410,17 @@ impl Core {
         // what the model learns. Browsing one template's items is not a run.
         let same_step = res.kind == StepKind::Repeat;
         if let Some(ended) = session.note_request(request, same_step) {
+            let replayed = session.alerted & IN_REPLAY != 0;
+            session.alerted &= !IN_REPLAY;
             let history = session.history();
             let prev = if same_step {
                 history.last()
             } else {
                 history.len().checked_sub(2).and_then(|i| history.get(i))
             };
-            if let Some(prev) = prev {
+            if let Some(prev) = prev
+                && !replayed
+            {
                 model.learn_run(discovery.canonical(prev.op).0, ended);
             }
         }
@@ -501,39 +515,23 @@ impl Core {
             }
             StepKind::Repeat => {
                 // Fire once per run of identical requests: when it first crosses what was
-                // learned.
+                // learned (its probability only falls as the run grows).
                 if alerting
                     && let Some(r) = replay(model.runs(), op.0, run, signals)
                     && replay(model.runs(), op.0, run - 1, signals).is_none()
                 {
+                    session.alerted |= IN_REPLAY;
                     findings.push(Finding::Signal {
                         signal: Signal::Replay,
-                        explanation: match &r.basis {
-                            ReplayBasis::Operation {
-                                learned, quantile, ..
-                            } => format!(
-                                "the same {} request repeated {} times in a row; its learned runs of identical requests reach {} at the {:.0}th percentile",
-                                op_name(discovery, op),
-                                r.run_len,
-                                learned,
-                                quantile * 100.0
-                            ),
-                            ReplayBasis::Population {
-                                at_least,
-                                runs,
-                                upper,
-                                support,
-                                ..
-                            } => format!(
-                                "the same {} request repeated {} times in a row; it has too few learned runs of identical requests ({}) to judge alone, and among the {} learned runs of operations seen about as rarely {} were this long (99% upper bound of the share {:.2e})",
-                                op_name(discovery, op),
-                                r.run_len,
-                                support,
-                                runs,
-                                at_least,
-                                upper
-                            ),
-                        },
+                        explanation: format!(
+                            "the same {} request repeated {} times in a row; of its {} learned runs of identical requests {} were repeated, and with how runs go on in general that makes a run this long a {:.1e} chance (< {:.0e})",
+                            op_name(discovery, op),
+                            r.run_len,
+                            r.support,
+                            r.repeated,
+                            r.probability,
+                            r.threshold
+                        ),
                         numbers: serde_json::to_value(&r).unwrap_or_default(),
                     });
                 }
@@ -543,13 +541,13 @@ impl Core {
                 let count = res.count;
                 if alerting
                     && run < count
-                    && let Some(r) = replay(model.step_runs(), op.0, count, signals)
-                    && replay(model.step_runs(), op.0, count - 1, signals).is_none()
+                    && let Some(r) = long_run(model.step_runs(), op.0, count, signals)
+                    && long_run(model.step_runs(), op.0, count - 1, signals).is_none()
                 {
                     findings.push(Finding::Signal {
                         signal: Signal::Enumeration,
                         explanation: match &r.basis {
-                            ReplayBasis::Operation {
+                            RunBasis::Operation {
                                 learned, quantile, ..
                             } => format!(
                                 "{} requested {} times in a row with changing ids or queries; its learned runs reach {} at the {:.0}th percentile",
@@ -558,7 +556,7 @@ impl Core {
                                 learned,
                                 quantile * 100.0
                             ),
-                            ReplayBasis::Population {
+                            RunBasis::Population {
                                 at_least,
                                 runs,
                                 upper,
@@ -801,12 +799,41 @@ mod tests {
         let alerts = replay_alerts(&mut e, "replayer", &paths);
         assert_eq!(alerts.len(), 1, "fires once per run: {alerts:?}");
         let (at, numbers) = &alerts[0];
-        // 0.99 quantile 2, factor 2: the fifth identical request is the first past 4.
-        assert_eq!(*at, 5, "{numbers}");
-        assert_eq!(numbers["run_len"], 5);
-        assert_eq!(numbers["basis"], "operation");
-        assert_eq!(numbers["learned"], 2);
+        // Hundreds of learned reloads, none went on to a third identical request: the third
+        // is the first the learned runs make improbable.
+        assert_eq!(*at, 3, "{numbers}");
+        assert_eq!(numbers["run_len"], 3);
         assert!(numbers["support"].as_u64().unwrap() >= 300);
+        assert!(numbers["repeated"].as_u64().unwrap() >= 100, "{numbers}");
+        assert!(numbers["probability"].as_f64().unwrap() < numbers["threshold"].as_f64().unwrap());
+    }
+
+    #[test]
+    fn a_run_alerted_as_a_replay_is_not_learned_and_others_are() {
+        let mut e = catalogue_engine();
+        let op = e.discovery().resolve("GET /items/{id}").unwrap();
+        let op = e.discovery().canonical(op).0;
+        let (support, repeated) = (e.model().runs().support(op), e.model().runs().tail(op, 2));
+        // A reload (a run of 2) ended by another item: learned.
+        let paths: Vec<String> = ["/items/1", "/items/1", "/items/2"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(replay_alerts(&mut e, "reloader", &paths), vec![]);
+        assert_eq!(e.model().runs().support(op), support + 1);
+        assert_eq!(e.model().runs().tail(op, 2), repeated + 1);
+        // A replay ended the same way: alerted, and not learned (only the item after it
+        // starts a run).
+        let mut paths = vec!["/items/3".to_string(); 6];
+        paths.push("/items/4".into());
+        assert_eq!(replay_alerts(&mut e, "replayer", &paths).len(), 1);
+        assert_eq!(e.model().runs().support(op), support + 1);
+        // Nor when the session ends on it: the sweep learns the open runs of /items/2 and
+        // /items/4, not the replay of /items/5.
+        let paths = vec!["/items/5".to_string(); 6];
+        assert_eq!(replay_alerts(&mut e, "ender", &paths).len(), 1);
+        e.maintain(1_000_000 * SECOND);
+        assert_eq!(e.model().runs().support(op), support + 3);
+        assert_eq!(e.model().runs().tail(op, 2), repeated + 1);
     }
 
     #[test]
@@ -818,10 +845,11 @@ mod tests {
         // The same ids with a query that differs are different requests too...
         let paths: Vec<String> = (0..8).map(|i| format!("/items/77?page={i}")).collect();
         assert_eq!(replay_alerts(&mut e, "pager", &paths), vec![]);
-        // ... and one identical request among them starts the run afresh.
-        let mut paths = vec!["/items/5".to_string(); 4];
+        // ... and one different request among them starts the run afresh (two reloads in a
+        // row are what was learned; four would be a replay).
+        let mut paths = vec!["/items/5".to_string(); 2];
         paths.push("/items/6".into());
-        paths.extend(vec!["/items/5".to_string(); 4]);
+        paths.extend(vec!["/items/5".to_string(); 2]);
         assert_eq!(replay_alerts(&mut e, "alternator", &paths), vec![]);
     }
 

@@ -1,6 +1,7 @@
 //! Anomaly-signal primitives built on the model: confidently rare transition, missing precedent,
-//! replay (a run of identical requests far beyond the operation's learned runs of identical
-//! requests, or the population's when the operation has too few) and session surprise far above the population's. Each check returns
+//! replay (a run of identical requests that the operation's learned runs, shrunk toward all
+//! operations' runs, make improbable), long runs of varied requests (enumeration) and session
+//! surprise far above the population's. Each check returns
 //! the numbers behind it so an alert can show them; `decide` turns them into alerts. Nothing fires
 //! before there is enough data (every check has a minimum support).
 
@@ -21,18 +22,25 @@ pub struct SignalConfig {
     pub precedent_min_score: f64,
     /// ... relative to at least this many occurrences of the operation.
     pub precedent_min_support: u32,
-    /// Replay: the run is longer than `replay_factor` × this quantile of the learned run lengths...
-    pub replay_quantile: f64,
-    pub replay_factor: f64,
-    /// ... the operation has at least this many learned runs ...
-    pub replay_min_runs: u32,
+    /// Replay: a run of identical requests at least `replay_min_run` long whose estimated
+    /// probability (see [`replay`]) is below this ...
+    pub replay_probability: f64,
+    /// ... where at each run length the operation's own learned runs are shrunk toward all
+    /// operations' runs as if the latter were this many runs of the operation ...
+    pub replay_prior_runs: f64,
     /// ... and the run is at least this long.
     pub replay_min_run: u32,
-    /// An operation with fewer learned runs is judged against the runs of operations seen about
-    /// as rarely: a replay when runs this long are confidently rarer than this there (99% upper
-    /// bound of their share) ...
+    /// Enumeration (a step of varied requests to one operation, see [`long_run`]): the step is
+    /// longer than `replay_factor` × this quantile of the operation's learned steps...
+    pub replay_quantile: f64,
+    pub replay_factor: f64,
+    /// ... the operation has at least this many learned steps ...
+    pub replay_min_runs: u32,
+    /// An operation with fewer learned steps is judged against the steps of operations seen
+    /// about as rarely: a long run when steps this long are confidently rarer than this there
+    /// (99% upper bound of their share) ...
     pub replay_population_upper: f64,
-    /// ... once the population has at least this many learned runs.
+    /// ... once the population has at least this many learned runs (both signals).
     pub replay_population_min_runs: u32,
     /// Session surprise: the session's recent mean surprise is at least this many population
     /// standard deviations above the population mean ...
@@ -51,10 +59,12 @@ impl Default for SignalConfig {
             rare_min_context_count: 30,
             precedent_min_score: 0.95,
             precedent_min_support: 30,
+            replay_probability: 5e-4,
+            replay_prior_runs: 10.0,
+            replay_min_run: 3,
             replay_quantile: 0.99,
             replay_factor: 2.0,
             replay_min_runs: 30,
-            replay_min_run: 3,
             replay_population_upper: 1e-3,
             replay_population_min_runs: 1000,
             surprise_z: 4.0,
@@ -260,6 +270,8 @@ pub struct RunLengths {
     hists: Vec<RunHist>,
     /// Per support class, the sum of its operations' histograms.
     pooled: [[u64; RUN_BINS]; CLASSES],
+    /// The sum of all operations' histograms (the replay signal's prior).
+    all: [u64; RUN_BINS],
     /// Runs of operations with ids ≥ max_ops, not recorded.
     pub untracked: u64,
     /// Times a histogram was halved.
@@ -281,6 +293,7 @@ impl From<SavedRunLengths> for RunLengths {
             max_ops: s.max_ops,
             hists: s.hists,
             pooled: [[0; RUN_BINS]; CLASSES],
+            all: [0; RUN_BINS],
             untracked: s.untracked,
             halvings: s.halvings,
         };
@@ -308,20 +321,23 @@ impl RunLengths {
             max_ops,
             hists: Vec::new(),
             pooled: [[0; RUN_BINS]; CLASSES],
+            all: [0; RUN_BINS],
             untracked: 0,
             halvings: 0,
         }
     }
 
-    /// Adds (or takes out) histogram `i` to (from) its support class's sum.
+    /// Adds (or takes out) histogram `i` to (from) its support class's sum and the sum of all.
     fn pool(&mut self, i: usize, add: bool) {
         let h = &self.hists[i];
         let class = &mut self.pooled[class_of(h.total)];
-        for (p, &c) in class.iter_mut().zip(&h.bins) {
+        for ((p, a), &c) in class.iter_mut().zip(self.all.iter_mut()).zip(&h.bins) {
             if add {
                 *p += u64::from(c);
+                *a += u64::from(c);
             } else {
                 *p -= u64::from(c);
+                *a -= u64::from(c);
             }
         }
     }
@@ -342,6 +358,7 @@ impl RunLengths {
         let total = self.hists[i].total;
         if class_of(total + 1) == class_of(total) {
             self.pooled[class_of(total)][bin] += 1;
+            self.all[bin] += 1;
             let h = &mut self.hists[i];
             h.bins[bin] += 1;
             h.total += 1;
@@ -361,6 +378,13 @@ impl RunLengths {
             self.pool(i, true);
             self.halvings += 1;
         }
+    }
+
+    /// Runs learned for `op` that were at least `run` long (the whole bin of `run` counted).
+    pub fn tail(&self, op: Op, run: u32) -> u32 {
+        self.hists
+            .get(op as usize)
+            .map_or(0, |h| h.bins[run_bin(run.max(1))..].iter().sum())
     }
 
     /// Runs learned for `op`.
@@ -383,6 +407,39 @@ impl RunLengths {
         (at_least, total)
     }
 
+    /// Estimated probability that a run of `op` reaches `run` (at least the lower edge of its
+    /// bin), from the chance at each length that a run that got there goes on (its hazard):
+    /// the operation's own runs, shrunk toward all operations' at that length with `prior`
+    /// pseudo-runs. A length where the operation has hundreds of runs is judged by them; one
+    /// where it has few leans on how runs of that length go on in general. Returns
+    /// (probability, the operation's runs, its runs of at least 2, all runs).
+    pub fn run_probability(&self, op: Op, run: u32, prior: f64) -> (f64, u32, u32, u64) {
+        // Runs in bin b or later, for the operation and for all.
+        let tails = |bins: &[u64; RUN_BINS]| {
+            let mut t = [0u64; RUN_BINS + 1];
+            for b in (0..RUN_BINS).rev() {
+                t[b] = t[b + 1] + bins[b];
+            }
+            t
+        };
+        let own: [u64; RUN_BINS] = self
+            .hists
+            .get(op as usize)
+            .map_or([0; RUN_BINS], |h| h.bins.map(u64::from));
+        let (own, all) = (tails(&own), tails(&self.all));
+        let mut p = 1.0f64;
+        for b in 0..run_bin(run.max(1)) {
+            // Of the runs that reached bin b, the share that reached b + 1: all operations'
+            // (with a half-run floor, so an unseen length is unlikely, not impossible)...
+            let general = (all[b + 1] as f64 + 0.5) / (all[b] as f64 + 1.0);
+            // ... and the operation's, shrunk toward it.
+            p *= (own[b + 1] as f64 + prior * general) / (own[b] as f64 + prior);
+        }
+        let support = u32::try_from(own[0]).unwrap_or(u32::MAX);
+        let repeated = u32::try_from(own[1]).unwrap_or(u32::MAX);
+        (p, support, repeated, all[0])
+    }
+
     /// The q-quantile of `op`'s run lengths, rounded up to its bin's upper edge.
     pub fn quantile(&self, op: Op, q: f64) -> Option<u32> {
         let h = self.hists.get(op as usize).filter(|h| h.total > 0)?;
@@ -401,7 +458,7 @@ impl RunLengths {
 /// What a replay was judged against.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "basis", rename_all = "snake_case")]
-pub enum ReplayBasis {
+pub enum RunBasis {
     /// The operation's own learned runs: the run exceeds `factor` × their `quantile`.
     Operation {
         /// The learned `quantile` of the operation's run lengths.
@@ -425,41 +482,44 @@ pub enum ReplayBasis {
     },
 }
 
-/// A run of identical requests far beyond what the learned runs allow.
+/// A run of identical requests that the learned runs make improbable.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Replay {
     pub op: Op,
     pub run_len: u32,
-    #[serde(flatten)]
-    pub basis: ReplayBasis,
+    /// Estimated probability that a run of the operation is this long (see
+    /// [`RunLengths::run_probability`]) ...
+    pub probability: f64,
+    /// ... and the probability below which it is a replay.
+    pub threshold: f64,
+    /// The operation's learned runs, and those of at least 2 identical requests.
+    pub support: u32,
+    pub repeated: u32,
+    /// All operations' learned runs (the prior).
+    pub population: u64,
 }
 
 impl Replay {
-    /// How far past the firing point the run is: above 1 fires. Operation basis: run length over
-    /// factor × learned quantile; population basis: log of the share's upper bound over log of
-    /// the threshold.
+    /// How far past the firing point the run is: log of its probability over log of the
+    /// threshold (above 1 fires).
     pub fn excess(&self) -> f64 {
-        match &self.basis {
-            ReplayBasis::Operation {
-                learned, factor, ..
-            } => f64::from(self.run_len) / (f64::from((*learned).max(1)) * factor),
-            ReplayBasis::Population {
-                upper, threshold, ..
-            } => upper.max(1e-300).ln() / threshold.ln(),
-        }
+        self.probability.max(1e-300).ln() / self.threshold.ln()
     }
 }
 
-/// Replay: `run_len` identical requests in a row (to `op`) beyond what the learned runs of
-/// identical requests allow.
+/// Replay: `run_len` identical requests in a row (to `op`) that the learned runs of identical
+/// requests make improbable.
 ///
-/// An operation with at least `replay_min_runs` learned runs is judged by its own: the run is
-/// longer than `replay_factor` × the `replay_quantile` of its run lengths. Most operations of a
-/// large API are visited too rarely for that (a replay of one of them would never fire), so the
-/// others are judged against the population of rarely seen operations: the share of their
-/// learned runs that were at least this long must be confidently small (99% Beta upper bound
-/// below `replay_population_upper`, with at least `replay_population_min_runs` runs in that
-/// population). Either way the run is at least `replay_min_run` long.
+/// Benign runs of identical requests are heavy-tailed and depend on the operation: most are
+/// never repeated, a live-score page is reloaded by some visitors dozens of times, and once a
+/// visitor has reloaded a page three times the next reload is likely. So the run is judged by
+/// how runs of this operation go on, length by length (the hazard at each length): where the
+/// operation has learned many runs of that length they decide, where it has few (a rarely
+/// seen operation, or a length its runs seldom reach) all operations' runs fill in, weighted as
+/// `replay_prior_runs` runs. The product over lengths is the probability of a run this long;
+/// below `replay_probability` it is a replay. Unlike a multiple of a quantile this grows with
+/// the length on every operation, rare ones included, and an operation whose visitors do
+/// reload is judged by how far they go.
 pub fn replay(runs: &RunLengths, op: Op, run_len: u32, cfg: &SignalConfig) -> Option<Replay> {
     if run_len < cfg.replay_min_run {
         return None;
@@ -468,17 +528,82 @@ pub fn replay(runs: &RunLengths, op: Op, run_len: u32, cfg: &SignalConfig) -> Op
 }
 
 /// The judgement [`replay`] makes of a run, whether or not it fires (it fires when
-/// [`Replay::excess`] is above 1). None when neither the operation nor the population has
-/// enough learned runs.
+/// [`Replay::excess`] is above 1 and the run is at least `replay_min_run` long). None when
+/// fewer than `replay_population_min_runs` runs were learned in all.
 pub fn replay_judgement(
     runs: &RunLengths,
     op: Op,
     run_len: u32,
     cfg: &SignalConfig,
 ) -> Option<Replay> {
+    let (probability, support, repeated, population) =
+        runs.run_probability(op, run_len, cfg.replay_prior_runs);
+    (population >= u64::from(cfg.replay_population_min_runs)).then_some(Replay {
+        op,
+        run_len,
+        probability,
+        threshold: cfg.replay_probability,
+        support,
+        repeated,
+        population,
+    })
+}
+
+/// A run (of one operation's requests in a row) far beyond what the learned runs allow.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LongRun {
+    pub op: Op,
+    pub run_len: u32,
+    #[serde(flatten)]
+    pub basis: RunBasis,
+}
+
+impl LongRun {
+    /// How far past the firing point the run is: above 1 fires. Operation basis: run length over
+    /// factor × learned quantile; population basis: log of the share's upper bound over log of
+    /// the threshold.
+    pub fn excess(&self) -> f64 {
+        match &self.basis {
+            RunBasis::Operation {
+                learned, factor, ..
+            } => f64::from(self.run_len) / (f64::from((*learned).max(1)) * factor),
+            RunBasis::Population {
+                upper, threshold, ..
+            } => upper.max(1e-300).ln() / threshold.ln(),
+        }
+    }
+}
+
+/// A run of `run_len` requests to `op` in a row beyond what the learned runs allow (the
+/// enumeration signal judges the steps of varied requests this way; replays have
+/// [`replay`]).
+///
+/// An operation with at least `replay_min_runs` learned runs is judged by its own: the run is
+/// longer than `replay_factor` × the `replay_quantile` of its run lengths. Most operations of a
+/// large API are visited too rarely for that (a replay of one of them would never fire), so the
+/// others are judged against the population of rarely seen operations: the share of their
+/// learned runs that were at least this long must be confidently small (99% Beta upper bound
+/// below `replay_population_upper`, with at least `replay_population_min_runs` runs in that
+/// population). Either way the run is at least `replay_min_run` long.
+pub fn long_run(runs: &RunLengths, op: Op, run_len: u32, cfg: &SignalConfig) -> Option<LongRun> {
+    if run_len < cfg.replay_min_run {
+        return None;
+    }
+    long_run_judgement(runs, op, run_len, cfg).filter(|r| r.excess() > 1.0)
+}
+
+/// The judgement [`long_run`] makes of a run, whether or not it fires (it fires when
+/// [`LongRun::excess`] is above 1). None when neither the operation nor the population has
+/// enough learned runs.
+pub fn long_run_judgement(
+    runs: &RunLengths,
+    op: Op,
+    run_len: u32,
+    cfg: &SignalConfig,
+) -> Option<LongRun> {
     let support = runs.support(op);
     let basis = if support >= cfg.replay_min_runs {
-        ReplayBasis::Operation {
+        RunBasis::Operation {
             learned: runs.quantile(op, cfg.replay_quantile)?,
             quantile: cfg.replay_quantile,
             factor: cfg.replay_factor,
@@ -492,7 +617,7 @@ pub fn replay_judgement(
         // The Beta interval takes u32 counts; past that both scale down together (same share).
         let scale = total.div_ceil(u64::from(u32::MAX)).max(1);
         let (k, n) = ((at_least / scale) as u32, (total / scale) as u32);
-        ReplayBasis::Population {
+        RunBasis::Population {
             at_least,
             runs: total,
             upper: super::interval::beta_interval_exact(k, n).upper,
@@ -500,7 +625,7 @@ pub fn replay_judgement(
             support,
         }
     };
-    Some(Replay { op, run_len, basis })
+    Some(LongRun { op, run_len, basis })
 }
 
 /// Weight of each new session in the population's mean/variance of session surprise.
@@ -611,7 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn replay_fires_on_a_run_far_beyond_learned_runs_and_not_within_them() {
+    fn long_run_fires_far_beyond_learned_runs_and_not_within_them() {
         let mut runs = RunLengths::new(100);
         for i in 0..200 {
             runs.learn(5, if i % 10 == 0 { 2 } else { 1 });
@@ -619,11 +744,11 @@ mod tests {
         let cfg = SignalConfig::default();
         assert_eq!(runs.quantile(5, 0.99), Some(2));
         assert!(
-            replay(&runs, 5, 4, &cfg).is_none(),
+            long_run(&runs, 5, 4, &cfg).is_none(),
             "4 = 2 × learned quantile is allowed"
         );
-        let r = replay(&runs, 5, 5, &cfg).expect("5 > 2 × 2");
-        let ReplayBasis::Operation {
+        let r = long_run(&runs, 5, 5, &cfg).expect("5 > 2 × 2");
+        let RunBasis::Operation {
             learned, support, ..
         } = r.basis
         else {
@@ -636,7 +761,7 @@ mod tests {
     }
 
     #[test]
-    fn replay_of_a_rarely_seen_operation_is_judged_against_rarely_seen_ones() {
+    fn long_run_of_a_rarely_seen_operation_is_judged_against_rarely_seen_ones() {
         let cfg = SignalConfig::default();
         let mut runs = RunLengths::new(10_000);
         // 10 runs of op 5: too few to judge it alone.
@@ -644,7 +769,7 @@ mod tests {
             runs.learn(5, 1);
         }
         assert!(
-            replay(&runs, 5, 50, &cfg).is_none(),
+            long_run(&runs, 5, 50, &cfg).is_none(),
             "no population to judge against yet"
         );
         // 2,000 rarely seen operations with 10 runs each, 1 run in 1,000 of length 3...
@@ -657,11 +782,11 @@ mod tests {
         }
         assert_eq!(runs.rare_population(30, 3), (20, 20_010));
         assert!(
-            replay(&runs, 5, 3, &cfg).is_none(),
+            long_run(&runs, 5, 3, &cfg).is_none(),
             "1 run in 1,000 is that long"
         );
-        let r = replay(&runs, 5, 4, &cfg).expect("no run of 4 among 20,010");
-        let ReplayBasis::Population {
+        let r = long_run(&runs, 5, 4, &cfg).expect("no run of 4 among 20,010");
+        let RunBasis::Population {
             at_least,
             runs: total,
             upper,
@@ -675,6 +800,102 @@ mod tests {
         assert!(upper < cfg.replay_population_upper);
         assert!(r.excess() > 1.0);
         assert_eq!(serde_json::to_value(&r).unwrap()["basis"], "population");
+    }
+
+    /// 2,000 operations with 10 runs each (1 run in 100 of 2 identical requests, 1 in 1,000
+    /// of 3), a page nobody reloads (op 1: 3,000 runs of 1) and a live page visitors reload
+    /// (op 2: 3,000 runs, one in ten reloaded, some of those 10 to 20 times).
+    fn reload_population() -> RunLengths {
+        let mut runs = RunLengths::new(10_000);
+        for i in 0..20_000u32 {
+            let len = match i % 1000 {
+                0 => 3,
+                k if k % 100 == 0 => 2,
+                _ => 1,
+            };
+            runs.learn(100 + i % 2000, len);
+        }
+        for i in 0..3000u32 {
+            runs.learn(1, 1);
+            runs.learn(
+                2,
+                match i % 10 {
+                    0 => 2 + i % 19,
+                    _ => 1,
+                },
+            );
+        }
+        runs
+    }
+
+    #[test]
+    fn replay_is_judged_by_how_the_operations_own_runs_go_on() {
+        let cfg = SignalConfig::default();
+        let runs = reload_population();
+        // Never reloaded in 3,000 runs: five identical requests are a replay...
+        let r = replay(&runs, 1, 5, &cfg).expect("op 1 is never reloaded");
+        assert_eq!((r.support, r.repeated, r.population), (3000, 0, 26_000));
+        assert!(
+            r.probability < cfg.replay_probability && r.excess() > 1.0,
+            "{r:?}"
+        );
+        // ... and two are not (too short to judge), though already unusual.
+        assert!(replay(&runs, 1, 2, &cfg).is_none());
+        // The live page: a run of 12 is what its visitors do.
+        let live = replay_judgement(&runs, 2, 12, &cfg).unwrap();
+        assert_eq!(live.repeated, 300);
+        assert!(live.excess() < 1.0, "{live:?}");
+        assert!(replay(&runs, 2, 12, &cfg).is_none());
+        // Beyond anything it has learned (its runs stop at 20), the population's hazard takes
+        // over and the run becomes a replay once long enough.
+        assert!(replay(&runs, 2, 2000, &cfg).is_some());
+        // The probability never grows with the length.
+        for op in [1, 2, 5, 150] {
+            let mut last = 1.0;
+            for len in 1..100 {
+                let p = replay_judgement(&runs, op, len, &cfg).unwrap().probability;
+                assert!(p <= last && p > 0.0, "op {op} len {len}: {p} after {last}");
+                last = p;
+            }
+        }
+    }
+
+    #[test]
+    fn replay_of_a_rarely_seen_operation_leans_on_all_runs() {
+        let cfg = SignalConfig::default();
+        let mut runs = RunLengths::new(10_000);
+        for _ in 0..3 {
+            runs.learn(5, 1);
+        }
+        assert!(
+            replay_judgement(&runs, 5, 50, &cfg).is_none(),
+            "nothing to judge against yet"
+        );
+        let runs = {
+            let mut r = reload_population();
+            for _ in 0..3 {
+                r.learn(5, 1);
+            }
+            r
+        };
+        // 3 runs of its own: about all operations' (1 run in 100 repeated, a third of those
+        // went on to 3), a little lower for its 3 unrepeated runs.
+        let two = replay_judgement(&runs, 5, 2, &cfg).unwrap();
+        let general = (runs.all[1..].iter().sum::<u64>() as f64 + 0.5) / (26_003.0 + 1.0);
+        let expect = (0.0 + cfg.replay_prior_runs * general) / (3.0 + cfg.replay_prior_runs);
+        assert!(
+            (two.probability - expect).abs() < 1e-12,
+            "{two:?} vs {expect}"
+        );
+        // Runs that got to 3 mostly go on (the live page's visitors reload up to 20 times), so
+        // for an operation known too little to say otherwise, 6 is not yet a replay...
+        assert!(replay(&runs, 5, 6, &cfg).is_none());
+        // ... but past every learned length it is.
+        let r = replay(&runs, 5, 40, &cfg).expect("no run of 33 or more was ever learned");
+        assert_eq!((r.support, r.repeated), (3, 0));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["run_len"], 40);
+        assert!(json["probability"].as_f64().unwrap() < cfg.replay_probability);
     }
 
     #[test]
@@ -692,6 +913,14 @@ mod tests {
         let pooled: u64 = runs.pooled.iter().flatten().sum();
         let learned: u64 = runs.hists.iter().map(|h| u64::from(h.total)).sum();
         assert_eq!(pooled, learned);
+        // The sum of all histograms (the replay prior) follows the halving bin by bin.
+        for b in 0..RUN_BINS {
+            let sum: u64 = runs.hists.iter().map(|h| u64::from(h.bins[b])).sum();
+            assert_eq!(runs.all[b], sum, "bin {b}");
+        }
+        let bytes = postcard::to_allocvec(&runs).unwrap();
+        let back: RunLengths = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.all, runs.all, "rebuilt on load");
         // Ops 0 and 2 have 17 and 16 runs (class 16..31); op 1 left the rare classes.
         assert_eq!(runs.rare_population(30, 1).1, 33);
         assert_eq!(runs.rare_population(16, 1).1, 0);
