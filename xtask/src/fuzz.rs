@@ -39,6 +39,9 @@ pub struct Options {
     pub targets: Vec<String>,
     /// Per-target libFuzzer logs (default: fuzz/logs).
     pub log_dir: Option<PathBuf>,
+    /// Build optimized (campaigns: many more executions per second) or not (a short check:
+    /// the build, which instruments every dependency, takes a third of the time).
+    pub optimized: bool,
 }
 
 /// What one target's run did, from libFuzzer's final stats.
@@ -75,13 +78,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     setup::ensure_nightly(&nightly)?;
     let tool_dir = setup::ensure_cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION)?;
 
-    step("building the fuzz targets (libFuzzer, address sanitizer, debug assertions)");
+    // Same flags for build and run, or `run` rebuilds.
+    let flags: &[&str] = if opts.optimized {
+        &["--debug-assertions"]
+    } else {
+        &["--dev"]
+    };
+    step(&format!(
+        "building the fuzz targets (libFuzzer, address sanitizer, debug assertions{})",
+        if opts.optimized { "" } else { ", unoptimized" }
+    ));
     let start = Instant::now();
-    exec(
-        cargo_fuzz(&nightly, &tool_dir)
-            .arg("build")
-            .args(BUILD_FLAGS),
-    )?;
+    exec(cargo_fuzz(&nightly, &tool_dir).arg("build").args(flags))?;
     eprintln!("built in {:.0}s", start.elapsed().as_secs_f64());
 
     let mut outcomes = Vec::new();
@@ -100,7 +108,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         // New inputs go to the first corpus directory; the seeds are only read.
         let status = cargo_fuzz(&nightly, &tool_dir)
             .arg("run")
-            .args(BUILD_FLAGS)
+            .args(flags)
             .arg(target)
             .arg(&corpus)
             .arg(&seeds)
@@ -123,8 +131,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         }
         if let Some(crash) = &outcome.crash {
             eprintln!(
-                "CRASH in {target}: {crash}\n  {}\n  reproduce: cargo +{nightly} fuzz run --debug-assertions {target} {crash}",
-                panic_line(&text)
+                "CRASH in {target}: {crash}\n  {}\n  reproduce: cargo +{nightly} fuzz run {} {target} {crash}",
+                panic_line(&text),
+                flags.join(" ")
             );
         }
         outcomes.push(outcome);
@@ -143,9 +152,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-/// Same flags for build and run, or `run` rebuilds.
-const BUILD_FLAGS: &[&str] = &["--debug-assertions"];
 
 /// `cargo +NIGHTLY fuzz` in the workspace root, with cargo-fuzz on PATH and the XDP build
 /// skipped (the targets never load it). The outer cargo's variables are removed so the inner

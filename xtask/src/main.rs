@@ -132,6 +132,7 @@ fn main() -> std::process::ExitCode {
             seconds: time,
             targets,
             log_dir,
+            optimized: true,
         }),
     };
     match result {
