@@ -412,8 +412,15 @@ fn main() {
         // short pass is not dominated by it.
         black_box(precedent::model::IntervalCache::new().interval(1, 2));
         let mut e = engine();
+        let cpu = thread_cpu_secs();
         let alerts = w.run(&mut e);
-        println!("{} requests of {}: {alerts} alerts", w.len(), w.name);
+        let cpu = thread_cpu_secs() - cpu;
+        println!(
+            "{} requests of {}: {alerts} alerts; {:.0} ns of CPU time per request",
+            w.len(),
+            w.name,
+            cpu * 1e9 / w.len() as f64
+        );
         return;
     }
     let fifa = fifa_workload(&fifa_raw);

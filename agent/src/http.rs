@@ -4,7 +4,7 @@
 //! mid-header: parsing accepts that as long as the request line is whole, and keeps the
 //! headers whose lines fitted. Anything else that is not a clean HTTP/1.x request is skipped
 //! with a named [`SkipReason`] (counted by [`SkipCounters`]), never a panic.
-use std::{fmt, sync::LazyLock};
+use std::{fmt, mem::MaybeUninit, sync::LazyLock};
 
 use memchr::memmem;
 use smallvec::SmallVec;
@@ -294,6 +294,27 @@ impl Parser {
         if bytes.is_empty() {
             return Err(SkipReason::Empty);
         }
+        // Header slots left uninitialised: httparse writes the ones it fills, and zeroing all
+        // MAX_HEADERS (4 KB) cost more than parsing a typical request's few headers.
+        let mut headers = [const { MaybeUninit::<httparse::Header<'a>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let first_error = match req.parse_with_uninit_headers(bytes, &mut headers) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                // The common case, a whole head: it is exactly what httparse read (up to the
+                // first empty line, or earlier at a bare LF, which the injection check then
+                // reports), so that check needs no search for the head's end.
+                if let Some(reason) = injection_in(&bytes[..head_len])
+                    && looks_like_request_line(bytes)
+                {
+                    return Err(reason);
+                }
+                let (m, p, v) = line_parts(&req)?;
+                let hdrs: &[httparse::Header<'a>] = req.headers;
+                return build(&self.config, m, p, v, hdrs, false, false);
+            }
+            Ok(httparse::Status::Partial) => None,
+            Err(e) => Some(e),
+        };
         // Strict line endings: a bare LF is accepted as a line end by some servers and not by
         // others, which is exactly what header smuggling exploits. Bare CR likewise.
         let head_end = HEAD_END.find(bytes).map(|i| i + 4);
@@ -304,20 +325,13 @@ impl Parser {
                 return Err(reason);
             }
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(bytes) {
-            Ok(httparse::Status::Complete(_)) => {
-                let (m, p, v) = line_parts(&req)?;
-                let hdrs: &[httparse::Header<'a>] = req.headers;
-                return build(&self.config, m, p, v, hdrs, false, false);
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => {
+        match first_error {
+            None => {}
+            Some(httparse::Error::TooManyHeaders) => {
                 let (m, p, v) = line_parts(&req)?;
                 return build(&self.config, m, p, v, &[], head_end.is_none(), true);
             }
-            Err(e) => return Err(classify(e, bytes, &self.config)),
+            Some(e) => return Err(classify(e, bytes, &self.config)),
         }
         // Partial: either the request line itself is cut, or some header is.
         if req.version.is_none() {
@@ -336,8 +350,8 @@ impl Parser {
         self.scratch.extend_from_slice(&bytes[..last_line_end]);
         self.scratch.extend_from_slice(b"\r\n");
         let scratch: &'a [u8] = &self.scratch;
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(scratch) {
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(scratch, &mut headers) {
             Ok(httparse::Status::Complete(_)) => {
                 let (m, p, v) = line_parts(&req)?;
                 let hdrs: &[httparse::Header<'a>] = req.headers;

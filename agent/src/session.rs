@@ -606,6 +606,14 @@ impl SessionTable {
                 i
             }
             None => {
+                if self.slots.len() == self.slots.capacity() {
+                    // Grow by an eighth (at least 64 slots), not the doubling `push` would do:
+                    // a slot is ~0.5 KB, so doubling left up to half the table's memory unused.
+                    // Still amortised O(1) per insert. Never past the cap, which is never exceeded.
+                    let room = self.cap().saturating_sub(self.slots.len());
+                    let step = (self.slots.len() / 8).max(64).min(room.max(1));
+                    self.slots.reserve_exact(step);
+                }
                 self.slots.push(slot);
                 (self.slots.len() - 1) as u32
             }

@@ -147,7 +147,7 @@ impl Model {
             for e in p.entries() {
                 if f64::from(e.k) / f64::from(p.n) > u0
                     && c.count(e.next) == 0
-                    && self.cache.interval(e.k, p.n).lower > u0
+                    && !self.cache.lower_at_most(e.k, p.n, u0)
                 {
                     return (false, work);
                 }

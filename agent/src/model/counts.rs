@@ -100,6 +100,23 @@ impl Node {
         }
     }
 
+    /// Hints the CPU to load what [`Node::position`] reads for `next` when that is outside
+    /// the node: the index slot its probe starts at, or the entries a scan goes through (at
+    /// most `INDEX_ABOVE`, a few lines). No effect on results.
+    #[inline(always)]
+    pub(super) fn prefetch_search(&self, next: Op) {
+        match &self.index {
+            Some(ix) => {
+                super::prefetch_lines(&ix.slots[ix.home(next)], 8);
+            }
+            None if self.entries.spilled() => super::prefetch_lines(
+                self.entries.as_ptr(),
+                std::mem::size_of_val(self.entries.as_slice()),
+            ),
+            None => {}
+        }
+    }
+
     /// Occurrences of `next` in this context over the window.
     pub fn count(&self, next: Op) -> u32 {
         self.count_at(self.position(next))

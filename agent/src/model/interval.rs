@@ -151,24 +151,92 @@ impl IntervalCache {
     /// Do the intervals of k1/n1 and k2/n2 overlap? Skips the exact computation when the point
     /// estimates are equal: both intervals contain their mode k/n (the 0.5% quantile of
     /// Beta(k+1, n−k+1) never exceeds its mode, nor the 99.5% quantile fall below it).
-    /// Most other pairs are decided by [`Bounds`] without quantiles; only pairs near the edge
-    /// of overlapping get exact intervals, so the answer is always the exact one.
+    /// Otherwise the two conditions of overlapping (each lower bound at most the other's upper
+    /// bound) are decided one by one, each as cheaply as it can be exactly: see
+    /// [`IntervalCache::lower_at_most_upper`].
     pub fn overlap(&mut self, k1: u32, n1: u32, k2: u32, n2: u32) -> bool {
         if u64::from(k1) * u64::from(n2) == u64::from(k2) * u64::from(n1) {
             return true;
         }
-        if n1 > TABLE_MAX_N || n2 > TABLE_MAX_N {
-            // Beyond the table an exact interval costs a few µs; the bounds cost nanoseconds.
-            let (b1, b2) = (Bounds::new(k1, n1), Bounds::new(k2, n2));
-            if b1.surely_overlap(&b2) {
-                return true;
-            }
-            if b1.surely_apart(&b2) {
-                return false;
-            }
-        }
-        self.interval(k1, n1).overlaps(&self.interval(k2, n2))
+        self.lower_at_most_upper(k1, n1, k2, n2) && self.lower_at_most_upper(k2, n2, k1, n1)
     }
+
+    /// Is the lower bound of kl/nl at most the upper bound of ku/nu? In order of cost: both
+    /// bounds free (table, closed forms, memo); [`Bounds`] (nanoseconds); one bound free or
+    /// computed, and the other side's question asked of one regularized incomplete beta (a
+    /// quantile costs several). Exact either way: a bound is a quantile of a continuous,
+    /// strictly increasing CDF, so comparing the CDF at x with the tail probability says
+    /// which side of x the quantile lies on.
+    fn lower_at_most_upper(&mut self, kl: u32, nl: u32, ku: u32, nu: u32) -> bool {
+        let (l, u) = (self.free(kl, nl), self.free(ku, nu));
+        match (l, u) {
+            (Some(l), Some(u)) => return l.lower <= u.upper,
+            (Some(l), None) => return self.upper_at_least(ku, nu, l.lower),
+            (None, Some(u)) => return self.lower_at_most(kl, nl, u.upper),
+            (None, None) => {}
+        }
+        let (bl, bu) = (Bounds::new(kl, nl), Bounds::new(ku, nu));
+        if bl.lower_max <= bu.upper_min {
+            return true;
+        }
+        if bl.lower_min > bu.upper_max {
+            return false;
+        }
+        // Undecided: one exact interval (memoised: a parent's serves all its children), and
+        // the other side through its CDF.
+        let u = self.interval(ku, nu).upper;
+        self.lower_at_most(kl, nl, u)
+    }
+
+    /// The interval when it costs nothing: the table, the closed forms, or the memo.
+    fn free(&self, k: u32, n: u32) -> Option<Interval> {
+        let k = k.min(n);
+        if n <= TABLE_MAX_N {
+            Some(table()[table_index(n, k)])
+        } else if k == 0 || k == n {
+            Some(closed_form(k, n))
+        } else {
+            self.memo.get(&(k, n)).copied()
+        }
+    }
+
+    /// Is the lower bound of k out of n at most `x`? The lower bound is the `TAIL` quantile, so
+    /// it is at most x exactly when the CDF at x is at least `TAIL`: one regularized incomplete
+    /// beta instead of an inverse. Within rounding of the edge the bound itself decides, as
+    /// [`IntervalCache::interval`] would.
+    pub fn lower_at_most(&mut self, k: u32, n: u32, x: f64) -> bool {
+        if let Some(iv) = self.free(k, n) {
+            return iv.lower <= x;
+        }
+        match beta_cdf(k, n, x) {
+            Some(c) if (c - TAIL).abs() > CDF_EDGE => c >= TAIL,
+            _ => self.interval(k, n).lower <= x,
+        }
+    }
+
+    /// Is the upper bound of k out of n at least `x`? It is the `1 − TAIL` quantile: at least x
+    /// exactly when the CDF at x is at most `1 − TAIL` (see [`IntervalCache::lower_at_most`]).
+    pub fn upper_at_least(&mut self, k: u32, n: u32, x: f64) -> bool {
+        if let Some(iv) = self.free(k, n) {
+            return iv.upper >= x;
+        }
+        match beta_cdf(k, n, x) {
+            Some(c) if (c - (1.0 - TAIL)).abs() > CDF_EDGE => c <= 1.0 - TAIL,
+            _ => self.interval(k, n).upper >= x,
+        }
+    }
+}
+
+/// How close to a tail probability a CDF value must be for the comparison to be left to the
+/// quantile itself: far above the CDF's rounding error, far below any gap that matters.
+const CDF_EDGE: f64 = 1e-7;
+
+/// P(X ≤ x) for X ~ Beta(k + 1, n − k + 1); None if statrs refuses the arguments (it does not
+/// for these, but then the caller falls back to the quantile).
+fn beta_cdf(k: u32, n: u32, x: f64) -> Option<f64> {
+    let k = k.min(n);
+    let (a, b) = (f64::from(k) + 1.0, f64::from(n - k) + 1.0);
+    statrs::function::beta::checked_beta_reg(a, b, x.clamp(0.0, 1.0)).ok()
 }
 
 /// Guaranteed ranges for the bounds of the 99% interval of k out of n, from two theorems about
@@ -211,11 +279,13 @@ impl Bounds {
     }
 
     /// Each interval's lower bound is surely at most the other's upper bound.
+    #[cfg(test)]
     fn surely_overlap(&self, o: &Bounds) -> bool {
         self.lower_max <= o.upper_min && o.lower_max <= self.upper_min
     }
 
     /// One interval surely lies above the other.
+    #[cfg(test)]
     fn surely_apart(&self, o: &Bounds) -> bool {
         self.lower_min > o.upper_max || o.lower_min > self.upper_max
     }
@@ -411,6 +481,56 @@ mod tests {
             }
         }
         assert!(ruled_out * 4 > cases, "{ruled_out} of {cases}");
+    }
+
+    /// The CDF questions answer what the exact bounds say, on both sides of each bound, and
+    /// overlap decisions built from them match exact intervals for counts on both sides of the
+    /// table (a child in it, its parent beyond it, and both beyond it).
+    #[test]
+    fn cdf_decisions_agree_with_exact_intervals() {
+        let mut rng = 0x0123_4567_89ab_cdef_u64;
+        let mut next = |m: u64| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) % m
+        };
+        let (mut overlapping, mut apart) = (0, 0);
+        for _ in 0..3000 {
+            let range = if next(2) == 0 { 128 } else { 50_000 };
+            let n1 = 1 + next(range) as u32;
+            let k1 = next(u64::from(n1) + 1) as u32;
+            let n2 = n1 + 1 + next(u64::from(n1) * 4 + 200) as u32;
+            let p = f64::from(k1) / f64::from(n1);
+            let jitter = (next(2001) as f64 - 1000.0) / 1000.0 * 0.3 * p.max(0.02);
+            let k2 = (((p + jitter).clamp(0.0, 1.0)) * f64::from(n2)) as u32;
+            let (i1, i2) = (beta_interval_exact(k1, n1), beta_interval_exact(k2, n2));
+            let exact = i1.overlaps(&i2);
+            assert_eq!(
+                IntervalCache::new().overlap(k1, n1, k2, n2),
+                exact,
+                "{k1}/{n1} {i1:?} vs {k2}/{n2} {i2:?}"
+            );
+            if exact {
+                overlapping += 1;
+            } else {
+                apart += 1;
+            }
+            // Just either side of each bound, and somewhere else.
+            for x in [
+                i1.lower * (1.0 - 1e-6),
+                i1.lower * (1.0 + 1e-6),
+                i1.upper * (1.0 - 1e-6),
+                i1.upper * (1.0 + 1e-6),
+                next(1001) as f64 / 1000.0,
+            ] {
+                let mut c = IntervalCache::new();
+                assert_eq!(c.lower_at_most(k1, n1, x), i1.lower <= x, "{k1}/{n1} {x}");
+                assert_eq!(c.upper_at_least(k1, n1, x), i1.upper >= x, "{k1}/{n1} {x}");
+            }
+        }
+        // Both answers were exercised.
+        assert!(overlapping > 100 && apart > 100, "{overlapping} {apart}");
     }
 
     #[test]

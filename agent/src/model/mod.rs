@@ -279,18 +279,32 @@ impl Default for Cursor {
     }
 }
 
-/// Hints the CPU to start loading `node` (no effect on results).
+/// Hints the CPU to start loading every cache line of `bytes` bytes from `p` (no effect on
+/// results). A context spans two or three lines, and its entries more: prefetching only the
+/// first left the others to miss one after another.
 #[inline(always)]
-fn prefetch(node: &Node) {
+pub(crate) fn prefetch_lines<T>(p: *const T, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: prefetching is a hint with no memory effects; any address is allowed, and this
-        // one is a valid reference.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>((node as *const Node).cast::<i8>()) };
+        let start = p.cast::<i8>();
+        let first_line = (start as usize) & !63;
+        let mut off = first_line.wrapping_sub(start as usize);
+        while (off as isize) < bytes as isize {
+            // SAFETY: prefetching is a hint with no memory effects; any address is allowed
+            // (wrapping_add: the pointer is never dereferenced).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off)) };
+            off = off.wrapping_add(64);
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = node;
+    let _ = (p, bytes);
+}
+
+/// Hints the CPU to start loading all of `node`.
+#[inline(always)]
+fn prefetch(node: &Node) {
+    prefetch_lines(node as *const Node, std::mem::size_of::<Node>());
 }
 
 /// Key of the empty context; a context's key is folded from it along its operations, newest first.
@@ -532,9 +546,13 @@ impl Model {
                 .position(|&s| s == NO_SLOT)
                 .unwrap_or(max_depth);
         }
-        // Prefetch every found context before using any, so their misses overlap too.
+        // Prefetch every found context before using any, so their misses overlap too; then
+        // what each one's search for `next` reads (its entries or index, another miss each).
         for &slot in &path[1..=found] {
             prefetch(&self.nodes[slot as usize]);
+        }
+        for &slot in &path[..=found] {
+            self.nodes[slot as usize].prefetch_search(next);
         }
         // The session's next walk: contexts `next`, then `next` preceded by the newest
         // operations, one per depth; `next_key` is the key of the one at depth + 1.
