@@ -796,6 +796,12 @@ impl Model {
         self.cache.interval(k, n)
     }
 
+    /// False only when the 99% upper bound of k/n is surely not below `r` (one incomplete-beta
+    /// evaluation instead of the exact interval's several): see `IntervalCache`.
+    pub fn upper_could_be_below(&self, k: u32, n: u32, r: f64) -> bool {
+        self.cache.upper_could_be_below(k, n, r)
+    }
+
     /// Periodic upkeep with bounded work (`maintain_budget` entries examined): expires buckets that
     /// left the window, frees empty contexts, and advances the context collapse. Call it regularly
     /// (e.g. every few hundred requests or every 100 ms); a full cycle takes about

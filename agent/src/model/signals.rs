@@ -135,7 +135,8 @@ pub fn rare_transition(
     if !could_be_rare(t, cfg) {
         return None;
     }
-    rare_share(model, context, next, t, cfg).filter(|r| r.upper < cfg.rare_upper_bound)
+    share(model, context, next, t, cfg, Some(cfg.rare_upper_bound))
+        .filter(|r| r.upper < cfg.rare_upper_bound)
 }
 
 /// The tail share [`rare_transition`] judges, whatever its value (the evaluation ranks sessions by
@@ -148,6 +149,19 @@ pub fn rare_share(
     next: Op,
     t: &Transition,
     cfg: &SignalConfig,
+) -> Option<RareTransition> {
+    share(model, context, next, t, cfg, None)
+}
+
+/// [`rare_share`]; with `below`, None as soon as one incomplete-beta evaluation shows the
+/// share's upper bound cannot be below it, before its exact (several evaluations) is computed.
+fn share(
+    model: &mut Model,
+    context: &[Op],
+    next: Op,
+    t: &Transition,
+    cfg: &SignalConfig,
+    below: Option<f64>,
 ) -> Option<RareTransition> {
     if t.is_repeat || t.n < cfg.rare_min_context_count || t.context_len > context.len() {
         return None;
@@ -168,6 +182,9 @@ pub fn rare_share(
     let as_rare = u32::try_from(tail + u64::from(distinct))
         .unwrap_or(u32::MAX)
         .min(total);
+    if below.is_some_and(|r| !model.upper_could_be_below(as_rare, total, r)) {
+        return None;
+    }
     let upper = model.interval(as_rare, total).upper;
     Some(RareTransition {
         context_len: t.context_len,
