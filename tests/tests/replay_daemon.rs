@@ -78,15 +78,12 @@ fn replay_and_daemon_alert_alike_on_the_same_requests() {
     let net = TestNet::new("rpd1", 31).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
     let dir = Scratch::new("rpd1");
-    let config = dir.join("precedent.toml");
     // 40 visits teach about 200 runs, fewer than the 1,000 the replay signal waits for by
     // default before it judges anything: lower that floor, the rest stays at its defaults.
-    std::fs::write(
-        &config,
-        "log_format = \"text\"\nmode = \"detect\"\n[signals]\nreplay_population_min_runs = 100\n",
-    )
-    .unwrap();
-    let config = config.display().to_string();
+    let config = fixtures::write_config(
+        &dir,
+        "mode = \"detect\"\n[signals]\nreplay_population_min_runs = 100\n",
+    );
     let daemon = Daemon::start(
         &precedent_bin(),
         &[
