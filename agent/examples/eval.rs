@@ -21,7 +21,8 @@
 //! - the engine's own alerts at the default thresholds (what `precedent` would print).
 //!
 //! Deterministic given the seeds. Usage:
-//! `eval [--data PATH] [--seeds N] [--per-kind N] [--train-share F] [--sessions N]`.
+//! `eval [--data PATH] [--seeds N] [--per-kind N] [--train-share F] [--sessions N] [--dump PREFIX]`
+//! (`--dump`: every held-out session's scores, one file per seed, to inspect the thresholds).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
@@ -470,12 +471,17 @@ fn frozen_scores(
     cfg: &SignalConfig,
     population_bits: f64,
 ) -> ([f64; NS], Vec<[f64; NS]>) {
-    const UNKNOWN: Op = u32::MAX - 1;
+    // A page discovery never saw gets an operation id of its own (counting down from the top
+    // of the id space, far above any real id), as the live engine would discover it: one
+    // shared "unknown" id would make a walk through several new pages look like a run of one
+    // operation, and the run signals would judge it.
+    let unknown = |page: u32| -> Op { u32::MAX - 1 - page };
     let max_order = model.config().max_order;
     let mut steps: Vec<Op> = Vec::new();
     let mut seen: HashSet<Op> = HashSet::new();
-    // The run of identical requests (same page and item), as the engine counts it.
-    let (mut run_op, mut last_item, mut run) = (None, None, 0u32);
+    // The run of identical requests (same page and item: the same path), as the engine
+    // counts it.
+    let (mut run_op, mut last_req, mut run) = (None, None, 0u32);
     // The step: requests to one operation in a row, and whether they were not all identical.
     let (mut step, mut varied) = (0u32, false);
     let mut s = [0.0f64; NS];
@@ -484,10 +490,11 @@ fn frozen_scores(
     for r in reqs {
         let op = discovery
             .resolve(&op_name(r.page))
-            .map_or(UNKNOWN, |id| discovery.canonical(id).0);
+            .map_or(unknown(r.page), |id| discovery.canonical(id).0);
         if run_op == Some(op) {
-            run = if last_item == r.item { run + 1 } else { 1 };
-            last_item = r.item;
+            let req = Some((r.page, r.item));
+            run = if last_req == req { run + 1 } else { 1 };
+            last_req = req;
             // How far past the firing point (the engine's own judgement, 1 = fires): the
             // run's probability under the operation's learned runs shrunk toward all runs, on
             // the runs the engine judges (at least replay_min_run long).
@@ -526,7 +533,7 @@ fn frozen_scores(
             steps.push(op);
             seen.insert(op);
             run_op = Some(op);
-            last_item = r.item;
+            last_req = Some((r.page, r.item));
             run = 1;
             step = 1;
             varied = false;
@@ -536,6 +543,48 @@ fn frozen_scores(
         }
     }
     (s, trace)
+}
+
+/// `--dump PREFIX`: one line per held-out session of a seed in `PREFIX.SEED` (tab-separated),
+/// to see which sessions set a threshold and which attacks fall below it.
+struct Dump(std::io::BufWriter<std::fs::File>);
+
+impl Dump {
+    fn create(prefix: &std::path::Path, seed: u64) -> anyhow::Result<Dump> {
+        use std::io::Write as _;
+        let path = format!("{}.{seed}", prefix.display());
+        let f = std::fs::File::create(&path).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+        let mut w = std::io::BufWriter::new(f);
+        writeln!(
+            w,
+            "kind\trequests\tlongest_identical_run_page\ttemplated\tlongest_identical_run\t{}",
+            SCORES.join("\t")
+        )?;
+        Ok(Dump(w))
+    }
+
+    fn write(&mut self, s: &Session, scores: &[f64; NS]) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        // The longest run of identical requests (same page and item) and its page.
+        let (mut best, mut page, mut run) = (0usize, 0u32, 0usize);
+        for (i, r) in s.reqs.iter().enumerate() {
+            let same = i > 0 && (r.page, r.item) == (s.reqs[i - 1].page, s.reqs[i - 1].item);
+            run = if same { run + 1 } else { 1 };
+            if run > best {
+                (best, page) = (run, r.page);
+            }
+        }
+        let scores: Vec<String> = scores.iter().map(|x| format!("{x:.4}")).collect();
+        writeln!(
+            self.0,
+            "{:?}\t{}\t{page}\t{}\t{best}\t{}",
+            s.kind,
+            s.reqs.len(),
+            templated(page),
+            scores.join("\t")
+        )?;
+        Ok(())
+    }
 }
 
 struct SeedResult {
@@ -551,6 +600,7 @@ fn run_seed(
     train_share: f64,
     per_kind: usize,
     seed: u64,
+    dump: Option<&std::path::Path>,
 ) -> anyhow::Result<SeedResult> {
     let mut rng = Rng(seed);
     let split = (sessions.len() as f64 * train_share) as usize;
@@ -626,7 +676,14 @@ fn run_seed(
     engine.set_mode(Mode::Detect);
     let (mut benign_requests, mut benign_alerts) = (0, 0);
     let mut out = Vec::with_capacity(mix.len());
+    let mut dump = match dump {
+        Some(prefix) => Some(Dump::create(prefix, seed)?),
+        None => None,
+    };
     for (s, (scores, trace)) in mix.iter().zip(scored) {
+        if let Some(d) = dump.as_mut() {
+            d.write(s, &scores)?;
+        }
         let alerts = feed(&mut engine, &s.reqs, &mut t, &mut sid);
         if s.kind == Kind::Benign {
             benign_requests += s.reqs.len() as u64;
@@ -721,6 +778,7 @@ fn main() -> anyhow::Result<()> {
     let mut data = PathBuf::from("../shared/data/fifa-sessions.dat");
     let (mut seeds, mut per_kind, mut train_share) = (3u64, 200usize, 0.7f64);
     let mut limit = usize::MAX;
+    let mut dump: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -733,8 +791,9 @@ fn main() -> anyhow::Result<()> {
             "--per-kind" => per_kind = val()?.parse()?,
             "--train-share" => train_share = val()?.parse()?,
             "--sessions" => limit = val()?.parse()?,
+            "--dump" => dump = Some(PathBuf::from(val()?)),
             other => anyhow::bail!(
-                "unknown argument {other}; use --data PATH --seeds N --per-kind N --train-share F --sessions N"
+                "unknown argument {other}; use --data PATH --seeds N --per-kind N --train-share F --sessions N --dump PREFIX"
             ),
         }
     }
@@ -783,7 +842,14 @@ fn main() -> anyhow::Result<()> {
     let (mut benign_requests, mut benign_alerts) = (0, 0);
     let mut thresholds_by_seed = Vec::new();
     for seed in 1..=seeds {
-        let r = run_seed(&sessions, &precedences, train_share, per_kind, seed)?;
+        let r = run_seed(
+            &sessions,
+            &precedences,
+            train_share,
+            per_kind,
+            seed,
+            dump.as_deref(),
+        )?;
         eprintln!(
             "  seed {seed}: {} strong precedences to skip",
             r.precedences
