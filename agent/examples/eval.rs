@@ -7,7 +7,8 @@
 //! seven carries an item id (`/p/x/y/z/123`), the templated operation enumeration abuses.
 //! Every benign request to such a page draws a fresh id (the data only names pages), so a
 //! benign run of one templated page is a walk through items; an injected replay repeats one
-//! identical request, item id included.
+//! identical request, item id included: a page's (as a reload would) or an item page's (as a
+//! replayed transfer carries its parameters), counted apart.
 //! The engine learns from the first part of the sessions, then scores a shuffled held-out mix
 //! of benign and injected sessions while it keeps learning, as a live agent would.
 //!
@@ -75,7 +76,8 @@ impl Rng {
 enum Kind {
     Benign,
     SkippedStep,
-    Replay,
+    ReplayWithId,
+    ReplayPage,
     Enumeration,
     RandomWalk,
     SlowScraping,
@@ -83,9 +85,10 @@ enum Kind {
 }
 
 impl Kind {
-    const ATTACKS: [Kind; 6] = [
+    const ATTACKS: [Kind; 7] = [
         Kind::SkippedStep,
-        Kind::Replay,
+        Kind::ReplayWithId,
+        Kind::ReplayPage,
         Kind::Enumeration,
         Kind::RandomWalk,
         Kind::SlowScraping,
@@ -95,7 +98,8 @@ impl Kind {
         match self {
             Kind::Benign => "benign",
             Kind::SkippedStep => "skipped step",
-            Kind::Replay => "replay (5-12x)",
+            Kind::ReplayWithId => "replay, item id (5-12x)",
+            Kind::ReplayPage => "replay, page (5-12x)",
             Kind::Enumeration => "enumeration (20-40 ids)",
             Kind::RandomWalk => "random walk",
             Kind::SlowScraping => "slow scraping",
@@ -341,23 +345,38 @@ fn inject(k: &Knowledge, holdout: &[Vec<u32>], per_kind: usize, rng: &mut Rng) -
                     });
                 }
             }
-            Kind::Replay => {
+            Kind::ReplayWithId | Kind::ReplayPage => {
+                // The request replayed is one the visitor made: a page carrying an item id (as
+                // a transfer carries its parameters) or a plain page, each kind in its own row
+                // (benign visitors reload plain pages, never an item's with the same id here).
+                let with_id = kind == Kind::ReplayWithId;
+                let fallback: Vec<u32> = k
+                    .popular
+                    .iter()
+                    .copied()
+                    .filter(|&p| templated(p) == with_id)
+                    .take(20)
+                    .collect();
                 for _ in 0..per_kind {
                     let base = benign(rng);
-                    let at = rng.below(base.len());
+                    let candidates: Vec<usize> = (0..base.len())
+                        .filter(|&i| templated(base[i]) == with_id)
+                        .collect();
+                    // A session without such a page gets one of the popular ones, at a random place.
+                    let (at, page) = if candidates.is_empty() {
+                        (
+                            rng.below(base.len() + 1),
+                            fallback[rng.below(fallback.len())],
+                        )
+                    } else {
+                        let at = candidates[rng.below(candidates.len())];
+                        (at, base[at])
+                    };
                     let times = rng.range(5, 12);
-                    let mut pages: Vec<u32> = base[..at].to_vec();
-                    pages.extend(std::iter::repeat_n(base[at], times));
                     // The same request replayed: identical item ids too.
-                    let mut reqs = with_items(&pages[..at], rng);
-                    let item = templated(base[at]).then(|| rng.range(1, 99_999) as u32);
-                    reqs.extend(std::iter::repeat_n(
-                        Req {
-                            page: base[at],
-                            item,
-                        },
-                        times,
-                    ));
+                    let mut reqs = with_items(&base[..at], rng);
+                    let item = templated(page).then(|| rng.range(1, 99_999) as u32);
+                    reqs.extend(std::iter::repeat_n(Req { page, item }, times));
                     out.push(Session {
                         kind,
                         campaign: None,
@@ -991,6 +1010,25 @@ fn main() -> anyhow::Result<()> {
         pct(caught(0), n_campaigns),
         pct(caught(1), n_campaigns),
         pct(caught(2), n_campaigns)
+    );
+    // What bounds page replays: benign visitors reload plain pages too, and at 0.1% false
+    // positives the threshold may pass only a handful of them.
+    let holdout = &sessions[(sessions.len() as f64 * train_share) as usize..];
+    let reloads = |min: usize| {
+        holdout
+            .iter()
+            .filter(|s| {
+                s.chunk_by(|a, b| a == b)
+                    .any(|run| run.len() >= min && !templated(run[0]))
+            })
+            .count()
+    };
+    println!(
+        "benign held-out sessions with a run of identical requests to a plain page: {} of {} with 5 or more, {} with 12 or more ({} sessions make 0.1%)",
+        reloads(5),
+        holdout.len(),
+        reloads(12),
+        holdout.len() / 1000
     );
     println!();
     println!(
