@@ -57,7 +57,7 @@ pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 /// The ring buffer's own header in front of every record (`BPF_RINGBUF_HDR_SZ`).
 pub const RINGBUF_RECORD_HEADER_LEN: usize = 8;
 const _: () = assert!(EVENT_HEADER_LEN == 56);
-const _: () = assert!((RINGBUF_RECORD_HEADER_LEN + EVENT_HEADER_LEN) % 64 == 0);
+const _: () = assert!((RINGBUF_RECORD_HEADER_LEN + EVENT_HEADER_LEN).is_multiple_of(64));
 const _: () = assert!(CAPTURE_MAX <= u16::MAX as usize);
 
 /// Runtime settings for the XDP program: entry 0 of the `CONFIG` array map.

@@ -385,7 +385,7 @@ struct Record<const N: usize> {
 #[inline(always)]
 fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Result<(), Skip> {
     // Whole cache lines per record keep every record line-aligned in the ring (see EventHeader).
-    const { assert!((RINGBUF_RECORD_HEADER_LEN + core::mem::size_of::<Record<N>>()) % 64 == 0) };
+    const { assert!((RINGBUF_RECORD_HEADER_LEN + core::mem::size_of::<Record<N>>()).is_multiple_of(64)) };
     if captured == 0 || captured > N {
         return Err(Skip::NotInteresting);
     }
