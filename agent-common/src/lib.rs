@@ -28,6 +28,11 @@ pub const FAMILY_IPV6: u8 = 6;
 ///
 /// Addresses are stored in 16 bytes; an IPv4 address occupies the first 4 (network order).
 /// Ports are in host byte order.
+///
+/// 56 bytes, so that with the ring's own 8-byte record header it fills exactly one cache line:
+/// every record size (header + 128, 512, 1024 or 4096 payload bytes) is then a whole number of
+/// lines, records start on line boundaries in the (page-aligned) ring, and the payload copy
+/// lands on whole lines.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHeader {
@@ -39,18 +44,21 @@ pub struct EventHeader {
     pub dport: u16,
     /// Interface the packet arrived on.
     pub ifindex: u32,
-    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
-    pub family: u8,
-    pub _pad: [u8; 3],
     /// TCP payload length of the packet as it was on the wire (may exceed `captured_len`).
     pub payload_len: u32,
-    /// How many payload bytes follow the header.
-    pub captured_len: u32,
-    pub _pad2: u32,
+    /// How many payload bytes follow the header (at most [`CAPTURE_MAX`]).
+    pub captured_len: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub _pad: u8,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
-const _: () = assert!(EVENT_HEADER_LEN == 64);
+/// The ring buffer's own header in front of every record (`BPF_RINGBUF_HDR_SZ`).
+pub const RINGBUF_RECORD_HEADER_LEN: usize = 8;
+const _: () = assert!(EVENT_HEADER_LEN == 56);
+const _: () = assert!((RINGBUF_RECORD_HEADER_LEN + EVENT_HEADER_LEN).is_multiple_of(64));
+const _: () = assert!(CAPTURE_MAX <= u16::MAX as usize);
 
 /// Runtime settings for the XDP program: entry 0 of the `CONFIG` array map.
 #[repr(C)]

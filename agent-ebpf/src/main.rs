@@ -14,9 +14,10 @@ mod parse;
 
 use agent_common::{
     BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
-    EXACT_BUCKETS, EXACT_WAYS, Enforcement, EventHeader, ExactSlotV4, ExactSlotV6, FLAG_ALLOW_V4,
-    FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS,
-    RING_WAKEUP_EVERY_NS, exact_bucket_v4, exact_bucket_v6, prefix_v4, prefix_v6,
+    EXACT_BUCKETS, EXACT_WAYS, Enforcement, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4,
+    FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, HASHED_LENGTHS,
+    MAX_ALLOW, MAX_BLOCKS, RING_WAKEUP_EVERY_NS, RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4,
+    exact_bucket_v6, prefix_v4, prefix_v6,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -383,6 +384,8 @@ struct Record<const N: usize> {
 
 #[inline(always)]
 fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Result<(), Skip> {
+    // Whole cache lines per record keep every record line-aligned in the ring (see EventHeader).
+    const { assert!((RINGBUF_RECORD_HEADER_LEN + core::mem::size_of::<Record<N>>()).is_multiple_of(64)) };
     if captured == 0 || captured > N {
         return Err(Skip::NotInteresting);
     }
@@ -404,28 +407,22 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
         entry.discard(0);
         return Err(parse::out_of_reach(ctx));
     }
-    let (saddr, daddr, sport, dport) = match parse::endpoints(ctx, h) {
-        Ok(e) => e,
-        Err(skip) => {
-            entry.discard(0);
-            return Err(skip);
-        }
-    };
+    // Every header field is written in place: the reservation is not zeroed, and userspace
+    // must not see bytes of an earlier record.
+    let hdr = unsafe { &raw mut (*rec).header };
+    // SAFETY: the reservation holds a Record<N>, whose header is 8-byte aligned.
+    if let Err(skip) = unsafe { parse::write_endpoints(ctx, h, hdr) } {
+        entry.discard(0);
+        return Err(skip);
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
-        (*rec).header = EventHeader {
-            ts_ns: now,
-            saddr,
-            daddr,
-            sport,
-            dport,
-            ifindex: (*ctx.ctx).ingress_ifindex,
-            family: if h.is_v6 { 6 } else { 4 },
-            _pad: [0; 3],
-            payload_len: h.payload_len as u32,
-            captured_len: captured as u32,
-            _pad2: 0,
-        };
+        (*hdr).ts_ns = now;
+        (*hdr).ifindex = (*ctx.ctx).ingress_ifindex;
+        (*hdr).payload_len = h.payload_len as u32;
+        (*hdr).captured_len = captured as u16;
+        (*hdr).family = if h.is_v6 { FAMILY_IPV6 } else { FAMILY_IPV4 };
+        (*hdr)._pad = 0;
     }
     entry.submit(wakeup_flags(now));
     bump(Counter::Captured);

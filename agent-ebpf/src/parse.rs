@@ -4,6 +4,7 @@
 //! Headers are read in place through typed pointers after one bounds check each, and only
 //! the fields the verdict needs are loaded: this runs for every packet. Payload bytes go
 //! through `bpf_xdp_load_bytes`, which is safe on multi-buffer packets too.
+use agent_common::EventHeader;
 use aya_ebpf::{
     helpers::generated::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     programs::XdpContext,
@@ -185,27 +186,40 @@ pub fn source_v6(ctx: &XdpContext, h: &Headers) -> Result<[u8; 16], Skip> {
     Ok(unsafe { (*ptr_at::<Ipv6Hdr>(ctx, h.l3)?).saddr })
 }
 
-/// Source and destination addresses (IPv4 in the first 4 bytes) and ports, for an event.
+/// Writes the source and destination addresses (IPv4 in the first 4 bytes, the rest zero) and
+/// ports of an event straight into its header in the ring. Building them on the stack first
+/// cost a zeroing loop (LLVM's BPF `memset` goes byte by byte) and two byte-wise copies per
+/// address: more instructions than the rest of the header.
+///
+/// # Safety
+/// `hdr` points to a writable, 8-byte aligned `EventHeader` (a ring buffer reservation).
 #[inline(always)]
-pub fn endpoints(ctx: &XdpContext, h: &Headers) -> Result<([u8; 16], [u8; 16], u16, u16), Skip> {
-    let mut s = [0u8; 16];
-    let mut d = [0u8; 16];
-    if h.is_v6 {
-        let ip = ptr_at::<Ipv6Hdr>(ctx, h.l3)?;
-        unsafe {
-            s = (*ip).saddr;
-            d = (*ip).daddr;
+pub unsafe fn write_endpoints(
+    ctx: &XdpContext,
+    h: &Headers,
+    hdr: *mut EventHeader,
+) -> Result<(), Skip> {
+    unsafe {
+        let saddr = (&raw mut (*hdr).saddr).cast::<u64>();
+        let daddr = (&raw mut (*hdr).daddr).cast::<u64>();
+        if h.is_v6 {
+            let ip = ptr_at::<Ipv6Hdr>(ctx, h.l3)?;
+            // Packet bytes carry no alignment: byte loads, which LLVM emits for these copies.
+            core::ptr::copy_nonoverlapping(&raw const (*ip).saddr, saddr.cast(), 1);
+            core::ptr::copy_nonoverlapping(&raw const (*ip).daddr, daddr.cast(), 1);
+        } else {
+            let ip = ptr_at::<Ipv4Hdr>(ctx, h.l3)?;
+            // The 4 network-order bytes read natively land first in the little-endian word.
+            saddr.write(u64::from(u32::from_ne_bytes((*ip).saddr)));
+            saddr.add(1).write(0);
+            daddr.write(u64::from(u32::from_ne_bytes((*ip).daddr)));
+            daddr.add(1).write(0);
         }
-    } else {
-        let ip = ptr_at::<Ipv4Hdr>(ctx, h.l3)?;
-        unsafe {
-            s[..4].copy_from_slice(&(*ip).saddr);
-            d[..4].copy_from_slice(&(*ip).daddr);
-        }
+        let t = ptr_at::<TcpHdr>(ctx, h.l4)?;
+        (*hdr).sport = u16::from_be((*t).source);
+        (*hdr).dport = u16::from_be((*t).dest);
     }
-    let t = ptr_at::<TcpHdr>(ctx, h.l4)?;
-    let (sport, dport) = unsafe { (u16::from_be((*t).source), u16::from_be((*t).dest)) };
-    Ok((s, d, sport, dport))
+    Ok(())
 }
 
 /// The TCP destination port as it is in the header (network byte order).

@@ -243,7 +243,7 @@ pub struct Datapath {
     pinned: bool,
     /// Blocks read from pinned hash tables of an earlier layout (see [`legacy_exact`]),
     /// written into the current maps when the enforcer is taken.
-    legacy: Vec<(IpAddr, BlockEntry)>,
+    legacy: Migration,
 }
 
 impl Datapath {
@@ -263,15 +263,32 @@ impl Datapath {
         }
         raise_memlock_rlimit();
 
+        let mut legacy = Migration::default();
+        if let Some(dir) = &opts.pin_dir {
+            prepare_pin_dir(dir)?;
+            legacy = check_pins(dir)?;
+        }
+        match Self::load_object(opts) {
+            Ok(mut dp) => {
+                dp.legacy = legacy;
+                Ok(dp)
+            }
+            Err(e) => {
+                // The tables of the earlier layout go back where they were: the next start
+                // (or the earlier version, if the operator goes back to it) finds them.
+                legacy.undo();
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Datapath::load`] once the pinned maps are checked: creates (or reuses) the maps,
+    /// loads and configures the programs.
+    fn load_object(opts: &LoadOptions) -> Result<Self, CaptureError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(EVENTS_MAP, opts.ring_bytes);
-        let mut legacy = Vec::new();
         let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
-            Some(dir) => {
-                prepare_pin_dir(dir)?;
-                legacy = check_pins(dir)?;
-                PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
-            }
+            Some(dir) => PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
@@ -289,7 +306,7 @@ impl Datapath {
             ebpf,
             attachments: Vec::new(),
             pinned: opts.pin_dir.is_some(),
-            legacy,
+            legacy: Migration::default(),
         };
         dp.set_capture_len(opts.capture_len)?;
         dp.set_ports(&opts.ports)?;
@@ -470,13 +487,29 @@ impl Datapath {
     /// Takes the block and allow maps out, for the enforcement side.
     pub fn take_enforcer(&mut self) -> Result<Enforcer, CaptureError> {
         let mut enforcer = Enforcer::from_ebpf(&mut self.ebpf, self.pinned)?;
-        for (addr, entry) in std::mem::take(&mut self.legacy) {
+        let legacy = std::mem::take(&mut self.legacy);
+        for (addr, entry) in legacy.blocks {
+            // On failure the table of the earlier layout stays pinned aside, and the next
+            // start moves its blocks again.
             enforcer
                 .restore(IpNet::from(addr), entry)
                 .map_err(|e| CaptureError::Map {
                     map: "BLOCK_EXACT",
                     detail: format!("moving the block of {addr} from the earlier layout: {e}"),
                 })?;
+        }
+        // Every block is in the current tables: only now is the earlier table let go.
+        for (_, aside, _) in legacy.tables {
+            match std::fs::remove_file(&aside) {
+                Ok(()) => {
+                    tracing::info!(path = %aside.display(), "blocks moved; pinned table of the earlier layout removed")
+                }
+                // Left in place, its blocks would come back at the next start, also those
+                // unblocked since: say so.
+                Err(e) => {
+                    tracing::warn!(path = %aside.display(), error = %e, "blocks moved, but the pinned table of the earlier layout could not be removed; remove it by hand")
+                }
+            }
         }
         Ok(enforcer)
     }
@@ -625,15 +658,108 @@ fn pinned_layout(name: &str) -> (u32, u32, u32) {
     }
 }
 
+/// Blocks being moved out of pinned hash tables of the earlier layout. Such a table is not
+/// unpinned when its blocks are read: it is renamed aside (see [`aside_path`]) and removed only
+/// once its blocks are in the current tables ([`Datapath::take_enforcer`]). A start that fails
+/// before that renames it back; a crash leaves it aside, and the next start reads it from there.
+#[derive(Debug, Default)]
+struct Migration {
+    blocks: Vec<(IpAddr, BlockEntry)>,
+    /// (pin path, aside path, renamed by this start) of each table being moved.
+    tables: Vec<(PathBuf, PathBuf, bool)>,
+}
+
+impl Migration {
+    /// Puts back the tables this start renamed aside, removing the empty table of the current
+    /// layout a failed load may have pinned in their place. Failures are logged: the table
+    /// is then still aside, where the next start looks.
+    fn undo(self) {
+        for (path, aside, renamed) in self.tables {
+            if !renamed {
+                continue;
+            }
+            if path.exists()
+                && let Err(e) = std::fs::remove_file(&path)
+            {
+                tracing::warn!(path = %path.display(), error = %e, "removing the table this failed start pinned");
+                continue;
+            }
+            match std::fs::rename(&aside, &path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "start failed; pinned table of the earlier layout put back")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %aside.display(), error = %e, "start failed; the pinned table of the earlier layout stays aside")
+                }
+            }
+        }
+    }
+}
+
+/// Where a pinned table of the earlier layout waits while its blocks are moved. bpffs refuses
+/// names with dots, hence the dash.
+fn aside_path(pin: &Path) -> PathBuf {
+    let mut name = pin.file_name().unwrap_or_default().to_os_string();
+    name.push("-earlier-layout");
+    pin.with_file_name(name)
+}
+
 /// Checks the maps an earlier run pinned under `dir` before they are reused: a map of another
 /// layout would fail the program's load with a verifier message no operator can act on. The
 /// hash tables of the earlier layout (one slot per map entry, single addresses only) are read
-/// out and unpinned; their blocks come back, with their expiry, in the new tables.
-fn check_pins(dir: &Path) -> Result<Vec<(IpAddr, BlockEntry)>, CaptureError> {
+/// out and renamed aside (see [`Migration`]); their blocks come back, with their expiry, in
+/// the new tables.
+fn check_pins(dir: &Path) -> Result<Migration, CaptureError> {
+    let mut migration = Migration::default();
+    match check_pins_into(dir, &mut migration) {
+        Ok(()) => Ok(migration),
+        Err(e) => {
+            migration.undo();
+            Err(e)
+        }
+    }
+}
+
+fn check_pins_into(dir: &Path, migration: &mut Migration) -> Result<(), CaptureError> {
     use agent_common::{LEGACY_EXACT_SLOT_V4_SIZE, LEGACY_EXACT_SLOT_V6_SIZE, LEGACY_EXACT_SLOTS};
-    let mut legacy = Vec::new();
     for name in PINNED_MAPS {
         let path = dir.join(name);
+        let earlier = match name {
+            "BLOCK_EXACT_V4" => Some((4, LEGACY_EXACT_SLOT_V4_SIZE as u32, LEGACY_EXACT_SLOTS)),
+            "BLOCK_EXACT_V6" => Some((4, LEGACY_EXACT_SLOT_V6_SIZE as u32, LEGACY_EXACT_SLOTS)),
+            _ => None,
+        };
+        let layout = |p: &Path| -> Result<(u32, u32, u32), CaptureError> {
+            let info = aya::maps::MapInfo::from_pin(p).map_err(|e| CaptureError::PinnedLayout {
+                path: p.to_path_buf(),
+                detail: chain(&e),
+            })?;
+            Ok((info.key_size(), info.value_size(), info.max_entries()))
+        };
+        let want = pinned_layout(name);
+        let v6 = name == "BLOCK_EXACT_V6";
+        // A table left aside by a start that did not finish moving its blocks.
+        let aside = aside_path(&path);
+        let mut pending = false;
+        if let Some(earlier) = earlier
+            && aside.exists()
+        {
+            let err = |detail: String| CaptureError::PinnedLayout {
+                path: aside.clone(),
+                detail,
+            };
+            let found = layout(&aside)?;
+            if found != earlier {
+                return Err(err(format!(
+                    "left aside while moving blocks, but of layout {found:?}, not the earlier {earlier:?}"
+                )));
+            }
+            let blocks = legacy_exact(&aside, v6).map_err(err)?;
+            tracing::info!(path = %aside.display(), blocks = blocks.len(), "moving blocks from a pinned table of the earlier layout left aside by an unfinished start");
+            migration.blocks.extend(blocks);
+            migration.tables.push((path.clone(), aside.clone(), false));
+            pending = true;
+        }
         if !path.exists() {
             continue;
         }
@@ -641,28 +767,29 @@ fn check_pins(dir: &Path) -> Result<Vec<(IpAddr, BlockEntry)>, CaptureError> {
             path: path.clone(),
             detail,
         };
-        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| err(chain(&e)))?;
-        let found = (info.key_size(), info.value_size(), info.max_entries());
-        let want = pinned_layout(name);
+        let found = layout(&path)?;
         if found == want {
             continue;
         }
-        let earlier = match name {
-            "BLOCK_EXACT_V4" => (4, LEGACY_EXACT_SLOT_V4_SIZE as u32, LEGACY_EXACT_SLOTS),
-            "BLOCK_EXACT_V6" => (4, LEGACY_EXACT_SLOT_V6_SIZE as u32, LEGACY_EXACT_SLOTS),
-            _ => (0, 0, 0),
-        };
-        if found != earlier {
+        if Some(found) != earlier {
             return Err(err(format!(
                 "key/value sizes and entries {found:?}, expected {want:?}"
             )));
         }
-        let blocks = legacy_exact(&path, name == "BLOCK_EXACT_V6").map_err(err)?;
-        std::fs::remove_file(&path).map_err(|e| err(format!("unpinning: {e}")))?;
+        if pending {
+            return Err(err(format!(
+                "of the earlier layout, and so is {}: keep the one holding the blocks",
+                aside.display()
+            )));
+        }
+        let blocks = legacy_exact(&path, v6).map_err(err)?;
+        std::fs::rename(&path, &aside)
+            .map_err(|e| err(format!("renaming to {}: {e}", aside.display())))?;
         tracing::info!(path = %path.display(), blocks = blocks.len(), "moving blocks from a pinned table of the earlier layout");
-        legacy.extend(blocks);
+        migration.blocks.extend(blocks);
+        migration.tables.push((path.clone(), aside, true));
     }
-    Ok(legacy)
+    Ok(())
 }
 
 /// The live blocks of a pinned hash table of the earlier layout: one slot per entry, the

@@ -17,7 +17,21 @@
 //! compete with each other; the reader goes on `E2E_READER_CPU` (default: the server's).
 //! Settings: `E2E_SECONDS` (per measurement, default 3), `E2E_ROUNDS` (default 5),
 //! `E2E_ONLY` (comma-separated setup names, e.g. `without,empty native`: a subset, to profile
-//! one setup with `perf record -a`; the ratios need `without` in it).
+//! one setup with `perf record -a`; the ratios need `without` in it), `E2E_CLIENTS`
+//! (comma-separated client counts, each measured in every round and reported separately;
+//! default `4`; `4,64` measures both regimes below in one run).
+//!
+//! Two regimes answer different questions:
+//! - few clients (4): each connection waits for its answer before sending again, so the CPUs
+//!   idle between packets and req/s is bound by the round-trip latency: what a program on
+//!   the path adds to every request's latency;
+//! - many clients (64): both CPUs stay busy, as on a loaded server: req/s is bound by CPU
+//!   time, and a ratio tells how much of it the program takes.
+//!
+//! Which regime a series was in is measured, not assumed: each measurement records the CPU
+//! time of this process (clients, server, reader, and the softirq work done on their behalf)
+//! against the two CPUs' wall time, and how busy the CPUs were in all. Other work on the
+//! machine shows up as the difference, and makes the figures unreliable: it is reported.
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -34,8 +48,9 @@ use agent_common::Counter;
 use precedent::capture::{AttachMode, DRAIN_EVERY, Datapath, LoadOptions, RING_LINGER};
 use precedent_tests::{Daemon, HttpServer, TestNet};
 
-/// Concurrent keep-alive clients generating load (`E2E_CLIENTS` overrides).
-const CLIENTS: usize = 4;
+/// Concurrent keep-alive clients generating load, one measurement series per count
+/// (`E2E_CLIENTS` overrides, e.g. `4,64` for both regimes).
+const CLIENTS: [usize; 1] = [4];
 const PORT: u16 = 8080;
 const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
@@ -87,7 +102,9 @@ impl Setup {
             Setup::Xdp(_, Reader::Timer) => {
                 "precedent's program, native mode, minimal reader draining every 10 ms"
             }
-            Setup::Daemon => "precedent daemon (auto = native): capture, engine, alerts; unpinned",
+            Setup::Daemon => {
+                "precedent daemon (auto = native): capture, engine, alerts; unpinned (its CPU is not in `bench`)"
+            }
         }
     }
 }
@@ -103,7 +120,18 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(d)
     };
     let seconds = env("E2E_SECONDS", 3);
-    let clients = env("E2E_CLIENTS", CLIENTS as u64) as usize;
+    let client_counts: Vec<usize> = match std::env::var("E2E_CLIENTS") {
+        Ok(v) => v
+            .split(',')
+            .map(|c| c.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("E2E_CLIENTS={v:?}: {e}"))?,
+        Err(_) => CLIENTS.to_vec(),
+    };
+    anyhow::ensure!(
+        !client_counts.is_empty() && !client_counts.contains(&0),
+        "E2E_CLIENTS needs client counts of at least 1"
+    );
     let rounds = env("E2E_ROUNDS", 5) as usize;
     let reader_cpu = env("E2E_READER_CPU", SERVER_CPU as u64) as usize;
     let daemon_bin = std::env::var_os("PRECEDENT_BIN").map(PathBuf::from);
@@ -138,56 +166,104 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(!setups.is_empty(), "E2E_ONLY={only:?} names no setup");
     }
     println!(
-        "HTTP through veth {}: {clients} keep-alive clients pinned to CPU {CLIENT_CPU}, server on CPU {SERVER_CPU}, \
-         ring reader on CPU {reader_cpu}; {rounds} rounds x {seconds}s per setup, alternating",
+        "HTTP through veth {}: {client_counts:?} keep-alive clients pinned to CPU {CLIENT_CPU}, server on CPU {SERVER_CPU}, \
+         ring reader on CPU {reader_cpu}; {rounds} rounds x {seconds}s per setup and client count, alternating",
         net.host_if
     );
     let dur = Duration::from_secs(seconds);
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    // [client count][setup]: req/s, and the busy shares of the client and server CPUs.
+    let mut rates = vec![vec![Vec::new(); setups.len()]; client_counts.len()];
+    let mut busy = vec![vec![Vec::new(); setups.len()]; client_counts.len()];
     for round in 1..=rounds {
         println!("  round {round}:");
-        // Each round starts with a different setup, so slow drifts in the machine's load do
-        // not always hit the same one.
-        let order = (0..setups.len()).map(|k| (k + round - 1) % setups.len());
-        for i in order {
-            let setup = &setups[i];
-            let (rate, note) = measure(
-                *setup,
-                &net,
-                target,
-                (dur, clients),
-                reader_cpu,
-                &daemon_bin,
-            )?;
-            println!("    {:<13} {rate:>7.0} req/s{note}", setup.name());
-            rates[i].push(rate);
+        for (c, &clients) in client_counts.iter().enumerate() {
+            // Each round starts with a different setup, so slow drifts in the machine's load
+            // do not always hit the same one.
+            let order = (0..setups.len()).map(|k| (k + round - 1) % setups.len());
+            for i in order {
+                let setup = &setups[i];
+                let before = (cpu_times()?, own_cpu());
+                let wall = Instant::now();
+                let (rate, note) = measure(
+                    *setup,
+                    &net,
+                    target,
+                    (dur, clients),
+                    reader_cpu,
+                    &daemon_bin,
+                )?;
+                let cpus_wall = 2.0 * wall.elapsed().as_secs_f64();
+                let own = (own_cpu() - before.1).as_secs_f64() / cpus_wall;
+                let all = busy_share(&before.0, &cpu_times()?);
+                println!(
+                    "    {clients:>3} clients  {:<13} {rate:>7.0} req/s  CPU: bench {:>3.0}%, all {:>3.0}%{note}",
+                    setup.name(),
+                    own * 100.0,
+                    all * 100.0
+                );
+                rates[c][i].push(rate);
+                busy[c][i].push((own, all));
+            }
         }
     }
 
-    let medians: Vec<f64> = rates.iter_mut().map(|v| median(v)).collect();
-    // `median` sorted each series: first and last are the extremes.
-    let ranges: Vec<String> = rates
-        .iter()
-        .map(|v| format!("{:.0}-{:.0}", v[0], v[v.len() - 1]))
-        .collect();
-    let median_of = |s: Setup| setups.iter().position(|x| *x == s).map(|i| medians[i]);
     println!(
-        "medians (same run): req/s, ratio to `without`, ratio to the empty program in the same mode, range over rounds"
+        "medians (same run): req/s, ratio to `without`, ratio to the empty program in the same mode, range over rounds, \
+         share of the two CPUs used by the bench / busy in all"
     );
-    for (i, (setup, m)) in setups.iter().zip(&medians).enumerate() {
-        let vs_empty = match setup {
-            Setup::Xdp(mode, _) => {
-                median_of(Setup::Empty(*mode)).map_or(String::new(), |e| format!("{:.3}", m / e))
-            }
-            _ => String::new(),
+    for (c, &clients) in client_counts.iter().enumerate() {
+        let medians: Vec<f64> = rates[c].iter_mut().map(|v| median(v)).collect();
+        // `median` sorted each series: first and last are the extremes.
+        let ranges: Vec<String> = rates[c]
+            .iter()
+            .map(|v| format!("{:.0}-{:.0}", v[0], v[v.len() - 1]))
+            .collect();
+        let busy_medians: Vec<(f64, f64)> = busy[c]
+            .iter()
+            .map(|v| {
+                let mut cl: Vec<f64> = v.iter().map(|b| b.0).collect();
+                let mut sv: Vec<f64> = v.iter().map(|b| b.1).collect();
+                (median(&mut cl), median(&mut sv))
+            })
+            .collect();
+        // Labelled from what was measured without any program: saturated when both CPUs
+        // were busy nearly all the time with the bench's own work.
+        let (own, all) = busy_medians[0];
+        let regime = if own >= 0.9 {
+            "CPU-saturated"
+        } else if all >= 0.9 {
+            "undetermined: the CPUs were busy, but not with the bench"
+        } else {
+            "latency-bound: the CPUs idled between requests"
         };
         println!(
-            "  {:<13} {m:>9.0} req/s   {:.3}   {vs_empty:>5}   {:>13}   {}",
-            setup.name(),
-            m / medians[0],
-            ranges[i],
-            setup.description()
+            "  {clients} clients: {regime} (without a program: bench {:.0}%, all {:.0}% of 2 CPUs)",
+            own * 100.0,
+            all * 100.0
         );
+        if all - own > 0.1 {
+            println!(
+                "    warning: other work took {:.0}% of the CPUs during these measurements; the ratios are not reliable",
+                (all - own) * 100.0
+            );
+        }
+        let median_of = |s: Setup| setups.iter().position(|x| *x == s).map(|i| medians[i]);
+        for (i, (setup, m)) in setups.iter().zip(&medians).enumerate() {
+            let vs_empty = match setup {
+                Setup::Xdp(mode, _) => median_of(Setup::Empty(*mode))
+                    .map_or(String::new(), |e| format!("{:.3}", m / e)),
+                _ => String::new(),
+            };
+            println!(
+                "    {:<13} {m:>9.0} req/s   {:.3}   {vs_empty:>5}   {:>13}   {:>3.0}%/{:>3.0}%   {}",
+                setup.name(),
+                m / medians[0],
+                ranges[i],
+                busy_medians[i].0 * 100.0,
+                busy_medians[i].1 * 100.0,
+                setup.description()
+            );
+        }
     }
     println!("  requests served in total: {}", server.served());
     Ok(())
@@ -342,6 +418,60 @@ fn load(net: &TestNet, target: SocketAddr, dur: Duration, clients: usize) -> any
         Ok(start.elapsed())
     })??;
     Ok(done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
+}
+
+/// Per-CPU (busy, total) jiffies from /proc/stat, indexed by CPU number.
+fn cpu_times() -> anyhow::Result<Vec<(u64, u64)>> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let mut out = Vec::new();
+    for line in stat.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        // The aggregate "cpu" line has no number.
+        let Some(Ok(n)) = fields.next().map(str::parse::<usize>) else {
+            continue;
+        };
+        let v: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+        anyhow::ensure!(v.len() >= 5, "/proc/stat: short line {line:?}");
+        // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+        let total: u64 = v.iter().take(8).sum();
+        let busy = total - v[3] - v[4];
+        if out.len() <= n {
+            out.resize(n + 1, (0, 0));
+        }
+        out[n] = (busy, total);
+    }
+    Ok(out)
+}
+
+/// Busy share of the client and server CPUs together between two [`cpu_times`] readings.
+fn busy_share(before: &[(u64, u64)], after: &[(u64, u64)]) -> f64 {
+    let (mut busy, mut total) = (0, 0);
+    for cpu in [CLIENT_CPU, SERVER_CPU] {
+        if let (Some(b), Some(a)) = (before.get(cpu), after.get(cpu)) {
+            busy += a.0.saturating_sub(b.0);
+            total += a.1.saturating_sub(b.1);
+        }
+    }
+    if total == 0 {
+        0.0
+    } else {
+        busy as f64 / total as f64
+    }
+}
+
+/// User and system CPU time of this process so far, all threads.
+fn own_cpu() -> Duration {
+    // SAFETY: rusage is plain data (all zeroes valid) and getrusage only writes it.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 fn median(v: &mut [f64]) -> f64 {

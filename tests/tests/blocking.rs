@@ -358,8 +358,35 @@ fn pinned_tables_of_the_earlier_layout_are_moved_into_the_current_ones() {
         pin_dir: Some(dir.clone()),
         ..LoadOptions::default()
     };
+    let value_size = |name: &str| {
+        aya::maps::MapInfo::from_pin(dir.join(name))
+            .unwrap()
+            .value_size()
+    };
+    let asides = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().into_string().ok())
+            .filter(|n| n.ends_with("-earlier-layout"))
+            .collect::<Vec<_>>()
+    };
+
+    // A start that fails after the tables were read leaves them where they were, blocks and
+    // all: here another pinned map has a layout no version used.
+    raw_bpf::pinned_array(&dir.join("ALLOW_V4"), 8, 16, &[]);
+    assert!(Datapath::load(&opts).is_err());
+    assert_eq!(
+        (value_size("BLOCK_EXACT_V4"), value_size("BLOCK_EXACT_V6")),
+        (24, 32)
+    );
+    assert!(asides().is_empty(), "{:?}", asides());
+    std::fs::remove_file(dir.join("ALLOW_V4")).unwrap();
+
     let mut dp = Datapath::load(&opts).unwrap();
+    // Until the blocks are in the new tables, the earlier ones wait aside.
+    assert_eq!(asides().len(), 2);
     let mut enforcer = dp.take_enforcer().unwrap();
+    assert!(asides().is_empty(), "{:?}", asides());
     let blocks = enforcer.blocks().unwrap();
     let got: Vec<(String, u64)> = blocks
         .iter()
@@ -398,6 +425,39 @@ fn pinned_tables_of_the_earlier_layout_are_moved_into_the_current_ones() {
         .map(|b| b.net.to_string())
         .collect();
     assert_eq!(nets, ["fd00:47::9/128"]);
+    drop(dp);
+
+    // A start that stopped before the blocks were moved (a crash) left a table aside: the next
+    // start moves its blocks into the current tables, then removes it.
+    let v4: std::net::Ipv4Addr = "10.47.0.10".parse().unwrap();
+    let mut slot = v4.octets().to_vec();
+    slot.extend_from_slice(&[0; 4]);
+    slot.extend(entry(3));
+    let b = exact_bucket_v4(u32::from_ne_bytes(v4.octets()), 0) * 4;
+    raw_bpf::pinned_array(
+        &dir.join("BLOCK_EXACT_V4-earlier-layout"),
+        24,
+        LEGACY_EXACT_SLOTS,
+        &[(b + 2, slot)],
+    );
+    let mut dp = Datapath::load(&opts).unwrap();
+    let got: Vec<(String, u64)> = dp
+        .take_enforcer()
+        .unwrap()
+        .blocks()
+        .unwrap()
+        .iter()
+        .map(|b| (b.net.to_string(), b.dropped))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("10.47.0.10/32".to_string(), 3),
+            // 7 moved, and the probe packet dropped above.
+            ("fd00:47::9/128".to_string(), 8)
+        ]
+    );
+    assert!(asides().is_empty(), "{:?}", asides());
     drop(dp);
 
     // Any other layout is refused with the path and what to do, not a verifier dump.

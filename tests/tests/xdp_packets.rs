@@ -120,6 +120,49 @@ fn ipv4_request_is_captured_with_addresses_ports_and_bytes() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
+fn every_header_byte_is_written_over_earlier_records() {
+    // The program writes event headers field by field into ring memory that is not zeroed.
+    // In the smallest ring, records soon land on bytes of earlier ones: IPv6 requests (all
+    // address bytes set) alternate with IPv4 ones (12 address bytes that must read zero).
+    let mut h = Harness::with(LoadOptions {
+        ring_bytes: 64 * 1024,
+        ..LoadOptions::default()
+    });
+    let mut v6 = Packet::tcp(
+        "fdff:ffff:ffff:ffff:ffff:ffff:ffff:fff2",
+        "fdff::1",
+        &get("/six"),
+    );
+    v6.sport = 0xffff;
+    let v4 = Packet::tcp("10.9.0.2", "10.9.0.1", &get("/four"));
+    // 64 KiB holds 341 records of 192 bytes (header and 128 payload bytes): 1,200 go round it
+    // more than three times, each lap a third of a record further along.
+    for i in 0..1200 {
+        let (pkt, family) = if i % 2 == 0 { (&v6, 6) } else { (&v4, 4) };
+        let o = h.run(pkt);
+        let hdr = o.header();
+        assert_eq!(hdr.family, family, "record {i}");
+        assert_eq!(hdr._pad, 0, "record {i}");
+        assert_eq!(hdr.sport, pkt.sport, "record {i}");
+        assert_eq!(hdr.captured_len as usize, pkt.payload.len(), "record {i}");
+        if family == 4 {
+            assert_eq!(&hdr.saddr[..4], &[10, 9, 0, 2], "record {i}");
+            assert_eq!(&hdr.saddr[4..], &[0; 12], "record {i}");
+            assert_eq!(&hdr.daddr[4..], &[0; 12], "record {i}");
+        } else {
+            assert_eq!(
+                IpAddr::from(hdr.saddr),
+                "fdff:ffff:ffff:ffff:ffff:ffff:ffff:fff2"
+                    .parse::<IpAddr>()
+                    .unwrap()
+            );
+        }
+        assert_eq!(o.payload(), &pkt.payload[..], "record {i}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn ipv6_request_is_captured() {
     let mut h = Harness::new();
     let pkt = Packet::tcp("fd00:9::2", "fd00:9::1", &get("/v6"));

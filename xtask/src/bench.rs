@@ -47,7 +47,8 @@ const PORT: u16 = 8080;
 
 /// `cargo xtask bench-e2e`: builds the release daemon, then runs tests/benches/e2e.rs, which
 /// measures HTTP req/s through a veth pair without precedent, with the XDP program alone
-/// (native and generic attach, minimal ring reader) and with the full daemon, alternating.
+/// (native and generic attach, minimal ring reader) and with the full daemon, alternating,
+/// with 4 clients; `E2E_CLIENTS=4,64` also measures a CPU-saturated regime in the same run.
 pub fn e2e(seconds: u64, rounds: usize) -> anyhow::Result<()> {
     let bin = release_agent("bench-e2e")?;
     step("cargo bench -p precedent-tests --bench e2e");
