@@ -101,8 +101,8 @@ pub struct RareTransition {
 /// own probability (adding observations to a Beta posterior's successes only raises its upper
 /// bound), so a transition that fails this cannot be confidently rare.
 pub fn could_be_rare(t: &Transition, cfg: &SignalConfig) -> bool {
-    t.interval.is_some_and(|iv| {
-        !t.is_repeat && t.n >= cfg.rare_min_context_count && iv.upper < cfg.rare_upper_bound
+    t.upper.is_some_and(|upper| {
+        !t.is_repeat && t.n >= cfg.rare_min_context_count && upper < cfg.rare_upper_bound
     })
 }
 
@@ -198,7 +198,7 @@ fn share(
     if below.is_some_and(|r| !model.upper_could_be_below(as_rare, total, r)) {
         return None;
     }
-    let upper = model.interval(as_rare, total).upper;
+    let upper = model.upper(as_rare, total);
     Some(RareTransition {
         context_len: t.context_len,
         n: t.n,
