@@ -12,6 +12,9 @@ use thiserror::Error;
 
 use crate::http::Method;
 
+mod path_cache;
+use path_cache::PathCache;
+
 /// Dense operation id (index into the operation table). Stable for the life of the state:
 /// ids are never reused, even when an operation is merged into a template (see
 /// [`Discovery::canonical`]).
@@ -232,6 +235,10 @@ pub struct Discovery {
     by_shape: HashMap<Box<str>, OpId>,
     template_ops: FxHashMap<(u32, u32, Method), OpId>,
     table_full_ops: [Option<OpId>; Method::ALL.len()],
+    /// Requests whose walk is known, by raw path (see `path_cache`); off only in tests that
+    /// compare it with the walk.
+    paths: PathCache,
+    use_path_cache: bool,
 }
 
 impl From<State> for Discovery {
@@ -242,6 +249,8 @@ impl From<State> for Discovery {
             by_shape: HashMap::new(),
             template_ops: FxHashMap::default(),
             table_full_ops: [None; Method::ALL.len()],
+            paths: PathCache::default(),
+            use_path_cache: true,
         };
         for i in 0..d.s.ops.len() {
             d.index_op(OpId(i as u32));
@@ -412,6 +421,8 @@ impl Discovery {
         if self.s.templates.len() >= self.s.config.max_nodes {
             return Err(DiscoveryError::TooManyTemplates(self.s.templates.len()));
         }
+        // Templates win over learning: paths learned so far may now map to this one.
+        self.paths.invalidate();
         let mut n = 0usize;
         for seg in &segs {
             let next = match seg {
@@ -467,6 +478,21 @@ impl Discovery {
     /// Maps a request to its operation, learning from it and counting it. `host` is as sent
     /// (case and port are normalised away).
     pub fn observe(&mut self, host: Option<&str>, method: Method, path: &str) -> OpId {
+        // The host only takes part in the mapping when it is in names.
+        let cache_host = if self.s.config.include_host {
+            host.unwrap_or("")
+        } else {
+            ""
+        };
+        if self.use_path_cache
+            && let Some(id) = self.paths.get(method, cache_host, path)
+        {
+            self.s.ops[id.0 as usize].count += 1;
+            return id;
+        }
+        let caps_hit =
+            |st: &DiscoveryStats| (st.overflow_hits, st.host_overflow_hits, st.depth_capped);
+        let before = caps_hit(&self.s.stats);
         let root = self.host_root(host);
         let segs = split_path(path);
         let (segs, deep) = if segs.len() > self.s.config.max_depth {
@@ -475,13 +501,19 @@ impl Discovery {
         } else {
             (&segs[..], false)
         };
-        let id = if let Some(t) = self.match_template(segs, deep) {
-            self.template_op(root, t, method)
+        let (id, literal) = if let Some(t) = self.match_template(segs, deep) {
+            (self.template_op(root, t, method), false)
         } else {
             self.learn(root, segs, deep, method)
         };
         let id = self.canonical(id);
         self.s.ops[id.0 as usize].count += 1;
+        // Cached only when the next walk of this path is sure to end at the same operation
+        // and to count nothing else: through literal positions only (a variable position's
+        // values are unbounded), and without a cap's overflow (counted on every request).
+        if self.use_path_cache && literal && caps_hit(&self.s.stats) == before {
+            self.paths.insert(method, cache_host, path, id);
+        }
         id
     }
 
@@ -594,6 +626,7 @@ impl Discovery {
     }
 
     fn release(&mut self, i: u32) {
+        self.paths.invalidate();
         self.s.nodes[i as usize] = Node::default();
         self.s.stats.live_nodes -= 1;
         self.s.free.push(i);
@@ -646,33 +679,47 @@ impl Discovery {
         }
     }
 
-    fn learn(&mut self, root: u32, segs: &[Cow<'_, str>], deep: bool, method: Method) -> OpId {
+    /// The operation for `segs` under `root`, and whether the walk went through literal
+    /// positions only (see `observe`).
+    fn learn(
+        &mut self,
+        root: u32,
+        segs: &[Cow<'_, str>],
+        deep: bool,
+        method: Method,
+    ) -> (OpId, bool) {
         let mut n = root;
         let mut tail = if deep { Tail::Rest } else { Tail::End };
+        let mut literal = true;
         for seg in segs {
             match self.descend(n, seg) {
-                Some(c) => n = c,
+                Some((c, lit)) => {
+                    n = c;
+                    literal &= lit;
+                }
                 None => {
                     tail = Tail::Overflow;
                     self.s.stats.overflow_hits += 1;
+                    literal = false;
                     break;
                 }
             }
         }
-        self.node_op(n, tail, method)
+        (self.node_op(n, tail, method), literal)
     }
 
-    /// Child of `n` for `seg`, creating or generalising as needed; `None` when the node cap
-    /// leaves no room (the caller ends the path in `{overflow}`).
-    fn descend(&mut self, n: u32, seg: &str) -> Option<u32> {
+    /// Child of `n` for `seg`, creating or generalising as needed, and whether it is the
+    /// segment's own literal child; `None` when the node cap leaves no room (the caller ends
+    /// the path in `{overflow}`).
+    fn descend(&mut self, n: u32, seg: &str) -> Option<(u32, bool)> {
         let node = &self.s.nodes[n as usize];
         if let Some(v) = node.var {
-            return Some(v);
+            return Some((v, false));
         }
         let depth = node.depth + 1;
         if let Some(kind) = classify(seg) {
             if let Some(c) = node.typed[kind] {
-                return Some(c);
+                return Some((c, false));
             }
             if self.positions_full() {
                 return None;
@@ -684,13 +731,13 @@ impl Discovery {
                 ..Node::default()
             });
             self.s.nodes[n as usize].typed[kind] = Some(c);
-            return Some(c);
+            return Some((c, false));
         }
         if let Some(&c) = node.children.get(seg) {
-            return Some(c);
+            return Some((c, true));
         }
         if node.children.len() >= self.s.config.cardinality_threshold {
-            return Some(self.generalise(n));
+            return Some((self.generalise(n), false));
         }
         if self.positions_full() {
             return None;
@@ -702,13 +749,15 @@ impl Discovery {
             ..Node::default()
         });
         self.s.nodes[n as usize].children.insert(seg.into(), c);
-        Some(c)
+        Some((c, true))
     }
 
     /// Turns position `n`'s children into one `{param}` child: their subtrees are merged into
     /// it and every operation under them is re-issued under its new name, the old id marked
     /// `merged_into` the new one.
     fn generalise(&mut self, n: u32) -> u32 {
+        // Paths through `n` now map elsewhere.
+        self.paths.invalidate();
         self.s.stats.generalisations += 1;
         let depth = self.s.nodes[n as usize].depth + 1;
         // One extra node while merging; the merge frees at least as many as it adds.
@@ -819,6 +868,7 @@ impl Discovery {
         self.s.ops[into.0 as usize].count += count;
         self.s.ops[from.0 as usize].merged_into = Some(into);
         self.s.generation += 1;
+        self.paths.invalidate();
     }
 
     /// After a merge, operations under `root` carry names of paths that no longer exist:
@@ -1561,6 +1611,98 @@ mod tests {
         // A flood of random slugs generalises; still, everything maps somewhere countable.
         let total: u64 = d.operations().iter().map(|o| o.count).sum();
         assert_eq!(total, 1_000_000);
+    }
+
+    /// The path cache changes nothing: a discovery with it and one without map every request
+    /// of a mixed stream to the same operation and end in the same state, through
+    /// generalisations, merges, templates added midway, typed segments, deep paths, several
+    /// hosts, and every cap (nodes, operations, hosts) reached.
+    #[test]
+    fn the_path_cache_maps_every_request_as_the_walk_does() {
+        let mut generalisations = 0;
+        for (include_host, max_nodes, max_ops) in [
+            (false, 50_000, 10_000),
+            (true, 60, 40),
+            (false, 30, 1_000),
+            (true, 2_000, 25),
+        ] {
+            let cfg = DiscoveryConfig {
+                include_host,
+                max_nodes,
+                max_ops,
+                max_hosts: 3,
+                max_depth: 5,
+                cardinality_threshold: 6,
+                ..Default::default()
+            };
+            let mut cached = Discovery::new(cfg.clone()).unwrap();
+            let mut walked = Discovery::new(cfg).unwrap();
+            walked.use_path_cache = false;
+            let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut rnd = move |n: u64| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s % n
+            };
+            let words = [
+                "a", "b", "c", "d", "e", "f", "g", "h", "list", "..", "%7Ex", "",
+            ];
+            for i in 0..60_000u32 {
+                if i == 20_000 {
+                    cached.add_template("/a/{x}/c").unwrap();
+                    walked.add_template("/a/{x}/c").unwrap();
+                }
+                let mut path = String::new();
+                for _ in 0..1 + rnd(7) {
+                    path.push('/');
+                    match rnd(10) {
+                        0 => path.push_str(&rnd(100_000).to_string()),
+                        // Few enough values to be revisited, more than the threshold in all.
+                        _ => path.push_str(words[rnd(if i < 30_000 { 5 } else { 12 }) as usize]),
+                    }
+                }
+                let host = ["h1", "H2:80", "h3", "h4", "h5"][rnd(5) as usize];
+                let m = Method::ALL[rnd(2) as usize];
+                assert_eq!(
+                    cached.observe(Some(host), m, &path),
+                    walked.observe(Some(host), m, &path),
+                    "request {i}: {m} {host}{path}"
+                );
+                assert!(cached.paths.len() <= path_cache::MAX_ENTRIES);
+            }
+            generalisations += cached.stats().generalisations;
+            assert_eq!(cached.stats(), walked.stats());
+            assert_eq!(cached.operations(), walked.operations());
+        }
+        assert!(generalisations > 0);
+    }
+
+    /// Random paths (some literal, so they are cached while their positions stay under the
+    /// threshold) keep the cache under its caps, and the trie under its own.
+    #[test]
+    fn a_flood_of_random_paths_keeps_the_path_cache_under_its_caps() {
+        let mut d = Discovery::new(DiscoveryConfig {
+            cardinality_threshold: 1_000,
+            max_nodes: 200_000,
+            max_ops: 200_000,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut s: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut fullest = 0;
+        for _ in 0..300_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let path = format!("/{:x}/q{:x}/z", s % 997, s >> 40);
+            d.observe(None, Method::Get, &path);
+            assert!(d.paths.len() <= path_cache::MAX_ENTRIES);
+            assert!(d.paths.text_bytes() <= path_cache::MAX_TEXT_BYTES);
+            fullest = fullest.max(d.paths.len());
+        }
+        // The flood did fill it (so the caps were what held it).
+        assert_eq!(fullest, path_cache::MAX_ENTRIES);
     }
 
     #[test]

@@ -92,6 +92,8 @@ fn table_index(n: u32, k: u32) -> usize {
 #[derive(Debug, Default, Clone)]
 pub struct IntervalCache {
     memo: FxHashMap<(u32, u32), Interval>,
+    /// Upper bounds computed alone (see [`IntervalCache::upper`]).
+    uppers: FxHashMap<(u32, u32), f64>,
     /// Exact computations done (cache misses beyond the table and closed forms).
     pub exact_computations: u64,
     /// Times the memo reached its cap and was cleared.
@@ -132,6 +134,29 @@ impl IntervalCache {
         iv
     }
 
+    /// The upper bound of k out of n alone, exact: the value `interval(k, n).upper` has. When it
+    /// must be computed, one inverse incomplete beta instead of the interval's two, for the
+    /// callers that use no lower bound (scoring a transition, the rare-transition share).
+    pub fn upper(&mut self, k: u32, n: u32) -> f64 {
+        let k = k.min(n);
+        if let Some(iv) = self.free(k, n) {
+            return iv.upper;
+        }
+        if let Some(&u) = self.uppers.get(&(k, n)) {
+            return u;
+        }
+        if self.uppers.len() >= MEMO_CAP {
+            self.uppers.clear();
+            self.memo_clears += 1;
+        }
+        // As in `beta_interval_exact` (k is strictly between 0 and n here: `free` has the rest).
+        let (a, b) = (f64::from(k) + 1.0, f64::from(n - k) + 1.0);
+        let u = statrs::function::beta::inv_beta_reg(a, b, 1.0 - TAIL);
+        self.exact_computations += 1;
+        self.uppers.insert((k, n), u);
+        u
+    }
+
     /// False only when the upper bound of k out of n is surely at least `r`, found without
     /// computing the interval: the upper bound is the 99.5% quantile, so it lies below r exactly
     /// when more than 99.5% of Beta(k + 1, n − k + 1) does, which one regularized incomplete
@@ -140,7 +165,12 @@ impl IntervalCache {
     /// interval decides.
     pub fn upper_could_be_below(&self, k: u32, n: u32, r: f64) -> bool {
         let k = k.min(n);
-        if n <= TABLE_MAX_N || k == 0 || k == n || self.memo.contains_key(&(k, n)) {
+        if n <= TABLE_MAX_N
+            || k == 0
+            || k == n
+            || self.memo.contains_key(&(k, n))
+            || self.uppers.contains_key(&(k, n))
+        {
             return true;
         }
         let (a, b) = (f64::from(k) + 1.0, f64::from(n - k) + 1.0);
@@ -347,6 +377,36 @@ mod tests {
             [(0.03, 0.03), (0.64, 0.65), (0.32, 0.33)],
         ),
     ];
+
+    /// `upper` is `interval(..).upper` to the bit, through each of its paths: the table, the
+    /// closed forms, a whole interval already memoised, and its own computation and memo.
+    #[test]
+    fn upper_alone_is_the_intervals_upper_bound() {
+        let cases = [
+            (0, 50),
+            (50, 50),
+            (3, 100),
+            (0, 5_000),
+            (5_000, 5_000),
+            (1, 5_000),
+            (17, 40_000),
+            (39_000, 40_000),
+            (250, 328_732),
+        ];
+        let mut alone = IntervalCache::new();
+        let mut whole = IntervalCache::new();
+        for (k, n) in cases {
+            let exact = beta_interval_exact(k, n).upper;
+            assert_eq!(alone.upper(k, n).to_bits(), exact.to_bits(), "{k}/{n}");
+            // Again, from its memo.
+            assert_eq!(alone.upper(k, n).to_bits(), exact.to_bits(), "{k}/{n}");
+            whole.interval(k, n);
+            assert_eq!(whole.upper(k, n).to_bits(), exact.to_bits(), "{k}/{n}");
+        }
+        // Whole intervals were computed only where no table or closed form has them, once each.
+        assert_eq!(alone.exact_computations, 4);
+        assert_eq!(whole.exact_computations, 4);
+    }
 
     #[test]
     fn intervals_reproduce_every_cell_of_seed_tables_2_3_4() {

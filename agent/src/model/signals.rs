@@ -101,8 +101,8 @@ pub struct RareTransition {
 /// own probability (adding observations to a Beta posterior's successes only raises its upper
 /// bound), so a transition that fails this cannot be confidently rare.
 pub fn could_be_rare(t: &Transition, cfg: &SignalConfig) -> bool {
-    t.interval.is_some_and(|iv| {
-        !t.is_repeat && t.n >= cfg.rare_min_context_count && iv.upper < cfg.rare_upper_bound
+    t.upper.is_some_and(|upper| {
+        !t.is_repeat && t.n >= cfg.rare_min_context_count && upper < cfg.rare_upper_bound
     })
 }
 
@@ -168,6 +168,19 @@ fn share(
     }
     let judge = &context[context.len() - t.context_len..];
     let node = model.context(judge)?;
+    if let Some(r) = below {
+        // The least the share can be, from counts at hand: `next`'s own observations and one
+        // per distinct successor (`next` itself perhaps not among them). The scan below only
+        // adds to both (and the upper bound of Beta(a, b) rises with a and as b falls; b stays
+        // n − k + 1 or shrinks), so when even this least share is surely not below `r`, the
+        // scan of the context's entries (thousands in a busy one) can be skipped.
+        let least_distinct = (node.distinct() + u32::from(t.k > 0)).saturating_sub(1);
+        let least_total = t.n.saturating_add(least_distinct);
+        let least = t.k.saturating_add(least_distinct).min(least_total);
+        if !model.upper_could_be_below(least, least_total, r) {
+            return None;
+        }
+    }
     // `next` counts t.k (none when 0, even if it was learned since); the other entries are as
     // they were.
     let mut distinct = u32::from(t.k > 0);
@@ -185,7 +198,7 @@ fn share(
     if below.is_some_and(|r| !model.upper_could_be_below(as_rare, total, r)) {
         return None;
     }
-    let upper = model.interval(as_rare, total).upper;
+    let upper = model.upper(as_rare, total);
     Some(RareTransition {
         context_len: t.context_len,
         n: t.n,
@@ -995,6 +1008,49 @@ mod tests {
         assert_eq!(t.k, 10);
         let share = rare_share(&mut wide, &[7], 599, &t, &cfg).unwrap();
         assert_eq!((share.as_rare, share.total), (share.n + 500, share.n + 500));
+    }
+
+    /// The screens `rare_transition` runs before the exact share (the least share from counts
+    /// at hand, then the share's own CDF) never change its verdict: across contexts from one
+    /// dominant successor to hundreds of even ones, seen, unseen and just-learned successors,
+    /// it fires exactly when the exact share's upper bound is below the threshold.
+    #[test]
+    fn rare_screens_never_change_the_verdict() {
+        let mut fired = (0, 0);
+        for (dominant, spread, each) in [
+            (20_000, 0, 0),
+            (20_000, 3, 2),
+            (9_000, 40, 1),
+            (50_000, 12, 30),
+            (3_000, 200, 5),
+            (400, 2, 1),
+        ] {
+            let mut pairs = vec![(8, dominant)];
+            pairs.extend((100..100 + spread).map(|op| (op, each)));
+            let mut m = model_with(&pairs);
+            for threshold in [2e-3, 5e-3, 2e-2, 0.2] {
+                let cfg = SignalConfig {
+                    rare_upper_bound: threshold,
+                    ..SignalConfig::default()
+                };
+                for next in [9, 100, 101, 8] {
+                    let t = m.score(&[7], next);
+                    let fires = rare_transition(&mut m, &[7], next, &t, &cfg);
+                    let exact = could_be_rare(&t, &cfg)
+                        .then(|| rare_share(&mut m, &[7], next, &t, &cfg))
+                        .flatten()
+                        .filter(|r| r.upper < threshold);
+                    assert_eq!(fires, exact, "{pairs:?} next {next} threshold {threshold}");
+                    if fires.is_some() {
+                        fired.0 += 1;
+                    } else if could_be_rare(&t, &cfg) {
+                        fired.1 += 1;
+                    }
+                }
+            }
+        }
+        // Both verdicts were reached past the first screen.
+        assert!(fired.0 > 0 && fired.1 > 0, "{fired:?}");
     }
 
     #[test]
