@@ -4,7 +4,7 @@
 //! next operation's interval does not overlap its parent's. That is the fixed point of the seed's
 //! loop (only leaves are ever discarded, and discarding never changes a parent's counts).
 
-use super::{MAX_PREDECESSORS, MaintainReport, Model, Op, Phase, Predecessor, ROOT};
+use super::{MAX_PREDECESSORS, MaintainReport, Model, Op, Phase, Predecessor, ROOT, prefetch};
 
 impl Model {
     pub(super) fn maintain_step(&mut self, budget: usize) -> MaintainReport {
@@ -46,6 +46,20 @@ impl Model {
                     let mut p = pos as usize;
                     while p < self.by_depth[d].len() && work < budget {
                         let slot = self.by_depth[d][p];
+                        // Each context evaluated is a few cache misses (it, its entries, its
+                        // parent): start loading the one 8 places ahead, and the entries and
+                        // parent of the one 4 ahead (whose node has arrived by then).
+                        let ahead = |k: usize| self.by_depth[d].get(p + k).map(|&s| s as usize);
+                        if let Some(far) = ahead(8) {
+                            prefetch(&self.nodes[far]);
+                        }
+                        if let Some(near) = ahead(4) {
+                            let node = &self.nodes[near];
+                            node.prefetch_entries();
+                            if let Some(parent) = self.nodes.get(node.parent as usize) {
+                                prefetch(parent);
+                            }
+                        }
                         work += 1 + self.evaluate(slot, depth);
                         p += 1;
                     }
@@ -133,9 +147,25 @@ impl Model {
         if c.n == 0 {
             return (true, work);
         }
-        for e in c.entries() {
-            if !self.cache.overlap(e.k, c.n, p.count(e.next), p.n) {
-                return (false, work);
+        // The parent's count of each next operation is two dependent cache misses (its index
+        // slot, then its entry) on a context that is rarely in cache: a chunk's lookups are
+        // started together, so their misses overlap instead of following one another.
+        const CHUNK: usize = 16;
+        for chunk in c.entries().chunks(CHUNK) {
+            for e in chunk {
+                p.prefetch_search(e.next);
+            }
+            let mut at = [None; CHUNK];
+            for (a, e) in at.iter_mut().zip(chunk) {
+                *a = p.position(e.next);
+                if let Some(i) = *a {
+                    p.prefetch_entry(i);
+                }
+            }
+            for (e, a) in chunk.iter().zip(at) {
+                if !self.cache.overlap(e.k, c.n, p.count_at(a), p.n) {
+                    return (false, work);
+                }
             }
         }
         // Operations the parent saw but this context never did: this context's interval is

@@ -117,6 +117,24 @@ impl Node {
         }
     }
 
+    /// Hints the CPU to load the first lines of the entries when they live outside the node.
+    /// No effect on results.
+    #[inline(always)]
+    pub(super) fn prefetch_entries(&self) {
+        if self.entries.spilled() {
+            let bytes = std::mem::size_of_val(self.entries.as_slice()).min(4 * 64);
+            super::prefetch_lines(self.entries.as_ptr(), bytes);
+        }
+    }
+
+    /// Hints the CPU to load the entry at `i` (from [`Node::position`]). No effect on results.
+    #[inline(always)]
+    pub(super) fn prefetch_entry(&self, i: usize) {
+        if let Some(e) = self.entries.get(i) {
+            super::prefetch_lines(e as *const Entry, std::mem::size_of::<Entry>());
+        }
+    }
+
     /// Occurrences of `next` in this context over the window.
     pub fn count(&self, next: Op) -> u32 {
         self.count_at(self.position(next))
