@@ -8,7 +8,12 @@ use anyhow::bail;
 
 use crate::{exec, step, workspace_root};
 
-pub fn run(data: Option<PathBuf>, seeds: u64, per_kind: usize) -> anyhow::Result<()> {
+pub fn run(
+    data: Option<PathBuf>,
+    seeds: u64,
+    per_kind: usize,
+    dump: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let data = data.unwrap_or_else(|| workspace_root().join("../shared/data/fifa-sessions.dat"));
     if !data.exists() {
         bail!(
@@ -18,22 +23,25 @@ pub fn run(data: Option<PathBuf>, seeds: u64, per_kind: usize) -> anyhow::Result
     }
     step("building and running the evaluation (release)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    exec(
-        Command::new(cargo)
-            .args([
-                "run",
-                "--release",
-                "--package",
-                "precedent",
-                "--example",
-                "eval",
-                "--",
-            ])
-            .arg("--data")
-            .arg(&data)
-            .args(["--seeds", &seeds.to_string()])
-            .args(["--per-kind", &per_kind.to_string()])
-            .env("AYA_BUILD_SKIP", "1")
-            .current_dir(workspace_root()),
-    )
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "run",
+        "--release",
+        "--package",
+        "precedent",
+        "--example",
+        "eval",
+        "--",
+    ])
+    .arg("--data")
+    .arg(&data)
+    .args(["--seeds", &seeds.to_string()])
+    .args(["--per-kind", &per_kind.to_string()])
+    .env("AYA_BUILD_SKIP", "1")
+    .current_dir(workspace_root());
+    if let Some(prefix) = dump {
+        // The example runs from the workspace root: a relative prefix means the caller's.
+        cmd.arg("--dump").arg(std::path::absolute(prefix)?);
+    }
+    exec(&mut cmd)
 }

@@ -63,6 +63,10 @@ enum Task {
         /// Injected sessions per attack kind and seed.
         #[arg(long, default_value_t = 200)]
         per_kind: usize,
+        /// Also write every held-out session's scores to PREFIX.SEED (tab-separated), to see
+        /// which sessions set a threshold and which attacks fall below it.
+        #[arg(long, value_name = "PREFIX")]
+        dump: Option<PathBuf>,
     },
     /// Set up if needed, then build the .deb (release binary with the XDP program, systemd
     /// unit, default config, completions, man page) under target/debian/ with cargo-deb.
@@ -117,7 +121,8 @@ fn main() -> std::process::ExitCode {
             data,
             seeds,
             per_kind,
-        } => eval::run(data, seeds, per_kind),
+            dump,
+        } => eval::run(data, seeds, per_kind, dump),
         Task::Package => package::run(),
         Task::BenchXdp => bench::xdp(),
         Task::BenchBlock => bench::block_latency(),
