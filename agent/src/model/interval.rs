@@ -192,17 +192,37 @@ impl IntervalCache {
     }
 
     /// Is the lower bound of kl/nl at most the upper bound of ku/nu? In order of cost: both
-    /// bounds free (table, closed forms, memo); [`Bounds`] (nanoseconds); one bound free or
-    /// computed, and the other side's question asked of one regularized incomplete beta (a
-    /// quantile costs several). Exact either way: a bound is a quantile of a continuous,
+    /// bounds free (table, closed forms, memo); [`Bounds`] of the sides that are not free
+    /// (nanoseconds); one bound free or computed, and the other side's question asked of one
+    /// regularized incomplete beta (a quantile costs several). Exact either way: a bound is a quantile of a continuous,
     /// strictly increasing CDF, so comparing the CDF at x with the tail probability says
     /// which side of x the quantile lies on.
     fn lower_at_most_upper(&mut self, kl: u32, nl: u32, ku: u32, nu: u32) -> bool {
         let (l, u) = (self.free(kl, nl), self.free(ku, nu));
         match (l, u) {
             (Some(l), Some(u)) => return l.lower <= u.upper,
-            (Some(l), None) => return self.upper_at_least(ku, nu, l.lower),
-            (None, Some(u)) => return self.lower_at_most(kl, nl, u.upper),
+            // One side free (typically a child's small count against its parent's large one):
+            // the other side's guaranteed range decides most cases without a CDF.
+            (Some(l), None) => {
+                let bu = Bounds::new(ku, nu);
+                if l.lower <= bu.upper_min {
+                    return true;
+                }
+                if l.lower > bu.upper_max {
+                    return false;
+                }
+                return self.upper_at_least(ku, nu, l.lower);
+            }
+            (None, Some(u)) => {
+                let bl = Bounds::new(kl, nl);
+                if bl.lower_max <= u.upper {
+                    return true;
+                }
+                if bl.lower_min > u.upper {
+                    return false;
+                }
+                return self.lower_at_most(kl, nl, u.upper);
+            }
             (None, None) => {}
         }
         let (bl, bu) = (Bounds::new(kl, nl), Bounds::new(ku, nu));
