@@ -173,6 +173,14 @@ impl IntervalCache {
         {
             return true;
         }
+        // The guaranteed range of the bound decides most cases in nanoseconds.
+        let bounds = Bounds::new(k, n);
+        if bounds.upper_min >= r {
+            return false;
+        }
+        if bounds.upper_max < r {
+            return true;
+        }
         let (a, b) = (f64::from(k) + 1.0, f64::from(n - k) + 1.0);
         statrs::function::beta::checked_beta_reg(a, b, r.clamp(0.0, 1.0))
             .map_or(true, |cdf| cdf >= 1.0 - TAIL - 1e-9)
