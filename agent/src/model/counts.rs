@@ -258,7 +258,7 @@ impl Node {
     }
 
     /// For [`super::Model::check`]: counts that cover their buckets (so expiry's subtractions
-    /// cannot underflow) and an index that finds every entry where it is.
+    /// cannot underflow), none above `max_k`, and an index that finds every entry where it is.
     pub(super) fn check(&self) -> Result<(), String> {
         let mut total = 0u64;
         for (i, e) in self.entries.iter().enumerate() {
@@ -275,6 +275,13 @@ impl Node {
                 .is_some_and(|ix| ix.get(e.next) != Some(i))
             {
                 return Err(format!("the index does not find next {} at {i}", e.next));
+            }
+            // The collapse trusts max_k to bound every count (see `collapsible`).
+            if e.k > self.max_k {
+                return Err(format!(
+                    "next {} counts {} above the context's largest count {}",
+                    e.next, e.k, self.max_k
+                ));
             }
             total += u64::from(e.k);
         }

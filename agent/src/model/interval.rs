@@ -246,6 +246,19 @@ impl IntervalCache {
         self.lower_at_most(kl, nl, u)
     }
 
+    /// Where the bounds of k out of n surely lie, as cheaply as possible: (a value the lower
+    /// bound is at most, a value the upper bound is at least). Exact when the interval is free,
+    /// else from [`Bounds`].
+    pub(super) fn guaranteed(&self, k: u32, n: u32) -> (f64, f64) {
+        match self.free(k, n) {
+            Some(iv) => (iv.lower, iv.upper),
+            None => {
+                let b = Bounds::new(k, n);
+                (b.lower_max, b.upper_min)
+            }
+        }
+    }
+
     /// The interval when it costs nothing: the table, the closed forms, or the memo.
     fn free(&self, k: u32, n: u32) -> Option<Interval> {
         let k = k.min(n);
