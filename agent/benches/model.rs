@@ -12,7 +12,7 @@ use std::time::Instant;
 use anomaly_grid::{AnomalyGridConfig, MarkovModel};
 use criterion::{BatchSize, Criterion, Throughput};
 use precedent::model::bench_support::{
-    fifa_path, held_out_log_loss, load_sessions, train, train_timed,
+    fifa_path, held_out_log_loss, load_sessions, train, train_batch, train_timed,
 };
 use precedent::model::{Model, ModelConfig, Op};
 
@@ -139,6 +139,18 @@ fn report(d: &Data) {
         d.train_steps as f64 / (learn_s - maintain_s),
         100.0 * maintain_s / learn_s
     );
+    let t = Instant::now();
+    let mut b = precedent_model();
+    let (_, collapse_s) = train_batch(&mut b, &d.train, NOW);
+    let batch_s = t.elapsed().as_secs_f64();
+    let (batch_loss, _) = held_out_log_loss(&mut b, &d.test);
+    println!(
+        "               learn {:>10.0} transitions/s as a batch: learning, then one collapse cycle \
+         ({:.0}% of the time); held-out log-loss {:.4} bits/op",
+        d.train_steps as f64 / batch_s,
+        100.0 * collapse_s / batch_s,
+        batch_loss
+    );
     println!(
         "  anomaly-grid learn {:>10.0} transitions/s   score {:>10.0} transitions/s   held-out log-loss {:.4} bits/op",
         d.train_steps as f64 / grid_learn_s,
@@ -178,6 +190,16 @@ fn main() {
                 precedent_model,
                 |mut m| {
                     train(&mut m, &d.train, NOW);
+                    m
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function("precedent_batch", |b| {
+            b.iter_batched(
+                precedent_model,
+                |mut m| {
+                    train_batch(&mut m, &d.train, NOW);
                     m
                 },
                 BatchSize::PerIteration,

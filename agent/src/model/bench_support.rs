@@ -69,6 +69,24 @@ pub fn train_timed(model: &mut Model, sessions: &[Vec<Op>], now_ns: u64) -> (u64
     (steps, maintain_secs)
 }
 
+/// Batch training, as a trainer that sees all its data at once works: learns every step of
+/// every session without maintenance, then runs one whole expire + collapse cycle
+/// ([`Model::maintain_full`]), so the model ends collapsed exactly as the online path leaves
+/// it after a cycle. Returns the steps learned and the wall seconds of the final cycle.
+pub fn train_batch(model: &mut Model, sessions: &[Vec<Op>], now_ns: u64) -> (u64, f64) {
+    let mut steps = 0u64;
+    for s in sessions {
+        let mut cursor = Cursor::default();
+        for i in 0..s.len() {
+            model.learn_with(&s[..i], s[i], now_ns, &mut cursor);
+            steps += 1;
+        }
+    }
+    let t = Instant::now();
+    model.maintain_full(now_ns);
+    (steps, t.elapsed().as_secs_f64())
+}
+
 /// Mean −log2 P(step | previous steps) in bits over every step after the first of each session
 /// (the positions anomaly-grid's `log_likelihood_bits_per_symbol` scores), and the count scored.
 pub fn held_out_log_loss(model: &mut Model, sessions: &[Vec<Op>]) -> (f64, u64) {
