@@ -175,50 +175,14 @@ fn collapse_keeps_a_flat_context_under_a_dominated_parent() {
     assert!(retained(&m, &[x, y]));
 }
 
-/// The collapse's shortcuts (free intervals, guaranteed bounds, CDFs, the test without the
-/// parent's counts) decide exactly what exact intervals decide. Walks over a skewed alphabet
-/// give contexts with counts on both sides of the interval table, some with a dominant
-/// successor and some without; every context's verdict is checked against a reference that
-/// computes each interval from scratch, deepest contexts first.
-#[test]
-fn collapse_decisions_match_exact_intervals() {
+/// Checks every context's collapse verdict against a reference that computes each interval
+/// from scratch, deepest contexts first. Returns (collapsed, kept) counts.
+fn assert_verdicts_exact(m: &Model) -> [usize; 2] {
     use super::interval::beta_interval_exact;
-    let mut rng = 0x5eed_u64;
-    let mut next = |m: u64| {
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (rng >> 33) % m
-    };
-    let mut m = Model::new(ModelConfig {
-        max_order: 4,
-        ..cfg()
-    })
-    .unwrap();
-    for _ in 0..3000 {
-        let mut hist: Vec<Op> = Vec::new();
-        for _ in 0..(2 + next(12)) {
-            let last = hist.last().copied().unwrap_or(0);
-            // Op 0 is usually followed by 1 (a dominant successor); others mostly walk on by
-            // one or two; sometimes anything, skewed towards small ids.
-            let op = match next(10) {
-                0 => (next(25) * next(25) / 24) as Op,
-                _ if last == 0 => 1,
-                _ => (last + 1 + next(2) as Op) % 12,
-            };
-            if hist.last() == Some(&op) {
-                continue;
-            }
-            let ctx = &hist[hist.len().saturating_sub(4)..];
-            m.learn(ctx, op, 0);
-            hist.push(op);
-        }
-    }
-    m.maintain_full(0);
     let count = |n: &Node, op: Op| n.entries().iter().find(|e| e.next == op).map_or(0, |e| e.k);
     let mut kept = vec![false; m.nodes.len()];
     let mut checked = [0usize; 2];
-    for depth in (1..=4u8).rev() {
+    for depth in (1..=m.cfg.max_order as u8).rev() {
         for slot in 0..m.nodes.len() {
             let c = &m.nodes[slot];
             if !c.live || c.depth != depth {
@@ -250,9 +214,84 @@ fn collapse_decisions_match_exact_intervals() {
             checked[usize::from(kept[slot])] += 1;
         }
     }
+    checked
+}
+
+/// Random sessions over a skewed alphabet: op 0 is usually followed by 1 (a dominant
+/// successor), others mostly walk on by one or two, sometimes anything (skewed to small ids).
+fn learn_walks(m: &mut Model, sessions: usize, rng: &mut u64, now: u64) {
+    let mut next = |k: u64| {
+        *rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*rng >> 33) % k
+    };
+    for _ in 0..sessions {
+        let mut hist: Vec<Op> = Vec::new();
+        for _ in 0..(2 + next(12)) {
+            let last = hist.last().copied().unwrap_or(0);
+            let op = match next(10) {
+                0 => (next(25) * next(25) / 24) as Op,
+                _ if last == 0 => 1,
+                _ => (last + 1 + next(2) as Op) % 12,
+            };
+            if hist.last() == Some(&op) {
+                continue;
+            }
+            let ctx = &hist[hist.len().saturating_sub(m.cfg.max_order)..];
+            m.learn(ctx, op, now);
+            hist.push(op);
+        }
+    }
+}
+
+/// The collapse's shortcuts (free intervals, guaranteed bounds, CDFs, the test without the
+/// parent's counts) decide exactly what exact intervals decide, on contexts with counts on
+/// both sides of the interval table, some with a dominant successor and some without.
+#[test]
+fn collapse_decisions_match_exact_intervals() {
+    let mut m = Model::new(ModelConfig {
+        max_order: 4,
+        ..cfg()
+    })
+    .unwrap();
+    learn_walks(&mut m, 3000, &mut 0x5eed, 0);
+    m.maintain_full(0);
+    let checked = assert_verdicts_exact(&m);
     // Both verdicts occur, and counts beyond the table were involved.
     assert!(checked[0] > 20 && checked[1] > 20, "{checked:?}");
     assert!(m.nodes.iter().any(|n| n.live && n.depth >= 1 && n.n > 128));
+}
+
+/// Every verdict is what a fresh evaluation gives after each whole cycle, across rounds of
+/// learning interleaved with budgeted maintenance (a new kind of walk in one round).
+#[test]
+fn collapse_verdicts_stay_exact_across_cycles() {
+    let mut m = Model::new(ModelConfig {
+        max_order: 4,
+        maintain_budget: 64,
+        ..cfg()
+    })
+    .unwrap();
+    let mut rng = 0xfeed_u64;
+    learn_walks(&mut m, 2000, &mut rng, 0);
+    m.maintain_full(0);
+    assert_verdicts_exact(&m);
+    for round in 0..6u32 {
+        // Sessions learned between budgeted steps of a cycle (some after their context was
+        // judged in it); one round shifts a context's traffic.
+        for i in 0..600 {
+            if i % 15 == 0 {
+                learn_walks(&mut m, 1, &mut rng, 0);
+            }
+            m.maintain(0);
+        }
+        if round == 3 {
+            learn_n(&mut m, &[4, 5], 9, 200);
+        }
+        m.maintain_full(0);
+        assert_verdicts_exact(&m);
+    }
 }
 
 /// 30 sessions login → balance → transfer, 10 login → transfer, 60 login → balance.
