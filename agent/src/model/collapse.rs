@@ -153,11 +153,11 @@ impl Model {
         // the count). An entry whose lower bound is at most the first and whose upper bound is
         // at least the second overlaps its parent's interval, whatever that is. A context with
         // little data (wide intervals) under a parent without a dominant successor passes whole.
-        let parent_upper_least = self.cache.guaranteed(0, p.n).1;
-        let parent_lower_most = self.cache.guaranteed(p.max_k, p.n).0;
+        let parent_upper_least = self.cache.range(0, p.n).upper_min;
+        let parent_lower_most = self.cache.range(p.max_k, p.n).lower_max;
         let all_overlap = c.entries().iter().all(|e| {
-            let (lower_most, upper_least) = self.cache.guaranteed(e.k, c.n);
-            lower_most <= parent_upper_least && upper_least >= parent_lower_most
+            let r = self.cache.range(e.k, c.n);
+            r.lower_max <= parent_upper_least && r.upper_min >= parent_lower_most
         });
         // The parent's count of each next operation is two dependent cache misses (its index
         // slot, then its entry) on a context that is rarely in cache: a chunk's lookups are

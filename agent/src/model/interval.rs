@@ -199,64 +199,38 @@ impl IntervalCache {
         self.lower_at_most_upper(k1, n1, k2, n2) && self.lower_at_most_upper(k2, n2, k1, n1)
     }
 
-    /// Is the lower bound of kl/nl at most the upper bound of ku/nu? In order of cost: both
-    /// bounds free (table, closed forms, memo); [`Bounds`] of the sides that are not free
-    /// (nanoseconds); one bound free or computed, and the other side's question asked of one
-    /// regularized incomplete beta (a quantile costs several). Exact either way: a bound is a quantile of a continuous,
-    /// strictly increasing CDF, so comparing the CDF at x with the tail probability says
-    /// which side of x the quantile lies on.
+    /// Is the lower bound of kl/nl at most the upper bound of ku/nu? In order of cost: the
+    /// bounds where they are free (table, closed forms, memo) and [`Bounds`] where they are not
+    /// (nanoseconds); then one bound, free or computed, asked of the other side's regularized
+    /// incomplete beta (a quantile costs several). Exact either way: a bound is a quantile of a
+    /// continuous, strictly increasing CDF, so comparing the CDF at x with the tail probability
+    /// says which side of x the quantile lies on.
     fn lower_at_most_upper(&mut self, kl: u32, nl: u32, ku: u32, nu: u32) -> bool {
         let (l, u) = (self.free(kl, nl), self.free(ku, nu));
-        match (l, u) {
-            (Some(l), Some(u)) => return l.lower <= u.upper,
-            // One side free (typically a child's small count against its parent's large one):
-            // the other side's guaranteed range decides most cases without a CDF.
-            (Some(l), None) => {
-                let bu = Bounds::new(ku, nu);
-                if l.lower <= bu.upper_min {
-                    return true;
-                }
-                if l.lower > bu.upper_max {
-                    return false;
-                }
-                return self.upper_at_least(ku, nu, l.lower);
-            }
-            (None, Some(u)) => {
-                let bl = Bounds::new(kl, nl);
-                if bl.lower_max <= u.upper {
-                    return true;
-                }
-                if bl.lower_min > u.upper {
-                    return false;
-                }
-                return self.lower_at_most(kl, nl, u.upper);
-            }
-            (None, None) => {}
-        }
-        let (bl, bu) = (Bounds::new(kl, nl), Bounds::new(ku, nu));
+        let (bl, bu) = (Bounds::of(l, kl, nl), Bounds::of(u, ku, nu));
         if bl.lower_max <= bu.upper_min {
             return true;
         }
         if bl.lower_min > bu.upper_max {
             return false;
         }
-        // Undecided: one exact interval (memoised: a parent's serves all its children), and
-        // the other side through its CDF.
-        let u = self.interval(ku, nu).upper;
-        self.lower_at_most(kl, nl, u)
-    }
-
-    /// Where the bounds of k out of n surely lie, as cheaply as possible: (a value the lower
-    /// bound is at most, a value the upper bound is at least). Exact when the interval is free,
-    /// else from [`Bounds`].
-    pub(super) fn guaranteed(&self, k: u32, n: u32) -> (f64, f64) {
-        match self.free(k, n) {
-            Some(iv) => (iv.lower, iv.upper),
-            None => {
-                let b = Bounds::new(k, n);
-                (b.lower_max, b.upper_min)
+        // Undecided, so at least one side is not free (free bounds are exact). A free side's
+        // bound is asked of the other side's CDF; with neither free, one exact interval
+        // (memoised: a parent's serves all its children) and the other side through its CDF.
+        match (l, u) {
+            (Some(l), _) => self.upper_at_least(ku, nu, l.lower),
+            (None, Some(u)) => self.lower_at_most(kl, nl, u.upper),
+            (None, None) => {
+                let u = self.interval(ku, nu).upper;
+                self.lower_at_most(kl, nl, u)
             }
         }
+    }
+
+    /// Where the bounds of k out of n surely lie, as cheaply as possible: exactly when the
+    /// interval is free, else within [`Bounds`].
+    pub(super) fn range(&self, k: u32, n: u32) -> Bounds {
+        Bounds::of(self.free(k, n), k, n)
     }
 
     /// The interval when it costs nothing: the table, the closed forms, or the memo.
@@ -320,18 +294,32 @@ fn beta_cdf(k: u32, n: u32, x: f64) -> Option<f64> {
 ///
 /// The tests check decisions made from them against exact intervals.
 #[derive(Clone, Copy, Debug)]
-struct Bounds {
+pub(super) struct Bounds {
     /// lower ∈ [lower_min, lower_max], upper ∈ [upper_min, upper_max].
-    lower_min: f64,
-    lower_max: f64,
-    upper_min: f64,
-    upper_max: f64,
+    pub(super) lower_min: f64,
+    pub(super) lower_max: f64,
+    pub(super) upper_min: f64,
+    pub(super) upper_max: f64,
 }
 
 /// Slack for rounding in the bounds' arithmetic (far below any width they decide on).
 const BOUNDS_SLACK: f64 = 1e-9;
 
 impl Bounds {
+    /// The exact bounds when `free` has the interval (each range a single point), else
+    /// [`Bounds::new`].
+    fn of(free: Option<Interval>, k: u32, n: u32) -> Self {
+        match free {
+            Some(iv) => Bounds {
+                lower_min: iv.lower,
+                lower_max: iv.lower,
+                upper_min: iv.upper,
+                upper_max: iv.upper,
+            },
+            None => Bounds::new(k, n),
+        }
+    }
+
     fn new(k: u32, n: u32) -> Self {
         let (k, n) = (f64::from(k.min(n)), f64::from(n));
         let (a, b) = (k + 1.0, n - k + 1.0);
