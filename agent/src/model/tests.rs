@@ -154,7 +154,8 @@ fn collapse_keeps_a_collapsible_parent_of_a_distinctive_context() {
 fn collapse_keeps_a_flat_context_under_a_dominated_parent() {
     let (x, y) = (20, 21);
     let mut m = Model::new(cfg()).unwrap();
-    // [y] → A 180 times of 200; [x, y] → each of 12 operations once, A among them.
+    // [y] → A 181 times of 200 (12 of them through [x, y]); [x, y] → each of 12 operations
+    // once, A among them.
     learn_n(&mut m, &[y], A, 180);
     for op in 0..8 {
         learn_n(&mut m, &[y], 100 + op, 1);
@@ -162,7 +163,6 @@ fn collapse_keeps_a_flat_context_under_a_dominated_parent() {
     for op in [A, B, C, 3, 4, 5, 6, 7, 8, 9, 10, 11] {
         learn_n(&mut m, &[x, y], op, 1);
     }
-    learn_n(&mut m, &[y], B, 12 - 1);
     m.maintain_full(0);
     let lower_parent = m
         .interval(
