@@ -440,17 +440,11 @@ impl Core {
                 if let Some(prev) = history.len().checked_sub(2).and_then(|i| history.get(i)) {
                     model.learn_step_run(discovery.canonical(prev.op).0, prev.count);
                 }
-                // Score first, then learn (one walk of the context trie).
-                // The session's cursor spares the walk its hash lookups; intervals are only
-                // needed for transitions that could be confidently rare.
-                // Exact intervals (microseconds each) only where the rare-transition alert can
-                // still fire: never in learn mode, nor once the session has had it.
-                let rare_below = if alerting && session.alerted & ALERTED_RARE == 0 {
-                    signals.rare_upper_bound
-                } else {
-                    0.0
-                };
-                let t = model.observe_with(&context, op.0, ts_ns, &mut session.cursor, rare_below);
+                // Score first, then learn (one walk of the context trie). The session's cursor
+                // spares the walk its hash lookups. Intervals are asked for below, only where
+                // the rare-transition alert can still fire: never in learn mode, nor once the
+                // session has had it.
+                let t = model.observe_with(&context, op.0, ts_ns, &mut session.cursor);
                 session.surprise.push(t.surprise_bits);
                 if alerting {
                     if session.alerted & ALERTED_RARE == 0

@@ -265,6 +265,13 @@ impl IntervalCache {
         if let Some(iv) = self.free(k, n) {
             return iv.upper >= x;
         }
+        let b = Bounds::new(k, n);
+        if b.upper_min >= x {
+            return true;
+        }
+        if b.upper_max < x {
+            return false;
+        }
         match beta_cdf(k, n, x) {
             Some(c) if (c - (1.0 - TAIL)).abs() > CDF_EDGE => c <= 1.0 - TAIL,
             _ => self.interval(k, n).upper >= x,

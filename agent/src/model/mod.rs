@@ -172,10 +172,6 @@ pub struct Transition {
     pub k: u32,
     /// k / n (0 when n = 0).
     pub probability: f64,
-    /// Upper bound of the 99% credible interval of k out of n; computed only when `enough_data`
-    /// and the point estimate is below `interval_below`, since only then can the transition be
-    /// confidently rare (nothing reads the lower bound, which would cost as much again).
-    pub upper: Option<f64>,
     /// n ≥ min_context_count.
     pub enough_data: bool,
     /// The next operation repeats the last step: a repeat, not a transition (see replay signal).
@@ -456,7 +452,7 @@ impl Model {
     /// [`Model::learn`] for a session that keeps a [`Cursor`] (see [`Model::observe_with`]).
     pub fn learn_with(&mut self, history: &[Op], next: Op, now_ns: u64, cursor: &mut Cursor) {
         self.advance_epoch(now_ns);
-        self.walk_with(history, next, true, false, Some(cursor), None);
+        self.walk_with(history, next, true, false, Some(cursor));
     }
 
     /// Scores `next` after `history` without learning it.
@@ -473,24 +469,20 @@ impl Model {
     /// Like [`Model::observe`], for a session that keeps a [`Cursor`] between its requests: the
     /// walk starts from the contexts the cursor names (checked against their keys) instead of
     /// looking each one up, and leaves the cursor naming the contexts of the session's next walk
-    /// (through the links of the transitions it learns). Same counts, same scores. The interval
-    /// is computed only when the transition could be confidently rare against `rare_below` (the
-    /// engine's threshold): when the posterior mean (k+1)/(n+2) is below it, since a 99% upper
-    /// bound is never below the mean (nor the point estimate). `rare_below` = 0 asks for none.
+    /// (through the links of the transitions it learns). Same counts, same scores.
     pub fn observe_with(
         &mut self,
         history: &[Op],
         next: Op,
         now_ns: u64,
         cursor: &mut Cursor,
-        rare_below: f64,
     ) -> Transition {
         self.advance_epoch(now_ns);
-        self.walk_with(history, next, true, true, Some(cursor), Some(rare_below))
+        self.walk_with(history, next, true, true, Some(cursor))
     }
 
     fn walk(&mut self, history: &[Op], next: Op, learn: bool, score: bool) -> Transition {
-        self.walk_with(history, next, learn, score, None, None)
+        self.walk_with(history, next, learn, score, None)
     }
 
     fn walk_with(
@@ -500,7 +492,6 @@ impl Model {
         learn: bool,
         score: bool,
         cursor: Option<&mut Cursor>,
-        rare_below: Option<f64>,
     ) -> Transition {
         let is_repeat = history.last() == Some(&next);
         if learn {
@@ -636,18 +627,6 @@ impl Model {
         } else {
             0.0
         };
-        let could_be_rare = rare_below.is_none_or(|r| {
-            (f64::from(k) + 1.0) / (f64::from(n) + 2.0) < r.min(self.cfg.interval_below)
-        });
-        // Exact quantiles cost microseconds: with a threshold, one CDF first rules out the
-        // transitions whose upper bound cannot be below it (most of those `could_be_rare` lets by).
-        let below = rare_below.map(|r| r.min(self.cfg.interval_below));
-        let upper = (score
-            && enough_data
-            && probability < self.cfg.interval_below
-            && could_be_rare
-            && below.is_none_or(|r| self.cache.upper_could_be_below(k, n, r)))
-        .then(|| self.cache.upper(k, n));
         if let Some(c) = cursor {
             *c = next_cursor;
         }
@@ -656,7 +635,6 @@ impl Model {
             n,
             k,
             probability,
-            upper,
             enough_data,
             is_repeat,
             predictive,
@@ -800,6 +778,13 @@ impl Model {
     /// Its upper bound alone, at half the cost when it must be computed (memoised).
     pub fn upper(&mut self, k: u32, n: u32) -> f64 {
         self.cache.upper(k, n)
+    }
+
+    /// Is the 99% upper bound of k out of n below `r`? Exact, and as cheap as it can be: the
+    /// bound when it is free, its guaranteed range, one incomplete beta, and the bound itself
+    /// only within rounding of `r`.
+    pub fn upper_below(&mut self, k: u32, n: u32, r: f64) -> bool {
+        !self.cache.upper_at_least(k, n, r)
     }
 
     /// False only when the 99% upper bound of k/n is surely not below `r` (one incomplete-beta
@@ -994,13 +979,8 @@ mod cursor_tests {
                 continue;
             }
             let ctx = &hist[hist.len().saturating_sub(8)..];
-            let mut a = plain.observe(ctx, op, now);
-            let b = cursed.observe_with(ctx, op, now, cursor, 0.02);
-            // Intervals are left out only where they cannot be below the rare threshold.
-            if let (Some(upper), None) = (a.upper, b.upper) {
-                assert!(upper >= 0.02, "step {step}: {a:?}");
-                a.upper = None;
-            }
+            let a = plain.observe(ctx, op, now);
+            let b = cursed.observe_with(ctx, op, now, cursor);
             assert_eq!(a, b, "step {step}");
             hist.push(op);
             now += 7_000_000;

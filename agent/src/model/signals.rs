@@ -96,14 +96,21 @@ pub struct RareTransition {
 }
 
 /// Cheap pre-check: could this transition be confidently rare at all? Its own probability's 99%
-/// upper bound is below the threshold in a context with enough observations. The share of
-/// equally rare successors that [`rare_transition`] judges is never smaller than the transition's
-/// own probability (adding observations to a Beta posterior's successes only raises its upper
-/// bound), so a transition that fails this cannot be confidently rare.
-pub fn could_be_rare(t: &Transition, cfg: &SignalConfig) -> bool {
-    t.upper.is_some_and(|upper| {
-        !t.is_repeat && t.n >= cfg.rare_min_context_count && upper < cfg.rare_upper_bound
-    })
+/// upper bound is below the threshold (and the model's `interval_below`) in a context with
+/// enough observations. The share of equally rare successors that [`rare_transition`] judges is
+/// never smaller than the transition's own probability (adding observations to a Beta
+/// posterior's successes only raises its upper bound), so a transition that fails this cannot
+/// be confidently rare. Decided without computing the bound where possible: first by the
+/// posterior mean (k+1)/(n+2), which a 99% upper bound is never below, then
+/// [`Model::upper_below`].
+pub fn could_be_rare(model: &mut Model, t: &Transition, cfg: &SignalConfig) -> bool {
+    let below = cfg.rare_upper_bound.min(model.cfg.interval_below);
+    !t.is_repeat
+        && t.enough_data
+        && t.n >= cfg.rare_min_context_count
+        && t.probability < model.cfg.interval_below
+        && (f64::from(t.k) + 1.0) / (f64::from(t.n) + 2.0) < below
+        && model.upper_below(t.k, t.n, below)
 }
 
 /// Confidently rare transition, judged by how surprising it is *for its context*, not by its own
@@ -132,7 +139,7 @@ pub fn rare_transition(
     t: &Transition,
     cfg: &SignalConfig,
 ) -> Option<RareTransition> {
-    if !could_be_rare(t, cfg) {
+    if !could_be_rare(model, t, cfg) {
         return None;
     }
     share(model, context, next, t, cfg, Some(cfg.rare_upper_bound))
@@ -987,7 +994,7 @@ mod tests {
         // After 7, operation 8 in 5,000 of 5,000 observations: anything else is news.
         let mut funnel = model_with(&[(8, 5000)]);
         let t = funnel.score(&[7], 9);
-        assert!(could_be_rare(&t, &cfg), "{t:?}");
+        assert!(could_be_rare(&mut funnel, &t, &cfg), "{t:?}");
         let r = rare_transition(&mut funnel, &[7], 9, &t, &cfg).expect("rare after a funnel");
         // (The context starts counting once its parent has a few observations.)
         assert!(r.n > 4990, "{r:?}");
@@ -999,7 +1006,10 @@ mod tests {
         let spread: Vec<(Op, u32)> = (100..600).map(|op| (op, 10)).collect();
         let mut wide = model_with(&spread);
         let t = wide.score(&[7], 9);
-        assert!(could_be_rare(&t, &cfg), "own probability is small: {t:?}");
+        assert!(
+            could_be_rare(&mut wide, &t, &cfg),
+            "own probability is small: {t:?}"
+        );
         assert!(rare_transition(&mut wide, &[7], 9, &t, &cfg).is_none());
         let share = rare_share(&mut wide, &[7], 9, &t, &cfg).unwrap();
         assert_eq!((share.distinct, share.as_rare), (500, 500));
@@ -1036,14 +1046,14 @@ mod tests {
                 for next in [9, 100, 101, 8] {
                     let t = m.score(&[7], next);
                     let fires = rare_transition(&mut m, &[7], next, &t, &cfg);
-                    let exact = could_be_rare(&t, &cfg)
+                    let exact = could_be_rare(&mut m, &t, &cfg)
                         .then(|| rare_share(&mut m, &[7], next, &t, &cfg))
                         .flatten()
                         .filter(|r| r.upper < threshold);
                     assert_eq!(fires, exact, "{pairs:?} next {next} threshold {threshold}");
                     if fires.is_some() {
                         fired.0 += 1;
-                    } else if could_be_rare(&t, &cfg) {
+                    } else if could_be_rare(&mut m, &t, &cfg) {
                         fired.1 += 1;
                     }
                 }
