@@ -1,6 +1,6 @@
 //! One context of the trie and its next-operation counts, kept per time bucket so the learning
 //! window slides. An entry stores its window total plus the (bucket, count) pairs behind it; most
-//! entries live in one bucket, so the first pair is stored inline.
+//! entries live in one bucket, so only that bucket's epoch is stored inline (see [`Entry`]).
 
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
@@ -11,17 +11,137 @@ use super::Op;
 const INDEX_ABOVE: usize = 8;
 
 /// Count of one next operation in one context over the window.
+///
+/// The (bucket epoch, count) pairs behind `k` take 12 bytes instead of a small vector's 24, so
+/// an entry is 24 bytes: the newest bucket's epoch is inline and its count is `k` minus the
+/// older buckets' counts; the older pairs are boxed, and absent while the entry lives in one
+/// bucket (as most do). Saved as the list of pairs, oldest first, as before.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "SavedEntry", into = "SavedEntry")]
 pub struct Entry {
     pub next: Op,
-    /// Occurrences in the window (sum of `buckets`).
+    /// Occurrences in the window (the sum of the buckets' counts).
     pub k: u32,
     /// Slot of the context this transition leads to (this context extended by `next`), so a
     /// session's next walk needs no hash lookups. A hint: checked against the slot's key before use.
-    #[serde(skip)]
     pub(super) link: Link,
-    /// (bucket epoch, count), oldest first.
+    /// Epoch of the newest bucket (meaningless while `k` is 0).
+    newest: u32,
+    /// The older buckets' (epoch, count), oldest first; never an empty list. Boxed on purpose:
+    /// the field is 8 bytes where a `Vec` is 24, and it is rarely there.
+    #[allow(clippy::box_collection)]
+    older: Option<Box<Vec<(u32, u32)>>>,
+}
+
+/// What is saved of an [`Entry`]: its count and its (bucket epoch, count) pairs, oldest first.
+#[derive(Serialize, Deserialize)]
+struct SavedEntry {
+    next: Op,
+    k: u32,
     buckets: SmallVec<[(u32, u32); 1]>,
+}
+
+impl From<SavedEntry> for Entry {
+    fn from(s: SavedEntry) -> Self {
+        let mut pairs = s.buckets.into_vec();
+        let newest = pairs.pop().map_or(0, |(b, _)| b);
+        Entry {
+            next: s.next,
+            k: s.k,
+            link: Link::default(),
+            newest,
+            older: (!pairs.is_empty()).then(|| Box::new(pairs)),
+        }
+    }
+}
+
+impl From<Entry> for SavedEntry {
+    fn from(e: Entry) -> Self {
+        SavedEntry {
+            next: e.next,
+            k: e.k,
+            buckets: e.buckets().collect(),
+        }
+    }
+}
+
+impl Entry {
+    fn new(next: Op) -> Self {
+        Entry {
+            next,
+            k: 0,
+            link: Link::default(),
+            newest: 0,
+            older: None,
+        }
+    }
+
+    fn older_sum(&self) -> u64 {
+        self.older
+            .as_deref()
+            .map_or(0, |v| v.iter().map(|&(_, c)| u64::from(c)).sum())
+    }
+
+    /// The (bucket epoch, count) pairs, oldest first.
+    pub(super) fn buckets(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let newest_count = (u64::from(self.k) - self.older_sum().min(u64::from(self.k))) as u32;
+        self.older
+            .iter()
+            .flat_map(|v| v.iter().copied())
+            .chain((self.k > 0).then_some((self.newest, newest_count)))
+    }
+
+    fn bucket_count(&self) -> usize {
+        self.older.as_ref().map_or(0, |v| v.len()) + usize::from(self.k > 0)
+    }
+
+    /// Counts one occurrence in bucket `epoch` (never older than the newest). A new bucket
+    /// beyond `window` of them first drops the pairs that left the window, which bounds an
+    /// entry even without `maintain`. Returns the count dropped.
+    fn add(&mut self, epoch: u32, window: u32) -> u32 {
+        let mut dropped = 0;
+        if self.k > 0 && epoch != self.newest {
+            if self.bucket_count() >= window as usize {
+                dropped = self.expire(epoch, window);
+            }
+            if self.k > 0 {
+                let newest_count = (u64::from(self.k) - self.older_sum()) as u32;
+                self.older
+                    .get_or_insert_with(Default::default)
+                    .push((self.newest, newest_count));
+            }
+        }
+        self.newest = epoch;
+        self.k = self.k.saturating_add(1);
+        dropped
+    }
+
+    /// Drops the buckets at least `window` buckets older than `epoch` from the pairs and from
+    /// `k`; returns the count dropped.
+    fn expire(&mut self, epoch: u32, window: u32) -> u32 {
+        if self.k == 0 {
+            return 0;
+        }
+        let keep_from = epoch.saturating_sub(window - 1);
+        if self.newest < keep_from {
+            // The older buckets are older still: everything leaves.
+            let dropped = self.k;
+            self.k = 0;
+            self.older = None;
+            return dropped;
+        }
+        let Some(v) = self.older.as_deref_mut() else {
+            return 0;
+        };
+        let cut = v.iter().take_while(|&&(b, _)| b < keep_from).count();
+        let dropped: u32 = v[..cut].iter().map(|&(_, c)| c).sum();
+        v.drain(..cut);
+        if v.is_empty() {
+            self.older = None;
+        }
+        self.k -= dropped;
+        dropped
+    }
 }
 
 /// A cached slot id (`NO_SLOT` when unknown). Not model state: not saved, not compared.
@@ -172,12 +292,7 @@ impl Node {
         let i = match at {
             Some(i) => i,
             None => {
-                self.entries.push(Entry {
-                    next,
-                    k: 0,
-                    link: Link::default(),
-                    buckets: SmallVec::new(),
-                });
+                self.entries.push(Entry::new(next));
                 let i = self.entries.len() - 1;
                 match &mut self.index {
                     Some(ix) if ix.has_room(i + 1) => ix.insert(next, i),
@@ -188,19 +303,8 @@ impl Node {
             }
         };
         let e = &mut self.entries[i];
-        match e.buckets.last_mut() {
-            Some((b, c)) if *b == epoch => *c = c.saturating_add(1),
-            _ => {
-                if e.buckets.len() >= window as usize {
-                    let dropped = drop_expired(&mut e.buckets, epoch, window);
-                    e.k -= dropped;
-                    self.n -= dropped;
-                }
-                e.buckets.push((epoch, 1));
-            }
-        }
-        e.k = e.k.saturating_add(1);
-        self.n = self.n.saturating_add(1);
+        let dropped = e.add(epoch, window);
+        self.n = (self.n - dropped).saturating_add(1);
         self.max_k = self.max_k.max(e.k);
         i
     }
@@ -220,9 +324,7 @@ impl Node {
         let work = self.entries.len();
         let mut removed_any = false;
         for e in self.entries.iter_mut() {
-            let dropped = drop_expired(&mut e.buckets, epoch, window);
-            e.k -= dropped;
-            self.n -= dropped;
+            self.n -= e.expire(epoch, window);
             removed_any |= e.k == 0;
         }
         if removed_any {
@@ -262,10 +364,10 @@ impl Node {
     pub(super) fn check(&self) -> Result<(), String> {
         let mut total = 0u64;
         for (i, e) in self.entries.iter().enumerate() {
-            let held: u64 = e.buckets.iter().map(|&(_, c)| u64::from(c)).sum();
+            let held = e.older_sum();
             if held > u64::from(e.k) {
                 return Err(format!(
-                    "next {} counts {} but its buckets hold {held}",
+                    "next {} counts {} but its older buckets hold {held}",
                     e.next, e.k
                 ));
             }
@@ -301,8 +403,9 @@ impl Node {
             b += self.entries.capacity() * std::mem::size_of::<Entry>();
         }
         for e in &self.entries {
-            if e.buckets.spilled() {
-                b += e.buckets.capacity() * std::mem::size_of::<(u32, u32)>();
+            if let Some(v) = &e.older {
+                b += std::mem::size_of::<Vec<(u32, u32)>>()
+                    + v.capacity() * std::mem::size_of::<(u32, u32)>();
             }
         }
         if let Some(ix) = &self.index {
@@ -404,18 +507,6 @@ mod op_index_serde {
     }
 }
 
-/// Removes pairs whose bucket is at least `window` buckets older than `epoch`; returns their count.
-fn drop_expired(buckets: &mut SmallVec<[(u32, u32); 1]>, epoch: u32, window: u32) -> u32 {
-    let keep_from = epoch.saturating_sub(window - 1);
-    let cut = buckets.iter().take_while(|(b, _)| *b < keep_from).count();
-    if cut == 0 {
-        return 0;
-    }
-    let dropped = buckets[..cut].iter().map(|(_, c)| *c).sum();
-    buckets.drain(..cut);
-    dropped
-}
-
 #[cfg(test)]
 mod tests {
     use rustc_hash::FxHashMap;
@@ -443,9 +534,45 @@ mod tests {
         for epoch in 0..1000 {
             n.record(1, epoch, 24);
         }
-        assert!(n.entries()[0].buckets.len() <= 24);
+        assert!(n.entries()[0].bucket_count() <= 24);
         assert_eq!(n.count(1), 24);
         assert_eq!(n.n, 24);
+    }
+
+    /// An entry is saved exactly as when its pairs were a small vector: next, k, then the
+    /// (bucket epoch, count) pairs oldest first; and read back to the same entry.
+    #[test]
+    fn an_entry_is_saved_as_its_list_of_bucket_pairs() {
+        #[derive(Serialize)]
+        struct Before {
+            next: Op,
+            k: u32,
+            buckets: Vec<(u32, u32)>,
+        }
+        let mut n = Node::new(0, 0, 1, 1);
+        for (epoch, times) in [(3, 2), (5, 1), (9, 4)] {
+            for _ in 0..times {
+                n.record(7, epoch, 24);
+            }
+        }
+        n.record(8, 9, 24);
+        let e = &n.entries()[0];
+        assert_eq!(e.buckets().collect::<Vec<_>>(), [(3, 2), (5, 1), (9, 4)]);
+        let before = Before {
+            next: 7,
+            k: 7,
+            buckets: vec![(3, 2), (5, 1), (9, 4)],
+        };
+        let bytes = postcard::to_stdvec(e).unwrap();
+        assert_eq!(bytes, postcard::to_stdvec(&before).unwrap());
+        let back: Entry = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.buckets().collect::<Vec<_>>(), [(3, 2), (5, 1), (9, 4)]);
+        assert_eq!((back.k, back.older.as_ref().map(|v| v.len())), (7, Some(2)));
+        // One bucket: nothing boxed.
+        let single = &n.entries()[1];
+        assert_eq!(single.buckets().collect::<Vec<_>>(), [(9, 1)]);
+        assert!(single.older.is_none());
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
     }
 
     #[test]
