@@ -11,6 +11,8 @@ use agent_common::Counter;
 use precedent::capture::{AttachMode, Datapath, LoadOptions, PROGRAM};
 use precedent_tests::{HttpServer, TestNet};
 
+mod common;
+
 const PORT: u16 = 8080;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -388,10 +390,7 @@ fn pinned_tables_of_the_earlier_layout_are_moved_into_the_current_ones() {
     let mut enforcer = dp.take_enforcer().unwrap();
     assert!(asides().is_empty(), "{:?}", asides());
     let blocks = enforcer.blocks().unwrap();
-    let got: Vec<(String, u64)> = blocks
-        .iter()
-        .map(|b| (b.net.to_string(), b.dropped))
-        .collect();
+    let got = common::dropped_by_block(&blocks);
     assert_eq!(
         got,
         [
@@ -441,14 +440,7 @@ fn pinned_tables_of_the_earlier_layout_are_moved_into_the_current_ones() {
         &[(b + 2, slot)],
     );
     let mut dp = Datapath::load(&opts).unwrap();
-    let got: Vec<(String, u64)> = dp
-        .take_enforcer()
-        .unwrap()
-        .blocks()
-        .unwrap()
-        .iter()
-        .map(|b| (b.net.to_string(), b.dropped))
-        .collect();
+    let got = common::dropped_by_block(&dp.take_enforcer().unwrap().blocks().unwrap());
     assert_eq!(
         got,
         [

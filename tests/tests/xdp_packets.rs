@@ -11,6 +11,8 @@ use precedent::{
 };
 use precedent_tests::Packet;
 
+mod common;
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
@@ -753,13 +755,7 @@ fn an_expired_narrow_block_does_not_hide_a_live_wider_one() {
         assert_eq!(o.verdict, XDP_DROP, "{src}");
         o.assert_counters(&[(Counter::Blocked, 1)]);
     }
-    let dropped: Vec<(String, u64)> = h
-        .enforcer
-        .blocks()
-        .unwrap()
-        .iter()
-        .map(|b| (b.net.to_string(), b.dropped))
-        .collect();
+    let dropped = common::dropped_by_block(&h.enforcer.blocks().unwrap());
     assert_eq!(
         dropped,
         [
