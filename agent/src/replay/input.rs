@@ -18,8 +18,13 @@ use super::{Format, ReplayError, formats};
 /// Read buffer per file: large enough that a syscall moves a good chunk, small enough that
 /// hundreds of files merged at once stay cheap.
 const READ_BUF: usize = 256 * 1024;
-/// How much decompressed input is looked at to pick a format.
-const SNIFF_BYTES: usize = 64 * 1024;
+/// Decompressed input is looked at in chunks of this size to pick a format...
+const SNIFF_CHUNK: usize = 64 * 1024;
+/// ... until it holds this many whole lines (the sniffer judges at most 32)...
+const SNIFF_LINES: usize = 33;
+/// ... or this many bytes: a log that starts with a line longer than a chunk (a 300 KB
+/// path) is still recognised by the lines after it.
+const SNIFF_MAX_BYTES: usize = 16 * SNIFF_CHUNK;
 
 /// Counts bytes as they come off the disk (compressed bytes, for gzip files), shared with
 /// the progress bar. Atomic only because the pcap reader wants `Send` inputs.
@@ -76,12 +81,7 @@ pub(crate) fn open(
     // Read a sample to sniff, then put it back in front of the rest of the stream.
     // A read error this early (a tiny truncated .gz) is replayed after the sample, so the
     // lines before it are still delivered and the error is reported where it happened.
-    let mut sample = Vec::with_capacity(SNIFF_BYTES);
-    let early_error = stream
-        .by_ref()
-        .take(SNIFF_BYTES as u64)
-        .read_to_end(&mut sample)
-        .err();
+    let (sample, early_error) = read_sample(&mut stream);
     let detected = sniff(&sample);
     let format = match (forced, detected) {
         (Some(f), Some(Format::Pcap)) if f != Format::Pcap => {
@@ -120,6 +120,23 @@ pub(crate) fn open(
         gzip,
         size,
     })
+}
+
+/// The start of a stream for [`sniff`], and the read error that cut it short, if any.
+fn read_sample(stream: &mut impl Read) -> (Vec<u8>, Option<io::Error>) {
+    let mut sample = Vec::with_capacity(SNIFF_CHUNK);
+    let mut lines = 0;
+    loop {
+        let before = sample.len();
+        if let Err(e) = stream.take(SNIFF_CHUNK as u64).read_to_end(&mut sample) {
+            return (sample, Some(e));
+        }
+        let at_end = sample.len() - before < SNIFF_CHUNK;
+        lines += sample[before..].iter().filter(|&&b| b == b'\n').count();
+        if at_end || lines >= SNIFF_LINES || sample.len() >= SNIFF_MAX_BYTES {
+            return (sample, None);
+        }
+    }
 }
 
 /// A stream that fails with the error it was given, then ends.
@@ -295,6 +312,32 @@ mod tests {
             "unterminated last line too"
         );
         assert_eq!(r.next_line().unwrap(), None);
+    }
+
+    #[test]
+    fn a_log_starting_with_a_line_longer_than_a_chunk_is_still_recognised() {
+        let line = |path: &str| {
+            format!(
+                "10.0.0.1 - - [10/Oct/2000:13:55:36 -0700] \"GET {path} HTTP/1.1\" 200 5 \"-\" \"curl/8\"\n"
+            )
+        };
+        let mut log = line(&format!("/{}", "a".repeat(3 * SNIFF_CHUNK)));
+        for i in 0..2000 {
+            log.push_str(&line(&format!("/items/{i}")));
+        }
+        let (sample, err) = read_sample(&mut Cursor::new(log.as_bytes()));
+        assert!(err.is_none());
+        assert!(sample.len() < log.len(), "stops once it holds enough lines");
+        assert_eq!(sniff(&sample), Some(Format::Combined));
+        // The first chunk alone holds no whole line to judge.
+        assert_eq!(sniff(&sample[..SNIFF_CHUNK]), None);
+    }
+
+    #[test]
+    fn a_sample_never_grows_past_its_cap() {
+        let junk = vec![b'x'; 3 * SNIFF_MAX_BYTES];
+        let (sample, _) = read_sample(&mut Cursor::new(junk));
+        assert_eq!(sample.len(), SNIFF_MAX_BYTES);
     }
 
     #[test]
