@@ -120,10 +120,10 @@ impl Default for Config {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -138,9 +138,9 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }
@@ -221,13 +221,16 @@ impl Config {
         self.decide.validate().map_err(|e| invalid("decide", e))?;
         // Building an engine checks rules, templates and cross-section constraints.
         Engine::new(&self.engine(), self.rule_file(), [0; 16], self.mode).map_err(|e| {
-            let key = match &e {
-                crate::engine::EngineError::Rules(_) => "rule",
-                crate::engine::EngineError::Discovery(_) => "discovery",
-                crate::engine::EngineError::Model(_) => "model",
-                crate::engine::EngineError::Config(_) => "session",
+            // The key names the table; the stage's own message follows, without the
+            // engine's prefix for it ("discovery: discovery: ...").
+            use crate::engine::EngineError;
+            let (key, message) = match e {
+                EngineError::Rules(e) => ("rule", e.to_string()),
+                EngineError::Discovery(e) => ("discovery", e.to_string()),
+                EngineError::Model(e) => ("model", e.to_string()),
+                EngineError::Config(message) => ("session", message),
             };
-            invalid(key, e.to_string())
+            invalid(key, message)
         })?;
         Ok(())
     }
@@ -351,5 +354,19 @@ mod tests {
                 "{text:?} gave {e:?}, which does not name {key}"
             );
         }
+    }
+
+    /// What `main` prints: the error and its chain of sources (`{:#}`), each cause once.
+    fn reported(e: ConfigError) -> String {
+        format!("{:#}", anyhow::Error::from(e))
+    }
+
+    #[test]
+    fn errors_say_their_cause_once() {
+        let e = reported(Config::load(Path::new("/nonexistent/precedent.toml")).unwrap_err());
+        assert_eq!(e.matches("No such file").count(), 1, "{e}");
+        let e = reported(parse("[discovery]\ntemplates = [\"GET /a/{id\"]").unwrap_err());
+        assert!(e.contains("discovery: template"), "{e}");
+        assert_eq!(e.matches("discovery:").count(), 1, "{e}");
     }
 }

@@ -38,16 +38,36 @@ pub struct EngineConfig {
     pub allowlist: Vec<IpNet>,
 }
 
+/// The messages carry the stage's error, which is therefore not also its `source()`: a
+/// report that prints the chain would say it twice.
 #[derive(Debug, Error)]
 pub enum EngineError {
     #[error("discovery: {0}")]
-    Discovery(#[from] DiscoveryError),
+    Discovery(DiscoveryError),
     #[error("model: {0}")]
-    Model(#[from] ModelError),
+    Model(ModelError),
     #[error("rules: {0}")]
-    Rules(#[from] RuleError),
+    Rules(RuleError),
     #[error("{0}")]
     Config(String),
+}
+
+impl From<DiscoveryError> for EngineError {
+    fn from(e: DiscoveryError) -> Self {
+        EngineError::Discovery(e)
+    }
+}
+
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        EngineError::Model(e)
+    }
+}
+
+impl From<RuleError> for EngineError {
+    fn from(e: RuleError) -> Self {
+        EngineError::Rules(e)
+    }
 }
 
 /// What one request led to.

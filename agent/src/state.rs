@@ -56,12 +56,11 @@ pub enum StateError {
         "state directory {dir} is full (no space left on device) while writing {file}; the previous copy is intact; free space or move the state directory (state_dir in the config)"
     )]
     NoSpace { dir: PathBuf, file: String },
-    #[error("state directory {dir}: {op}: {source}")]
+    #[error("state directory {dir}: {op}: {error}")]
     Io {
         dir: PathBuf,
         op: String,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("could not serialise {kind} state: {detail}")]
     Encode { kind: &'static str, detail: String },
@@ -468,7 +467,7 @@ fn split_path(path: &Path) -> Result<(PathBuf, String), StateError> {
         .ok_or_else(|| StateError::Io {
             dir: path.to_path_buf(),
             op: "naming a state file".into(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"),
+            error: io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"),
         })?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -486,11 +485,11 @@ impl Persist for Secret {
     const VERSION: u32 = 1;
 }
 
-fn io_err(dir: &Path, op: &str, source: io::Error) -> StateError {
+fn io_err(dir: &Path, op: &str, error: io::Error) -> StateError {
     StateError::Io {
         dir: dir.to_path_buf(),
         op: op.to_string(),
-        source,
+        error,
     }
 }
 

@@ -30,12 +30,8 @@ pub enum ClientError {
     PermissionDenied { path: PathBuf },
     #[error("precedent daemon did not answer within {}s (socket {})", timeout.as_secs(), path.display())]
     Timeout { path: PathBuf, timeout: Duration },
-    #[error("control socket {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("control socket {}: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
     #[error("unexpected reply from the daemon on {}: {detail}", path.display())]
     Protocol { path: PathBuf, detail: String },
 }
@@ -126,14 +122,14 @@ impl ControlClient {
             ErrorKind::NotFound => ClientError::NotRunning { path },
             ErrorKind::ConnectionRefused => ClientError::Refused { path },
             ErrorKind::PermissionDenied => ClientError::PermissionDenied { path },
-            _ => ClientError::Io { path, source: e },
+            _ => ClientError::Io { path, error: e },
         }
     }
 
-    fn io(&self, source: io::Error) -> ClientError {
+    fn io(&self, error: io::Error) -> ClientError {
         ClientError::Io {
             path: self.path.clone(),
-            source,
+            error,
         }
     }
 

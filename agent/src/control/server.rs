@@ -83,12 +83,11 @@ pub enum ControlError {
         path.display()
     )]
     NotASocket { path: PathBuf },
-    #[error("control socket {}: {op}: {source}", path.display())]
+    #[error("control socket {}: {op}: {error}", path.display())]
     Io {
         path: PathBuf,
         op: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -114,7 +113,7 @@ impl ControlServer {
         let path = config.socket.clone();
         let io_err = |op: &'static str| {
             let path = path.clone();
-            move |source| ControlError::Io { path, op, source }
+            move |error| ControlError::Io { path, op, error }
         };
         let parent = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -58,9 +58,9 @@ pub(crate) fn open(
     forced: Option<Format>,
     bytes_read: Arc<AtomicU64>,
 ) -> Result<Opened, ReplayError> {
-    let open_err = |source| ReplayError::Open {
+    let open_err = |error| ReplayError::Open {
         path: path.to_owned(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(open_err)?;
     let size = file.metadata().map_err(open_err)?.len();

@@ -210,11 +210,10 @@ impl Default for ReplayOptions {
 pub enum ReplayError {
     #[error("no input files given")]
     NoInput,
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}: {error}")]
     Open {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "cannot tell the format of {path} (it starts with \"{start}\"); pass --format combined, common, jsonl or pcap"
