@@ -59,6 +59,22 @@ pub(crate) struct PcapSource {
     buf_size: usize,
 }
 
+/// A parser error in a line of its own: pcap-parser's messages carry the unparsed input
+/// (up to a whole block of `MAX_BLOCK` bytes), which has no place in a report.
+fn describe<I>(e: &PcapError<I>) -> String {
+    match e {
+        PcapError::NomError(_, kind) | PcapError::OwnedNomError(_, kind) => {
+            format!("malformed block ({})", kind.description())
+        }
+        PcapError::HeaderNotRecognized => "the file header is neither pcap nor pcapng".into(),
+        PcapError::ReadError => "read error".into(),
+        PcapError::Eof | PcapError::UnexpectedEof | PcapError::Incomplete(_) => {
+            "unexpected end of file".into()
+        }
+        PcapError::BufferTooSmall => "a block larger than the read buffer".into(),
+    }
+}
+
 impl PcapSource {
     pub fn new(
         input: Input,
@@ -80,7 +96,10 @@ impl PcapSource {
                 None
             }
             Err(e) => {
-                pending.push(Event::Failed(format!("not a readable capture: {e:?}")));
+                pending.push(Event::Failed(format!(
+                    "not a readable capture: {}",
+                    describe(&e)
+                )));
                 None
             }
         };
@@ -129,7 +148,7 @@ impl PcapSource {
                 Err(PcapError::Incomplete(_)) => Err(Step::Refill),
                 Err(PcapError::UnexpectedEof) => Err(Step::Truncated),
                 Err(PcapError::BufferTooSmall) => Err(Step::Grow),
-                Err(e) => Err(Step::Corrupt(format!("{e:?}"))),
+                Err(e) => Err(Step::Corrupt(describe(&e))),
             };
             match step {
                 Ok((offset, ev)) => {
