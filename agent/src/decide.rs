@@ -87,6 +87,16 @@ impl Signal {
     }
 }
 
+/// The longest a block may last. Blocks always end: without a ceiling a typo such as
+/// `999999d` would be a permanent block.
+pub const MAX_BLOCK_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// [`MAX_BLOCK_TTL`] as an operator writes it: "365d" (humantime would say "11months
+/// 30days 3h 50m 24s", its months being 30.44 days).
+pub fn max_block_ttl_text() -> String {
+    format!("{}d", MAX_BLOCK_TTL.as_secs() / 86_400)
+}
+
 /// Settings of the decision stage (the `[decide]` table of the config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -128,8 +138,11 @@ impl DecideConfig {
                 self.max_block_share
             ));
         }
-        if self.block_ttl.is_zero() {
-            return Err("decide.block_ttl must be positive".into());
+        if self.block_ttl.is_zero() || self.block_ttl > MAX_BLOCK_TTL {
+            return Err(format!(
+                "decide.block_ttl must be positive and at most {}",
+                max_block_ttl_text()
+            ));
         }
         Ok(())
     }
@@ -511,5 +524,14 @@ mod tests {
         assert_eq!(cfg.block_ttl, Duration::from_secs(3600));
         assert!(toml::from_str::<DecideConfig>("nonsense = 1").is_err());
         assert!(toml::from_str::<DecideConfig>("block_ttl = \"soon\"").is_err());
+        for block_ttl in [Duration::ZERO, MAX_BLOCK_TTL + Duration::from_secs(1)] {
+            let e = DecideConfig {
+                block_ttl,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(e.contains("decide.block_ttl"), "{e}");
+        }
     }
 }

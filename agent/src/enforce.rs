@@ -65,6 +65,12 @@ pub enum BlockOp {
     Unblock { net: IpNet },
 }
 
+/// The widest prefixes a block may cover: the kernel drops every packet from a blocked
+/// prefix, so a wider one (most likely a slip, /0 for /32) would cut off the API's clients and
+/// the operator's own session alike.
+const MIN_PREFIX_V4: u8 = 8;
+const MIN_PREFIX_V6: u8 = 16;
+
 /// Refusals and map failures.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnforceError {
@@ -74,6 +80,16 @@ pub enum EnforceError {
     Allowlisted { net: IpNet, allow: IpNet },
     #[error("block TTL must be positive")]
     ZeroTtl,
+    #[error(
+        "block TTL {} is longer than {}; blocks always end",
+        humantime::format_duration(*.ttl),
+        crate::decide::max_block_ttl_text()
+    )]
+    TtlTooLong { ttl: Duration },
+    #[error(
+        "{net} is wider than /{min}, the widest prefix a block may cover (a slip such as /0 for /32 would drop everyone)"
+    )]
+    TooWide { net: IpNet, min: u8 },
     #[error("BPF map {map}: {detail}")]
     Map { map: &'static str, detail: String },
 }
@@ -221,6 +237,16 @@ impl Enforcer {
     pub fn block(&mut self, net: IpNet, ttl: Duration) -> Result<(), EnforceError> {
         if ttl.is_zero() {
             return Err(EnforceError::ZeroTtl);
+        }
+        if ttl > crate::decide::MAX_BLOCK_TTL {
+            return Err(EnforceError::TtlTooLong { ttl });
+        }
+        let min = match net {
+            IpNet::V4(_) => MIN_PREFIX_V4,
+            IpNet::V6(_) => MIN_PREFIX_V6,
+        };
+        if net.prefix_len() < min {
+            return Err(EnforceError::TooWide { net, min });
         }
         let net = net.trunc();
         if let Some(allow) = self.allow_covering(net) {

@@ -328,7 +328,18 @@ fn entries<T: serde::de::DeserializeOwned>(
                 let parsed = v
                     .as_str()
                     .ok_or_else(|| "must be a string".to_string())
-                    .and_then(|s| humantime::parse_duration(s).map_err(|e| e.to_string()));
+                    .and_then(|s| humantime::parse_duration(s).map_err(|e| e.to_string()))
+                    .and_then(|d| {
+                        if field == "block_ttl" && (d.is_zero() || d > crate::decide::MAX_BLOCK_TTL)
+                        {
+                            Err(format!(
+                                "must be positive and at most {}",
+                                crate::decide::max_block_ttl_text()
+                            ))
+                        } else {
+                            Ok(d)
+                        }
+                    });
                 if let Err(reason) = parsed {
                     return Err(RuleError::BadDuration {
                         kind,
@@ -1093,6 +1104,13 @@ mod tests {
             e.starts_with("rule \"r1\": field `within`: invalid duration \"10 minutez\": "),
             "{e}"
         );
+        for ttl in ["0s", "400days"] {
+            let e = err(&base(&format!("block_ttl = \"{ttl}\"")));
+            assert!(
+                e.starts_with(&format!("rule \"r1\": field `block_ttl`: invalid duration \"{ttl}\": must be positive and at most 365d")),
+                "{e}"
+            );
+        }
         let e = err(&base("block_ttl = 15"));
         assert!(
             e.starts_with(

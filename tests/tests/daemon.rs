@@ -10,6 +10,21 @@ use precedent_tests::{
 
 const PORT: u16 = 8080;
 
+/// Runs `precedent ARGS --socket S` as a person would: (succeeded, stdout, stderr).
+fn cli_text(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(precedent_bin())
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `precedent ARGS --socket S --json` and parses the JSON it prints.
 fn cli(socket: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(precedent_bin())
@@ -158,6 +173,35 @@ block_ttl = "10m"
         .run_in_ns(move || request(target, "attacker", "GET", "/api/v1/accounts/17/balance"))
         .unwrap();
     assert!(again.is_ok_and(|s| s.contains("200")));
+    // Blocks by hand, as people type them: a table-less reply, and slips refused whole.
+    let (ok, out, err) = cli_text(
+        &socket,
+        &["blocks", "add", "198.51.100.0/24", "--ttl", "1h"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "198.51.100.0/24 blocked for 1h");
+    for (args, says) in [
+        (&["blocks", "add", "0.0.0.0/0"][..], "wider than /8"),
+        (&["blocks", "add", "2001:db8::/12"], "wider than /16"),
+        (
+            &["blocks", "add", "198.51.100.9", "--ttl", "999999d"],
+            "blocks always end",
+        ),
+    ] {
+        let (ok, _, err) = cli_text(&socket, args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+    }
+    let nets: Vec<String> = cli(&socket, &["blocks", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["net"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        nets,
+        ["198.51.100.0/24"],
+        "only the valid block was written"
+    );
     // And switches the mode at run time.
     assert_eq!(cli(&socket, &["mode", "detect"])["mode"], "detect");
     assert_eq!(cli(&socket, &["status"])["mode"], "detect");

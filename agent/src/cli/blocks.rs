@@ -52,11 +52,9 @@ pub fn run(args: BlocksArgs) -> anyhow::Result<()> {
             if ttl.is_some_and(|t| t.is_zero()) {
                 anyhow::bail!("--ttl must be positive");
             }
-            super::run(
-                &args.control,
-                Request::BlocksAdd { net, ttl },
-                |b: BlockRow| format!("blocked {} for {}", b.net, secs(b.remaining_secs)),
-            )
+            super::run(&args.control, Request::BlocksAdd { net, ttl }, |a: Ack| {
+                a.message
+            })
         }
         BlocksCommand::Remove { net } => {
             super::run(&args.control, Request::BlocksRemove { net }, |a: Ack| {
