@@ -569,27 +569,21 @@ impl Daemon {
                 })
             }
             Request::ModelLoad { path } => {
-                let (dir, file) = match path {
-                    Some(p) => {
-                        anyhow::ensure!(
-                            p.file_name().is_some_and(|n| n == "model.state"),
-                            "{} is not a model.state file (write one with `precedent replay --model-out DIR/model.state`)",
-                            p.display()
-                        );
-                        (
-                            StateDir::open(p.parent().unwrap_or(std::path::Path::new(".")))?,
-                            p.clone(),
-                        )
+                let (learned, file) = match path {
+                    // A file the operator named (`replay --model-out` writes any name): read as
+                    // it is, and damage is an error that says why. Nothing is moved aside.
+                    Some(p) => (crate::state::load_from_path::<Learned>(p)?, p.clone()),
+                    // The state directory's copy, read the way a start reads it.
+                    None => {
+                        let file = self.state.file_path::<Learned>();
+                        let learned = self
+                            .state
+                            .load::<Learned>()?
+                            .into_value()
+                            .with_context(|| format!("no usable model in {}", file.display()))?;
+                        (learned, file)
                     }
-                    None => (
-                        StateDir::open(self.state.path())?,
-                        self.state.file_path::<Learned>(),
-                    ),
                 };
-                let learned = dir
-                    .load::<Learned>()?
-                    .into_value()
-                    .with_context(|| format!("no usable model in {}", file.display()))?;
                 self.engine.set_learned(learned);
                 Response::ok(ModelReport {
                     action: "loaded".into(),

@@ -339,10 +339,41 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
             .map(|e| e.file_name())
             .collect::<Vec<_>>()
     );
+    let socket = daemon.socket().unwrap();
+    assert!(cli(&socket, &["status"])["pid"].as_u64().is_some());
+
+    // A model file the operator names is loaded whatever it is called; a damaged one is an
+    // error that names it, and stays where it is.
+    let named = dir.join("from-replay.state");
+    let log = dir.join("access.log");
+    std::fs::write(
+        &log,
+        "10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] \"GET /a HTTP/1.1\" 200 1 \"-\" \"t\"\n\
+         10.0.0.1 - - [10/Oct/2000:13:55:37 +0000] \"GET /b HTTP/1.1\" 200 1 \"-\" \"t\"\n",
+    )
+    .unwrap();
+    let out = Command::new(precedent_bin())
+        .args(["replay", "--model-out"])
+        .args([&named, &log])
+        .output()
+        .unwrap();
     assert!(
-        cli(&daemon.socket().unwrap(), &["status"])["pid"]
-            .as_u64()
-            .is_some()
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let named_s = named.display().to_string();
+    let loaded = cli(&socket, &["model", "load", &named_s]);
+    assert_eq!(loaded["action"], "loaded", "{loaded}");
+    let mut bytes = std::fs::read(&named).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&named, &bytes).unwrap();
+    let (ok, _, err) = cli_text(&socket, &["model", "load", &named_s]);
+    assert!(!ok && err.contains(&named_s), "{err}");
+    assert_eq!(
+        std::fs::read(&named).unwrap(),
+        bytes,
+        "the operator's file was touched"
     );
     drop(daemon);
 }
