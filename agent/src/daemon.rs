@@ -391,11 +391,12 @@ impl Daemon {
             self.counters.port_filtered += 1;
             return;
         }
-        if let Some(parser) = &mut self.request_log
-            && let Some(line) = request_line(parser, &req)
-            && self.out.try_send(line).is_err()
-        {
-            self.counters.alerts_dropped += 1;
+        if let Some(parser) = &mut self.request_log {
+            for line in request_lines(parser, &req) {
+                if self.out.try_send(line).is_err() {
+                    self.counters.alerts_dropped += 1;
+                }
+            }
         }
         let Ok(outcome) = self.engine.on_capture(
             req.ts_unix_ns,
@@ -945,7 +946,8 @@ fn restore_blocks(
 }
 
 /// One `"kind":"request"` JSON line for `log_requests`.
-fn request_line(parser: &mut crate::http::Parser, req: &CapturedRequest) -> Option<String> {
+/// The `--log-requests` lines of a capture: one per request in it, pipelined ones included.
+fn request_lines(parser: &mut crate::http::Parser, req: &CapturedRequest) -> Vec<String> {
     #[derive(Serialize)]
     struct RequestLine<'a> {
         kind: &'static str,
@@ -960,19 +962,29 @@ fn request_line(parser: &mut crate::http::Parser, req: &CapturedRequest) -> Opti
         /// The capture ended before the request did (long headers); the request line is whole.
         truncated: bool,
     }
-    let parsed = parser.parse(&req.data).ok()?;
-    serde_json::to_string(&RequestLine {
-        kind: "request",
-        ts: crate::decide::rfc3339(req.ts_unix_ns),
-        client: req.client.to_string(),
-        server: req.server.to_string(),
-        method: parsed.method.as_str(),
-        path: parsed.path,
-        query: parsed.query,
-        version: parsed.version,
-        truncated: req.truncated(),
-    })
-    .ok()
+    let mut lines = Vec::new();
+    let mut at = 0;
+    while let Ok(parsed) = parser.parse(&req.data[at..]) {
+        lines.extend(
+            serde_json::to_string(&RequestLine {
+                kind: "request",
+                ts: crate::decide::rfc3339(req.ts_unix_ns),
+                client: req.client.to_string(),
+                server: req.server.to_string(),
+                method: parsed.method.as_str(),
+                path: parsed.path,
+                query: parsed.query,
+                version: parsed.version,
+                truncated: req.truncated(),
+            })
+            .ok(),
+        );
+        match parsed.next {
+            Some(n) => at += n,
+            None => break,
+        }
+    }
+    lines
 }
 
 /// Lines go to stdout from their own thread through a bounded queue, so a slow reader of

@@ -194,7 +194,10 @@ impl Engine {
         self.core.quiet_until = requests;
     }
 
-    /// A request as captured by XDP: raw bytes, possibly truncated.
+    /// A request as captured by XDP: raw bytes, possibly truncated. Requests pipelined behind
+    /// it in the same bytes are processed too, in order, and their outcomes merged: a request
+    /// hidden behind an innocuous one must not go unseen. Only the first request's parse
+    /// failure is the capture's error; a later one is counted like any skipped request.
     pub fn on_capture(
         &mut self,
         ts_ns: u64,
@@ -203,28 +206,39 @@ impl Engine {
         active_blocks: usize,
     ) -> Result<Outcome, SkipReason> {
         let core = &mut self.core;
-        let req = match self.parser.parse(bytes) {
-            Ok(r) => r,
-            Err(reason) => {
-                core.skips.record(reason);
-                core.counters.skipped += 1;
-                return Err(reason);
+        let mut merged = Outcome::default();
+        let mut at = 0;
+        loop {
+            let req = match self.parser.parse(&bytes[at..]) {
+                Ok(r) => r,
+                Err(reason) => {
+                    core.skips.record(reason);
+                    core.counters.skipped += 1;
+                    return if at == 0 { Err(reason) } else { Ok(merged) };
+                }
+            };
+            let (key, _) = core.keyer.key(&req.headers, client);
+            let request = core
+                .keyer
+                .request_hash(req.method, req.host, req.path, req.query);
+            let outcome = core.step(
+                ts_ns,
+                client,
+                key,
+                request,
+                req.method,
+                req.host,
+                req.path,
+                active_blocks,
+            );
+            merged.alerts.extend(outcome.alerts);
+            merged.block = merged.block.or(outcome.block);
+            match req.next {
+                // Each request takes at least its request line, so this ends.
+                Some(n) => at += n,
+                None => return Ok(merged),
             }
-        };
-        let (key, _) = core.keyer.key(&req.headers, client);
-        let request = core
-            .keyer
-            .request_hash(req.method, req.host, req.path, req.query);
-        Ok(core.step(
-            ts_ns,
-            client,
-            key,
-            request,
-            req.method,
-            req.host,
-            req.path,
-            active_blocks,
-        ))
+        }
     }
 
     /// A request from another source (access log, JSON line), already split into fields.
@@ -887,6 +901,30 @@ mod tests {
             !signals.iter().any(|(_, s)| *s == Signal::Replay),
             "{signals:?}"
         );
+    }
+
+    #[test]
+    fn a_request_pipelined_behind_another_is_seen() {
+        let rules = RuleFile::from_toml_str(
+            "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
+             preceded_by = [\"GET /balance\"]\n",
+        )
+        .unwrap();
+        let mut e = Engine::new(&EngineConfig::default(), rules, [1; 16], Mode::Detect).unwrap();
+        let client: IpAddr = "10.0.0.9".parse().unwrap();
+        // An innocuous request with the transfer hidden behind it, in one segment.
+        let capture = b"GET /news HTTP/1.1\r\nHost: bank\r\nAuthorization: Bearer m\r\n\r\n\
+            POST /transferFunds HTTP/1.1\r\nHost: bank\r\nAuthorization: Bearer m\r\n\
+            Content-Length: 9\r\n\r\n{\"to\":42}";
+        let out = e.on_capture(SECOND, client, capture, 0).unwrap();
+        assert_eq!(e.counters().requests, 2);
+        let rules: Vec<_> = out.alerts.iter().filter_map(|a| a.rule.clone()).collect();
+        assert_eq!(rules, ["transfer-needs-balance"], "{:?}", out.alerts);
+        // A cut request behind a whole one is counted, and the whole one still counts.
+        let out = e.on_capture(2 * SECOND, client, b"GET /news HTTP/1.1\r\n\r\nPOS", 0);
+        assert!(out.is_ok());
+        assert_eq!(e.counters().requests, 3);
+        assert_eq!(e.counters().skipped, 1);
     }
 
     #[test]

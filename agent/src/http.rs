@@ -168,6 +168,9 @@ pub struct Request<'a> {
     pub truncated: bool,
     /// More header lines than the parser reads: the request line is kept, headers are not.
     pub headers_dropped: bool,
+    /// Where another request pipelined behind this one starts in the parsed bytes, when the
+    /// capture goes on past this request's head and body (see [`pipelined`]).
+    pub next: Option<usize>,
 }
 
 /// Why captured bytes were not turned into a request. [`SkipReason::as_str`] is stable
@@ -310,7 +313,9 @@ impl Parser {
                 }
                 let (m, p, v) = line_parts(&req)?;
                 let hdrs: &[httparse::Header<'a>] = req.headers;
-                return build(&self.config, m, p, v, hdrs, false, false);
+                let next = pipelined(bytes, head_len, hdrs);
+                return build(&self.config, m, p, v, hdrs, false, false)
+                    .map(|r| Request { next, ..r });
             }
             Ok(httparse::Status::Partial) => None,
             Err(e) => Some(e),
@@ -471,7 +476,37 @@ fn build<'a>(
         headers: selected,
         truncated,
         headers_dropped,
+        next: None,
     })
+}
+
+/// Where a request pipelined behind the one whose head ends at `head_len` starts in `bytes`,
+/// if anything follows: after the head, the body its Content-Length announces and any empty
+/// lines (some clients end a body with an extra CRLF). Pipelining puts several requests in
+/// one segment, and a request hidden behind another must not go unseen. A chunked body's end
+/// cannot be known from its start, so nothing after it is looked at; the same for a
+/// Content-Length that is not a number.
+fn pipelined(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) -> Option<usize> {
+    if head_len >= bytes.len() {
+        return None;
+    }
+    let mut body = 0usize;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            body = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+        }
+    }
+    let next = head_len.checked_add(body)?;
+    let blank = bytes
+        .get(next..)?
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let next = next + blank;
+    (next < bytes.len()).then_some(next)
 }
 
 /// Origin-form `/p?q` or absolute-form `http://host/p?q`; returns (authority, path+query).
@@ -597,6 +632,42 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<OwnedRequest, SkipReason> {
         parse_request_owned(bytes, &HttpConfig::default())
+    }
+
+    /// Where the parser says a pipelined request starts, for each capture.
+    fn next_of(bytes: &[u8]) -> Option<usize> {
+        Parser::new(HttpConfig::default())
+            .parse(bytes)
+            .unwrap()
+            .next
+    }
+
+    #[test]
+    fn pipelined_requests_are_found_after_the_head_and_the_announced_body() {
+        let get = b"GET /balance HTTP/1.1\r\nHost: bank\r\n\r\n";
+        let post = b"POST /transfer HTTP/1.1\r\nHost: bank\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
+        assert_eq!(next_of(get), None, "nothing follows");
+        assert_eq!(next_of(&[&get[..], post].concat()), Some(get.len()));
+        assert_eq!(next_of(&[&post[..], get].concat()), Some(post.len()));
+        // Empty lines between requests are skipped; nothing but them is nothing.
+        assert_eq!(
+            next_of(&[&post[..], b"\r\n", get].concat()),
+            Some(post.len() + 2)
+        );
+        assert_eq!(next_of(&[&post[..], b"\r\n"].concat()), None);
+        // A body longer than the capture: what follows it was not captured.
+        assert_eq!(next_of(&post[..post.len() - 2]), None);
+        // No end to be known: chunked bodies, a Content-Length that is not a number.
+        let chunked =
+            b"POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(next_of(&[&chunked[..], get].concat()), None);
+        let bad = b"POST /t HTTP/1.1\r\nContent-Length: lots\r\n\r\nGET /x HTTP/1.1\r\n\r\n";
+        assert_eq!(next_of(bad), None);
+        // Whatever follows is the next parse's to judge (junk is counted there).
+        assert_eq!(
+            next_of(&[&get[..], b"\x16\x03\x01junk"].concat()),
+            Some(get.len())
+        );
     }
 
     /// The branch-free scan agrees with the rule written byte by byte, on every head of up to

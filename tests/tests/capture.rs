@@ -125,6 +125,53 @@ fn captures_every_request_on_fresh_and_keepalive_connections() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
+fn requests_pipelined_in_one_segment_are_each_reported() {
+    let net = TestNet::new("cap3", 3).unwrap();
+    // A raw sink on the HTTP port: the requests only have to arrive, not be answered.
+    let sink = std::net::TcpListener::bind(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
+    std::thread::spawn(move || {
+        for conn in sink.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = [0u8; 4096];
+            while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    let mut daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--log-requests"],
+    )
+    .unwrap();
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    net.run_in_ns(move || {
+        // One write, one segment: a transfer hidden between two innocuous requests.
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+        s.write_all(
+            b"GET /news HTTP/1.1\r\nHost: api.test\r\n\r\n\
+              POST /transferFunds HTTP/1.1\r\nHost: api.test\r\nContent-Length: 3\r\n\r\nx=1\
+              GET /after HTTP/1.1\r\nHost: api.test\r\n\r\n",
+        )
+        .unwrap();
+        s.flush().unwrap();
+    })
+    .unwrap();
+    let lines = daemon.collect_lines(3, Duration::from_secs(3));
+    let paths: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["path"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        ["/news", "/transferFunds", "/after"],
+        "log:\n{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn plain_tcp_data_produces_no_event() {
     let net = TestNet::new("cap2", 2).unwrap();
     // A raw TCP sink: accepts and reads whatever arrives.

@@ -4,6 +4,9 @@
 //!
 //! Like the XDP path there is no TCP reassembly: a request split over segments yields the
 //! part in its first segment (the parser tolerates truncation), later segments are ignored.
+//! Requests pipelined in one segment are each read, as far as the capture length goes.
+use std::net::IpAddr;
+
 use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use pcap_parser::{
     Block, Linktype, PcapBlockOwned, PcapError, create_reader,
@@ -136,6 +139,7 @@ impl PcapSource {
                         &mut self.packet_no,
                         &mut Ctx {
                             http: &mut self.http,
+                            pending: &mut self.pending,
                             keep: &self.keep,
                             capture_len: self.capture_len,
                             file: self.file,
@@ -214,6 +218,8 @@ enum Step {
 
 struct Ctx<'a> {
     http: &'a mut http::Parser,
+    /// Events of this packet after the one returned (pipelined requests), in reverse order.
+    pending: &'a mut Vec<Event>,
     keep: &'a [String],
     capture_len: usize,
     file: u32,
@@ -374,7 +380,32 @@ fn packet(
         file: ctx.file,
         pos: packet_no,
     };
-    match ctx.http.parse(captured) {
+    // Requests pipelined behind the first are read as the live path reads them
+    // (`Engine::on_capture`): the first is this packet's event, the others wait in `pending`.
+    let (first, mut next) = request_event(ctx, captured, ts_ns, client, origin, packet_no);
+    let mut at = 0;
+    let mut later = Vec::new();
+    while let Some(n) = next {
+        at += n;
+        let (event, after) = request_event(ctx, &captured[at..], ts_ns, client, origin, packet_no);
+        later.push(event);
+        next = after;
+    }
+    // `pending` is popped from its end.
+    ctx.pending.extend(later.into_iter().rev());
+    first
+}
+
+/// One request from the start of `bytes`, and where the next one pipelined behind it starts.
+fn request_event(
+    ctx: &mut Ctx<'_>,
+    bytes: &[u8],
+    ts_ns: u64,
+    client: IpAddr,
+    origin: Origin,
+    packet_no: u64,
+) -> (Event, Option<usize>) {
+    match ctx.http.parse(bytes) {
         Ok(req) => {
             let mut headers = Vec::new();
             for name in ctx.keep {
@@ -393,15 +424,16 @@ fn packet(
                 session: None,
                 origin,
             };
-            Event::Record(rec)
+            (Event::Record(rec), req.next)
         }
         Err(reason) => {
-            let line_end = memchr::memmem::find(captured, b"\r\n").unwrap_or(captured.len());
-            Event::Skip {
+            let line_end = memchr::memmem::find(bytes, b"\r\n").unwrap_or(bytes.len());
+            let skip = Event::Skip {
                 reason: Skip::Http(reason),
                 packet: packet_no,
-                excerpt: super::formats::excerpt(&captured[..line_end]),
-            }
+                excerpt: super::formats::excerpt(&bytes[..line_end]),
+            };
+            (skip, None)
         }
     }
 }

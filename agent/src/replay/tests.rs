@@ -564,6 +564,33 @@ fn pcapng_gives_nanosecond_timestamps_and_ipv6_clients() {
 }
 
 #[test]
+fn requests_pipelined_in_one_packet_are_each_read_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = eth_v4_tcp(b"GET /first HTTP/1.1\r\n\r\nGET /second HTTP/1.1\r\n\r\nGE");
+    let one = eth_v4_tcp(b"GET /third HTTP/1.1\r\n\r\n");
+    let path = write(
+        &dir,
+        "pipelined.pcap",
+        &pcap_file(
+            1,
+            &[
+                (1, 0, two.clone(), two.len() as u32),
+                (2, 0, one.clone(), one.len() as u32),
+            ],
+        ),
+    );
+    let (records, s) = replay(&[path], &ReplayOptions::default());
+    assert_eq!(paths_of(&records), ["/first", "/second", "/third"]);
+    // The request cut by the end of the packet is counted, as the live path counts it.
+    assert_eq!(
+        s.skipped.get("incomplete_request_line"),
+        Some(&1),
+        "{:?}",
+        s.skipped
+    );
+}
+
+#[test]
 fn capture_cut_mid_packet_keeps_earlier_packets_and_counts_the_cut() {
     let dir = tempfile::tempdir().unwrap();
     let pkts: Vec<Pkt> = (0..3)
