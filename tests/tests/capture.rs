@@ -136,7 +136,7 @@ fn requests_pipelined_in_one_segment_are_each_reported() {
             while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
         }
     });
-    let mut daemon = Daemon::start(
+    let daemon = Daemon::start(
         &precedent_bin(),
         &["daemon", "--iface", &net.host_if, "--log-requests"],
     )
