@@ -436,6 +436,20 @@ pub fn save_view_to_path<T: Persist>(
     Ok(bytes.len() as u64)
 }
 
+/// Checks that [`save_view_to_path`] can write `path`, by creating and removing an empty file
+/// beside it: a replay of a month of logs learns to the end before it saves, and only then
+/// would it find the directory missing or read-only.
+pub fn check_writable_path(path: &Path) -> Result<(), StateError> {
+    let (dir, name) = split_path(path)?;
+    let probe = dir.join(format!(".{name}.probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| io_err(&dir, &format!("creating a file for {name}"), e))?;
+    std::fs::remove_file(&probe).map_err(|e| io_err(&dir, "removing the probe file", e))
+}
+
 /// Reads a `T` state file from any path. Unlike [`StateDir::load`] nothing is moved aside and
 /// there is no fallback: the operator named this file, so damage is an error that says why.
 pub fn load_from_path<T: Persist>(path: &Path) -> Result<T, StateError> {
@@ -920,6 +934,15 @@ mod tests {
         }
         let (_t, d) = dir();
         assert!(matches!(d.save(&Bad), Err(StateError::BadKind(_))));
+    }
+
+    #[test]
+    fn a_writable_path_is_checked_without_leaving_anything() {
+        let t = tempfile::tempdir().unwrap();
+        check_writable_path(&t.path().join("model.state")).unwrap();
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+        let err = check_writable_path(&t.path().join("missing/model.state")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]

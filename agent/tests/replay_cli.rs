@@ -397,3 +397,31 @@ fn missing_input_file_fails_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/access.log"), "{err}");
 }
+
+#[test]
+fn an_unwritable_model_out_fails_before_the_replay_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reqs, _) = banking_day();
+    let log = write(dir.path(), "access.log", &combined(&reqs));
+    let target = dir.path().join("missing-dir/model.state");
+    let out = precedent(&[
+        "replay",
+        "--model-out",
+        target.to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--model-out") && err.contains("missing-dir"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "alerts were written: nothing should have run"
+    );
+    assert!(!err.contains("replay summary"), "{err}");
+    // Nothing is left behind where it could write.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}

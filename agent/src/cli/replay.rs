@@ -68,6 +68,10 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         None => Config::default(),
     };
     let mode = args.mode.unwrap_or(config.mode);
+    if let Some(path) = &args.model_out {
+        state::check_writable_path(path)
+            .with_context(|| format!("--model-out {} cannot be written", path.display()))?;
+    }
     let cfg = config.engine();
     let (mut discovery, model) = match &args.model {
         Some(p) => {
