@@ -41,7 +41,15 @@ fn render(rows: Vec<SessionRow>) -> String {
             r.key,
             r.client.to_string(),
             r.steps.to_string(),
-            format!("{:.2}", r.surprise),
+            // A tiny negative value would print as "-0.00".
+            format!(
+                "{:.2}",
+                if r.surprise.abs() < 0.005 {
+                    0.0
+                } else {
+                    r.surprise
+                }
+            ),
             ago(r.last_seen),
             r.last_operation.unwrap_or_default(),
         ]);
