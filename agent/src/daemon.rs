@@ -566,7 +566,7 @@ impl Daemon {
                     action: "saved".into(),
                     path: Some(self.state.file_path::<Learned>()),
                     bytes: Some(bytes),
-                    ..Default::default()
+                    size: self.model_size(),
                 })
             }
             Request::ModelLoad { path } => {
@@ -589,17 +589,30 @@ impl Daemon {
                 Response::ok(ModelReport {
                     action: "loaded".into(),
                     path: Some(file),
-                    ..Default::default()
+                    bytes: None,
+                    size: self.model_size(),
                 })
             }
             Request::ModelReset => {
                 self.engine.reset_learned(&self.config.engine())?;
                 Response::ok(ModelReport {
                     action: "reset".into(),
-                    ..Default::default()
+                    path: None,
+                    bytes: None,
+                    size: self.model_size(),
                 })
             }
         })
+    }
+
+    /// The model's size as `status` and the `model` commands report it.
+    fn model_size(&self) -> ModelSize {
+        let memory = self.engine.model().memory();
+        ModelSize {
+            operations: self.engine.discovery().stats().operations as u64,
+            contexts: memory.contexts as u64,
+            bytes: memory.bytes as u64,
+        }
     }
 
     fn status(&self) -> StatusReport {
@@ -649,7 +662,6 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (format!("rule:{k}"), *v)),
         );
-        let memory = self.engine.model().memory();
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -669,11 +681,7 @@ impl Daemon {
                 .map(|c| c.iter().map(|(k, v)| (k.to_string(), v)).collect())
                 .unwrap_or_default(),
             userspace_counters: userspace,
-            model: ModelSize {
-                operations: self.engine.discovery().stats().operations as u64,
-                contexts: memory.contexts as u64,
-                bytes: memory.bytes as u64,
-            },
+            model: self.model_size(),
             endpoints: self.engine.discovery().operations().iter().filter(|o| o.merged_into.is_none()).count() as u64,
             sessions_live: sc.live as u64,
             blocks_active: self.enforcer.len() as u64,

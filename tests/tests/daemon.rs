@@ -365,6 +365,10 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
     let named_s = named.display().to_string();
     let loaded = cli(&socket, &["model", "load", &named_s]);
     assert_eq!(loaded["action"], "loaded", "{loaded}");
+    assert_eq!(
+        loaded["size"]["operations"], 2,
+        "the loaded model's size: {loaded}"
+    );
     let mut bytes = std::fs::read(&named).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&named, &bytes).unwrap();
