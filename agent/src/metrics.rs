@@ -314,8 +314,10 @@ impl MetricsServer {
     }
 
     pub async fn run(self, control: mpsc::Sender<ControlRequest>, shutdown: CancellationToken) {
-        let addr = self.local_addr().ok();
-        tracing::info!(addr = ?addr, "metrics endpoint listening (GET /metrics)");
+        match self.local_addr() {
+            Ok(addr) => tracing::info!(%addr, "metrics endpoint listening (GET /metrics)"),
+            Err(e) => tracing::info!(error = %e, "metrics endpoint listening (GET /metrics)"),
+        }
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut conns = JoinSet::new();
         loop {
