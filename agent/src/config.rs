@@ -207,31 +207,34 @@ impl Config {
                 ),
             ));
         }
-        if let Some(p) = &self.openapi
-            && !p.exists()
-        {
-            return Err(invalid(
-                "openapi",
-                format!("{} does not exist", p.display()),
-            ));
-        }
         self.model
             .validate()
             .map_err(|e| invalid("model", e.to_string()))?;
         self.decide.validate().map_err(|e| invalid("decide", e))?;
         // Building an engine checks rules, templates and cross-section constraints.
-        Engine::new(&self.engine(), self.rule_file(), [0; 16], self.mode).map_err(|e| {
-            // The key names the table; the stage's own message follows, without the
-            // engine's prefix for it ("discovery: discovery: ...").
-            use crate::engine::EngineError;
-            let (key, message) = match e {
-                EngineError::Rules(e) => ("rule", e.to_string()),
-                EngineError::Discovery(e) => ("discovery", e.to_string()),
-                EngineError::Model(e) => ("model", e.to_string()),
-                EngineError::Config(message) => ("session", message),
-            };
-            invalid(key, message)
-        })?;
+        let mut engine = Engine::new(&self.engine(), self.rule_file(), [0; 16], self.mode)
+            .map_err(|e| {
+                // The key names the table; the stage's own message follows, without the
+                // engine's prefix for it ("discovery: discovery: ...").
+                use crate::engine::EngineError;
+                let (key, message) = match e {
+                    EngineError::Rules(e) => ("rule", e.to_string()),
+                    EngineError::Discovery(e) => ("discovery", e.to_string()),
+                    EngineError::Model(e) => ("model", e.to_string()),
+                    EngineError::Config(message) => ("session", message),
+                };
+                invalid(key, message)
+            })?;
+        // The OpenAPI document is imported as the daemon will import it, so a document it
+        // would refuse at start (unreadable, not OpenAPI 3, too many templates) fails here.
+        if let Some(p) = &self.openapi {
+            let imported = std::fs::read_to_string(p)
+                .map_err(|e| e.to_string())
+                .and_then(|doc| engine.import_openapi(&doc).map_err(|e| e.to_string()));
+            if let Err(e) = imported {
+                return Err(invalid("openapi", format!("{}: {e}", p.display())));
+            }
+        }
         Ok(())
     }
 
@@ -353,6 +356,23 @@ mod tests {
                 e.contains(key),
                 "{text:?} gave {e:?}, which does not name {key}"
             );
+        }
+    }
+
+    #[test]
+    fn the_openapi_document_is_imported_as_the_daemon_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = dir.path().join("api.json");
+        let with = |text: &str| {
+            std::fs::write(&doc, text).unwrap();
+            parse(&format!("openapi = {:?}", doc.display().to_string()))
+        };
+        let good = r#"{"openapi":"3.0.0","info":{"title":"t","version":"1"},
+            "paths":{"/accounts/{id}/balance":{"get":{"responses":{"200":{"description":"ok"}}}}}}"#;
+        assert!(with(good).is_ok());
+        for bad in ["{not json", r#"{"swagger":"2.0"}"#] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("openapi") && e.contains("api.json"), "{e}");
         }
     }
 
