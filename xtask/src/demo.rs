@@ -327,7 +327,10 @@ fn replay_story(bin: &std::path::Path) -> anyhow::Result<()> {
         .filter(|a| a["action"] == "block")
         .filter_map(|a| a["client"].as_str())
         .collect();
-    println!("\nwould-be blocks: {blocked:?}");
+    println!(
+        "\nblocked in enforce mode: {}",
+        blocked.iter().copied().collect::<Vec<_>>().join(", ")
+    );
     anyhow::ensure!(
         blocked.iter().all(|c| c.starts_with("203.0.113.")),
         "a customer would have been blocked"
