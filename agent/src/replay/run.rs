@@ -309,10 +309,14 @@ impl RunSummary {
                 ex.excerpt
             );
         }
+        let late = match i.late_policy {
+            super::LatePolicy::Drop => "dropped",
+            super::LatePolicy::Clamp => "kept, their time raised",
+        };
         let _ = writeln!(
             o,
-            "  late records   {} ({:?}), {} released early by the reorder cap",
-            i.late, i.late_policy, i.reorder_overflow
+            "  late records   {} ({late}: behind by more than --reorder-window), {} released early by the reorder cap",
+            i.late, i.reorder_overflow
         );
         if i.snaplen_cut > 0 || !i.packets_ignored.is_empty() {
             let ignored: u64 = i.packets_ignored.values().sum();
