@@ -971,8 +971,8 @@ fn request_lines(parser: &mut crate::http::Parser, req: &CapturedRequest) -> Vec
         truncated: bool,
     }
     let mut lines = Vec::new();
-    let mut at = 0;
-    while let Ok(parsed) = parser.parse(&req.data[at..]) {
+    parser.each_request(&req.data, |_, _, parsed| {
+        let Ok(parsed) = parsed else { return };
         lines.extend(
             serde_json::to_string(&RequestLine {
                 kind: "request",
@@ -987,11 +987,7 @@ fn request_lines(parser: &mut crate::http::Parser, req: &CapturedRequest) -> Vec
             })
             .ok(),
         );
-        match parsed.next {
-            Some(n) => at += n,
-            None => break,
-        }
-    }
+    });
     lines
 }
 

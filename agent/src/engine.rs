@@ -207,14 +207,17 @@ impl Engine {
     ) -> Result<Outcome, SkipReason> {
         let core = &mut self.core;
         let mut merged = Outcome::default();
-        let mut at = 0;
-        loop {
-            let req = match self.parser.parse(&bytes[at..]) {
+        let mut first_failure = None;
+        self.parser.each_request(bytes, |i, _, parsed| {
+            let req = match parsed {
                 Ok(r) => r,
                 Err(reason) => {
                     core.skips.record(reason);
                     core.counters.skipped += 1;
-                    return if at == 0 { Err(reason) } else { Ok(merged) };
+                    if i == 0 {
+                        first_failure = Some(reason);
+                    }
+                    return;
                 }
             };
             let (key, _) = core.keyer.key(&req.headers, client);
@@ -232,12 +235,11 @@ impl Engine {
                 active_blocks,
             );
             merged.alerts.extend(outcome.alerts);
-            merged.block = merged.block.or(outcome.block);
-            match req.next {
-                // Each request takes at least its request line, so this ends.
-                Some(n) => at += n,
-                None => return Ok(merged),
-            }
+            merged.block = merged.block.take().or(outcome.block);
+        });
+        match first_failure {
+            Some(reason) => Err(reason),
+            None => Ok(merged),
         }
     }
 

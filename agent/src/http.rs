@@ -292,6 +292,29 @@ impl Parser {
         &self.config
     }
 
+    /// Parses every request in a capture in order: the first, then each one pipelined behind
+    /// it ([`Request::next`]). `f` gets each result with its position (0 for the first) and
+    /// the bytes it was parsed from; the walk ends after the last request or at the first
+    /// failure, past which no request can be located. The one place that knows how a capture
+    /// is walked: live capture, the request log and pcap replay all read captures through it.
+    pub fn each_request(
+        &mut self,
+        bytes: &[u8],
+        mut f: impl FnMut(usize, &[u8], Result<Request<'_>, SkipReason>),
+    ) {
+        let mut at = 0;
+        for i in 0.. {
+            let parsed = self.parse(&bytes[at..]);
+            let next = parsed.as_ref().ok().and_then(|r| r.next);
+            f(i, &bytes[at..], parsed);
+            match next {
+                // Each request takes at least its request line, so this ends.
+                Some(n) => at += n,
+                None => return,
+            }
+        }
+    }
+
     /// Parses one captured request. The result borrows from `bytes` or from `self`.
     pub fn parse<'a>(&'a mut self, bytes: &'a [u8]) -> Result<Request<'a>, SkipReason> {
         if bytes.is_empty() {

@@ -5,8 +5,6 @@
 //! Like the XDP path there is no TCP reassembly: a request split over segments yields the
 //! part in its first segment (the parser tolerates truncation), later segments are ignored.
 //! Requests pipelined in one segment are each read, as far as the capture length goes.
-use std::net::IpAddr;
-
 use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use pcap_parser::{
     Block, Linktype, PcapBlockOwned, PcapError, create_reader,
@@ -382,60 +380,54 @@ fn packet(
     };
     // Requests pipelined behind the first are read as the live path reads them
     // (`Engine::on_capture`): the first is this packet's event, the others wait in `pending`.
-    let (first, mut next) = request_event(ctx, captured, ts_ns, client, origin, packet_no);
-    let mut at = 0;
+    let mut first = None;
     let mut later = Vec::new();
-    while let Some(n) = next {
-        at += n;
-        let (event, after) = request_event(ctx, &captured[at..], ts_ns, client, origin, packet_no);
-        later.push(event);
-        next = after;
-    }
-    // `pending` is popped from its end.
-    ctx.pending.extend(later.into_iter().rev());
-    first
-}
-
-/// One request from the start of `bytes`, and where the next one pipelined behind it starts.
-fn request_event(
-    ctx: &mut Ctx<'_>,
-    bytes: &[u8],
-    ts_ns: u64,
-    client: IpAddr,
-    origin: Origin,
-    packet_no: u64,
-) -> (Event, Option<usize>) {
-    match ctx.http.parse(bytes) {
-        Ok(req) => {
-            let mut headers = Vec::new();
-            for name in ctx.keep {
-                for v in req.headers.get_all(name) {
-                    headers.push((name.clone(), v.to_owned()));
+    let Ctx {
+        http,
+        keep,
+        pending,
+        ..
+    } = ctx;
+    http.each_request(captured, |i, bytes, parsed| {
+        let event = match parsed {
+            Ok(req) => {
+                let mut headers = Vec::new();
+                for name in keep.iter() {
+                    for v in req.headers.get_all(name) {
+                        headers.push((name.clone(), v.to_owned()));
+                    }
+                }
+                Event::Record(ReplayRecord {
+                    ts_ns,
+                    client,
+                    method: req.method,
+                    path: req.path.to_owned(),
+                    query: req.query.map(str::to_owned),
+                    host: req.host.map(str::to_owned),
+                    headers,
+                    session: None,
+                    origin,
+                })
+            }
+            Err(reason) => {
+                let line_end = memchr::memmem::find(bytes, b"\r\n").unwrap_or(bytes.len());
+                Event::Skip {
+                    reason: Skip::Http(reason),
+                    packet: packet_no,
+                    excerpt: super::formats::excerpt(&bytes[..line_end]),
                 }
             }
-            let rec = ReplayRecord {
-                ts_ns,
-                client,
-                method: req.method,
-                path: req.path.to_owned(),
-                query: req.query.map(str::to_owned),
-                host: req.host.map(str::to_owned),
-                headers,
-                session: None,
-                origin,
-            };
-            (Event::Record(rec), req.next)
+        };
+        if i == 0 {
+            first = Some(event);
+        } else {
+            later.push(event);
         }
-        Err(reason) => {
-            let line_end = memchr::memmem::find(bytes, b"\r\n").unwrap_or(bytes.len());
-            let skip = Event::Skip {
-                reason: Skip::Http(reason),
-                packet: packet_no,
-                excerpt: super::formats::excerpt(&bytes[..line_end]),
-            };
-            (skip, None)
-        }
-    }
+    });
+    // `pending` is popped from its end.
+    pending.extend(later.into_iter().rev());
+    // `each_request` always reports the first request, parsed or not.
+    first.unwrap_or(Event::Ignored("not_http_request"))
 }
 
 /// Does the payload start with an HTTP/1.x request method followed by a space? The same
