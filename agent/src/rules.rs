@@ -263,6 +263,19 @@ impl RuleFile {
             for op in &d.sequence {
                 check_op(kind, &d.id, "sequence", op)?;
             }
+            // Sessions fold successive requests of one operation into one step, so a sequence
+            // naming an operation twice in a row would never match: say so instead of loading
+            // a rule that silently never fires.
+            if let Some(w) = d.sequence.windows(2).find(|w| w[0] == w[1]) {
+                return Err(RuleError::Invalid {
+                    kind,
+                    id: d.id.clone(),
+                    message: format!(
+                        "`sequence` has {:?} twice in a row, which never matches: successive requests of one operation are one step; limit them with a [[rule]]'s `max_repeats`",
+                        w[0]
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -1161,6 +1174,11 @@ mod tests {
         assert_eq!(
             err("[[deny]]\nid = \"d\"\nsequence = []"),
             "deny \"d\": field `sequence` must not be empty"
+        );
+        let e = err("[[deny]]\nid = \"d2\"\nsequence = [\"GET /a\", \"POST /auth\", \"POST /auth\"]");
+        assert!(
+            e.starts_with("deny \"d2\": `sequence` has \"POST /auth\" twice in a row, which never matches"),
+            "{e}"
         );
         assert_eq!(
             err("[[rules]]\nid = \"x\""),
