@@ -80,7 +80,13 @@ enum Command {
 enum ConfigAction {
     /// Parse and validate PATH (default /etc/precedent/precedent.toml); exit 1 with the
     /// offending key named if it is invalid.
-    Check { path: Option<PathBuf> },
+    Check {
+        #[arg(value_name = "PATH", conflicts_with = "config")]
+        path: Option<PathBuf>,
+        /// The same PATH, spelled as `precedent daemon` takes it.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Operational logs on stderr, JSON or text; `PRECEDENT_LOG` sets the filter (default info).
@@ -144,9 +150,11 @@ fn main() -> std::process::ExitCode {
             cli::generate::manpage(Cli::command(), &mut std::io::stdout()).map_err(Into::into)
         }
         Command::Config {
-            action: ConfigAction::Check { path },
+            action: ConfigAction::Check { path, config },
         } => {
-            let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let path = path
+                .or(config)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
             Config::load(&path)
                 .map(|c| {
                     println!(

@@ -425,6 +425,14 @@ fn config_check_accepts_the_shipped_file_and_names_bad_keys() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("block_ttl"), "{err}");
+    // Spelled as `precedent daemon` takes it, the same check.
+    let out = Command::new(precedent_bin())
+        .args(["config", "check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), err);
 }
 
 fn write_rule(dir: &Path) -> String {
