@@ -296,7 +296,10 @@ impl Decider {
                 explanation,
             ),
             Finding::Rule(hit) => {
-                let numbers = serde_json::to_value(&hit).unwrap_or(serde_json::Value::Null);
+                // Why it fired and the counts behind it; the rule's id, action, TTL and
+                // explanation are the alert's own fields (its action says what this mode did,
+                // which the rule's configured action would contradict in detect mode).
+                let numbers = serde_json::to_value(&hit.kind).unwrap_or(serde_json::Value::Null);
                 (
                     "rule",
                     None,
@@ -454,6 +457,32 @@ mod tests {
         ] {
             assert!(json.get(field).is_some(), "alert lacks {field}: {json}");
         }
+    }
+
+    #[test]
+    fn a_rule_alert_says_what_this_mode_did_and_its_numbers_why() {
+        let hit = crate::rules::RuleHit {
+            rule: "transfer-needs-balance".into(),
+            action: Action::Block,
+            block_ttl: Some(Duration::from_secs(120)),
+            kind: crate::rules::HitKind::MissingPredecessor {
+                missing: "GET /balance".into(),
+                position: 0,
+            },
+            explanation: "POST /transfer without a preceding GET /balance".into(),
+        };
+        let mut d = Decider::new(DecideConfig::default(), Mode::Detect);
+        let (alerts, order) = d.decide(Finding::Rule(hit), &ctx("10.0.0.1"), 100, 0);
+        assert_eq!(order, None);
+        let json = serde_json::to_value(&alerts[0]).unwrap();
+        assert_eq!(json["kind"], "rule");
+        assert_eq!(json["rule"], "transfer-needs-balance");
+        assert_eq!(json["action"], "would_block");
+        // The rule's configured `block` is not repeated inside, contradicting `would_block`.
+        assert_eq!(
+            json["numbers"],
+            serde_json::json!({"kind": "missing_predecessor", "missing": "GET /balance", "position": 0})
+        );
     }
 
     #[test]
