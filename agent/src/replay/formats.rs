@@ -336,6 +336,7 @@ impl LineParser {
         if memchr::memchr(b' ', &self.scratch).is_none() {
             return Err(Skip::BadRequestLine);
         }
+        read_later_versions_as_http11(&mut self.scratch);
         self.scratch.extend_from_slice(b"\r\n\r\n");
         let req = self.http.parse(&self.scratch).map_err(Skip::Http)?;
         Ok(ReplayRecord {
@@ -392,6 +393,22 @@ impl LineParser {
             session: j.session.map(Cow::into_owned).filter(|s| !s.is_empty()),
             origin,
         })
+    }
+}
+
+/// A log names the protocol each request came over, and behind a TLS terminator most are
+/// HTTP/2 or HTTP/3 (nginx and Apache log `HTTP/2.0`, `HTTP/3.0`). For the sequence they are
+/// requests like any other (only live capture is limited to HTTP/1.x), so their version is
+/// read as HTTP/1.1 by the request-line parser, which knows no other.
+fn read_later_versions_as_http11(request_line: &mut Vec<u8>) {
+    if let Some(sp) = memchr::memrchr(b' ', request_line)
+        && matches!(
+            &request_line[sp + 1..],
+            b"HTTP/2.0" | b"HTTP/2" | b"HTTP/3.0" | b"HTTP/3"
+        )
+    {
+        request_line.truncate(sp + 1);
+        request_line.extend_from_slice(b"HTTP/1.1");
     }
 }
 
@@ -666,6 +683,18 @@ mod tests {
             (r.path.as_str(), r.query.as_deref()),
             ("/v1/x", Some("q=1"))
         );
+        // Requests that came over HTTP/2 or HTTP/3, as nginx and Apache log them.
+        for version in ["HTTP/2.0", "HTTP/2", "HTTP/3.0", "HTTP/3"] {
+            let r = combined(&format!(
+                r#"192.0.2.1 - - [10/Oct/2000:13:55:36 +0000] "POST /api/v1/transferFunds?dry=1 {version}" 201 5 "-" "ua""#
+            ))
+            .unwrap_or_else(|e| panic!("{version}: {e:?}"));
+            assert_eq!(
+                (r.method, r.path.as_str(), r.query.as_deref()),
+                (Method::Post, "/api/v1/transferFunds", Some("dry=1")),
+                "{version}"
+            );
+        }
         // A combined line is a fine common line (the tail is ignored).
         assert!(
             clf(r#"192.0.2.1 - - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 1 "-" "-""#)
@@ -707,7 +736,11 @@ mod tests {
                 Skip::Http(SkipReason::UnknownMethod),
             ),
             (
-                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/2.0" 200 5 "-" "-""#,
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/4.0" 200 5 "-" "-""#,
+                Skip::Http(SkipReason::BadVersion),
+            ),
+            (
+                r#"10.0.0.1 - - [10/Oct/2000:13:55:36 +0000] "GET /a HTTP/2.0x" 200 5 "-" "-""#,
                 Skip::Http(SkipReason::BadVersion),
             ),
             (
