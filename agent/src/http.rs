@@ -563,7 +563,9 @@ fn has_control(v: &[u8]) -> bool {
     })
 }
 
-fn valid_host(h: &str) -> bool {
+/// Characters a Host value (name or address, optional port) may have; also applied to the
+/// virtual host an access log names.
+pub(crate) fn valid_host(h: &str) -> bool {
     h.len() <= 255
         && h.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')

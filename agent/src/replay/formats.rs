@@ -61,6 +61,9 @@ impl fmt::Display for Skip {
 /// The fields of a common/combined line, still escaped, borrowed from the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ClfFields<'a> {
+    /// `%v:%p` in front of the client, as Apache's `vhost_combined` writes (Debian's
+    /// `other_vhosts_access.log`): the virtual host that served the request.
+    pub vhost: Option<&'a [u8]>,
     pub client: &'a [u8],
     /// `10/Oct/2000:13:55:36 -0700`, without the brackets.
     pub time: &'a [u8],
@@ -71,10 +74,19 @@ pub(crate) struct ClfFields<'a> {
 }
 
 /// Splits `%h %l %u %t "%r" %>s %b` and, when present, ` "%{Referer}i" "%{User-agent}i"`.
-/// Anything after those is ignored (nginx setups often append fields).
+/// Anything after those is ignored (nginx setups often append fields). A `%v:%p` field in
+/// front (`vhost_combined`) is recognised by the client address that follows it where `%l`
+/// (almost always `-`) would be.
 pub(crate) fn split_clf(line: &[u8]) -> Result<ClfFields<'_>, Skip> {
-    let sp = memchr::memchr(b' ', line).ok_or(Skip::BadLine)?;
-    let client = &line[..sp];
+    let mut sp = memchr::memchr(b' ', line).ok_or(Skip::BadLine)?;
+    let mut vhost = None;
+    let mut client = &line[..sp];
+    let (second, _) = token(&line[sp + 1..]);
+    if second != b"-" && parse_client(second).is_ok() && parse_client(client).is_err() {
+        vhost = Some(client);
+        client = second;
+        sp += 1 + second.len();
+    }
     // %l and %u are usually "-", but %u is whatever the client authenticated as and may hold
     // spaces: find the timestamp by its bracket instead of counting fields.
     let open = memchr::memmem::find(&line[sp..], b" [").ok_or(Skip::BadLine)? + sp + 2;
@@ -101,6 +113,7 @@ pub(crate) fn split_clf(line: &[u8]) -> Result<ClfFields<'_>, Skip> {
         .and_then(quoted)
         .is_some();
     Ok(ClfFields {
+        vhost,
         client,
         time,
         request,
@@ -339,13 +352,25 @@ impl LineParser {
         read_later_versions_as_http11(&mut self.scratch);
         self.scratch.extend_from_slice(b"\r\n\r\n");
         let req = self.http.parse(&self.scratch).map_err(Skip::Http)?;
+        // An absolute-form target names its host; else the virtual host, when logged.
+        let host = match (req.host, f.vhost) {
+            (Some(h), _) => Some(h.to_owned()),
+            (None, Some(v)) => Some(
+                std::str::from_utf8(v)
+                    .ok()
+                    .filter(|v| http::valid_host(v))
+                    .ok_or(Skip::Http(SkipReason::BadHost))?
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
         Ok(ReplayRecord {
             ts_ns,
             client,
             method: req.method,
             path: req.path.to_owned(),
             query: req.query.map(str::to_owned),
-            host: req.host.map(str::to_owned),
+            host,
             headers: Vec::new(),
             session: None,
             origin,
@@ -683,6 +708,21 @@ mod tests {
             (r.path.as_str(), r.query.as_deref()),
             ("/v1/x", Some("q=1"))
         );
+        // Apache's vhost_combined: the virtual host and port in front of the client.
+        let r = combined(r#"api.example.com:443 2001:db8::7 - - [10/Oct/2000:13:55:36 +0000] "GET /v1/x HTTP/1.1" 200 5 "-" "ua""#)
+            .unwrap();
+        assert_eq!(r.host.as_deref(), Some("api.example.com:443"));
+        assert_eq!(r.client, "2001:db8::7".parse::<IpAddr>().unwrap());
+        assert_eq!(r.path, "/v1/x");
+        assert_eq!(
+            combined(r#"a<b>:443 192.0.2.1 - - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 5 "-" "ua""#)
+                .map(|_| ()),
+            Err(Skip::Http(SkipReason::BadHost))
+        );
+        // A user name that looks like an address does not make the client a virtual host.
+        let r = combined(r#"192.0.2.1 10.0.0.1 - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 5 "-" "ua""#)
+            .unwrap();
+        assert_eq!((r.client, r.host), ("192.0.2.1".parse().unwrap(), None));
         // Requests that came over HTTP/2 or HTTP/3, as nginx and Apache log them.
         for version in ["HTTP/2.0", "HTTP/2", "HTTP/3.0", "HTTP/3"] {
             let r = combined(&format!(
