@@ -190,7 +190,7 @@ fn daemon_refusal_is_reported_with_exit_1() {
     let (code, out, err) = precedent(&d.socket, &["rules", "remove", "nope"]);
     assert_eq!(code, 1);
     assert_eq!(out, "");
-    assert_eq!(err, "precedent rules_remove: no rule with id \"nope\"\n");
+    assert_eq!(err, "precedent rules remove: no rule with id \"nope\"\n");
 }
 
 #[test]

@@ -46,7 +46,15 @@ pub fn call(args: &ControlArgs, request: Request) -> anyhow::Result<Value> {
         .map_err(|e| Plain(e.to_string()))?;
     response
         .into_result()
-        .map_err(|e| Plain(format!("precedent {}: {e}", request.cmd())).into())
+        .map_err(|e| Plain(format!("precedent {}: {e}", typed_as(&request))).into())
+}
+
+/// The command as the user typed it (`blocks add`), not its wire name (`blocks_add`).
+fn typed_as(request: &Request) -> String {
+    match request {
+        Request::ModeGet | Request::ModeSet { .. } => "mode".into(),
+        other => other.cmd().replace('_', " "),
+    }
 }
 
 /// [`call`], then `--json` prints the data as is; otherwise it is decoded as `T` for `render`.
