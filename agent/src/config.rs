@@ -18,6 +18,7 @@ use crate::{
     discovery::DiscoveryConfig,
     engine::{Engine, EngineConfig},
     http::HttpConfig,
+    proxy::ProxyConfig,
     model::{ModelConfig, SignalConfig},
     rules::{DenyRule, Rule, RuleFile},
     session::SessionConfig,
@@ -79,6 +80,8 @@ pub struct Config {
     pub decide: DecideConfig,
     /// Clients (addresses or prefixes) that are never blocked.
     pub allowlist: Vec<IpNet>,
+    /// Reverse proxies and load balancers whose requests name their client in a header.
+    pub proxy: ProxyConfig,
     /// Precedence rules (`[[rule]]`).
     #[serde(rename = "rule", skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
@@ -112,6 +115,7 @@ impl Default for Config {
             signals: engine.signals,
             decide: engine.decide,
             allowlist: Vec::new(),
+            proxy: engine.proxy,
             rules: Vec::new(),
             deny: Vec::new(),
         }
@@ -207,6 +211,19 @@ impl Config {
                 ),
             ));
         }
+        // Whoever is trusted may name any client and have it blocked: a whole range of the
+        // internet trusted by a slip (0.0.0.0/0 for a /32) would hand that to everyone.
+        if let Some(net) = self.proxy.trusted.iter().find(|n| match n {
+            ipnet::IpNet::V4(n) => n.prefix_len() < 8,
+            ipnet::IpNet::V6(n) => n.prefix_len() < 16,
+        }) {
+            return Err(invalid(
+                "proxy.trusted",
+                format!(
+                    "{net} is wider than /8 (IPv4) or /16 (IPv6): list the proxies' own addresses or subnets"
+                ),
+            ));
+        }
         self.model
             .validate()
             .map_err(|e| invalid("model", e.to_string()))?;
@@ -247,6 +264,7 @@ impl Config {
             signals: self.signals.clone(),
             decide: self.decide.clone(),
             allowlist: self.allowlist.clone(),
+            proxy: self.proxy.clone(),
         }
     }
 
@@ -338,6 +356,9 @@ mod tests {
             ("ports = [0]", "ports"),
             ("openapi = \"/nonexistent/api.yaml\"", "openapi"),
             ("allowlist = [\"10.0.0.0/33\"]", "allowlist"),
+            ("[proxy]\ntrusted = [\"0.0.0.0/0\"]", "proxy.trusted"),
+            ("[proxy]\ntrusted = [\"2000::/3\"]", "proxy.trusted"),
+            ("[proxy]\nheader = \"via\"", "header"),
             ("[decide]\nmax_block_share = 2.0", "max_block_share"),
             (
                 "[[rule]]\nid = \"r\"\noperation = \"transfer\"\npreceded_by = [\"GET /a\"]",

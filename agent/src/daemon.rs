@@ -627,6 +627,10 @@ impl Daemon {
             userspace.insert(format!("skipped_{reason}"), n);
         }
         userspace.insert("port_filtered".into(), self.counters.port_filtered);
+        let pc = self.engine.proxy_counters();
+        userspace.insert("client_from_header".into(), pc.client_from_header);
+        userspace.insert("client_header_missing".into(), pc.client_header_missing);
+        userspace.insert("client_header_invalid".into(), pc.client_header_invalid);
         userspace.insert("alerts_dropped".into(), self.counters.alerts_dropped);
         userspace.insert("blocks_failed".into(), self.counters.blocks_failed);
         userspace.insert(

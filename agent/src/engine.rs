@@ -20,6 +20,7 @@ use crate::{
             RunBasis, long_run, missing_precedent, rare_transition, replay, surprising_session,
         },
     },
+    proxy::{ProxyConfig, ProxyCounters},
     rules::{HitKind, RuleError, RuleFile, RuleSet, SequenceCandidate},
     session::{IdentifierSource, Session, SessionConfig, SessionKeyer, SessionTable, StepKind},
 };
@@ -36,6 +37,8 @@ pub struct EngineConfig {
     pub decide: DecideConfig,
     /// Clients that are never blocked (alerts still say what would have happened).
     pub allowlist: Vec<IpNet>,
+    /// Reverse proxies and load balancers whose requests name their client in a header.
+    pub proxy: ProxyConfig,
 }
 
 /// The messages carry the stage's error, which is therefore not also its `source()`: a
@@ -100,7 +103,18 @@ pub struct Engine {
     /// Apart from the rest so a parsed request (which borrows the parser's buffers) can be
     /// fed to the other stages without copying.
     parser: Parser,
+    /// The parser's configuration before the proxy header is added (a reload may change it).
+    http: HttpConfig,
     core: Core,
+}
+
+/// A parser keeping what `http` names plus the header trusted proxies name the client in.
+fn parser_for(http: &HttpConfig, proxy: &ProxyConfig) -> Parser {
+    let mut http = http.clone();
+    if !proxy.trusted.is_empty() {
+        http.session_headers.push(proxy.header.name().into());
+    }
+    Parser::new(http)
 }
 
 /// Every stage after parsing.
@@ -113,6 +127,8 @@ struct Core {
     decider: Decider,
     signals: SignalConfig,
     allowlist: Vec<IpNet>,
+    proxy: ProxyConfig,
+    proxy_counters: ProxyCounters,
     skips: SkipCounters,
     counters: EngineCounters,
     /// Requests processed before alerts may fire (replay's warm-up); 0 in the daemon, where
@@ -150,7 +166,8 @@ impl Engine {
                 cfg.session.n_max, cfg.model.max_order
             )));
         }
-        // The parser must keep every header a session identifier reads.
+        // The parser must keep every header a session identifier reads, and the header
+        // trusted proxies name the client in (see `parser_for`).
         let mut http = cfg.http.clone();
         for source in &cfg.session.identifiers {
             let name = match source {
@@ -171,7 +188,8 @@ impl Engine {
         let mut rules = RuleSet::new(rules)?;
         rules.refresh(&discovery);
         Ok(Self {
-            parser: Parser::new(http),
+            parser: parser_for(&http, &cfg.proxy),
+            http,
             core: Core {
                 keyer: SessionKeyer::new(secret, cfg.session.identifiers.clone()),
                 sessions: SessionTable::new(cfg.session.clone()),
@@ -181,6 +199,8 @@ impl Engine {
                 decider: Decider::new(cfg.decide.clone(), mode),
                 signals: cfg.signals.clone(),
                 allowlist: cfg.allowlist.clone(),
+                proxy: cfg.proxy.clone(),
+                proxy_counters: ProxyCounters::default(),
                 skips: SkipCounters::default(),
                 counters: EngineCounters::default(),
                 quiet_until: 0,
@@ -220,6 +240,7 @@ impl Engine {
                     return;
                 }
             };
+            let client = core.client(client, &req.headers);
             let (key, _) = core.keyer.key(&req.headers, client);
             let request = core
                 .keyer
@@ -255,6 +276,7 @@ impl Engine {
         headers: &SelectedHeaders<'_>,
         active_blocks: usize,
     ) -> Outcome {
+        let client = self.core.client(client, headers);
         let (key, _) = self.core.keyer.key(headers, client);
         let request = self.core.keyer.request_hash(method, host, path, None);
         self.core.step(
@@ -357,6 +379,11 @@ impl Engine {
         &self.core.counters
     }
 
+    /// How the clients of requests from trusted proxies were found.
+    pub fn proxy_counters(&self) -> &ProxyCounters {
+        &self.core.proxy_counters
+    }
+
     /// Replaces the rules (validated first; on error the old ones stay).
     pub fn set_rules(&mut self, file: RuleFile) -> Result<(), RuleError> {
         register_rule_templates(&mut self.core.discovery, &file);
@@ -371,12 +398,17 @@ impl Engine {
         self.core.model = model;
     }
 
-    /// Applies settings that can change at run time (SIGHUP): decisions and signal thresholds.
+    /// Applies settings that can change at run time (SIGHUP): decisions, signal thresholds,
+    /// the allowlist and the trusted proxies.
     pub fn reconfigure(&mut self, cfg: &EngineConfig) -> Result<(), EngineError> {
         cfg.decide.validate().map_err(EngineError::Config)?;
         self.core.decider.set_config(cfg.decide.clone());
         self.core.signals = cfg.signals.clone();
         self.core.allowlist = cfg.allowlist.clone();
+        if cfg.proxy != self.core.proxy {
+            self.parser = parser_for(&self.http, &cfg.proxy);
+            self.core.proxy = cfg.proxy.clone();
+        }
         Ok(())
     }
 
@@ -417,6 +449,16 @@ impl Engine {
 
 impl Core {
     #[allow(clippy::too_many_arguments)]
+    /// The request's client: its peer, or the client a trusted proxy names (see [`crate::proxy`]).
+    fn client(&mut self, peer: IpAddr, headers: &SelectedHeaders<'_>) -> IpAddr {
+        if self.proxy.trusted.is_empty() {
+            return peer;
+        }
+        let (client, source) = self.proxy.client(peer, headers);
+        self.proxy_counters.record(source);
+        client
+    }
+
     fn step(
         &mut self,
         ts_ns: u64,
@@ -642,7 +684,10 @@ impl Core {
             session: session_id,
             operation: &operation,
             previous,
-            allowlisted: self.allowlist.iter().any(|n| n.contains(&client)),
+            // A trusted proxy stands in for its clients only when it names none: blocking it
+            // would cut off every client behind it, so it is never blocked.
+            allowlisted: self.allowlist.iter().any(|n| n.contains(&client))
+                || self.proxy.trusts(client),
         };
         let active_clients = self.sessions.counters().live;
         let mut out = Outcome::default();

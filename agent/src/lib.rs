@@ -20,6 +20,7 @@ pub mod ifwatch;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod proxy;
 pub mod replay;
 pub mod rules;
 pub mod session;

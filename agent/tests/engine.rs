@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use precedent::{
     decide::{Alert, Mode, Signal},
     engine::{Engine, EngineConfig},
+    proxy::{ClientHeader, ProxyConfig},
     rules::RuleFile,
 };
 
@@ -280,4 +281,83 @@ fn junk_bytes_are_counted_not_fatal() {
     }
     assert_eq!(t.engine.counters().skipped, 4);
     assert_eq!(t.engine.counters().requests, 0);
+}
+
+/// Behind a reverse proxy every request comes from the proxy: the client it names is the one
+/// alerted, keyed and blocked; what an untrusted peer claims is not believed.
+#[test]
+fn behind_a_trusted_proxy_the_forwarded_client_is_alerted_and_blocked() {
+    let cfg = EngineConfig {
+        proxy: ProxyConfig {
+            trusted: vec!["127.0.0.1/32".parse().unwrap()],
+            header: ClientHeader::XForwardedFor,
+        },
+        ..EngineConfig::default()
+    };
+    let rules = RuleFile::from_toml_str(
+        r#"
+        [[rule]]
+        id = "transfer-needs-balance"
+        operation = "POST /api/v1/transferFunds"
+        preceded_by = ["GET /api/v1/accounts/{id}/balance"]
+        action = "block"
+        "#,
+    )
+    .unwrap();
+    let mut e = Engine::new(&cfg, rules, [7; 16], Mode::Enforce).unwrap();
+    let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+    let transfer = |xff: &str| {
+        format!(
+            "POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\nX-Forwarded-For: {xff}\r\n\r\n"
+        )
+    };
+    // The client the proxy appended (rightmost), not the one the client wrote itself.
+    let out = e
+        .on_capture(T0, proxy, transfer("10.9.9.9, 203.0.113.10").as_bytes(), 0)
+        .unwrap();
+    let hit = out.alerts.iter().find(|a| a.rule.is_some()).expect("rule alert");
+    assert_eq!(hit.client, "203.0.113.10");
+    assert_eq!(
+        out.block.expect("enforce mode blocks").client,
+        "203.0.113.10".parse::<IpAddr>().unwrap()
+    );
+    // Sessions without an identifier are the forwarded clients', not one for the proxy.
+    let other = e
+        .on_capture(T0 + SECOND, proxy, transfer("198.51.100.4").as_bytes(), 0)
+        .unwrap();
+    assert_eq!(
+        other.block.expect("a second client, blocked too").client,
+        "198.51.100.4".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(e.sessions().counters().created, 2);
+    // An untrusted peer names whoever it likes: it is the client itself.
+    let peer: IpAddr = "192.0.2.77".parse().unwrap();
+    let out = e
+        .on_capture(T0 + 2 * SECOND, peer, transfer("198.51.100.200").as_bytes(), 0)
+        .unwrap();
+    assert_eq!(out.block.expect("blocked").client, peer);
+    // A health check from the proxy without the header: the proxy stands in, counted...
+    e.on_capture(
+        T0 + 3 * SECOND,
+        proxy,
+        b"GET /healthz HTTP/1.1\r\nHost: bank.test\r\n\r\n",
+        0,
+    )
+    .unwrap();
+    // ... and is never blocked itself, whatever its stand-in session does.
+    let out = e
+        .on_capture(
+            T0 + 4 * SECOND,
+            proxy,
+            b"POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\r\n",
+            0,
+        )
+        .unwrap();
+    assert!(out.alerts.iter().any(|a| a.rule.is_some()), "still alerted");
+    assert_eq!(out.block, None);
+    let c = e.proxy_counters();
+    assert_eq!(
+        (c.client_from_header, c.client_header_missing, c.client_header_invalid),
+        (2, 2, 0)
+    );
 }
