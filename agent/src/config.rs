@@ -18,8 +18,8 @@ use crate::{
     discovery::DiscoveryConfig,
     engine::{Engine, EngineConfig},
     http::HttpConfig,
-    proxy::ProxyConfig,
     model::{ModelConfig, SignalConfig},
+    proxy::ProxyConfig,
     rules::{DenyRule, Rule, RuleFile},
     session::SessionConfig,
 };

@@ -448,7 +448,6 @@ impl Engine {
 }
 
 impl Core {
-    #[allow(clippy::too_many_arguments)]
     /// The request's client: its peer, or the client a trusted proxy names (see [`crate::proxy`]).
     fn client(&mut self, peer: IpAddr, headers: &SelectedHeaders<'_>) -> IpAddr {
         if self.proxy.trusted.is_empty() {
@@ -459,6 +458,7 @@ impl Core {
         client
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
         ts_ns: u64,

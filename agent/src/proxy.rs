@@ -183,7 +183,10 @@ mod tests {
 
     fn cfg(header: ClientHeader) -> ProxyConfig {
         ProxyConfig {
-            trusted: vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()],
+            trusted: vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
             header,
         }
     }
@@ -251,7 +254,11 @@ mod tests {
         }
         // Every hop trusted: the leftmost.
         assert_eq!(
-            client(&c, "127.0.0.1", &[("x-forwarded-for", "10.9.9.9, 10.1.1.1")]),
+            client(
+                &c,
+                "127.0.0.1",
+                &[("x-forwarded-for", "10.9.9.9, 10.1.1.1")]
+            ),
             (ip("10.9.9.9"), ClientSource::Header)
         );
     }

@@ -1175,9 +1175,12 @@ mod tests {
             err("[[deny]]\nid = \"d\"\nsequence = []"),
             "deny \"d\": field `sequence` must not be empty"
         );
-        let e = err("[[deny]]\nid = \"d2\"\nsequence = [\"GET /a\", \"POST /auth\", \"POST /auth\"]");
+        let e =
+            err("[[deny]]\nid = \"d2\"\nsequence = [\"GET /a\", \"POST /auth\", \"POST /auth\"]");
         assert!(
-            e.starts_with("deny \"d2\": `sequence` has \"POST /auth\" twice in a row, which never matches"),
+            e.starts_with(
+                "deny \"d2\": `sequence` has \"POST /auth\" twice in a row, which never matches"
+            ),
             "{e}"
         );
         assert_eq!(

@@ -315,7 +315,11 @@ fn behind_a_trusted_proxy_the_forwarded_client_is_alerted_and_blocked() {
     let out = e
         .on_capture(T0, proxy, transfer("10.9.9.9, 203.0.113.10").as_bytes(), 0)
         .unwrap();
-    let hit = out.alerts.iter().find(|a| a.rule.is_some()).expect("rule alert");
+    let hit = out
+        .alerts
+        .iter()
+        .find(|a| a.rule.is_some())
+        .expect("rule alert");
     assert_eq!(hit.client, "203.0.113.10");
     assert_eq!(
         out.block.expect("enforce mode blocks").client,
@@ -333,7 +337,12 @@ fn behind_a_trusted_proxy_the_forwarded_client_is_alerted_and_blocked() {
     // An untrusted peer names whoever it likes: it is the client itself.
     let peer: IpAddr = "192.0.2.77".parse().unwrap();
     let out = e
-        .on_capture(T0 + 2 * SECOND, peer, transfer("198.51.100.200").as_bytes(), 0)
+        .on_capture(
+            T0 + 2 * SECOND,
+            peer,
+            transfer("198.51.100.200").as_bytes(),
+            0,
+        )
         .unwrap();
     assert_eq!(out.block.expect("blocked").client, peer);
     // A health check from the proxy without the header: the proxy stands in, counted...
@@ -357,7 +366,11 @@ fn behind_a_trusted_proxy_the_forwarded_client_is_alerted_and_blocked() {
     assert_eq!(out.block, None);
     let c = e.proxy_counters();
     assert_eq!(
-        (c.client_from_header, c.client_header_missing, c.client_header_invalid),
+        (
+            c.client_from_header,
+            c.client_header_missing,
+            c.client_header_invalid
+        ),
         (2, 2, 0)
     );
 }

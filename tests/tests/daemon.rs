@@ -208,6 +208,126 @@ block_ttl = "10m"
     drop(daemon);
 }
 
+/// A request as a reverse proxy forwards it: from the proxy's address, naming the client.
+fn forwarded(
+    proxy: std::net::IpAddr,
+    target: SocketAddr,
+    client: &str,
+    method: &str,
+    path: &str,
+) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = precedent_tests::connect_from(proxy, target, Duration::from_millis(800))?;
+    // One write, so one segment: the capture reads a segment's start only.
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: bank.test\r\nX-Forwarded-For: {client}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Behind a trusted proxy the client it names is alerted on and blocked, so that client's
+/// own packets are dropped where they arrive directly (here: the same link), while the proxy
+/// keeps serving everyone else.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn behind_a_trusted_proxy_the_named_client_is_blocked_not_the_proxy() {
+    let net = TestNet::new("dmn4", 24).unwrap();
+    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
+    // The proxy is the namespace's address; the client it forwards for has one of its own.
+    let proxy: std::net::IpAddr = net.ns_ip.into();
+    let client: std::net::IpAddr = "10.200.24.77".parse().unwrap();
+    let mut client_net = net.ns_ip.octets();
+    client_net[3] = 77;
+    let client_on_link = std::net::IpAddr::from(client_net);
+    net.add_ns_address(client_on_link).unwrap();
+    let dir = Scratch::new("dmn4");
+    let config = write_config(
+        &dir,
+        &format!(
+            r#"
+mode = "enforce"
+[proxy]
+trusted = ["{proxy}/32"]
+[[rule]]
+id = "transfer-needs-balance"
+operation = "POST /api/v1/transferFunds"
+preceded_by = ["GET /api/v1/accounts/{{id}}/balance"]
+action = "block"
+"#
+        ),
+    );
+    let daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--config", &config],
+    )
+    .unwrap();
+    let socket = daemon.socket().unwrap();
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    for named in [client, client_on_link] {
+        let first = net
+            .run_in_ns(move || {
+                forwarded(
+                    proxy,
+                    target,
+                    &named.to_string(),
+                    "POST",
+                    "/api/v1/transferFunds",
+                )
+            })
+            .unwrap();
+        assert!(first.is_ok_and(|s| s.contains("200")));
+        let alert = daemon
+            .next_line(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("no alert line on stdout; log:\n{}", daemon.log_text()));
+        let alert: serde_json::Value = serde_json::from_str(&alert).unwrap();
+        assert_eq!(alert["client"], named.to_string(), "{alert}");
+        assert_eq!(alert["action"], "block", "{alert}");
+    }
+    let nets: Vec<String> = cli(&socket, &["blocks", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["net"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(nets.len(), 2, "{nets:?}");
+    assert!(
+        nets.contains(&format!("{client}/32")) && nets.contains(&format!("{client_on_link}/32")),
+        "{nets:?}"
+    );
+    // The proxy still gets through for everyone else; the blocked client's own packets don't.
+    let (via_proxy, direct) = net
+        .run_in_ns(move || {
+            (
+                forwarded(
+                    proxy,
+                    target,
+                    "198.51.100.1",
+                    "GET",
+                    "/api/v1/accounts/1/balance",
+                ),
+                precedent_tests::connect_from(client_on_link, target, Duration::from_millis(800)),
+            )
+        })
+        .unwrap();
+    assert!(via_proxy.is_ok_and(|s| s.contains("200")));
+    assert!(direct.is_err(), "the blocked client connected directly");
+    let status = cli(&socket, &["status"]);
+    assert_eq!(
+        status["userspace_counters"]["client_from_header"], 3,
+        "{status}"
+    );
+    drop(daemon);
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn sighup_applies_a_good_config_and_rejects_a_bad_one() {

@@ -720,8 +720,10 @@ mod tests {
             Err(Skip::Http(SkipReason::BadHost))
         );
         // A user name that looks like an address does not make the client a virtual host.
-        let r = combined(r#"192.0.2.1 10.0.0.1 - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 5 "-" "ua""#)
-            .unwrap();
+        let r = combined(
+            r#"192.0.2.1 10.0.0.1 - [10/Oct/2000:13:55:36 +0000] "GET / HTTP/1.1" 200 5 "-" "ua""#,
+        )
+        .unwrap();
         assert_eq!((r.client, r.host), ("192.0.2.1".parse().unwrap(), None));
         // Requests that came over HTTP/2 or HTTP/3, as nginx and Apache log them.
         for version in ["HTTP/2.0", "HTTP/2", "HTTP/3.0", "HTTP/3"] {
