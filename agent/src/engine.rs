@@ -108,13 +108,17 @@ pub struct Engine {
     core: Core,
 }
 
-/// A parser keeping what `http` names plus the header trusted proxies name the client in.
-fn parser_for(http: &HttpConfig, proxy: &ProxyConfig) -> Parser {
+/// `http` plus the header trusted proxies name the client in.
+fn with_proxy_header(http: &HttpConfig, proxy: &ProxyConfig) -> HttpConfig {
     let mut http = http.clone();
     if !proxy.trusted.is_empty() {
         http.session_headers.push(proxy.header.name().into());
     }
-    Parser::new(http)
+    http
+}
+
+fn parser_for(http: &HttpConfig, proxy: &ProxyConfig) -> Parser {
+    Parser::new(with_proxy_header(http, proxy))
 }
 
 /// Every stage after parsing.
@@ -377,6 +381,12 @@ impl Engine {
 
     pub fn counters(&self) -> &EngineCounters {
         &self.core.counters
+    }
+
+    /// The parser's configuration: every header it keeps (the session identifiers', the
+    /// trusted proxies' client header). Replay keeps the same headers from its records.
+    pub fn http_config(&self) -> HttpConfig {
+        with_proxy_header(&self.http, &self.core.proxy)
     }
 
     /// How the clients of requests from trusted proxies were found.

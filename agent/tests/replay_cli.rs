@@ -425,3 +425,74 @@ fn an_unwritable_model_out_fails_before_the_replay_starts() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
     assert_eq!(left.len(), 1, "{left:?}");
 }
+
+/// The headers a jsonl record carries are read as the daemon reads them from a capture: a
+/// configured identifier header keys the session, and behind a trusted proxy the client it
+/// names is the one alerted on.
+#[test]
+fn jsonl_headers_key_sessions_and_name_clients_behind_a_trusted_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "precedent.toml",
+        r#"
+[session]
+identifiers = [{ kind = "header", name = "x-api-key" }]
+[proxy]
+trusted = ["127.0.0.1/32"]
+[[rule]]
+id = "transfer-needs-balance"
+operation = "POST /api/v1/transferFunds"
+preceded_by = ["GET /api/v1/accounts/{id}/balance"]
+"#,
+    );
+    let mut lines = String::new();
+    // Two customers behind the proxy, told apart by their API keys; then one who skips the
+    // lookup, named by the proxy.
+    let mut t = T0;
+    for (key, client, paths) in [
+        (
+            "k-alice",
+            "198.51.100.1",
+            &["/api/v1/accounts/1/balance", "/api/v1/transferFunds"][..],
+        ),
+        (
+            "k-bob",
+            "198.51.100.2",
+            &["/api/v1/accounts/2/balance", "/api/v1/transferFunds"],
+        ),
+        ("k-mallory", "203.0.113.9", &["/api/v1/transferFunds"]),
+    ] {
+        for p in paths {
+            t += 1;
+            let method = if p.ends_with("transferFunds") {
+                "POST"
+            } else {
+                "GET"
+            };
+            let v = serde_json::json!({"ts": t, "client": "127.0.0.1", "method": method, "path": p,
+                "headers": {"X-Api-Key": key, "X-Forwarded-For": format!("10.9.9.9, {client}")}});
+            let _ = writeln!(lines, "{v}");
+        }
+    }
+    let file = write(dir.path(), "proxied.jsonl", &lines);
+    let out = precedent(&[
+        "replay",
+        file.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--warmup",
+        "0",
+        "--summary-json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        summary_json(&out)["engine"]["sessions"],
+        3,
+        "one session per API key"
+    );
+    let a = alerts(&out);
+    assert_eq!(a.len(), 1, "{a:#?}");
+    assert_eq!(a[0]["rule"], "transfer-needs-balance");
+    assert_eq!(a[0]["client"], "203.0.113.9");
+}

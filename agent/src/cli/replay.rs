@@ -103,7 +103,9 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
 
     let opts = ReplayOptions {
         format: args.format,
-        http: cfg.http.clone(),
+        // The headers the engine reads (session identifiers, a trusted proxy's client
+        // header) are the ones records keep, as the live parser keeps them.
+        http: engine.http_config(),
         reorder_window: args.reorder_window,
         capture_len: config.capture_len as usize,
         progress: if args.no_progress {
