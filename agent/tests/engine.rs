@@ -373,4 +373,17 @@ fn behind_a_trusted_proxy_the_forwarded_client_is_alerted_and_blocked() {
         ),
         (2, 2, 0)
     );
+    // A reload (SIGHUP) that stops trusting it: the proxy is the client again (its own
+    // session goes on; no new client is read from the header).
+    e.reconfigure(&EngineConfig::default()).unwrap();
+    let created = e.sessions().counters().created;
+    e.on_capture(
+        T0 + 5 * SECOND,
+        proxy,
+        transfer("198.51.100.9").as_bytes(),
+        0,
+    )
+    .unwrap();
+    assert_eq!(e.sessions().counters().created, created);
+    assert_eq!(e.proxy_counters().client_from_header, 2);
 }
