@@ -7,7 +7,7 @@ use std::{
 
 use precedent::control::{
     ControlRequest, ControlServer, Mode, Request, Response, ServerConfig,
-    api::{BlockRow, Interval, ModeReport, SequenceRow},
+    api::{BlockRow, Interval, ModeReport, RuleRow, RuleSource, RuleSuggestions, SequenceRow},
 };
 use precedent::graph::{Graph, GraphEdge, GraphNode};
 use tokio::sync::mpsc;
@@ -39,6 +39,22 @@ fn answer(req: &Request) -> Response {
             previous: Some(Mode::Learn),
         }),
         Request::RulesRemove { id } => Response::error(format!("no rule with id {id:?}")),
+        Request::RulesSuggest { .. } => {
+            let rule = precedent::rules::Rule {
+                id: "suggested-post-transfer".into(),
+                operation: "POST /transfer".into(),
+                preceded_by: vec!["GET /balance".into()],
+                within_ops: None,
+                within: None,
+                max_repeats: None,
+                action: precedent::rules::Action::Log,
+                block_ttl: None,
+            };
+            Response::ok(RuleSuggestions {
+                rules: vec![RuleRow::from_rule(&rule, RuleSource::Runtime, 0)],
+                toml: "[[rule]]\nid = \"suggested-post-transfer\"\n".into(),
+            })
+        }
         Request::Graph { view, top } => Response::ok(Graph {
             view: *view,
             nodes: ["GET /accounts/{id}/balance", "POST /transfer"]
@@ -182,6 +198,21 @@ fn tables_by_default_and_data_with_json() {
     let (code, out, _) = precedent(&d.socket, &["mode", "enforce"]);
     assert_eq!(code, 0);
     assert_eq!(out, "mode: enforce (was learn)\n");
+}
+
+#[test]
+fn suggestions_show_the_rule_and_the_toml_to_save_without_hits_or_source() {
+    let d = FakeDaemon::start();
+    let (code, out, err) = precedent(&d.socket, &["rules", "suggest"]);
+    assert_eq!(code, 0, "{err}");
+    let header = out.lines().next().unwrap();
+    assert!(header.contains("ID") && header.contains("RULE"), "{out}");
+    assert!(
+        !header.contains("HITS") && !header.contains("SOURCE"),
+        "{out}"
+    );
+    assert!(out.contains("POST /transfer after GET /balance"), "{out}");
+    assert!(out.contains("precedent rules add FILE\n[[rule]]"), "{out}");
 }
 
 #[test]

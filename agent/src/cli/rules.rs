@@ -74,7 +74,7 @@ pub fn run(args: RulesArgs) -> anyhow::Result<()> {
                     }
                     format!(
                         "{}\n\n# Save as a file, edit, then: precedent rules add FILE\n{}",
-                        render_list(s.rules),
+                        render_rows(s.rules, false),
                         s.toml
                     )
                 },
@@ -87,7 +87,17 @@ fn render_list(rows: Vec<RuleRow>) -> String {
     if rows.is_empty() {
         return empty_note("rules");
     }
-    let mut t = table(&["ID", "ACTION", "SOURCE", "HITS", "RULE"], &[3]);
+    render_rows(rows, true)
+}
+
+/// `in_force`: rules the daemon enforces, with where they come from and their hits; else
+/// suggestions, which have neither yet.
+fn render_rows(rows: Vec<RuleRow>, in_force: bool) -> String {
+    let mut t = if in_force {
+        table(&["ID", "ACTION", "SOURCE", "HITS", "RULE"], &[3])
+    } else {
+        table(&["ID", "ACTION", "RULE"], &[])
+    };
     for r in rows {
         let what = match r.kind {
             RuleKind::Precedence => {
@@ -118,7 +128,11 @@ fn render_list(rows: Vec<RuleRow>) -> String {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        t.add_row(vec![r.id, action, source, r.hits.to_string(), what]);
+        if in_force {
+            t.add_row(vec![r.id, action, source, r.hits.to_string(), what]);
+        } else {
+            t.add_row(vec![r.id, action, what]);
+        }
     }
     t.to_string()
 }
