@@ -17,6 +17,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::http::SelectedHeaders;
 
@@ -110,10 +111,14 @@ impl ProxyConfig {
         }
         let name = self.header.name();
         // Repeated header lines form one list, in order (RFC 9110 §5.3).
-        let mut entries: Vec<&str> = Vec::new();
+        // Inline for the usual few hops: no allocation per request.
+        let mut entries: SmallVec<[&str; 8]> = SmallVec::new();
         for value in headers.get_all(name) {
             match self.header {
-                ClientHeader::XRealIp => entries = vec![value.trim()],
+                ClientHeader::XRealIp => {
+                    entries.clear();
+                    entries.push(value.trim());
+                }
                 ClientHeader::XForwardedFor => entries.extend(value.split(',').map(str::trim)),
                 ClientHeader::Forwarded => entries.extend(value.split(',').map(forwarded_for)),
             }
