@@ -129,20 +129,18 @@ impl ProxyConfig {
         }
         // Right to left: each trusted hop vouches for the one before it; the first address it
         // does not trust is the client.
-        let mut client = None;
+        // Every hop trusted: the leftmost is as far as the chain goes.
+        let mut client = peer;
         for entry in entries.iter().rev() {
             let Some(addr) = parse_node(entry) else {
                 return (peer, ClientSource::HeaderInvalid);
             };
-            client = Some(addr);
+            client = addr;
             if !self.trusts(addr) {
                 break;
             }
         }
-        // Every hop trusted: the leftmost is as far as the chain goes.
-        client.map_or((peer, ClientSource::HeaderMissing), |c| {
-            (c, ClientSource::Header)
-        })
+        (client, ClientSource::Header)
     }
 }
 
