@@ -50,7 +50,10 @@ pub struct EventHeader {
     pub captured_len: u16,
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,
-    pub _pad: u8,
+    /// 0: the segment starts a request. n ≥ 1: the nth segment after that start on the same
+    /// connection, captured because the start did not hold the whole header (see
+    /// [`FollowState`]); userspace appends it to the start's bytes.
+    pub piece: u8,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -59,6 +62,51 @@ pub const RINGBUF_RECORD_HEADER_LEN: usize = 8;
 const _: () = assert!(EVENT_HEADER_LEN == 56);
 const _: () = assert!((RINGBUF_RECORD_HEADER_LEN + EVENT_HEADER_LEN).is_multiple_of(64));
 const _: () = assert!(CAPTURE_MAX <= u16::MAX as usize);
+
+/// A request whose header is split over several TCP segments (a client writing it in pieces,
+/// or an attacker splitting `GET /transferFunds` as `GE` + `T /transferFunds` so no single
+/// segment looks like a request) is followed: when a segment that starts a request, or could
+/// (`G`, `PO`), is shorter than the capture length and does not end the header (`\r\n\r\n`),
+/// the program remembers its connection in `FOLLOW` and captures the segments that continue
+/// it, in sequence, as pieces of the same request, until the header ends, the capture length
+/// is reached, [`FOLLOW_MAX_PIECES`] pieces have come, or the connection is quiet for
+/// [`FOLLOW_IDLE_NS`].
+pub const FOLLOW_MAX_PIECES: u8 = 64;
+/// How long a followed connection may stay quiet between pieces (30 s: servers give a client
+/// about a minute for its whole header).
+pub const FOLLOW_IDLE_NS: u64 = 30_000_000_000;
+/// Connections followed at once; beyond it, the least recently used one is forgotten.
+pub const FOLLOW_FLOWS: u32 = 8_192;
+
+/// Key of `FOLLOW`: the connection, client side first. Addresses as in [`EventHeader`]
+/// (IPv4 in the first 4 bytes, the rest zero), read as native words; ports as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub saddr: [u64; 2],
+    pub daddr: [u64; 2],
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+}
+
+/// Value of `FOLLOW`: where the followed request's next segment must start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FollowState {
+    /// TCP sequence number the next piece starts at (host order).
+    pub next_seq: u32,
+    /// Payload bytes captured for the request so far.
+    pub captured: u16,
+    /// Pieces captured after the start.
+    pub pieces: u8,
+    pub _pad: u8,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds after which the connection is no longer followed.
+    pub until_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FollowState>() == 16);
 
 /// Runtime settings for the XDP program: entry 0 of the `CONFIG` array map.
 #[repr(C)]
@@ -292,9 +340,14 @@ pub enum Counter {
     Ipv6ExtHeader,
     /// Requests to server ports not configured for analysis (passed without capture).
     OtherPort,
+    /// Segments captured as pieces of a request whose header they continue.
+    Continued,
+    /// Followed requests whose next segment came out of order (a gap: the segment between
+    /// was lost or reordered), which ends the following; retransmissions are not counted.
+    FollowLost,
 }
 
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -310,6 +363,8 @@ impl Counter {
         Counter::ParseGaveUp,
         Counter::Ipv6ExtHeader,
         Counter::OtherPort,
+        Counter::Continued,
+        Counter::FollowLost,
     ];
 
     /// Stable snake_case name, used in logs, `status` and JSON.
@@ -327,6 +382,8 @@ impl Counter {
             Counter::ParseGaveUp => "parse_gave_up",
             Counter::Ipv6ExtHeader => "ipv6_ext_header",
             Counter::OtherPort => "other_port",
+            Counter::Continued => "continued",
+            Counter::FollowLost => "follow_lost",
         }
     }
 }

@@ -3,7 +3,8 @@
 //! For every packet: if its source address is blocked (hash table of prefixes or prefix trie),
 //! the block has not expired and the allowlist does not cover it, drop it. Otherwise, if it is a TCP segment whose
 //! payload starts with an HTTP/1.x method token and a space, copy the start of the payload
-//! into the `EVENTS` ring buffer. The only verdicts are pass and drop; packets are never
+//! into the `EVENTS` ring buffer; when that segment does not hold the whole header, copy the
+//! segments that continue it too (`FOLLOW`). The only verdicts are pass and drop; packets are never
 //! modified. Every outcome is counted in the per-CPU `COUNTERS` array.
 #![no_std]
 #![no_main]
@@ -15,9 +16,10 @@ mod parse;
 use agent_common::{
     BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
     EXACT_BUCKETS, EXACT_WAYS, Enforcement, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4,
-    FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, HASHED_LENGTHS,
-    MAX_ALLOW, MAX_BLOCKS, RING_WAKEUP_EVERY_NS, RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4,
-    exact_bucket_v6, prefix_v4, prefix_v6,
+    FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS,
+    FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, FlowKey, FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS,
+    RING_WAKEUP_EVERY_NS, RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4, exact_bucket_v6, prefix_v4,
+    prefix_v6,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -26,7 +28,7 @@ use aya_ebpf::{
         generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     },
     macros::{map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 
@@ -65,6 +67,17 @@ static BLOCK_V6: LpmTrie<[u8; 16], BlockEntry> = LpmTrie::with_max_entries(MAX_B
 static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
 #[map]
 static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_ALLOW, 0);
+
+/// Connections whose request header is being followed over several segments (see
+/// `FOLLOW_MAX_PIECES` in agent-common): LRU, so connections that never finish their header
+/// are forgotten first when it fills.
+#[map]
+static FOLLOW: LruHashMap<FlowKey, FollowState> = LruHashMap::with_max_entries(FOLLOW_FLOWS, 0);
+
+/// Entry 0: the coarse-clock time until which some connection may still be followed; before
+/// the first following and after the last, segments that start no request skip `FOLLOW`.
+#[map]
+static FOLLOWING: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
@@ -326,19 +339,22 @@ fn enforce<K>(
     true
 }
 
-/// Sends the start of an HTTP/1.x request to the ring buffer, if the payload is one.
+/// Sends the start of an HTTP/1.x request to the ring buffer, if the payload is one, and the
+/// segments that continue a request whose header the start did not hold (see `FOLLOW`).
 #[inline(always)]
 fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
-    if !h.is_tcp || h.payload_len < 4 {
+    if !h.is_tcp || h.payload_len == 0 {
         return Err(Skip::NotInteresting);
     }
     let mut head = 0u64;
     parse::payload_head(ctx, h, &mut head)?;
-    if !parse::is_http_method(head) {
+    let starts = parse::is_http_method(head)
+        || (h.payload_len < 8 && parse::is_method_prefix(head, h.payload_len));
+    if !starts {
         if parse::is_http2_preface(head) {
             return Err(Skip::Http2);
         }
-        return Err(Skip::NotInteresting);
+        return continuation(ctx, h);
     }
 
     let Some(config) = CONFIG.get(0) else {
@@ -352,26 +368,142 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             return Err(Skip::OtherPort);
         }
     }
-    let limit = if config.capture_len != 0 {
-        config.capture_len as usize
-    } else {
-        CAPTURE_DEFAULT as usize
-    };
+    let limit = capture_limit(config);
     let captured = if h.payload_len < limit {
         h.payload_len
     } else {
         limit
     };
-    // The ring only accepts reservations of a size the verifier knows, so records come in a
-    // few sizes; the payload is copied once, straight from the packet into the ring.
-    if captured <= 128 {
-        emit::<128>(ctx, h, captured)
-    } else if captured <= 512 {
-        emit::<512>(ctx, h, captured)
-    } else if captured <= 1024 {
-        emit::<1024>(ctx, h, captured)
+    emit_sized(ctx, h, captured, 0)?;
+    // A start that is the whole segment and does not end the header: follow its connection.
+    // A complete one ends any following of the connection's earlier request.
+    if captured < limit && !parse::ends_header(ctx, h) {
+        let mut key = FlowKey::default();
+        parse::flow_key(ctx, h, &mut key)?;
+        let until = coarse_now() + FOLLOW_IDLE_NS;
+        let state = FollowState {
+            next_seq: parse::tcp_seq(ctx, h)?.wrapping_add(h.payload_len as u32),
+            captured: captured as u16,
+            pieces: 0,
+            _pad: 0,
+            until_ns: until,
+        };
+        let _ = FOLLOW.insert(&key, &state, 0);
+        if let Some(active) = FOLLOWING.get_ptr_mut(0) {
+            unsafe { *active = until };
+        }
+    } else if following() {
+        let mut key = FlowKey::default();
+        parse::flow_key(ctx, h, &mut key)?;
+        let _ = FOLLOW.remove(&key);
+    }
+    Ok(())
+}
+
+/// Payload bytes to capture per request: the configured length, or the default.
+#[inline(always)]
+fn capture_limit(config: &Config) -> usize {
+    if config.capture_len != 0 {
+        config.capture_len as usize
     } else {
-        emit::<CAPTURE_MAX>(ctx, h, captured)
+        CAPTURE_DEFAULT as usize
+    }
+}
+
+/// Whether any connection may be followed: `FOLLOWING` holds the latest end of a following.
+/// While it is past, a segment that starts no request costs this check and nothing more.
+#[inline(always)]
+fn following() -> bool {
+    FOLLOWING.get(0).is_some_and(|until| coarse_now() < *until)
+}
+
+/// A segment that starts no request: if its connection is followed and it is the next one in
+/// sequence, it is captured as the next piece of the request.
+#[inline(always)]
+fn continuation(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
+    if !following() {
+        return Err(Skip::NotInteresting);
+    }
+    let mut key = FlowKey::default();
+    parse::flow_key(ctx, h, &mut key)?;
+    let Some(state) = FOLLOW.get_ptr_mut(&key) else {
+        return Err(Skip::NotInteresting);
+    };
+    let seq = parse::tcp_seq(ctx, h)?;
+    let now = coarse_now();
+    let (next_seq, captured, pieces, until) = unsafe {
+        (
+            (*state).next_seq,
+            (*state).captured as usize,
+            (*state).pieces,
+            (*state).until_ns,
+        )
+    };
+    if now >= until {
+        let _ = FOLLOW.remove(&key);
+        return Err(Skip::NotInteresting);
+    }
+    // Signed distance in sequence space: behind is a retransmission of bytes already seen
+    // (ignored, the following goes on); ahead is a gap, and the request can no longer be
+    // put together.
+    let ahead = seq.wrapping_sub(next_seq) as i32;
+    if ahead < 0 {
+        return Err(Skip::NotInteresting);
+    }
+    if ahead > 0 {
+        let _ = FOLLOW.remove(&key);
+        bump(Counter::FollowLost);
+        return Err(Skip::NotInteresting);
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Err(Skip::NotInteresting);
+    };
+    let limit = capture_limit(config);
+    let left = if captured < limit {
+        limit - captured
+    } else {
+        0
+    };
+    let take = if h.payload_len < left {
+        h.payload_len
+    } else {
+        left
+    };
+    let pieces = pieces.wrapping_add(1);
+    if take == 0 || pieces > FOLLOW_MAX_PIECES {
+        let _ = FOLLOW.remove(&key);
+        return Err(Skip::NotInteresting);
+    }
+    emit_sized(ctx, h, take, pieces)?;
+    if take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h) {
+        let _ = FOLLOW.remove(&key);
+    } else {
+        unsafe {
+            (*state).next_seq = next_seq.wrapping_add(h.payload_len as u32);
+            (*state).captured = (captured + take) as u16;
+            (*state).pieces = pieces;
+            (*state).until_ns = now + FOLLOW_IDLE_NS;
+        }
+        if let Some(active) = FOLLOWING.get_ptr_mut(0) {
+            unsafe { *active = now + FOLLOW_IDLE_NS };
+        }
+    }
+    Ok(())
+}
+
+/// Emits `captured` payload bytes (1..=CAPTURE_MAX) in the smallest record size that holds
+/// them: the ring only accepts reservations of a size the verifier knows, so records come in
+/// a few sizes; the payload is copied once, straight from the packet into the ring.
+#[inline(always)]
+fn emit_sized(ctx: &XdpContext, h: &Headers, captured: usize, piece: u8) -> Result<(), Skip> {
+    if captured <= 128 {
+        emit::<128>(ctx, h, captured, piece)
+    } else if captured <= 512 {
+        emit::<512>(ctx, h, captured, piece)
+    } else if captured <= 1024 {
+        emit::<1024>(ctx, h, captured, piece)
+    } else {
+        emit::<CAPTURE_MAX>(ctx, h, captured, piece)
     }
 }
 
@@ -383,7 +515,12 @@ struct Record<const N: usize> {
 }
 
 #[inline(always)]
-fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Result<(), Skip> {
+fn emit<const N: usize>(
+    ctx: &XdpContext,
+    h: &Headers,
+    captured: usize,
+    piece: u8,
+) -> Result<(), Skip> {
     // Whole cache lines per record keep every record line-aligned in the ring (see EventHeader).
     const { assert!((RINGBUF_RECORD_HEADER_LEN + core::mem::size_of::<Record<N>>()).is_multiple_of(64)) };
     if captured == 0 || captured > N {
@@ -422,10 +559,14 @@ fn emit<const N: usize>(ctx: &XdpContext, h: &Headers, captured: usize) -> Resul
         (*hdr).payload_len = h.payload_len as u32;
         (*hdr).captured_len = captured as u16;
         (*hdr).family = if h.is_v6 { FAMILY_IPV6 } else { FAMILY_IPV4 };
-        (*hdr)._pad = 0;
+        (*hdr).piece = piece;
     }
     entry.submit(wakeup_flags(now));
-    bump(Counter::Captured);
+    bump(if piece == 0 {
+        Counter::Captured
+    } else {
+        Counter::Continued
+    });
     if h.payload_len > captured {
         bump(Counter::Truncated);
     }

@@ -4,7 +4,7 @@
 //! Headers are read in place through typed pointers after one bounds check each, and only
 //! the fields the verdict needs are loaded: this runs for every packet. Payload bytes go
 //! through `bpf_xdp_load_bytes`, which is safe on multi-buffer packets too.
-use agent_common::EventHeader;
+use agent_common::{EventHeader, FlowKey};
 use aya_ebpf::{
     helpers::generated::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     programs::XdpContext,
@@ -295,6 +295,88 @@ pub fn is_http_method(w: u64) -> bool {
         b'T' => w & M6 == le(b"TRACE \0\0"),
         _ => false,
     }
+}
+
+/// Could a payload of `len` bytes (1..=7, fewer than [`is_http_method`] needs) be the start of
+/// a request whose method token the next segment completes (`G`, `PO`, `DELETE`)? `w` holds
+/// the bytes zero-padded, as from [`payload_head`].
+#[inline(always)]
+pub fn is_method_prefix(w: u64, len: usize) -> bool {
+    const fn le(s: &[u8; 8]) -> u64 {
+        u64::from_le_bytes(*s)
+    }
+    const TOKENS: [u64; 9] = [
+        le(b"GET \0\0\0\0"),
+        le(b"POST \0\0\0"),
+        le(b"PUT \0\0\0\0"),
+        le(b"PATCH \0\0"),
+        le(b"DELETE \0"),
+        le(b"HEAD \0\0\0"),
+        le(b"OPTIONS "),
+        le(b"CONNECT "),
+        le(b"TRACE \0\0"),
+    ];
+    if len == 0 || len >= 8 {
+        return false;
+    }
+    let mask = (1u64 << (len * 8)) - 1;
+    let mut i = 0;
+    while i < TOKENS.len() {
+        if w & mask == TOKENS[i] & mask {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Does the payload end with the blank line that ends an HTTP header? Reads its last 4 bytes
+/// (from fragments too); a payload shorter than that cannot tell, and says no.
+#[inline(always)]
+pub fn ends_header(ctx: &XdpContext, h: &Headers) -> bool {
+    if h.payload_len < 4 {
+        return false;
+    }
+    let mut tail = [0u8; 4];
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            (h.payload_off + h.payload_len - 4) as u32,
+            tail.as_mut_ptr().cast(),
+            4,
+        )
+    };
+    rc >= 0 && tail == *b"\r\n\r\n"
+}
+
+/// The TCP sequence number (host order).
+#[inline(always)]
+pub fn tcp_seq(ctx: &XdpContext, h: &Headers) -> Result<u32, Skip> {
+    Ok(u32::from_be(unsafe { (*ptr_at::<TcpHdr>(ctx, h.l4)?).seq }))
+}
+
+/// Fills the `FOLLOW` key of the packet's connection (every field, padding included: the
+/// whole key is hashed).
+#[inline(always)]
+pub fn flow_key(ctx: &XdpContext, h: &Headers, key: &mut FlowKey) -> Result<(), Skip> {
+    unsafe {
+        if h.is_v6 {
+            let ip = ptr_at::<Ipv6Hdr>(ctx, h.l3)?;
+            let s = (&raw const (*ip).saddr).cast::<[u8; 8]>();
+            let d = (&raw const (*ip).daddr).cast::<[u8; 8]>();
+            key.saddr = [u64::from_ne_bytes(*s), u64::from_ne_bytes(*s.add(1))];
+            key.daddr = [u64::from_ne_bytes(*d), u64::from_ne_bytes(*d.add(1))];
+        } else {
+            let ip = ptr_at::<Ipv4Hdr>(ctx, h.l3)?;
+            key.saddr = [u64::from(u32::from_ne_bytes((*ip).saddr)), 0];
+            key.daddr = [u64::from(u32::from_ne_bytes((*ip).daddr)), 0];
+        }
+        let t = ptr_at::<TcpHdr>(ctx, h.l4)?;
+        key.sport = (*t).source;
+        key.dport = (*t).dest;
+        key._pad = 0;
+    }
+    Ok(())
 }
 
 /// "PRI * HTTP/2.0": a client starting HTTP/2 with prior knowledge (h2c).

@@ -198,6 +198,9 @@ pub struct CapturedRequest {
     pub ifindex: u32,
     /// Length of the TCP payload on the wire; larger than `data.len()` when truncated.
     pub payload_len: u32,
+    /// 0: the segment starts a request; n ≥ 1: the nth segment continuing the request started
+    /// on the same connection (see [`crate::reassemble`]).
+    pub piece: u8,
     pub data: Vec<u8>,
 }
 
@@ -224,6 +227,7 @@ impl CapturedRequest {
             server: SocketAddr::new(ip(&h.daddr), h.dport),
             ifindex: h.ifindex,
             payload_len: h.payload_len,
+            piece: h.piece,
             data: payload[..len].to_vec(),
         })
     }

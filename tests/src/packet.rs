@@ -21,6 +21,8 @@ pub struct Packet {
     pub tcp_options: usize,
     /// TCP flags byte (0x18 = PSH|ACK, 0x02 = SYN).
     pub tcp_flags: u8,
+    /// TCP sequence number.
+    pub seq: u32,
     pub payload: Vec<u8>,
 }
 
@@ -37,6 +39,7 @@ impl Packet {
             dport: 8080,
             tcp_options: 0,
             tcp_flags: 0x18,
+            seq: 1,
             payload: payload.to_vec(),
         }
     }
@@ -118,7 +121,7 @@ impl Packet {
         let mut t = Vec::with_capacity(doff + self.payload.len());
         t.extend_from_slice(&self.sport.to_be_bytes());
         t.extend_from_slice(&self.dport.to_be_bytes());
-        t.extend_from_slice(&1u32.to_be_bytes()); // seq
+        t.extend_from_slice(&self.seq.to_be_bytes());
         t.extend_from_slice(&1u32.to_be_bytes()); // ack
         t.push(((doff / 4) as u8) << 4);
         t.push(self.tcp_flags);

@@ -47,6 +47,22 @@ impl Outcome {
         unsafe { std::ptr::read_unaligned(self.events[0].as_ptr().cast()) }
     }
 
+    /// Each event's piece number and captured bytes.
+    fn pieces(&self) -> Vec<(u8, Vec<u8>)> {
+        self.events
+            .iter()
+            .map(|e| {
+                // SAFETY: as in `header`.
+                let hdr: EventHeader = unsafe { std::ptr::read_unaligned(e.as_ptr().cast()) };
+                let len = hdr.captured_len as usize;
+                (
+                    hdr.piece,
+                    e[EVENT_HEADER_LEN..EVENT_HEADER_LEN + len].to_vec(),
+                )
+            })
+            .collect()
+    }
+
     /// The captured bytes (records come in size buckets; bytes past captured_len are noise).
     fn payload(&self) -> &[u8] {
         let len = self.header().captured_len as usize;
@@ -144,7 +160,7 @@ fn every_header_byte_is_written_over_earlier_records() {
         let o = h.run(pkt);
         let hdr = o.header();
         assert_eq!(hdr.family, family, "record {i}");
-        assert_eq!(hdr._pad, 0, "record {i}");
+        assert_eq!(hdr.piece, 0, "record {i}");
         assert_eq!(hdr.sport, pkt.sport, "record {i}");
         assert_eq!(hdr.captured_len as usize, pkt.payload.len(), "record {i}");
         if family == 4 {
@@ -247,8 +263,8 @@ fn non_http_and_lookalike_payloads_pass_without_event() {
         b"DELETE\t/x HTTP/1.1\r\n\r\n",
         b"OPTIONS/ HTTP/1.1\r\n\r\n",
         b"PUTT / HTTP/1.1\r\n\r\n",
-        b"GET",
-        b"HEA",
+        b"GEX",
+        b"HE\0",
     ];
     for p in payloads {
         let o = h.run(&Packet::tcp("10.9.0.2", "10.9.0.1", p));
@@ -362,6 +378,125 @@ fn long_requests_are_truncated_to_the_configured_capture_length() {
 
     assert!(h.dp.set_capture_len(0).is_err());
     assert!(h.dp.set_capture_len(4097).is_err());
+}
+
+/// A segment of the connection `Packet::tcp` builds (client 10.9.0.2:40000), at `seq`.
+fn segment(seq: u32, payload: &[u8]) -> Packet {
+    let mut p = Packet::tcp("10.9.0.2", "10.9.0.1", payload);
+    p.seq = seq;
+    p
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_request_header_split_over_segments_is_captured_piece_by_piece() {
+    let mut h = Harness::new();
+    let parts: [&[u8]; 3] = [
+        b"POST /transf",
+        b"erFunds HTTP/1.1\r\nHost: bank.test\r\n",
+        b"Authorization: Bearer t0k3n\r\n\r\n",
+    ];
+    let mut seq = 1_000u32;
+    let o = h.run(&segment(seq, parts[0]));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    assert_eq!(o.pieces(), vec![(0, parts[0].to_vec())]);
+    seq += parts[0].len() as u32;
+
+    let o = h.run(&segment(seq, parts[1]));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Continued, 1)]);
+    assert_eq!(o.pieces(), vec![(1, parts[1].to_vec())]);
+    assert_eq!(
+        (o.header().sport, o.header().dport, &o.header().saddr[..4]),
+        (40_000, 8080, &[10u8, 9, 0, 2][..])
+    );
+    // A retransmission of the piece just seen is not captured again, and does not end the
+    // following.
+    let o = h.run(&segment(seq, parts[1]));
+    o.assert_counters(&[(Counter::Passed, 1)]);
+    assert!(o.events.is_empty());
+    seq += parts[1].len() as u32;
+
+    // Another connection at the same sequence number is not this one.
+    let mut other = segment(seq, parts[2]);
+    other.sport = 40_001;
+    let o = h.run(&other);
+    assert!(o.events.is_empty());
+
+    // The piece that ends the header ends the following: the body after it is not captured.
+    let o = h.run(&segment(seq, parts[2]));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Continued, 1)]);
+    assert_eq!(o.pieces(), vec![(2, parts[2].to_vec())]);
+    seq += parts[2].len() as u32;
+    let o = h.run(&segment(seq, b"{\"amount\": 100}"));
+    o.assert_counters(&[(Counter::Passed, 1)]);
+    assert!(o.events.is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_method_token_split_in_two_still_starts_a_request() {
+    let mut h = Harness::new();
+    for (first, rest) in [
+        (&b"G"[..], &b"ET /accounts/7 HTTP/1.1\r\n\r\n"[..]),
+        (b"DELET", b"E /accounts/7 HTTP/1.1\r\n\r\n"),
+        (b"OPTIONS", b" * HTTP/1.1\r\n\r\n"),
+    ] {
+        let o = h.run(&segment(500, first));
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+        assert_eq!(o.pieces(), vec![(0, first.to_vec())]);
+        let o = h.run(&segment(500 + first.len() as u32, rest));
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::Continued, 1)]);
+        assert_eq!(o.pieces(), vec![(1, rest.to_vec())]);
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_complete_request_is_not_followed_and_a_gap_ends_the_following() {
+    let mut h = Harness::new();
+    // A whole request: the next segment of its connection is a body, not a piece.
+    let req = get("/balance");
+    h.run(&segment(1, &req));
+    let o = h.run(&segment(1 + req.len() as u32, b"trailing bytes"));
+    assert!(o.events.is_empty());
+
+    // A start that is followed, then a segment further on than the next one expected: the
+    // bytes between are missing, the request cannot be put together, following ends.
+    h.run(&segment(100, b"GET /a"));
+    let o = h.run(&segment(150, b"HTTP/1.1\r\n\r\n"));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::FollowLost, 1)]);
+    assert!(o.events.is_empty());
+    let o = h.run(&segment(106, b" HTTP/1.1\r\n\r\n"));
+    assert!(o.events.is_empty());
+
+    // A new request on a followed connection replaces the following: a whole one ends it.
+    h.run(&segment(300, b"GET /b"));
+    h.run(&segment(306, &get("/c")));
+    let o = h.run(&segment(306 + get("/c").len() as u32, b"more"));
+    assert!(o.events.is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn pieces_stop_at_the_capture_length() {
+    let mut h = Harness::new();
+    h.dp.set_capture_len(32).unwrap();
+    let start = b"GET /items?page=1";
+    let rest = b"&sort=asc HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    h.run(&segment(7, start));
+    let o = h.run(&segment(7 + start.len() as u32, rest));
+    o.assert_counters(&[
+        (Counter::Passed, 1),
+        (Counter::Continued, 1),
+        (Counter::Truncated, 1),
+    ]);
+    assert_eq!(o.pieces(), vec![(1, rest[..32 - start.len()].to_vec())]);
+    // The budget is spent: nothing further is captured.
+    let o = h.run(&segment(
+        7 + (start.len() + rest.len()) as u32,
+        b"X-More: 1\r\n",
+    ));
+    assert!(o.events.is_empty());
 }
 
 #[test]
