@@ -50,6 +50,7 @@ use crate::{
     engine::{Engine, Learned},
     ifwatch::{self, Watcher},
     notify,
+    reassemble::Reassembler,
     rules::RuleFile,
     state::{Persist, StateDir},
 };
@@ -168,6 +169,8 @@ struct Daemon {
     /// Parses requests for `log_requests` only (the engine has its own parser).
     request_log: Option<crate::http::Parser>,
     captured: mpsc::Receiver<CapturedRequest>,
+    /// Joins requests whose header the program captured in several pieces.
+    reassembler: Reassembler,
     control: mpsc::Receiver<ControlRequest>,
     reader_overflow: Arc<AtomicU64>,
     counters: Counters,
@@ -283,6 +286,7 @@ impl Daemon {
             request_log: config
                 .log_requests
                 .then(|| crate::http::Parser::new(config.http.clone())),
+            reassembler: Reassembler::new(config.capture_len as usize),
             config,
             config_path,
             overrides,
@@ -325,7 +329,13 @@ impl Daemon {
                     let response = self.on_control(&req.request);
                     req.respond(response);
                 }
-                _ = maintain.tick() => self.engine.maintain(clock::unix_ns()),
+                _ = maintain.tick() => {
+                    let now = clock::unix_ns();
+                    for req in self.reassembler.expire(now) {
+                        self.on_request(req);
+                    }
+                    self.engine.maintain(now);
+                }
                 _ = sweep.tick() => match self.enforcer.sweep() {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "expired blocks swept"),
@@ -346,6 +356,10 @@ impl Daemon {
     fn stop(&mut self) {
         notify::stopping();
         self.shutdown.cancel();
+        // Requests still waiting for pieces are learned from as they are.
+        for req in self.reassembler.flush() {
+            self.on_request(req);
+        }
         let _ = self.save_state();
         self.log_counters();
         self.datapath.detach_all();
@@ -391,6 +405,13 @@ impl Daemon {
             self.counters.port_filtered += 1;
             return;
         }
+        for req in self.reassembler.push(req) {
+            self.on_request(req);
+        }
+    }
+
+    /// A whole request (or all that was captured of it): logged when asked, then the engine.
+    fn on_request(&mut self, req: CapturedRequest) {
         if let Some(parser) = &mut self.request_log {
             for line in request_lines(parser, &req) {
                 if self.out.try_send(line).is_err() {
@@ -627,6 +648,10 @@ impl Daemon {
             userspace.insert(format!("skipped_{reason}"), n);
         }
         userspace.insert("port_filtered".into(), self.counters.port_filtered);
+        let rc = self.reassembler.counters();
+        userspace.insert("requests_reassembled".into(), rc.reassembled);
+        userspace.insert("requests_incomplete".into(), rc.incomplete);
+        userspace.insert("stray_pieces".into(), rc.stray_pieces);
         let pc = self.engine.proxy_counters();
         userspace.insert("client_from_header".into(), pc.client_from_header);
         userspace.insert("client_header_missing".into(), pc.client_header_missing);
@@ -820,6 +845,7 @@ impl Daemon {
             }
             if new.capture_len != self.config.capture_len {
                 self.datapath.set_capture_len(new.capture_len)?;
+                self.reassembler.set_capture_len(new.capture_len as usize);
             }
             if new.ports != self.config.ports {
                 self.datapath.set_ports(&new.ports)?;

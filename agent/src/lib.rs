@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod proxy;
+pub mod reassemble;
 pub mod replay;
 pub mod rules;
 pub mod session;

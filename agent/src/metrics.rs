@@ -115,7 +115,7 @@ pub fn render(report: &StatusReport) -> String {
     x.family(
         "precedent_xdp_packets_total",
         Kind::Counter,
-        "XDP program counters by outcome (packets, or requests for captured, truncated and ringbuf_full).",
+        "XDP program counters by outcome (packets; requests for captured, truncated and ringbuf_full; segments for continued).",
     );
     for (outcome, v) in &report.kernel_counters {
         x.sample("precedent_xdp_packets_total", &[("outcome", outcome)], v);

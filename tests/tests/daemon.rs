@@ -328,6 +328,113 @@ action = "block"
     drop(daemon);
 }
 
+/// Sends one request in pieces, each its own TCP segment (no Nagle, a pause between writes),
+/// as an attacker would to hide it from anything that reads one segment at a time; returns
+/// the response's status line.
+fn request_in_pieces(target: SocketAddr, pieces: &[&str]) -> Result<String, std::io::ErrorKind> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(800))
+        .map_err(|e| e.kind())?;
+    s.set_nodelay(true).map_err(|e| e.kind())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.kind())?;
+    for piece in pieces {
+        s.write_all(piece.as_bytes()).map_err(|e| e.kind())?;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.kind())?;
+    Ok(String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_request_split_over_segments_is_seen_whole_and_enforced() {
+    let net = TestNet::new("dmn5", 25).unwrap();
+    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
+    let dir = Scratch::new("dmn5");
+    let config = write_config(
+        &dir,
+        r#"
+mode = "enforce"
+[[rule]]
+id = "transfer-needs-balance"
+operation = "POST /api/v1/transferFunds"
+preceded_by = ["GET /api/v1/accounts/{account_id}/balance"]
+action = "block"
+block_ttl = "10m"
+"#,
+    );
+    let daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--config", &config],
+    )
+    .unwrap();
+    let socket = daemon.socket().unwrap();
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+
+    // The transfer without the balance lookup, its method token cut in two and its session
+    // token in a later segment than its request line.
+    let (auth, transfer) = net
+        .run_in_ns(move || {
+            let auth = request(target, "attacker", "POST", "/api/v1/auth");
+            let transfer = request_in_pieces(
+                target,
+                &[
+                    "PO",
+                    "ST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n",
+                    "Authorization: Bearer attacker\r\nConnection: close\r\n",
+                    "Content-Length: 0\r\n\r\n",
+                ],
+            );
+            (auth, transfer)
+        })
+        .unwrap();
+    assert!(auth.is_ok_and(|s| s.contains("200")));
+    assert!(
+        transfer.as_ref().is_ok_and(|s| s.contains("200")),
+        "the server took the pieces as one request: {transfer:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cli(&socket, &["blocks", "list"])
+        .as_array()
+        .is_none_or(|b| b.is_empty())
+    {
+        assert!(std::time::Instant::now() < deadline, "no block within 20s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let alert: serde_json::Value = serde_json::from_str(
+        &daemon
+            .next_line(Duration::from_secs(3))
+            .expect("an alert line on stdout"),
+    )
+    .unwrap();
+    assert_eq!(alert["rule"], "transfer-needs-balance");
+    assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
+    let status = cli(&socket, &["status"]);
+    // Both requests in one session: the split one's token was read from its third piece.
+    assert_eq!(status["userspace_counters"]["requests"], 2, "{status}");
+    assert_eq!(
+        status["userspace_counters"]["sessions_created"], 1,
+        "{status}"
+    );
+    assert_eq!(
+        status["userspace_counters"]["requests_reassembled"], 1,
+        "{status}"
+    );
+    assert_eq!(status["kernel_counters"]["captured"], 2, "{status}");
+    assert_eq!(status["kernel_counters"]["continued"], 3, "{status}");
+    let blocked = net
+        .run_in_ns(move || request(target, "attacker", "GET", "/api/v1/accounts/17/balance"))
+        .unwrap();
+    assert!(blocked.is_err(), "attacker still served: {blocked:?}");
+    drop(daemon);
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
