@@ -2,17 +2,24 @@
 //! (the XDP program's test) goes through the live path's [`http::Parser`], cut to the capture
 //! length the daemon would copy; the client is the source address, the time the packet's.
 //!
-//! Like the XDP path there is no TCP reassembly: a request split over segments yields the
-//! part in its first segment (the parser tolerates truncation), later segments are ignored.
-//! Requests pipelined in one segment are each read, as far as the capture length goes.
+//! A request whose header is split over segments is followed as the XDP program follows it
+//! ([`Follower`], the program's rules in userspace) and joined by the daemon's
+//! [`Reassembler`], so replay sees the requests the daemon sees; there is no other TCP
+//! reassembly. Requests pipelined in one segment are each read, as far as the capture length
+//! goes.
 use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use pcap_parser::{
     Block, Linktype, PcapBlockOwned, PcapError, create_reader,
     traits::{PcapNGPacketBlock as _, PcapReaderIterator},
 };
 
+use std::net::{IpAddr, SocketAddr};
+
+use agent_common::{FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES};
+use rustc_hash::FxHashMap;
+
 use super::{Origin, ReplayRecord, formats::Skip, input::Input};
-use crate::http;
+use crate::{capture::CapturedRequest, http, reassemble::Reassembler};
 
 /// Initial read buffer; grown (up to [`MAX_BLOCK`]) for captures of jumbo/GRO packets.
 const BUF: usize = 64 * 1024;
@@ -58,6 +65,8 @@ pub(crate) struct PcapSource {
     /// HTTP request packets the capture's snaplen cut short (their request may be partial).
     pub snaplen_cut: u64,
     buf_size: usize,
+    follower: Follower,
+    reassembler: Reassembler,
 }
 
 /// A parser error in a line of its own: pcap-parser's messages carry the unparsed input
@@ -116,10 +125,29 @@ impl PcapSource {
             pending,
             snaplen_cut: 0,
             buf_size: BUF,
+            follower: Follower::default(),
+            reassembler: Reassembler::new(capture_len.max(1)),
         }
     }
 
     pub fn next_event(&mut self) -> Event {
+        match self.next_packet_event() {
+            Event::End => {
+                // Requests still waiting for pieces are read as they are, as the daemon does
+                // when it stops.
+                let file = self.file;
+                for req in self.reassembler.flush() {
+                    let packet = self.packet_no;
+                    let events = requests(&req, packet, file, &mut self.http, &self.keep);
+                    self.pending.extend(events.into_iter().rev());
+                }
+                self.pending.pop().unwrap_or(Event::End)
+            }
+            e => e,
+        }
+    }
+
+    fn next_packet_event(&mut self) -> Event {
         if let Some(e) = self.pending.pop() {
             return e;
         }
@@ -142,6 +170,8 @@ impl PcapSource {
                             capture_len: self.capture_len,
                             file: self.file,
                             snaplen_cut: &mut self.snaplen_cut,
+                            follower: &mut self.follower,
+                            reassembler: &mut self.reassembler,
                         },
                     );
                     Ok((offset, ev))
@@ -222,6 +252,82 @@ struct Ctx<'a> {
     capture_len: usize,
     file: u32,
     snaplen_cut: &'a mut u64,
+    follower: &'a mut Follower,
+    reassembler: &'a mut Reassembler,
+}
+
+/// The XDP program's following of split request headers (`FOLLOW` in agent-ebpf), over the
+/// packets of a capture: which connections are followed and where their next piece starts.
+#[derive(Default)]
+struct Follower {
+    flows: FxHashMap<(SocketAddr, SocketAddr), Followed>,
+}
+
+struct Followed {
+    next_seq: u32,
+    captured: usize,
+    pieces: u8,
+    until_ns: u64,
+}
+
+impl Follower {
+    /// A request start of `len` bytes at `seq` that did not hold its whole header.
+    fn start(&mut self, flow: (SocketAddr, SocketAddr), seq: u32, len: usize, ts_ns: u64) {
+        if self.flows.len() >= FOLLOW_FLOWS as usize {
+            self.flows.retain(|_, f| f.until_ns > ts_ns);
+        }
+        if self.flows.len() < FOLLOW_FLOWS as usize || self.flows.contains_key(&flow) {
+            self.flows.insert(
+                flow,
+                Followed {
+                    next_seq: seq.wrapping_add(len as u32),
+                    captured: len,
+                    pieces: 0,
+                    until_ns: ts_ns + FOLLOW_IDLE_NS,
+                },
+            );
+        }
+    }
+
+    fn end(&mut self, flow: &(SocketAddr, SocketAddr)) {
+        self.flows.remove(flow);
+    }
+
+    /// A segment that starts no request: its piece number and how many of its bytes the
+    /// program would capture, if it continues a followed request.
+    fn piece(
+        &mut self,
+        flow: (SocketAddr, SocketAddr),
+        seq: u32,
+        payload: &[u8],
+        ts_ns: u64,
+        limit: usize,
+    ) -> Option<(u8, usize)> {
+        let f = self.flows.get_mut(&flow)?;
+        let ahead = seq.wrapping_sub(f.next_seq) as i32;
+        if ts_ns >= f.until_ns || ahead > 0 {
+            self.flows.remove(&flow);
+            return None;
+        }
+        if ahead < 0 {
+            return None; // a retransmission
+        }
+        let take = payload.len().min(limit.saturating_sub(f.captured));
+        let piece = f.pieces.wrapping_add(1);
+        if take == 0 || piece > FOLLOW_MAX_PIECES {
+            self.flows.remove(&flow);
+            return None;
+        }
+        if take < payload.len() || piece >= FOLLOW_MAX_PIECES || payload.ends_with(b"\r\n\r\n") {
+            self.flows.remove(&flow);
+        } else {
+            f.next_seq = f.next_seq.wrapping_add(payload.len() as u32);
+            f.captured += take;
+            f.pieces = piece;
+            f.until_ns = ts_ns + FOLLOW_IDLE_NS;
+        }
+        Some((piece, take))
+    }
 }
 
 fn handle_block(
@@ -358,48 +464,95 @@ fn packet(
         }
         None => return Event::Ignored("not_tcp"),
     };
+    let server: IpAddr = match &sliced.net {
+        Some(LaxNetSlice::Ipv4(s)) => s.header().destination_addr().into(),
+        Some(LaxNetSlice::Ipv6(s)) => s.header().destination_addr().into(),
+        _ => return Event::Ignored("not_ip"),
+    };
     let payload = tcp.payload();
-    // The XDP program's test, byte for byte: at least 4 bytes, a method token and a space.
-    if payload.len() < 4 {
+    if payload.is_empty() {
         return Event::Ignored("no_payload");
     }
+    // The XDP program's tests, byte for byte: a method token and a space, or fewer than 8
+    // bytes that begin one; else a piece of a followed request, or nothing of interest.
     let mut head = [0u8; 8];
     let n = payload.len().min(8);
     head[..n].copy_from_slice(&payload[..n]);
-    if !is_http_method(head) {
-        return Event::Ignored("not_http_request");
-    }
+    let flow = (
+        SocketAddr::new(client, tcp.source_port()),
+        SocketAddr::new(server, tcp.destination_port()),
+    );
+    let seq = tcp.sequence_number();
+    let limit = ctx.capture_len;
+    let (piece, take) = if is_http_method(head) || is_method_prefix(payload) {
+        // A packet the snaplen cut is not followed: what it lacks was never captured.
+        if !cut && payload.len() < limit && !payload.ends_with(b"\r\n\r\n") {
+            ctx.follower.start(flow, seq, payload.len(), ts_ns);
+        } else {
+            ctx.follower.end(&flow);
+        }
+        (0, payload.len().min(limit))
+    } else {
+        match ctx.follower.piece(flow, seq, payload, ts_ns, limit) {
+            Some(p) => p,
+            None => return Event::Ignored("not_http_request"),
+        }
+    };
     if cut {
         // The request bytes may end early; the parser copes, as with a live prefix.
         *ctx.snaplen_cut += 1;
     }
-    let captured = &payload[..payload.len().min(ctx.capture_len)];
+    let captured = CapturedRequest {
+        ts_unix_ns: ts_ns,
+        client: flow.0,
+        server: flow.1,
+        ifindex: 0,
+        // One more than captured when cut: the request is truncated, not waiting for pieces.
+        payload_len: (payload.len() + usize::from(cut)) as u32,
+        piece,
+        data: payload[..take].to_vec(),
+    };
+    let mut ready = ctx.reassembler.expire(ts_ns);
+    ready.extend(ctx.reassembler.push(captured));
+    let mut events: Vec<Event> = ready
+        .iter()
+        .flat_map(|req| requests(req, packet_no, ctx.file, ctx.http, ctx.keep))
+        .collect();
+    if events.is_empty() {
+        return Event::Ignored("request_piece");
+    }
+    let first = events.remove(0);
+    // `pending` is popped from its end.
+    ctx.pending.extend(events.into_iter().rev());
+    first
+}
+
+/// The events of one captured request: each request in its bytes (requests pipelined behind
+/// the first are read as the live path reads them, `Engine::on_capture`), parsed or skipped.
+fn requests(
+    captured: &CapturedRequest,
+    packet_no: u64,
+    file: u32,
+    http: &mut http::Parser,
+    keep: &[String],
+) -> Vec<Event> {
     let origin = Origin {
-        file: ctx.file,
+        file,
         pos: packet_no,
     };
-    // Requests pipelined behind the first are read as the live path reads them
-    // (`Engine::on_capture`): the first is this packet's event, the others wait in `pending`.
-    let mut first = None;
-    let mut later = Vec::new();
-    let Ctx {
-        http,
-        keep,
-        pending,
-        ..
-    } = ctx;
-    http.each_request(captured, |i, bytes, parsed| {
-        let event = match parsed {
+    let mut events = Vec::new();
+    http.each_request(&captured.data, |_, bytes, parsed| {
+        events.push(match parsed {
             Ok(req) => {
                 let mut headers = Vec::new();
-                for name in keep.iter() {
+                for name in keep {
                     for v in req.headers.get_all(name) {
                         headers.push((name.clone(), v.to_owned()));
                     }
                 }
                 Event::Record(ReplayRecord {
-                    ts_ns,
-                    client,
+                    ts_ns: captured.ts_unix_ns,
+                    client: captured.client.ip(),
                     method: req.method,
                     path: req.path.to_owned(),
                     query: req.query.map(str::to_owned),
@@ -417,32 +570,32 @@ fn packet(
                     excerpt: super::formats::excerpt(&bytes[..line_end]),
                 }
             }
-        };
-        if i == 0 {
-            first = Some(event);
-        } else {
-            later.push(event);
-        }
+        });
     });
-    // `pending` is popped from its end.
-    pending.extend(later.into_iter().rev());
-    // `each_request` always reports the first request, parsed or not.
-    first.unwrap_or(Event::Ignored("not_http_request"))
+    events
+}
+
+/// Fewer than 8 bytes that begin a method token and its space (`G`, `PO`, `DELETE`): the
+/// start of a request whose next segment completes the token, as the XDP program reads it.
+fn is_method_prefix(payload: &[u8]) -> bool {
+    payload.len() < 8 && METHODS.iter().any(|m| m.starts_with(payload))
 }
 
 /// Does the payload start with an HTTP/1.x request method followed by a space? The same
 /// test as the XDP program (`agent-ebpf/src/parse.rs`), so replay sees what capture sees.
 fn is_http_method(h: [u8; 8]) -> bool {
-    const METHODS: [&[u8]; 9] = [
-        b"GET ",
-        b"POST ",
-        b"PUT ",
-        b"DELETE ",
-        b"HEAD ",
-        b"PATCH ",
-        b"OPTIONS ",
-        b"CONNECT ",
-        b"TRACE ",
-    ];
     METHODS.iter().any(|m| h.starts_with(m))
 }
+
+/// The methods the XDP program captures, each with the space after it.
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"CONNECT ",
+    b"TRACE ",
+];

@@ -520,6 +520,61 @@ fn pcap_with_vlan_ipv6_non_http_and_truncated_packets() {
     assert!(s.errors.is_empty());
 }
 
+/// A segment of the connection 192.0.2.10:`port` → 192.0.2.1:80 at sequence number `seq`.
+fn segment(port: u16, seq: u32, payload: &[u8]) -> Pkt {
+    let b = PacketBuilder::ethernet2([1; 6], [2; 6])
+        .ipv4(SRC4, [192, 0, 2, 1], 64)
+        .tcp(port, 80, seq, 1024);
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    let n = v.len() as u32;
+    (1_700_000_000, seq, v, n)
+}
+
+#[test]
+fn a_request_split_over_segments_is_followed_and_joined_as_the_daemon_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let parts: [&[u8]; 3] = [
+        b"PO",
+        b"ST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.example\r\n",
+        b"Authorization: Bearer abc\r\n\r\n",
+    ];
+    let (a, b) = (100, 100 + parts[0].len() as u32);
+    let c = b + parts[1].len() as u32;
+    let pkts = [
+        segment(40000, a, parts[0]),
+        // Another connection starts a request it never finishes.
+        segment(40001, 7, b"GET /accounts"),
+        segment(40000, b, parts[1]),
+        segment(40000, b, parts[1]), // retransmitted
+        segment(40000, c, parts[2]),
+        segment(40000, c + parts[2].len() as u32, b"{\"amount\": 1}"), // the body
+    ];
+    let path = write(&dir, "split.pcap", &pcap_file(1, &pkts));
+    let (records, s) = replay(&[path], &ReplayOptions::default());
+    assert_eq!(paths_of(&records), ["/api/v1/transferFunds"]);
+    assert_eq!(records[0].method, Method::Post);
+    assert_eq!(records[0].host.as_deref(), Some("bank.example"));
+    assert_eq!(
+        records[0].headers,
+        [("authorization".to_string(), "Bearer abc".to_string())]
+    );
+    // Stamped when its header was complete (the third piece's packet).
+    assert_eq!(
+        records[0].ts_ns,
+        1_700_000_000 * 1_000_000_000 + u64::from(c) * 1000
+    );
+    // The unfinished one is read as it is at the end of the file: a request line cut short.
+    assert_eq!(
+        s.skipped.get("incomplete_request_line"),
+        Some(&1),
+        "{:?}",
+        s.skipped
+    );
+    assert_eq!(s.packets_ignored.get("request_piece"), Some(&3));
+    assert_eq!(s.packets_ignored.get("not_http_request"), Some(&2));
+}
+
 #[test]
 fn capture_length_limits_what_the_parser_sees_like_live() {
     let dir = tempfile::tempdir().unwrap();
