@@ -348,13 +348,19 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     }
     let mut head = 0u64;
     parse::payload_head(ctx, h, &mut head)?;
-    let starts = parse::is_http_method(head)
-        || (h.payload_len < 8 && parse::is_method_prefix(head, h.payload_len));
-    if !starts {
+    if !parse::is_http_method(head) {
         if parse::is_http2_preface(head) {
             return Err(Skip::Http2);
         }
-        return continuation(ctx, h);
+        // The next segment of a followed header is a piece of it, whatever it starts with
+        // (`T` of `GET` dripped byte by byte is not a TRACE); otherwise a few bytes that
+        // begin a method token start a request the next segment completes.
+        if continuation(ctx, h)? {
+            return Ok(());
+        }
+        if h.payload_len >= 8 || !parse::is_method_prefix(head, h.payload_len) {
+            return Err(Skip::NotInteresting);
+        }
     }
 
     let Some(config) = CONFIG.get(0) else {
@@ -417,17 +423,17 @@ fn following() -> bool {
     FOLLOWING.get(0).is_some_and(|until| coarse_now() < *until)
 }
 
-/// A segment that starts no request: if its connection is followed and it is the next one in
-/// sequence, it is captured as the next piece of the request.
+/// A segment that starts with no method token: if its connection is followed and it is the
+/// next one in sequence, it is captured as the next piece of the request (true).
 #[inline(always)]
-fn continuation(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
+fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
     if !following() {
-        return Err(Skip::NotInteresting);
+        return Ok(false);
     }
     let mut key = FlowKey::default();
     parse::flow_key(ctx, h, &mut key)?;
     let Some(state) = FOLLOW.get_ptr_mut(&key) else {
-        return Err(Skip::NotInteresting);
+        return Ok(false);
     };
     let seq = parse::tcp_seq(ctx, h)?;
     let now = coarse_now();
@@ -441,22 +447,22 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     };
     if now >= until {
         let _ = FOLLOW.remove(&key);
-        return Err(Skip::NotInteresting);
+        return Ok(false);
     }
     // Signed distance in sequence space: behind is a retransmission of bytes already seen
     // (ignored, the following goes on); ahead is a gap, and the request can no longer be
     // put together.
     let ahead = seq.wrapping_sub(next_seq) as i32;
     if ahead < 0 {
-        return Err(Skip::NotInteresting);
+        return Ok(false);
     }
     if ahead > 0 {
         let _ = FOLLOW.remove(&key);
         bump(Counter::FollowLost);
-        return Err(Skip::NotInteresting);
+        return Ok(false);
     }
     let Some(config) = CONFIG.get(0) else {
-        return Err(Skip::NotInteresting);
+        return Ok(false);
     };
     let limit = capture_limit(config);
     let left = if captured < limit {
@@ -472,7 +478,7 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     let pieces = pieces.wrapping_add(1);
     if take == 0 || pieces > FOLLOW_MAX_PIECES {
         let _ = FOLLOW.remove(&key);
-        return Err(Skip::NotInteresting);
+        return Ok(false);
     }
     emit_sized(ctx, h, take, pieces)?;
     if take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h) {
@@ -488,7 +494,7 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             unsafe { *active = now + FOLLOW_IDLE_NS };
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Emits `captured` payload bytes (1..=CAPTURE_MAX) in the smallest record size that holds

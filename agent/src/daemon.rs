@@ -402,7 +402,8 @@ impl Daemon {
         // The program filters up to KERNEL_PORTS ports itself; this covers longer lists and
         // records captured just before a reload changed the ports.
         if !self.config.ports.is_empty() && !self.config.ports.contains(&req.server.port()) {
-            self.counters.port_filtered += 1;
+            // Counted per request: the pieces of a filtered request go with it.
+            self.counters.port_filtered += u64::from(req.piece == 0);
             return;
         }
         for req in self.reassembler.push(req) {
@@ -713,6 +714,7 @@ impl Daemon {
             model: self.model_size(),
             endpoints: self.engine.discovery().operations().iter().filter(|o| o.merged_into.is_none()).count() as u64,
             sessions_live: sc.live as u64,
+            requests_waiting: self.reassembler.waiting() as u64,
             blocks_active: self.enforcer.len() as u64,
             alerts_by_signal: alerts,
             enforcement_suspended: self

@@ -175,6 +175,11 @@ pub fn render(report: &StatusReport) -> String {
             report.sessions_live,
         ),
         (
+            "precedent_requests_waiting",
+            "Requests whose header is still arriving in pieces (split over TCP segments).",
+            report.requests_waiting,
+        ),
+        (
             "precedent_blocks_active",
             "Clients or prefixes currently blocked.",
             report.blocks_active,
@@ -588,6 +593,7 @@ mod tests {
             },
             endpoints: 11,
             sessions_live: 9,
+            requests_waiting: 0,
             blocks_active: 2,
             alerts_by_signal: map(&[
                 ("missing_precedent", 4),

@@ -448,6 +448,18 @@ fn a_method_token_split_in_two_still_starts_a_request() {
         o.assert_counters(&[(Counter::Passed, 1), (Counter::Continued, 1)]);
         assert_eq!(o.pieces(), vec![(1, rest.to_vec())]);
     }
+    // Dripped a byte per segment: the `T` after `GE` is the third piece of a GET, not the start
+    // of a TRACE, and the `P`s of `HTTP` are not POSTs.
+    let drip = b"GET /x HTTP/1.1\r\n\r\n";
+    let mut starts = 0;
+    let mut pieces = Vec::new();
+    for (i, b) in drip.iter().enumerate() {
+        let o = h.run(&segment(9_000 + i as u32, &[*b]));
+        starts += o.counters.get(Counter::Captured);
+        pieces.extend(o.pieces().into_iter().map(|(n, _)| n));
+    }
+    assert_eq!(starts, 1);
+    assert_eq!(pieces, (0..drip.len() as u8).collect::<Vec<_>>());
 }
 
 #[test]

@@ -99,6 +99,7 @@ mod tests {
             model: ModelSize::default(),
             endpoints: 0,
             sessions_live: 0,
+            requests_waiting: 0,
             blocks_active: 0,
             alerts_by_signal: Default::default(),
             enforcement_suspended: None,

@@ -34,6 +34,9 @@ pub struct StatusReport {
     pub model: ModelSize,
     pub endpoints: u64,
     pub sessions_live: u64,
+    /// Requests whose header is still arriving in pieces (see `reassemble`).
+    #[serde(default)]
+    pub requests_waiting: u64,
     pub blocks_active: u64,
     /// Alerts since start by signal or rule id.
     pub alerts_by_signal: BTreeMap<String, u64>,

@@ -484,7 +484,18 @@ fn packet(
     );
     let seq = tcp.sequence_number();
     let limit = ctx.capture_len;
-    let (piece, take) = if is_http_method(head) || is_method_prefix(payload) {
+    let piece = if is_http_method(head) {
+        None
+    } else {
+        // As the program: the next segment of a followed header is a piece of it, whatever it
+        // starts with; else a few bytes that begin a method token start a request.
+        match ctx.follower.piece(flow, seq, payload, ts_ns, limit) {
+            Some(p) => Some(p),
+            None if is_method_prefix(payload) => None,
+            None => return Event::Ignored("not_http_request"),
+        }
+    };
+    let (piece, take) = piece.unwrap_or_else(|| {
         // A packet the snaplen cut is not followed: what it lacks was never captured.
         if !cut && payload.len() < limit && !payload.ends_with(b"\r\n\r\n") {
             ctx.follower.start(flow, seq, payload.len(), ts_ns);
@@ -492,12 +503,7 @@ fn packet(
             ctx.follower.end(&flow);
         }
         (0, payload.len().min(limit))
-    } else {
-        match ctx.follower.piece(flow, seq, payload, ts_ns, limit) {
-            Some(p) => p,
-            None => return Event::Ignored("not_http_request"),
-        }
-    };
+    });
     if cut {
         // The request bytes may end early; the parser copes, as with a live prefix.
         *ctx.snaplen_cut += 1;
