@@ -816,7 +816,7 @@ mod tests {
             + r.interfaces.len()
             + Mode::ALL.len()
             + 5 // build_info, enforcement_suspended, interfaces_missing, state_save_failing, uptime
-            + 6; // sessions, blocks, endpoints, model x3
+            + 7; // sessions, requests waiting, blocks, endpoints, model x3
         assert_eq!(samples, expected, "{text}");
     }
 
