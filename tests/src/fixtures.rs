@@ -57,6 +57,30 @@ pub fn request(
         "{method} {path} HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     );
     s.write_all(req.as_bytes()).map_err(|e| e.kind())?;
+    status_line(&mut s)
+}
+
+/// One request sent in pieces, each its own TCP segment (no Nagle, a pause between writes),
+/// as an attacker would to hide it from anything that reads one segment at a time; the
+/// status line, or the error kind.
+pub fn request_in_pieces(
+    target: SocketAddr,
+    pieces: &[&str],
+) -> Result<String, std::io::ErrorKind> {
+    let mut s =
+        TcpStream::connect_timeout(&target, Duration::from_millis(800)).map_err(|e| e.kind())?;
+    s.set_nodelay(true).map_err(|e| e.kind())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.kind())?;
+    for piece in pieces {
+        s.write_all(piece.as_bytes()).map_err(|e| e.kind())?;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    status_line(&mut s)
+}
+
+/// Reads the response to its end; its first line.
+fn status_line(s: &mut TcpStream) -> Result<String, std::io::ErrorKind> {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(|e| e.kind())?;
     Ok(String::from_utf8_lossy(&buf)

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use precedent_tests::{
     Daemon, HttpServer, TestNet,
-    fixtures::{Scratch, request, write_config},
+    fixtures::{Scratch, request, request_in_pieces, write_config},
     precedent_bin,
 };
 
@@ -47,15 +47,8 @@ fn cli(socket: &Path, args: &[&str]) -> serde_json::Value {
     })
 }
 
-#[test]
-#[ignore = "needs root: run with `cargo xtask test`"]
-fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
-    let net = TestNet::new("dmn1", 21).unwrap();
-    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = Scratch::new("dmn1");
-    let config = write_config(
-        &dir,
-        r#"
+/// Enforce mode and the seeds' rule: a transfer must follow a balance lookup.
+const TRANSFER_RULE: &str = r#"
 mode = "enforce"
 [[rule]]
 id = "transfer-needs-balance"
@@ -63,8 +56,29 @@ operation = "POST /api/v1/transferFunds"
 preceded_by = ["GET /api/v1/accounts/{account_id}/balance"]
 action = "block"
 block_ttl = "10m"
-"#,
-    );
+"#;
+
+/// Waits for the daemon to order a block rather than for a fixed time: under emulation
+/// (cargo xtask vm-test) it can take far longer than on the host. Latency is measured by
+/// `cargo xtask bench-block`, not asserted here.
+fn wait_for_a_block(socket: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cli(socket, &["blocks", "list"])
+        .as_array()
+        .is_none_or(|b| b.is_empty())
+    {
+        assert!(std::time::Instant::now() < deadline, "no block within 20s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
+    let net = TestNet::new("dmn1", 21).unwrap();
+    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
+    let dir = Scratch::new("dmn1");
+    let config = write_config(&dir, TRANSFER_RULE);
     let daemon = Daemon::start(
         &precedent_bin(),
         &["daemon", "--iface", &net.host_if, "--config", &config],
@@ -89,17 +103,7 @@ block_ttl = "10m"
             (good, bad)
         })
         .unwrap();
-    // Wait for the daemon to order the block rather than for a fixed time: under emulation
-    // (cargo xtask vm-test) it can take far longer than on the host. Latency is measured by
-    // `cargo xtask bench-block`, not asserted here.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cli(&socket, &["blocks", "list"])
-        .as_array()
-        .is_none_or(|b| b.is_empty())
-    {
-        assert!(std::time::Instant::now() < deadline, "no block within 20s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_a_block(&socket);
     // Same source address: the block applies to the whole client.
     bad.push(
         net.run_in_ns(move || request(target, "attacker", "GET", "/api/v1/accounts/17/balance"))
@@ -328,47 +332,13 @@ action = "block"
     drop(daemon);
 }
 
-/// Sends one request in pieces, each its own TCP segment (no Nagle, a pause between writes),
-/// as an attacker would to hide it from anything that reads one segment at a time; returns
-/// the response's status line.
-fn request_in_pieces(target: SocketAddr, pieces: &[&str]) -> Result<String, std::io::ErrorKind> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(800))
-        .map_err(|e| e.kind())?;
-    s.set_nodelay(true).map_err(|e| e.kind())?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.kind())?;
-    for piece in pieces {
-        s.write_all(piece.as_bytes()).map_err(|e| e.kind())?;
-        std::thread::sleep(Duration::from_millis(40));
-    }
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.kind())?;
-    Ok(String::from_utf8_lossy(&buf)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string())
-}
-
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_request_split_over_segments_is_seen_whole_and_enforced() {
     let net = TestNet::new("dmn5", 25).unwrap();
     let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
     let dir = Scratch::new("dmn5");
-    let config = write_config(
-        &dir,
-        r#"
-mode = "enforce"
-[[rule]]
-id = "transfer-needs-balance"
-operation = "POST /api/v1/transferFunds"
-preceded_by = ["GET /api/v1/accounts/{account_id}/balance"]
-action = "block"
-block_ttl = "10m"
-"#,
-    );
+    let config = write_config(&dir, TRANSFER_RULE);
     let daemon = Daemon::start(
         &precedent_bin(),
         &["daemon", "--iface", &net.host_if, "--config", &config],
@@ -399,14 +369,7 @@ block_ttl = "10m"
         transfer.as_ref().is_ok_and(|s| s.contains("200")),
         "the server took the pieces as one request: {transfer:?}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cli(&socket, &["blocks", "list"])
-        .as_array()
-        .is_none_or(|b| b.is_empty())
-    {
-        assert!(std::time::Instant::now() < deadline, "no block within 20s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_a_block(&socket);
     let alert: serde_json::Value = serde_json::from_str(
         &daemon
             .next_line(Duration::from_secs(3))
