@@ -42,8 +42,10 @@ pub struct EventHeader {
     pub daddr: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    /// Interface the packet arrived on.
-    pub ifindex: u32,
+    /// TCP sequence number of the segment's first payload byte: where the bytes sit in the
+    /// connection's stream, so userspace can tell a segment that starts a request from one
+    /// inside an earlier request's body that merely looks like a request.
+    pub seq: u32,
     /// TCP payload length of the packet as it was on the wire (may exceed `captured_len`).
     pub payload_len: u32,
     /// How many payload bytes follow the header (at most [`CAPTURE_MAX`]).

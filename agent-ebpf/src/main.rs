@@ -380,7 +380,8 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     } else {
         limit
     };
-    emit_sized(ctx, h, captured, 0)?;
+    let seq = parse::tcp_seq(ctx, h)?;
+    emit_sized(ctx, h, captured, seq, 0)?;
     // A start that is the whole segment and does not end the header: follow its connection.
     // A complete one ends any following of the connection's earlier request.
     if captured < limit && !parse::ends_header(ctx, h) {
@@ -388,7 +389,7 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         parse::flow_key(ctx, h, &mut key)?;
         let until = coarse_now() + FOLLOW_IDLE_NS;
         let state = FollowState {
-            next_seq: parse::tcp_seq(ctx, h)?.wrapping_add(h.payload_len as u32),
+            next_seq: seq.wrapping_add(h.payload_len as u32),
             captured: captured as u16,
             pieces: 0,
             _pad: 0,
@@ -480,7 +481,7 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
         let _ = FOLLOW.remove(&key);
         return Ok(false);
     }
-    emit_sized(ctx, h, take, pieces)?;
+    emit_sized(ctx, h, take, seq, pieces)?;
     if take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h) {
         let _ = FOLLOW.remove(&key);
     } else {
@@ -501,15 +502,21 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
 /// them: the ring only accepts reservations of a size the verifier knows, so records come in
 /// a few sizes; the payload is copied once, straight from the packet into the ring.
 #[inline(always)]
-fn emit_sized(ctx: &XdpContext, h: &Headers, captured: usize, piece: u8) -> Result<(), Skip> {
+fn emit_sized(
+    ctx: &XdpContext,
+    h: &Headers,
+    captured: usize,
+    seq: u32,
+    piece: u8,
+) -> Result<(), Skip> {
     if captured <= 128 {
-        emit::<128>(ctx, h, captured, piece)
+        emit::<128>(ctx, h, captured, seq, piece)
     } else if captured <= 512 {
-        emit::<512>(ctx, h, captured, piece)
+        emit::<512>(ctx, h, captured, seq, piece)
     } else if captured <= 1024 {
-        emit::<1024>(ctx, h, captured, piece)
+        emit::<1024>(ctx, h, captured, seq, piece)
     } else {
-        emit::<CAPTURE_MAX>(ctx, h, captured, piece)
+        emit::<CAPTURE_MAX>(ctx, h, captured, seq, piece)
     }
 }
 
@@ -525,6 +532,7 @@ fn emit<const N: usize>(
     ctx: &XdpContext,
     h: &Headers,
     captured: usize,
+    seq: u32,
     piece: u8,
 ) -> Result<(), Skip> {
     // Whole cache lines per record keep every record line-aligned in the ring (see EventHeader).
@@ -561,7 +569,7 @@ fn emit<const N: usize>(
     let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         (*hdr).ts_ns = now;
-        (*hdr).ifindex = (*ctx.ctx).ingress_ifindex;
+        (*hdr).seq = seq;
         (*hdr).payload_len = h.payload_len as u32;
         (*hdr).captured_len = captured as u16;
         (*hdr).family = if h.is_v6 { FAMILY_IPV6 } else { FAMILY_IPV4 };

@@ -195,7 +195,8 @@ pub struct CapturedRequest {
     pub ts_unix_ns: u64,
     pub client: SocketAddr,
     pub server: SocketAddr,
-    pub ifindex: u32,
+    /// TCP sequence number of the first byte of `data` (see [`agent_common::EventHeader::seq`]).
+    pub seq: u32,
     /// Length of the TCP payload on the wire; larger than `data.len()` when truncated.
     pub payload_len: u32,
     /// 0: the segment starts a request; n ≥ 1: the nth segment continuing the request started
@@ -225,7 +226,7 @@ impl CapturedRequest {
             ts_unix_ns: (h.ts_ns as i128 + mono_to_unix_ns).max(0) as u64,
             client: SocketAddr::new(ip(&h.saddr), h.sport),
             server: SocketAddr::new(ip(&h.daddr), h.dport),
-            ifindex: h.ifindex,
+            seq: h.seq,
             payload_len: h.payload_len,
             piece: h.piece,
             data: payload[..len].to_vec(),

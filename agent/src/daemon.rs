@@ -653,6 +653,7 @@ impl Daemon {
         userspace.insert("requests_reassembled".into(), rc.reassembled);
         userspace.insert("requests_incomplete".into(), rc.incomplete);
         userspace.insert("stray_pieces".into(), rc.stray_pieces);
+        userspace.insert("requests_inside_body".into(), rc.inside_body);
         let pc = self.engine.proxy_counters();
         userspace.insert("client_from_header".into(), pc.client_from_header);
         userspace.insert("client_header_missing".into(), pc.client_header_missing);

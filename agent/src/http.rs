@@ -513,6 +513,15 @@ fn pipelined(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) ->
     if head_len >= bytes.len() {
         return None;
     }
+    let next = head_len.checked_add(declared_body(headers)?)?;
+    let next = next + blank_lines(bytes.get(next..)?);
+    (next < bytes.len()).then_some(next)
+}
+
+/// The body length the headers announce: 0 without Content-Length; None when its end cannot
+/// be known from the start (chunked or any other transfer coding, a length that is not a
+/// number, or one of a gigabyte or more, which sequence numbers could not place).
+fn declared_body(headers: &[httparse::Header<'_>]) -> Option<usize> {
     let mut body = 0usize;
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -522,14 +531,57 @@ fn pipelined(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) ->
             body = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
         }
     }
-    let next = head_len.checked_add(body)?;
-    let blank = bytes
-        .get(next..)?
+    (body < MAX_TRACKED_BODY).then_some(body)
+}
+
+/// Bodies this long or longer are not followed (see [`declared_body`]).
+const MAX_TRACKED_BODY: usize = 1 << 30;
+
+/// Empty lines some clients send after a body.
+pub(crate) fn blank_lines(bytes: &[u8]) -> usize {
+    bytes
         .iter()
         .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
-    let next = next + blank;
-    (next < bytes.len()).then_some(next)
+        .count()
+}
+
+/// How the captured bytes of a connection end, read request by request (each head, then the
+/// body its Content-Length announces), for [`crate::reassemble`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// At the end of a request: whatever comes next on the connection starts a new one.
+    Boundary,
+    /// Inside a head that starts at this offset: the next segment continues it.
+    Head(usize),
+    /// Inside a body that ends at this offset, past the bytes given: the stream's next bytes
+    /// up to there are body, however much they look like a request.
+    Body(usize),
+    /// Where requests end cannot be told (junk, a chunked body): nothing is assumed.
+    Unknown,
+}
+
+/// Reads `bytes` (the start of a request, possibly followed by pipelined ones) to its end.
+pub fn tail(bytes: &[u8]) -> Tail {
+    let mut at = 0;
+    while at < bytes.len() {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(&bytes[at..], &mut headers) {
+            Ok(httparse::Status::Partial) => return Tail::Head(at),
+            Ok(httparse::Status::Complete(head_len)) => {
+                let Some(body) = declared_body(req.headers) else {
+                    return Tail::Unknown;
+                };
+                let end = at + head_len + body;
+                if end > bytes.len() {
+                    return Tail::Body(end);
+                }
+                at = end + blank_lines(&bytes[end..]);
+            }
+            Err(_) => return Tail::Unknown,
+        }
+    }
+    Tail::Boundary
 }
 
 /// Origin-form `/p?q` or absolute-form `http://host/p?q`; returns (authority, path+query).
@@ -987,5 +1039,28 @@ mod tests {
             }
             let _ = p.parse(&buf);
         }
+    }
+    #[test]
+    fn tail_reads_requests_and_their_bodies_to_the_end() {
+        use super::{Tail, tail};
+        assert_eq!(tail(b"GET / HTTP/1.1\r\n\r\n"), Tail::Boundary);
+        assert_eq!(tail(b"GET / HTTP/1.1\r\nHost: a\r\n"), Tail::Head(0));
+        assert_eq!(tail(b"PO"), Tail::Head(0));
+        let post = b"POST / HTTP/1.1\r\ncontent-LENGTH: 4\r\n\r\n";
+        assert_eq!(tail(post), Tail::Body(post.len() + 4));
+        let mut two = post.to_vec();
+        two.extend_from_slice(b"abcd\r\nGET /x HTTP/1.1\r\n");
+        assert_eq!(tail(&two), Tail::Head(post.len() + 6));
+        two.extend_from_slice(b"\r\n");
+        assert_eq!(tail(&two), Tail::Boundary);
+        assert_eq!(
+            tail(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd"),
+            Tail::Unknown
+        );
+        assert_eq!(
+            tail(b"POST / HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\n"),
+            Tail::Unknown
+        );
+        assert_eq!(tail(b"\x16\x03\x01 junk"), Tail::Unknown);
     }
 }

@@ -400,6 +400,58 @@ fn a_request_split_over_segments_is_seen_whole_and_enforced() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
+fn a_lookup_hidden_in_a_body_does_not_satisfy_a_rule() {
+    let net = TestNet::new("dmn6", 26).unwrap();
+    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
+    let dir = Scratch::new("dmn6");
+    let config = write_config(&dir, TRANSFER_RULE);
+    let daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--config", &config],
+    )
+    .unwrap();
+    let socket = daemon.socket().unwrap();
+    let target = SocketAddr::new(net.host_ip.into(), PORT);
+
+    // A note whose body, sent as a segment of its own, reads like the balance lookup the rule
+    // wants. The server takes it as the body it is; a capture that trusted every segment
+    // starting with a method would credit the attacker with the lookup.
+    let fake = "GET /api/v1/accounts/17/balance HTTP/1.1\r\nHost: bank.test\r\n\
+                Authorization: Bearer attacker\r\n\r\n";
+    let head = format!(
+        "POST /api/v1/notes HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer attacker\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n",
+        fake.len()
+    );
+    let (note, transfer) = net
+        .run_in_ns(move || {
+            let note = request_in_pieces(target, &[&head, fake]);
+            let transfer = request(target, "attacker", "POST", "/api/v1/transferFunds");
+            (note, transfer)
+        })
+        .unwrap();
+    assert!(note.is_ok_and(|s| s.contains("200")));
+    assert!(transfer.is_ok_and(|s| s.contains("200")));
+    wait_for_a_block(&socket);
+    let alert: serde_json::Value = serde_json::from_str(
+        &daemon
+            .next_line(Duration::from_secs(3))
+            .expect("an alert line on stdout"),
+    )
+    .unwrap();
+    assert_eq!(alert["rule"], "transfer-needs-balance");
+    let status = cli(&socket, &["status"]);
+    assert_eq!(status["kernel_counters"]["captured"], 3, "{status}");
+    assert_eq!(
+        status["userspace_counters"]["requests_inside_body"], 1,
+        "{status}"
+    );
+    assert_eq!(status["userspace_counters"]["requests"], 2, "{status}");
+    drop(daemon);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
     let net = TestNet::new("dmn2", 22).unwrap();
     let dir = Scratch::new("dmn2");

@@ -400,11 +400,14 @@ fn a_request_header_split_over_segments_is_captured_piece_by_piece() {
     let o = h.run(&segment(seq, parts[0]));
     o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
     assert_eq!(o.pieces(), vec![(0, parts[0].to_vec())]);
+    // Each record says where its bytes sit in the stream (the agent places bodies by it).
+    assert_eq!(o.header().seq, seq);
     seq += parts[0].len() as u32;
 
     let o = h.run(&segment(seq, parts[1]));
     o.assert_counters(&[(Counter::Passed, 1), (Counter::Continued, 1)]);
     assert_eq!(o.pieces(), vec![(1, parts[1].to_vec())]);
+    assert_eq!(o.header().seq, seq);
     assert_eq!(
         (o.header().sport, o.header().dport, &o.header().saddr[..4]),
         (40_000, 8080, &[10u8, 9, 0, 2][..])

@@ -512,7 +512,7 @@ fn packet(
         ts_unix_ns: ts_ns,
         client: flow.0,
         server: flow.1,
-        ifindex: 0,
+        seq,
         // One more than captured when cut: the request is truncated, not waiting for pieces.
         payload_len: (payload.len() + usize::from(cut)) as u32,
         piece,
