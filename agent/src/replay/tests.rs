@@ -576,6 +576,32 @@ fn a_request_split_over_segments_is_followed_and_joined_as_the_daemon_does() {
 }
 
 #[test]
+fn a_request_written_into_a_body_is_body_in_replay_as_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = b"GET /api/v1/accounts/17/balance HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let head = format!(
+        "POST /api/v1/notes HTTP/1.1\r\nAuthorization: Bearer abc\r\nContent-Length: {}\r\n\r\n",
+        fake.len()
+    );
+    let body_at = 500 + head.len() as u32;
+    let pkts = [
+        segment(40000, 500, head.as_bytes()),
+        segment(40000, body_at, fake),
+        segment(
+            40000,
+            body_at + fake.len() as u32,
+            b"POST /api/v1/transferFunds HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n",
+        ),
+    ];
+    let path = write(&dir, "body.pcap", &pcap_file(1, &pkts));
+    let (records, _) = replay(&[path], &ReplayOptions::default());
+    assert_eq!(
+        paths_of(&records),
+        ["/api/v1/notes", "/api/v1/transferFunds"]
+    );
+}
+
+#[test]
 fn capture_length_limits_what_the_parser_sees_like_live() {
     let dir = tempfile::tempdir().unwrap();
     let p = eth_v4_tcp(REQ);
