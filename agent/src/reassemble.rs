@@ -228,27 +228,42 @@ impl Reassembler {
         let mut following = (req.piece == 0).then_some((1, req.data.len()));
         if let Some(body) = self.bodies.open.get(&key).copied() {
             let inside = body.end.wrapping_sub(req.seq) as i32;
-            if inside > 0 {
+            // A piece of the following that covers the body (the announcing segment's, or a
+            // look-alike start's inside it): at the body's end it starts the next request.
+            let piece_of_it = req.piece > 0 && req.piece == body.next_piece;
+            if inside < 0 || (inside == 0 && !piece_of_it) {
+                self.bodies.open.remove(&key);
+            } else {
                 let inside = inside as usize;
-                if req.piece == 0 {
+                if req.piece == 0 && inside > 0 {
                     self.counters.inside_body += 1;
                 }
-                let ends_here = inside <= req.payload_len as usize;
-                if ends_here {
-                    self.bodies.open.remove(&key);
-                }
-                let piece_of_it = req.piece > 0 && req.piece == body.next_piece;
-                if piece_of_it && !ends_here {
-                    let b = self.bodies.open.get_mut(&key).expect("present");
-                    b.next_piece = b.next_piece.saturating_add(1);
-                    b.captured += req.data.len();
-                }
                 if inside >= req.data.len() {
-                    // All that was captured is body.
+                    // All that was captured is body. Whether the program follows on, and
+                    // with what count, decides how its next piece is known.
+                    let (next_piece, captured) = if piece_of_it {
+                        (
+                            body.next_piece.saturating_add(1),
+                            body.captured + req.data.len(),
+                        )
+                    } else {
+                        (1, req.data.len())
+                    };
+                    let follows = (req.piece == 0 || piece_of_it)
+                        && program_follows(&req, captured, self.limit);
+                    if inside > req.data.len() && inside <= req.payload_len as usize {
+                        // It ends in bytes the program did not copy: what follows is unseen.
+                        self.bodies.open.remove(&key);
+                    } else {
+                        let b = self.bodies.open.get_mut(&key).expect("present");
+                        b.next_piece = if follows { next_piece } else { 0 };
+                        b.captured = captured;
+                    }
                     return Ready { earlier, now: None };
                 }
                 // The body ends in the captured bytes: a request may start after it, and
                 // the program goes on following if it followed this segment.
+                self.bodies.open.remove(&key);
                 following = if piece_of_it {
                     Some((body.next_piece + 1, body.captured + req.data.len()))
                 } else {
@@ -263,8 +278,6 @@ impl Reassembler {
                 if req.data.is_empty() {
                     return Ready { earlier, now: None };
                 }
-            } else {
-                self.bodies.open.remove(&key);
             }
         }
         let Some((next_piece, captured)) = following else {
@@ -625,6 +638,22 @@ mod tests {
         );
         assert!(all(r.push(more)).is_empty());
         // Only that segment looked like a start; the piece was followed body.
+        assert_eq!(r.counters().inside_body, 1);
+    }
+
+    #[test]
+    fn a_request_split_right_after_a_look_alike_that_ends_the_body_is_seen() {
+        let mut r = Reassembler::new(512);
+        let head = b"POST /notes HTTP/1.1\r\nContent-Length: 20\r\n\r\n";
+        r.push(at(0, 0, 0, head));
+        // Body that looks like an unfinished request and ends the body exactly: the program
+        // follows it, so the real request's pieces come as its pieces 1 and 2.
+        let fake = b"GET /balance HTTP/1.";
+        let end = (head.len() + fake.len()) as u32;
+        assert!(all(r.push(at(head.len() as u32, 0, 1, fake))).is_empty());
+        assert!(all(r.push(at(end, 1, 2, b"PO"))).is_empty());
+        let out = all(r.push(at(end + 2, 2, 3, b"ST /transferFunds HTTP/1.1\r\n\r\n")));
+        assert_eq!(out, vec![b"POST /transferFunds HTTP/1.1\r\n\r\n".to_vec()]);
         assert_eq!(r.counters().inside_body, 1);
     }
 
