@@ -117,7 +117,7 @@ impl<'a> SelectedHeaders<'a> {
     pub fn get(&self, name: &str) -> Option<&'a str> {
         self.entries
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| same_name(n, name))
             .map(|(_, v)| *v)
     }
 
@@ -125,7 +125,7 @@ impl<'a> SelectedHeaders<'a> {
     pub fn get_all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a str> + 's {
         self.entries
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .filter(move |(n, _)| same_name(n, name))
             .map(|(_, v)| *v)
     }
 
@@ -136,6 +136,12 @@ impl<'a> SelectedHeaders<'a> {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// Header names match case-insensitively; captured ones are kept lowercase (see [`kept_name`]),
+/// so comparing the bytes first settles the usual lookup with a lowercase name.
+fn same_name(a: &str, b: &str) -> bool {
+    a == b || a.eq_ignore_ascii_case(b)
 }
 
 /// Values are secrets (tokens, cookies): Debug shows names and lengths only.
@@ -435,7 +441,7 @@ fn line_parts<'a>(req: &httparse::Request<'_, 'a>) -> Result<LineParts<'a>, Skip
 }
 
 fn build<'a>(
-    config: &HttpConfig,
+    config: &'a HttpConfig,
     method: &'a str,
     target: &'a str,
     minor: u8,
@@ -445,13 +451,17 @@ fn build<'a>(
 ) -> Result<Request<'a>, SkipReason> {
     let method = Method::parse(method).ok_or(SkipReason::UnknownMethod)?;
     let (authority, rest) = split_target(target)?;
-    let (path, query) = match rest.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
+    // One scan for the first '?' or '#'. A fragment never belongs in a request target: it is
+    // dropped rather than keyed on, from the path or from the query it ends.
+    let (path, query) = match memchr::memchr2(b'?', b'#', rest.as_bytes()) {
+        Some(i) if rest.as_bytes()[i] == b'?' => {
+            let q = &rest[i + 1..];
+            let q = memchr::memchr(b'#', q.as_bytes()).map_or(q, |j| &q[..j]);
+            (&rest[..i], Some(q))
+        }
+        Some(i) => (&rest[..i], None),
         None => (rest, None),
     };
-    // A fragment never belongs in a request target; drop it rather than key on it.
-    let query = query.map(|q| q.split_once('#').map_or(q, |(q, _)| q));
-    let path = path.split_once('#').map_or(path, |(p, _)| p);
     if path.len() > config.max_path_len {
         return Err(SkipReason::PathTooLong);
     }
@@ -459,22 +469,11 @@ fn build<'a>(
     let mut host_header_seen = false;
     let mut selected = SelectedHeaders::default();
     for h in headers {
-        let keep_as_host = h.name.eq_ignore_ascii_case("host");
-        let keep = keep_as_host
-            || h.name.eq_ignore_ascii_case("cookie")
-            || config
-                .session_headers
-                .iter()
-                .any(|n| h.name.eq_ignore_ascii_case(n));
-        if !keep {
+        let Some(name) = kept_name(config, h.name) else {
             continue;
-        }
-        let value = std::str::from_utf8(h.value).map_err(|_| SkipReason::InvalidUtf8)?;
-        if has_control(value.as_bytes()) {
-            return Err(SkipReason::HeaderInjection);
-        }
-        let value = value.trim_matches([' ', '\t']);
-        if keep_as_host {
+        };
+        let value = header_str(h.value)?;
+        if name == HOST {
             if host_header_seen {
                 return Err(SkipReason::DuplicateHost);
             }
@@ -487,7 +486,7 @@ fn build<'a>(
                 host = Some(value);
             }
         } else {
-            selected.entries.push((h.name, value));
+            selected.entries.push((name, value));
         }
     }
     Ok(Request {
@@ -501,6 +500,40 @@ fn build<'a>(
         headers_dropped,
         next: None,
     })
+}
+
+const HOST: &str = "host";
+const COOKIE: &str = "cookie";
+
+/// The lowercase name a header is kept under (`host`, `cookie`, or the configured session
+/// header it matches, lowercased by [`Parser::new`]), or None when it is not kept. Lookups
+/// in [`SelectedHeaders`] then compare names that are already lowercase.
+fn kept_name<'c>(config: &'c HttpConfig, name: &str) -> Option<&'c str> {
+    if name.eq_ignore_ascii_case(HOST) {
+        Some(HOST)
+    } else if name.eq_ignore_ascii_case(COOKIE) {
+        Some(COOKIE)
+    } else {
+        config
+            .session_headers
+            .iter()
+            .find(|n| name.eq_ignore_ascii_case(n))
+            .map(String::as_str)
+    }
+}
+
+/// A header value as text. httparse has trimmed it and refused control characters in it
+/// (value bytes are tab, 0x20..=0x7e and 0x80..=0xff; obsolete line folding is refused in
+/// requests), so only UTF-8 is left to check, and an ASCII value (nearly every one) needs no
+/// more than `is_ascii`.
+fn header_str(v: &[u8]) -> Result<&str, SkipReason> {
+    debug_assert!(!has_control(v), "httparse let a control character through");
+    if v.is_ascii() {
+        // SAFETY: ASCII bytes are valid UTF-8.
+        Ok(unsafe { std::str::from_utf8_unchecked(v) })
+    } else {
+        std::str::from_utf8(v).map_err(|_| SkipReason::InvalidUtf8)
+    }
 }
 
 /// Where a request pipelined behind the one whose head ends at `head_len` starts in `bytes`,
