@@ -58,6 +58,54 @@ action = "block"
 block_ttl = "10m"
 "#;
 
+/// A network pair, the bank's server on the host side and a daemon enforcing
+/// [`TRANSFER_RULE`] on it: the setting of the tests where a client breaks the rule.
+struct Enforcing {
+    // Dropped in this order: the daemon detaches before its interface goes away.
+    daemon: Daemon,
+    socket: std::path::PathBuf,
+    target: SocketAddr,
+    _server: HttpServer,
+    net: TestNet,
+    _dir: Scratch,
+}
+
+impl Enforcing {
+    fn start(tag: &str, subnet: u8) -> Self {
+        let net = TestNet::new(tag, subnet).unwrap();
+        let target = SocketAddr::new(net.host_ip.into(), PORT);
+        let server = HttpServer::start(target).unwrap();
+        let dir = Scratch::new(tag);
+        let config = write_config(&dir, TRANSFER_RULE);
+        let daemon = Daemon::start(
+            &precedent_bin(),
+            &["daemon", "--iface", &net.host_if, "--config", &config],
+        )
+        .unwrap();
+        let socket = daemon.socket().unwrap();
+        Enforcing {
+            daemon,
+            socket,
+            target,
+            _server: server,
+            net,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for the block, then reads the alert that ordered it: the transfer rule's.
+    fn rule_alert(&self) -> serde_json::Value {
+        wait_for_a_block(&self.socket);
+        let line = self
+            .daemon
+            .next_line(Duration::from_secs(3))
+            .expect("an alert line on stdout");
+        let alert: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(alert["rule"], "transfer-needs-balance", "{alert}");
+        alert
+    }
+}
+
 /// Waits for the daemon to order a block rather than for a fixed time: under emulation
 /// (cargo xtask vm-test) it can take far longer than on the host. Latency is measured by
 /// `cargo xtask bench-block`, not asserted here.
@@ -75,17 +123,8 @@ fn wait_for_a_block(socket: &Path) {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
-    let net = TestNet::new("dmn1", 21).unwrap();
-    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = Scratch::new("dmn1");
-    let config = write_config(&dir, TRANSFER_RULE);
-    let daemon = Daemon::start(
-        &precedent_bin(),
-        &["daemon", "--iface", &net.host_if, "--config", &config],
-    )
-    .unwrap();
-    let socket = daemon.socket().unwrap();
-    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    let bank = Enforcing::start("dmn1", 21);
+    let (net, socket, target) = (&bank.net, bank.socket.clone(), bank.target);
 
     // A customer does it right; the attacker skips the balance lookup.
     let (good, mut bad) = net
@@ -103,7 +142,7 @@ fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
             (good, bad)
         })
         .unwrap();
-    wait_for_a_block(&socket);
+    let alert = bank.rule_alert();
     // Same source address: the block applies to the whole client.
     bad.push(
         net.run_in_ns(move || request(target, "attacker", "GET", "/api/v1/accounts/17/balance"))
@@ -123,11 +162,6 @@ fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
         "attacker still served after the block: {bad:?}"
     );
 
-    let alert = daemon
-        .next_line(Duration::from_secs(3))
-        .expect("an alert line on stdout");
-    let alert: serde_json::Value = serde_json::from_str(&alert).unwrap();
-    assert_eq!(alert["rule"], "transfer-needs-balance");
     assert_eq!(alert["action"], "block");
     assert_eq!(alert["block_ttl"], "10m");
     assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
@@ -209,7 +243,7 @@ fn enforce_mode_blocks_a_rule_breaker_and_the_cli_sees_it() {
     // And switches the mode at run time.
     assert_eq!(cli(&socket, &["mode", "detect"])["mode"], "detect");
     assert_eq!(cli(&socket, &["status"])["mode"], "detect");
-    drop(daemon);
+    drop(bank);
 }
 
 /// A request as a reverse proxy forwards it: from the proxy's address, naming the client.
@@ -335,17 +369,8 @@ action = "block"
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_request_split_over_segments_is_seen_whole_and_enforced() {
-    let net = TestNet::new("dmn5", 25).unwrap();
-    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = Scratch::new("dmn5");
-    let config = write_config(&dir, TRANSFER_RULE);
-    let daemon = Daemon::start(
-        &precedent_bin(),
-        &["daemon", "--iface", &net.host_if, "--config", &config],
-    )
-    .unwrap();
-    let socket = daemon.socket().unwrap();
-    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    let bank = Enforcing::start("dmn5", 25);
+    let (net, socket, target) = (&bank.net, bank.socket.clone(), bank.target);
 
     // The transfer without the balance lookup, its method token cut in two and its session
     // token in a later segment than its request line.
@@ -369,14 +394,7 @@ fn a_request_split_over_segments_is_seen_whole_and_enforced() {
         transfer.as_ref().is_ok_and(|s| s.contains("200")),
         "the server took the pieces as one request: {transfer:?}"
     );
-    wait_for_a_block(&socket);
-    let alert: serde_json::Value = serde_json::from_str(
-        &daemon
-            .next_line(Duration::from_secs(3))
-            .expect("an alert line on stdout"),
-    )
-    .unwrap();
-    assert_eq!(alert["rule"], "transfer-needs-balance");
+    let alert = bank.rule_alert();
     assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
     let status = cli(&socket, &["status"]);
     // Both requests in one session: the split one's token was read from its third piece.
@@ -395,23 +413,14 @@ fn a_request_split_over_segments_is_seen_whole_and_enforced() {
         .run_in_ns(move || request(target, "attacker", "GET", "/api/v1/accounts/17/balance"))
         .unwrap();
     assert!(blocked.is_err(), "attacker still served: {blocked:?}");
-    drop(daemon);
+    drop(bank);
 }
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_lookup_hidden_in_a_body_does_not_satisfy_a_rule() {
-    let net = TestNet::new("dmn6", 26).unwrap();
-    let _server = HttpServer::start(SocketAddr::new(net.host_ip.into(), PORT)).unwrap();
-    let dir = Scratch::new("dmn6");
-    let config = write_config(&dir, TRANSFER_RULE);
-    let daemon = Daemon::start(
-        &precedent_bin(),
-        &["daemon", "--iface", &net.host_if, "--config", &config],
-    )
-    .unwrap();
-    let socket = daemon.socket().unwrap();
-    let target = SocketAddr::new(net.host_ip.into(), PORT);
+    let bank = Enforcing::start("dmn6", 26);
+    let (net, socket, target) = (&bank.net, bank.socket.clone(), bank.target);
 
     // A note whose body, sent as a segment of its own, reads like the balance lookup the rule
     // wants. The server takes it as the body it is; a capture that trusted every segment
@@ -432,14 +441,7 @@ fn a_lookup_hidden_in_a_body_does_not_satisfy_a_rule() {
         .unwrap();
     assert!(note.is_ok_and(|s| s.contains("200")));
     assert!(transfer.is_ok_and(|s| s.contains("200")));
-    wait_for_a_block(&socket);
-    let alert: serde_json::Value = serde_json::from_str(
-        &daemon
-            .next_line(Duration::from_secs(3))
-            .expect("an alert line on stdout"),
-    )
-    .unwrap();
-    assert_eq!(alert["rule"], "transfer-needs-balance");
+    bank.rule_alert();
     let status = cli(&socket, &["status"]);
     assert_eq!(status["kernel_counters"]["captured"], 3, "{status}");
     assert_eq!(
@@ -447,7 +449,7 @@ fn a_lookup_hidden_in_a_body_does_not_satisfy_a_rule() {
         "{status}"
     );
     assert_eq!(status["userspace_counters"]["requests"], 2, "{status}");
-    drop(daemon);
+    drop(bank);
 }
 
 #[test]
