@@ -9,7 +9,10 @@ use base64::Engine as _;
 use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
-use siphasher::sip128::{Hash128, Hasher128 as _, SipHasher13};
+use siphasher::{
+    sip,
+    sip128::{Hash128, Hasher128 as _, SipHasher13},
+};
 use smallvec::SmallVec;
 use std::hash::Hasher as _;
 
@@ -158,7 +161,7 @@ impl SessionKeyer {
             Some(q) => (b"?", q.as_bytes()),
             None => (b"", b""),
         };
-        self.sip(&[
+        self.sip64(&[
             &[u8::MAX - 2],
             method.as_str().as_bytes(),
             b" ",
@@ -168,37 +171,55 @@ impl SessionKeyer {
             mark,
             query,
         ])
-        .h1
     }
 
     fn hash(&self, tag: u8, value: &[u8]) -> SessionKey {
         SessionKey(self.sip(&[&[tag], value]).as_u128())
     }
 
-    /// Keyed SipHash-1-3 (128-bit) of `parts` as one message. Hashed in one call from a stack
-    /// copy when short (nearly always): fed piece by piece, the hasher buffers every piece
-    /// that does not end on an 8-byte boundary byte by byte, which cost more than the hash.
-    /// Both ways give the same value (SipHash reads a byte stream, however it is cut).
+    /// Keyed SipHash-1-3 (128-bit) of `parts` as one message.
     fn sip(&self, parts: &[&[u8]]) -> Hash128 {
-        const STACK: usize = 256;
         let hasher = SipHasher13::new_with_key(&self.secret);
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        if total <= STACK {
-            let mut buf = [0u8; STACK];
-            let mut at = 0;
-            for p in parts {
-                buf[at..at + p.len()].copy_from_slice(p);
-                at += p.len();
+        let mut buf = [0u8; STACK_MESSAGE];
+        match joined(parts, &mut buf) {
+            Some(message) => hasher.hash(message),
+            None => {
+                let mut hasher = hasher;
+                parts.iter().for_each(|p| hasher.write(p));
+                hasher.finish128()
             }
-            hasher.hash(&buf[..at])
-        } else {
-            let mut hasher = hasher;
-            for p in parts {
-                hasher.write(p);
-            }
-            hasher.finish128()
         }
     }
+
+    /// [`SessionKeyer::sip`] with a 64-bit result, for what needs no more.
+    fn sip64(&self, parts: &[&[u8]]) -> u64 {
+        let hasher = sip::SipHasher13::new_with_key(&self.secret);
+        let mut buf = [0u8; STACK_MESSAGE];
+        match joined(parts, &mut buf) {
+            Some(message) => hasher.hash(message),
+            None => {
+                let mut hasher = hasher;
+                parts.iter().for_each(|p| hasher.write(p));
+                hasher.finish()
+            }
+        }
+    }
+}
+
+/// Messages up to this long are hashed from a stack copy (nearly all of them).
+const STACK_MESSAGE: usize = 256;
+
+/// `parts` copied one after another into `buf`, when they fit. Fed piece by piece, SipHash
+/// buffers every piece that does not end on an 8-byte boundary byte by byte, which cost more
+/// than the hash; in one call it reads whole words. Both give the same value (SipHash reads a
+/// byte stream, however it is cut).
+fn joined<'b>(parts: &[&[u8]], buf: &'b mut [u8; STACK_MESSAGE]) -> Option<&'b [u8]> {
+    let mut at = 0;
+    for p in parts {
+        buf.get_mut(at..at + p.len())?.copy_from_slice(p);
+        at += p.len();
+    }
+    Some(&buf[..at])
 }
 
 /// `name`'s value in one `Cookie` header (`a=1; b="2"`), quotes removed.
@@ -1129,7 +1150,7 @@ mod tests {
                 "{len} bytes"
             );
         }
-        let mut h = SipHasher13::new_with_key(&secret);
+        let mut h = sip::SipHasher13::new_with_key(&secret);
         h.write_u8(u8::MAX - 2);
         h.write(b"GET");
         h.write_u8(b' ');
@@ -1140,7 +1161,7 @@ mod tests {
         h.write(b"x=2");
         assert_eq!(
             keyer.request_hash(Method::Get, Some("h"), "/a/1", Some("x=2")),
-            h.finish128().h1
+            h.finish()
         );
     }
 
