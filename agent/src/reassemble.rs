@@ -338,6 +338,11 @@ impl Reassembler {
         captured: usize,
         next_piece: u8,
     ) -> Option<CapturedRequest> {
+        if !follows && http::announces_no_body(&req.data) {
+            // Nothing to wait for and no body to remember (the common GET): handed on as it
+            // is, as the match below would, without parsing it for the engine to parse again.
+            return Some(req);
+        }
         match http::tail(&req.data) {
             Tail::Head(at) if follows => {
                 let rest = req.data.split_off(at);
