@@ -94,11 +94,31 @@ pub struct IntervalCache {
     memo: FxHashMap<(u32, u32), Interval>,
     /// Upper bounds computed alone (see [`IntervalCache::upper`]).
     uppers: FxHashMap<(u32, u32), f64>,
+    /// Per threshold, where the upper bound falls below it (see [`Crossings`]).
+    crossings: Vec<Crossings>,
     /// Exact computations done (cache misses beyond the table and closed forms).
     pub exact_computations: u64,
     /// Times the memo reached its cap and was cleared.
     pub memo_clears: u64,
 }
+
+/// For one threshold x, per k: the least n at which the upper bound of k out of n is below x.
+/// With k fixed the bound falls as n grows (Beta(k + 1, n − k + 1) moves left), so "is the
+/// upper bound of k out of n below x?" is then `n >= first_below[k]`: one load where it took an
+/// incomplete beta, for the rare-transition checks that ask it of a new n nearly every time
+/// (a busy context's count grows with every visit). Each k's crossing is found once, by a
+/// search over n made of the same exact decisions ([`IntervalCache::upper_at_least`]).
+#[derive(Debug, Clone)]
+struct Crossings {
+    x: f64,
+    /// None until found; `u32::MAX` when the bound stays at least x for every n.
+    first_below: Vec<Option<u32>>,
+}
+
+/// Counts up to this get a crossing (larger ones are decided directly).
+const CROSSING_MAX_K: u32 = 1 << 12;
+/// Thresholds with crossings at once (the signals use one or two).
+const CROSSING_THRESHOLDS: usize = 4;
 
 /// A cache carries no model state: two models with different caches are the same model.
 impl PartialEq for IntervalCache {
@@ -184,6 +204,80 @@ impl IntervalCache {
         let (a, b) = (f64::from(k) + 1.0, f64::from(n - k) + 1.0);
         statrs::function::beta::checked_beta_reg(a, b, r.clamp(0.0, 1.0))
             .map_or(true, |cdf| cdf >= 1.0 - TAIL - 1e-9)
+    }
+
+    /// Is the upper bound of k out of n below x? Exactly `!upper_at_least(k, n, x)`, answered
+    /// from the threshold's crossings (see [`Crossings`]) for counts up to `CROSSING_MAX_K`.
+    pub fn upper_below(&mut self, k: u32, n: u32, x: f64) -> bool {
+        let k = k.min(n);
+        if k > CROSSING_MAX_K {
+            return !self.upper_at_least(k, n, x);
+        }
+        let t = match self
+            .crossings
+            .iter()
+            .position(|c| c.x.to_bits() == x.to_bits())
+        {
+            Some(t) => t,
+            None => {
+                if self.crossings.len() >= CROSSING_THRESHOLDS {
+                    self.crossings.remove(0);
+                }
+                self.crossings.push(Crossings {
+                    x,
+                    first_below: Vec::new(),
+                });
+                self.crossings.len() - 1
+            }
+        };
+        let found = self.crossings[t]
+            .first_below
+            .get(k as usize)
+            .copied()
+            .flatten();
+        let first_below = match found {
+            Some(m) => m,
+            None => {
+                let m = self.first_below(k, x);
+                let v = &mut self.crossings[t].first_below;
+                if v.len() <= k as usize {
+                    v.resize(k as usize + 1, None);
+                }
+                v[k as usize] = Some(m);
+                m
+            }
+        };
+        n >= first_below
+    }
+
+    /// The least n ≥ k at which the upper bound of k out of n is below x (`u32::MAX` if none
+    /// is below it): doubling, then bisection, over exact decisions.
+    fn first_below(&mut self, k: u32, x: f64) -> u32 {
+        let below = |c: &mut Self, n: u32| !c.upper_at_least(k, n, x);
+        if below(self, k) {
+            return k;
+        }
+        // Not below at `lo`; find a `hi` where it is.
+        let (mut lo, mut hi) = (k, k.max(1));
+        loop {
+            hi = hi.saturating_mul(2);
+            if below(self, hi) {
+                break;
+            }
+            if hi == u32::MAX {
+                return u32::MAX;
+            }
+            lo = hi;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if below(self, mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi
     }
 
     /// Do the intervals of k1/n1 and k2/n2 overlap? Skips the exact computation when the point
@@ -554,6 +648,42 @@ mod tests {
             decided * 2 > pairs,
             "bounds decided only {decided} of {pairs}"
         );
+    }
+
+    /// The crossings answer what the direct decision answers, for every k on both sides of
+    /// each crossing and at random counts, for the thresholds the signals use.
+    #[test]
+    fn upper_below_from_crossings_is_the_direct_decision() {
+        let mut c = IntervalCache::new();
+        let mut direct = IntervalCache::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |m: u64| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) % m
+        };
+        let (mut below, mut not) = (0, 0);
+        for x in [0.0005, 0.001, 0.01, 0.05, 0.3] {
+            for k in (0..40).chain([100, 1_000, CROSSING_MAX_K, CROSSING_MAX_K + 1]) {
+                let first = c.first_below(k, x);
+                for n in [first.saturating_sub(1), first, first.saturating_add(1)] {
+                    if n >= k {
+                        assert_eq!(c.upper_below(k, n, x), !direct.upper_at_least(k, n, x));
+                    }
+                }
+            }
+            for _ in 0..2_000 {
+                let n = next(2_000_000) as u32;
+                let k = next(u64::from(n.min(3 * CROSSING_MAX_K)) + 1) as u32;
+                let b = c.upper_below(k, n, x);
+                assert_eq!(b, !direct.upper_at_least(k, n, x), "{k}/{n} {x}");
+                if b { below += 1 } else { not += 1 }
+            }
+        }
+        assert!(below > 500 && not > 500, "{below} {not}");
+        // One list of crossings per threshold, however many are asked for.
+        assert!(c.crossings.len() <= CROSSING_THRESHOLDS);
     }
 
     /// Never false where the exact upper bound is below r.

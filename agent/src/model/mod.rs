@@ -780,11 +780,12 @@ impl Model {
         self.cache.upper(k, n)
     }
 
-    /// Is the 99% upper bound of k out of n below `r`? Exact, and as cheap as it can be: the
-    /// bound when it is free, its guaranteed range, one incomplete beta, and the bound itself
-    /// only within rounding of `r`.
+    /// Is the 99% upper bound of k out of n below `r`? Exact, and as cheap as it can be: for
+    /// counts up to a few thousand, one load once `r`'s crossing for k is known (see
+    /// `IntervalCache::upper_below`); else the bound when it is free, its guaranteed range,
+    /// one incomplete beta, and the bound itself only within rounding of `r`.
     pub fn upper_below(&mut self, k: u32, n: u32, r: f64) -> bool {
-        !self.cache.upper_at_least(k, n, r)
+        self.cache.upper_below(k, n, r)
     }
 
     /// False only when the 99% upper bound of k/n is surely not below `r` (one incomplete-beta
