@@ -537,37 +537,136 @@ fn header_str(v: &[u8]) -> Result<&str, SkipReason> {
 }
 
 /// Where a request pipelined behind the one whose head ends at `head_len` starts in `bytes`,
-/// if anything follows: after the head, the body its Content-Length announces and any empty
-/// lines (some clients end a body with an extra CRLF). Pipelining puts several requests in
-/// one segment, and a request hidden behind another must not go unseen. A chunked body's end
-/// cannot be known from its start, so nothing after it is looked at; the same for a
-/// Content-Length that is not a number.
+/// if anything follows: after the head, its body and any empty lines (some clients end a body
+/// with an extra CRLF). Pipelining puts several requests in one segment, and a request hidden
+/// behind another must not go unseen. Nothing after a body that goes on past the bytes, or
+/// whose end cannot be told, is looked at.
 fn pipelined(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) -> Option<usize> {
     if head_len >= bytes.len() {
         return None;
     }
-    let next = head_len.checked_add(declared_body(headers)?)?;
+    let BodyEnd::At(next) = body_end(bytes, head_len, headers) else {
+        return None;
+    };
     let next = next + blank_lines(bytes.get(next..)?);
     (next < bytes.len()).then_some(next)
 }
 
-/// The body length the headers announce: 0 without Content-Length; None when its end cannot
-/// be known from the start (chunked or any other transfer coding, a length that is not a
-/// number, or one of a gigabyte or more, which sequence numbers could not place).
-fn declared_body(headers: &[httparse::Header<'_>]) -> Option<usize> {
-    let mut body = 0usize;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return None;
-        }
-        if h.name.eq_ignore_ascii_case("content-length") {
-            body = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
-        }
-    }
-    (body < MAX_TRACKED_BODY).then_some(body)
+/// Where the body of a request whose head ends at `head_len` in `bytes` ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    /// At this offset, which may lie past the bytes (a Content-Length body going on).
+    At(usize),
+    /// A chunked body going on past the bytes: where it ends is in bytes not given.
+    Beyond,
+    /// Cannot be told (see [`framing`]).
+    Unknown,
 }
 
-/// Bodies this long or longer are not followed (see [`declared_body`]).
+fn body_end(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) -> BodyEnd {
+    match framing(headers) {
+        Framing::Length(n) => head_len
+            .checked_add(n)
+            .map_or(BodyEnd::Unknown, BodyEnd::At),
+        Framing::Chunked => match chunked_len(&bytes[head_len..]) {
+            Chunks::Complete(n) => BodyEnd::At(head_len + n),
+            Chunks::Partial => BodyEnd::Beyond,
+            Chunks::Malformed => BodyEnd::Unknown,
+        },
+        Framing::Unknown => BodyEnd::Unknown,
+    }
+}
+
+/// How a request's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Content-Length, or 0 without one.
+    Length(usize),
+    /// `Transfer-Encoding` whose final coding is `chunked`, and no Content-Length.
+    Chunked,
+    /// Anything else: a final coding that is not chunked (the server cannot tell the length
+    /// either), Transfer-Encoding together with Content-Length (where servers disagree, the
+    /// ground of request smuggling), a length that is not a number, or one of a gigabyte or
+    /// more, which sequence numbers could not place.
+    Unknown,
+}
+
+fn framing(headers: &[httparse::Header<'_>]) -> Framing {
+    let (mut length, mut chunked) = (None, None);
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding of the last such header is the final one.
+            let Ok(v) = std::str::from_utf8(h.value) else {
+                return Framing::Unknown;
+            };
+            let last = v.rsplit(',').next().unwrap_or_default();
+            chunked = Some(last.trim().eq_ignore_ascii_case("chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            let Some(n) = n else {
+                return Framing::Unknown;
+            };
+            length = Some(n);
+        }
+    }
+    match (chunked, length) {
+        (Some(true), None) => Framing::Chunked,
+        (Some(_), _) => Framing::Unknown,
+        (None, None) => Framing::Length(0),
+        (None, Some(n)) if n < MAX_TRACKED_BODY => Framing::Length(n),
+        (None, Some(_)) => Framing::Unknown,
+    }
+}
+
+/// A chunked body read from its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunks {
+    /// It ends within the bytes, after this many (chunks, last chunk, trailer fields and the
+    /// empty line).
+    Complete(usize),
+    /// It goes on past them.
+    Partial,
+    /// A chunk size line, a chunk's end or a trailer field is malformed: the server refuses
+    /// it, and nothing after it is a request.
+    Malformed,
+}
+
+fn chunked_len(bytes: &[u8]) -> Chunks {
+    let mut at = 0usize;
+    loop {
+        let (line, size) = match httparse::parse_chunk_size(&bytes[at..]) {
+            Ok(httparse::Status::Complete(v)) => v,
+            Ok(httparse::Status::Partial) => return Chunks::Partial,
+            Err(_) => return Chunks::Malformed,
+        };
+        at += line;
+        if size == 0 {
+            break;
+        }
+        // The chunk's data, then its CRLF.
+        let Some(end) = usize::try_from(size).ok().and_then(|s| at.checked_add(s)) else {
+            return Chunks::Malformed;
+        };
+        match bytes.get(end..end + 2) {
+            Some(b"\r\n") => at = end + 2,
+            Some(_) => return Chunks::Malformed,
+            // Cut before its CRLF is whole: the byte that is there must begin it.
+            None if bytes.get(end).is_some_and(|&b| b != b'\r') => return Chunks::Malformed,
+            None => return Chunks::Partial,
+        }
+    }
+    // Trailer fields, then the empty line that ends the body.
+    let mut trailers = [httparse::EMPTY_HEADER; 16];
+    match httparse::parse_headers(&bytes[at..], &mut trailers) {
+        Ok(httparse::Status::Complete((len, _))) => Chunks::Complete(at + len),
+        Ok(httparse::Status::Partial) => Chunks::Partial,
+        Err(_) => Chunks::Malformed,
+    }
+}
+
+/// Bodies this long or longer are not followed (see [`framing`]).
 const MAX_TRACKED_BODY: usize = 1 << 30;
 
 /// Empty lines some clients send after a body.
@@ -578,8 +677,8 @@ pub(crate) fn blank_lines(bytes: &[u8]) -> usize {
         .count()
 }
 
-/// How the captured bytes of a connection end, read request by request (each head, then the
-/// body its Content-Length announces), for [`crate::reassemble`].
+/// How the captured bytes of a connection end, read request by request (each head, then its
+/// body: the Content-Length it announces, or its chunks), for [`crate::reassemble`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tail {
     /// At the end of a request: whatever comes next on the connection starts a new one.
@@ -589,7 +688,8 @@ pub enum Tail {
     /// Inside a body that ends at this offset, past the bytes given: the stream's next bytes
     /// up to there are body, however much they look like a request.
     Body(usize),
-    /// Where requests end cannot be told (junk, a chunked body): nothing is assumed.
+    /// Where requests end cannot be told (junk, a chunked body going on past the bytes):
+    /// nothing is assumed.
     Unknown,
 }
 
@@ -617,10 +717,10 @@ pub fn tail(bytes: &[u8]) -> Tail {
         match req.parse_with_uninit_headers(&bytes[at..], &mut headers) {
             Ok(httparse::Status::Partial) => return Tail::Head(at),
             Ok(httparse::Status::Complete(head_len)) => {
-                let Some(body) = declared_body(req.headers) else {
+                let BodyEnd::At(end) = body_end(&bytes[at..], head_len, req.headers) else {
                     return Tail::Unknown;
                 };
-                let end = at + head_len + body;
+                let end = at + end;
                 if end > bytes.len() {
                     return Tail::Body(end);
                 }
@@ -802,10 +902,36 @@ mod tests {
         assert_eq!(next_of(&[&post[..], b"\r\n"].concat()), None);
         // A body longer than the capture: what follows it was not captured.
         assert_eq!(next_of(&post[..post.len() - 2]), None);
-        // No end to be known: chunked bodies, a Content-Length that is not a number.
+        // A chunked body is read chunk by chunk to its end: the transfer hidden behind one in
+        // the same segment is found (chunk extensions and trailer fields included).
         let chunked =
             b"POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-        assert_eq!(next_of(&[&chunked[..], get].concat()), None);
+        assert_eq!(next_of(&[&chunked[..], get].concat()), Some(chunked.len()));
+        let dressed = b"POST /t HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n\
+                        5;name=v\r\nhello\r\nA\r\n0123456789\r\n00\r\nX-Sum: 1\r\n\r\n";
+        assert_eq!(next_of(&[&dressed[..], get].concat()), Some(dressed.len()));
+        // No end to be known: a chunked body going on past the bytes (at any point of its
+        // framing) or malformed, a final coding other than chunked, Transfer-Encoding with a
+        // Content-Length (request smuggling ground), a Content-Length that is not a number.
+        for cut in 48..chunked.len() {
+            assert_eq!(super::tail(&chunked[..cut]), Tail::Unknown, "cut at {cut}");
+        }
+        assert_eq!(super::tail(chunked), Tail::Boundary);
+        for body in [
+            &b"5\r\nhelloX\r\n0\r\n\r\n"[..],
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n",
+        ] {
+            let head = b"POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+            assert_eq!(next_of(&[&head[..], body, get].concat()), None, "{body:?}");
+        }
+        for head in [
+            &b"POST /t HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 15\r\n\r\n",
+        ] {
+            let body = b"5\r\nhello\r\n0\r\n\r\n";
+            assert_eq!(next_of(&[head, &body[..], get].concat()), None, "{head:?}");
+        }
         let bad = b"POST /t HTTP/1.1\r\nContent-Length: lots\r\n\r\nGET /x HTTP/1.1\r\n\r\n";
         assert_eq!(next_of(bad), None);
         // Whatever follows is the next parse's to judge (junk is counted there).
@@ -1160,7 +1286,10 @@ mod tests {
     /// wherever it says "no body" the parse finds none either.
     #[test]
     fn announces_no_body_only_where_tail_finds_none() {
-        const PARTS: [&[u8]; 14] = [
+        const PARTS: [&[u8]; 17] = [
+            b"Transfer-Encoding: chunked\r\n",
+            b"4\r\nabcd\r\n",
+            b"0\r\n\r\n",
             b"GET /a HTTP/1.1\r\n",
             b"POST /b HTTP/1.1\r\n",
             b"Host: h\r\n",
@@ -1225,6 +1354,14 @@ mod tests {
             tail(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd"),
             Tail::Unknown
         );
+        // A chunked body that ends in the bytes is passed like any other: a request behind
+        // it is read, and one cut short waits for its next piece.
+        let chunked =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n";
+        assert_eq!(tail(chunked), Tail::Boundary);
+        let mut behind = chunked.to_vec();
+        behind.extend_from_slice(b"POST /transferFunds HTTP/1.1\r\n");
+        assert_eq!(tail(&behind), Tail::Head(chunked.len()));
         assert_eq!(
             tail(b"POST / HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\n"),
             Tail::Unknown

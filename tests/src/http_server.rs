@@ -1,8 +1,8 @@
 //! A minimal HTTP/1.1 server on a background thread: answers every request with 200 and a
-//! short body, honours keep-alive, and counts what it served. Just enough to give real TCP
-//! connections something to talk to.
+//! short body, reads Content-Length and chunked bodies, honours keep-alive and pipelining,
+//! and counts what it served. Just enough to give real TCP connections something to talk to.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
@@ -100,12 +100,19 @@ fn serve(conn: TcpStream, served: &AtomicU64, handler: Handler) {
                 .find(|h| h.name.eq_ignore_ascii_case(name))
                 .map(|h| String::from_utf8_lossy(h.value).to_string())
         };
+        let chunked =
+            header("transfer-encoding").is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
         let body_len: usize = header("content-length")
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let mut body = vec![0; body_len.min(1 << 20)];
-        if reader.read_exact(&mut body).is_err() {
+        let body_read = if chunked {
+            read_chunked(&mut reader)
+        } else {
+            let mut body = vec![0; body_len.min(1 << 20)];
+            reader.read_exact(&mut body).is_ok()
+        };
+        if !body_read {
             return;
         }
         served.fetch_add(1, Ordering::Relaxed);
@@ -118,6 +125,39 @@ fn serve(conn: TcpStream, served: &AtomicU64, handler: Handler) {
         );
         if writer.write_all(resp.as_bytes()).is_err() || close {
             return;
+        }
+    }
+}
+
+/// Reads a chunked body to its end (chunks, the last chunk, trailer fields, the empty line);
+/// false when the stream ends or a size is not hex.
+fn read_chunked(reader: &mut impl BufRead) -> bool {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
+        }
+        let size = line.trim_end().split(';').next().unwrap_or_default();
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return false;
+        };
+        if size == 0 {
+            break;
+        }
+        let mut data = vec![0; size.min(1 << 20) + 2];
+        if reader.read_exact(&mut data).is_err() {
+            return false;
+        }
+    }
+    // Trailer fields up to the empty line.
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
+        }
+        if line == "\r\n" || line == "\n" {
+            return true;
         }
     }
 }

@@ -65,7 +65,7 @@ struct Enforcing {
     daemon: Daemon,
     socket: std::path::PathBuf,
     target: SocketAddr,
-    _server: HttpServer,
+    server: HttpServer,
     net: TestNet,
     _dir: Scratch,
 }
@@ -87,7 +87,7 @@ impl Enforcing {
             daemon,
             socket,
             target,
-            _server: server,
+            server,
             net,
             _dir: dir,
         }
@@ -448,6 +448,33 @@ fn a_lookup_hidden_in_a_body_does_not_satisfy_a_rule() {
         status["userspace_counters"]["requests_inside_body"], 1,
         "{status}"
     );
+    assert_eq!(status["userspace_counters"]["requests"], 2, "{status}");
+    drop(bank);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_transfer_pipelined_behind_a_chunked_body_is_seen() {
+    let bank = Enforcing::start("dmn7", 27);
+    let (socket, target) = (bank.socket.clone(), bank.target);
+    // One write: a note with a chunked body and, right behind it, the transfer without a
+    // balance lookup. The server reads both; a reader that stopped at the chunked body (its
+    // end cannot be known from a Content-Length) would never see the transfer.
+    let payload = "POST /api/v1/notes HTTP/1.1\r\nHost: bank.test\r\n\
+                   Authorization: Bearer attacker\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   5\r\nhello\r\n0\r\n\r\n\
+                   POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+                   Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    let reply = bank
+        .net
+        .run_in_ns(move || request_in_pieces(target, &[payload]))
+        .unwrap();
+    assert!(reply.is_ok_and(|s| s.contains("200")));
+    assert_eq!(bank.server.served(), 2, "the server took both requests");
+    let alert = bank.rule_alert();
+    assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
+    let status = cli(&socket, &["status"]);
+    assert_eq!(status["kernel_counters"]["captured"], 1, "{status}");
     assert_eq!(status["userspace_counters"]["requests"], 2, "{status}");
     drop(bank);
 }
