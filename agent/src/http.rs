@@ -584,10 +584,11 @@ enum Framing {
     Length(usize),
     /// `Transfer-Encoding` whose final coding is `chunked`, and no Content-Length.
     Chunked,
-    /// Anything else: a final coding that is not chunked (the server cannot tell the length
-    /// either), Transfer-Encoding together with Content-Length (where servers disagree, the
-    /// ground of request smuggling), a length that is not a number, or one of a gigabyte or
-    /// more, which sequence numbers could not place.
+    /// Anything else. A final coding that is not chunked, or Transfer-Encoding together with
+    /// Content-Length (the ground of request smuggling): RFC 9112 §6.3 has the server answer
+    /// 400, or close the connection after the request, so nothing behind it is served. A
+    /// length that is not a number, or one of a gigabyte or more, which sequence numbers could
+    /// not place.
     Unknown,
 }
 
