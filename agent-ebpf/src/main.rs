@@ -85,6 +85,11 @@ static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 /// When this CPU last let a ring submission wake the reader (`bpf_ktime_get_ns`).
 #[map]
 static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// The count of empty-line bytes a request start was found behind, passed through memory so
+/// the verifier forgets its exact value: it walks the rest of the program once for the range
+/// instead of once per count (more than its million-instruction budget).
+#[map]
+static BLANK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn precedent(ctx: XdpContext) -> u32 {
@@ -348,6 +353,10 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     }
     let mut head = 0u64;
     parse::payload_head(ctx, h, &mut head)?;
+    // Where the request starts: at the payload's start, or behind empty lines, which servers
+    // skip (RFC 9112 §2.2). Worked out here, not in a function of its own: the verifier allows
+    // 8 nested calls, and the following below already reaches them.
+    let mut skipped = 0;
     if !parse::is_http_method(head) {
         if parse::is_http2_preface(head) {
             return Err(Skip::Http2);
@@ -358,11 +367,37 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         if continuation(ctx, h)? {
             return Ok(());
         }
-        if h.payload_len >= 8 || !parse::is_method_prefix(head, h.payload_len) {
+        if matches!(head as u8, b'\r' | b'\n') {
+            let Some(slot) = BLANK.get_ptr_mut(0) else {
+                return Err(Skip::NotInteresting);
+            };
+            // SAFETY: the slot is this CPU's, valid for the program's run; volatile so the
+            // round trip is not optimised away.
+            skipped = unsafe {
+                core::ptr::write_volatile(slot, parse::leading_blank(ctx, h)? as u64);
+                core::ptr::read_volatile(slot) as usize
+            };
+            if skipped > parse::BLANK_MAX || skipped >= h.payload_len {
+                return Err(Skip::NotInteresting);
+            }
+            let rest = parse::Headers {
+                payload_off: h.payload_off + skipped,
+                payload_len: h.payload_len - skipped,
+                ..*h
+            };
+            parse::payload_head(ctx, &rest, &mut head)?;
+        }
+        let len = h.payload_len - skipped;
+        if !parse::is_http_method(head) && (len >= 8 || !parse::is_method_prefix(head, len)) {
             return Err(Skip::NotInteresting);
         }
     }
-
+    let start = parse::Headers {
+        payload_off: h.payload_off + skipped,
+        payload_len: h.payload_len - skipped,
+        ..*h
+    };
+    let h = &start;
     let Some(config) = CONFIG.get(0) else {
         return Err(Skip::NotInteresting);
     };
@@ -380,7 +415,7 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     } else {
         limit
     };
-    let seq = parse::tcp_seq(ctx, h)?;
+    let seq = parse::tcp_seq(ctx, h)?.wrapping_add(skipped as u32);
     emit_sized(ctx, h, captured, seq, 0)?;
     // A start that is the whole segment and does not end the header: follow its connection.
     // A complete one ends any following of the connection's earlier request.

@@ -69,6 +69,7 @@ struct TcpHdr {
 }
 
 /// Where things are in the packet; addresses and ports are read later, only when needed.
+#[derive(Clone, Copy)]
 pub struct Headers {
     pub is_v6: bool,
     /// Offset of the IP header.
@@ -245,11 +246,21 @@ pub fn load_len<const N: usize>(len: usize) -> u32 {
 /// from whatever register is at hand, and the verifier rejects reading it.
 #[inline(always)]
 pub fn payload_head(ctx: &XdpContext, h: &Headers, head: &mut u64) -> Result<(), Skip> {
-    if let Ok(p) = ptr_at::<u64>(ctx, h.payload_off) {
-        *head = unsafe { p.read_unaligned() };
+    payload_word(ctx, h, 0, head)
+}
+
+/// [`payload_head`] at `off` bytes into the payload (`off` < `payload_len`).
+#[inline(always)]
+fn payload_word(ctx: &XdpContext, h: &Headers, off: usize, word: &mut u64) -> Result<(), Skip> {
+    let at = h.payload_off + off;
+    let left = h.payload_len - off;
+    if left >= 8
+        && let Ok(p) = ptr_at::<u64>(ctx, at)
+    {
+        *word = unsafe { p.read_unaligned() };
         return Ok(());
     }
-    let len = if h.payload_len < 8 { h.payload_len } else { 8 };
+    let len = if left < 8 { left } else { 8 };
     if len == 0 {
         return Err(Skip::NotInteresting);
     }
@@ -257,7 +268,7 @@ pub fn payload_head(ctx: &XdpContext, h: &Headers, head: &mut u64) -> Result<(),
     let rc = unsafe {
         bpf_xdp_load_bytes(
             ctx.ctx,
-            h.payload_off as u32,
+            at as u32,
             bytes.as_mut_ptr().cast(),
             load_len::<8>(len),
         )
@@ -265,8 +276,75 @@ pub fn payload_head(ctx: &XdpContext, h: &Headers, head: &mut u64) -> Result<(),
     if rc < 0 {
         return Err(out_of_reach(ctx));
     }
-    *head = u64::from_le_bytes(bytes);
+    *word = u64::from_le_bytes(bytes);
     Ok(())
+}
+
+/// Empty-line bytes skipped before a request line, at most. RFC 9112 §2.2 has servers ignore
+/// empty lines before one (nginx skips any number), so a request behind them must be found:
+/// `\r\nPOST /transferFunds ...` is served like the request it is. A segment holds about 1460
+/// payload bytes on an Ethernet MTU; more blank bytes than this, and the parse gives up
+/// (counted).
+pub const BLANK_MAX: usize = 2048;
+
+/// The number of CR and LF bytes the payload starts with, read 8 at a time (the last few one
+/// by one) up to the end of the packet; bytes past the payload, if any, are padding, not blank.
+/// Nothing in the loop is compared with the payload's length: an exit would narrow what the
+/// verifier knows of it differently in every round, and it would then walk the rest of the
+/// program once per round (far more than its budget).
+#[inline(always)]
+pub fn leading_blank(ctx: &XdpContext, h: &Headers) -> Result<usize, Skip> {
+    let mut off = 0usize;
+    for _ in 0..BLANK_MAX / 8 {
+        let mut bytes = [0u8; 8];
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                ctx.ctx,
+                (h.payload_off + off) as u32,
+                bytes.as_mut_ptr().cast(),
+                8,
+            )
+        };
+        if rc < 0 {
+            // Fewer than 8 bytes left in the packet: the rest one at a time.
+            for i in 0..7 {
+                let mut b = 0u8;
+                let rc = unsafe {
+                    bpf_xdp_load_bytes(
+                        ctx.ctx,
+                        (h.payload_off + off + i) as u32,
+                        (&raw mut b).cast(),
+                        1,
+                    )
+                };
+                if rc < 0 || (b != b'\r' && b != b'\n') {
+                    return Ok(off + i);
+                }
+            }
+            return Ok(off + 7);
+        }
+        let k = blank_prefix(u64::from_le_bytes(bytes));
+        if k < 8 {
+            return Ok(off + k);
+        }
+        off += 8;
+    }
+    Err(Skip::Malformed)
+}
+
+/// How many of the 8 bytes of `w` (little-endian, first byte lowest) lead with CR or LF,
+/// without branches: per byte, "is zero" of `w` XOR the repeated character is its top bit
+/// (exact, no carry crosses bytes); the lowest byte that is neither gives the count.
+#[inline(always)]
+fn blank_prefix(w: u64) -> usize {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const TOP: u64 = 0x8080_8080_8080_8080;
+    let zero_bytes = |x: u64| !(((x & LOW7) + LOW7) | x | LOW7);
+    let blank = zero_bytes(w ^ 0x0d0d_0d0d_0d0d_0d0d) | zero_bytes(w ^ 0x0a0a_0a0a_0a0a_0a0a);
+    let other = !blank & TOP;
+    // The lowest such top bit, at 8i + 7: below 1 << 8i lie 8i ones (all 64 when none is).
+    let lowest = other & other.wrapping_neg();
+    ((lowest >> 7).wrapping_sub(1).count_ones() / 8) as usize
 }
 
 /// Does the payload start with an HTTP/1.x request method followed by a space? `w` holds the

@@ -81,6 +81,10 @@ fn serve(conn: TcpStream, served: &AtomicU64, handler: Handler) {
                 Ok(_) => {}
             }
             let blank = line == b"\r\n" || line == b"\n";
+            if blank && head.is_empty() {
+                // Empty lines before a request line are skipped, as nginx does (RFC 9112 §2.2).
+                continue;
+            }
             head.extend_from_slice(&line);
             if blank {
                 break;

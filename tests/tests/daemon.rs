@@ -481,6 +481,30 @@ fn a_transfer_pipelined_behind_a_chunked_body_is_seen() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
+fn a_transfer_behind_empty_lines_is_seen() {
+    let bank = Enforcing::start("dmn8", 28);
+    let (socket, target) = (bank.socket.clone(), bank.target);
+    // Servers skip empty lines before a request line (nginx any number of them): the transfer
+    // behind two bytes of CRLF is served, and a capture that wanted a method at the start of
+    // the segment would never see it.
+    let transfer = "\r\n\r\nPOST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+                    Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    let reply = bank
+        .net
+        .run_in_ns(move || request_in_pieces(target, &[transfer]))
+        .unwrap();
+    assert!(reply.is_ok_and(|s| s.contains("200")));
+    assert_eq!(bank.server.served(), 1);
+    let alert = bank.rule_alert();
+    assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
+    let status = cli(&socket, &["status"]);
+    assert_eq!(status["kernel_counters"]["captured"], 1, "{status}");
+    assert_eq!(status["userspace_counters"]["requests"], 1, "{status}");
+    drop(bank);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
     let net = TestNet::new("dmn2", 22).unwrap();
     let dir = Scratch::new("dmn2");

@@ -467,6 +467,53 @@ fn a_method_token_split_in_two_still_starts_a_request() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
+fn a_request_behind_empty_lines_is_captured_from_its_method() {
+    let mut h = Harness::new();
+    // Servers skip empty lines before a request line (RFC 9112 §2.2; nginx any number), so
+    // `\r\nPOST /transferFunds` is a request: captured from its method, its sequence number
+    // and length those of the request itself.
+    let req = get("/accounts/7");
+    for blank in [
+        b"\r\n".to_vec(),
+        b"\n".to_vec(),
+        b"\r\n\r\n\n\r\n".to_vec(),
+        b"\r\n".repeat(700),
+    ] {
+        let o = h.run(&segment(7_000, &[&blank[..], &req].concat()));
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+        assert_eq!(o.payload(), &req[..], "{} blank bytes", blank.len());
+        assert_eq!(o.header().seq, 7_000 + blank.len() as u32);
+        assert_eq!(o.header().payload_len as usize, req.len());
+    }
+    // A method token cut short behind them starts a request the next segment completes.
+    let o = h.run(&segment(8_000, b"\r\nPO"));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    assert_eq!(o.pieces(), vec![(0, b"PO".to_vec())]);
+    assert_eq!(o.header().seq, 8_002);
+    let o = h.run(&segment(8_004, b"ST /transferFunds HTTP/1.1\r\n\r\n"));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Continued, 1)]);
+    // Empty lines before nothing, or before anything but a request, are not one.
+    for payload in [
+        &b"\r\n\r\n"[..],
+        b"\r\n{\"amount\": 100}",
+        b"\n\n\x16\x03\x01",
+        b"\r\nGETS",
+    ] {
+        let o = h.run(&segment(9_000, payload));
+        o.assert_counters(&[(Counter::Passed, 1)]);
+        assert!(o.events.is_empty(), "{payload:?}");
+    }
+    // More blank bytes than the program reads: it gives up, counted.
+    let o = h.run(&segment(
+        9_500,
+        &[&b"\r\n".repeat(1_100)[..], &req].concat(),
+    ));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::ParseGaveUp, 1)]);
+    assert!(o.events.is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn a_complete_request_is_not_followed_and_a_gap_ends_the_following() {
     let mut h = Harness::new();
     // A whole request: the next segment of its connection is a body, not a piece.
