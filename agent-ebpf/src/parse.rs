@@ -287,49 +287,48 @@ fn payload_word(ctx: &XdpContext, h: &Headers, off: usize, word: &mut u64) -> Re
 /// (counted).
 pub const BLANK_MAX: usize = 2048;
 
-/// The number of CR and LF bytes the payload starts with, read 8 at a time (the last few one
-/// by one) up to the end of the packet; bytes past the payload, if any, are padding, not blank.
-/// Nothing in the loop is compared with the payload's length: an exit would narrow what the
-/// verifier knows of it differently in every round, and it would then walk the rest of the
-/// program once per round (far more than its budget).
+/// The number of CR and LF bytes the payload starts with: read in place 8 at a time up to the
+/// end of the linear area, the last few by helper one by one; bytes past the payload, if any,
+/// are padding, not blank. In-place loads cost next to nothing where a helper call costs
+/// ~30 ns, which 175 rounds over a segment of empty lines would make 5 µs a packet. A run of
+/// empty lines reaching into a multi-buffer packet's fragments is not followed there (the
+/// caller then finds no request). Nothing in the loop is compared with the payload's length:
+/// an exit would narrow what the verifier knows of it differently in every round, and it
+/// would then walk the rest of the program once per round (far more than its budget).
 #[inline(always)]
 pub fn leading_blank(ctx: &XdpContext, h: &Headers) -> Result<usize, Skip> {
     let mut off = 0usize;
-    for _ in 0..BLANK_MAX / 8 {
-        let mut bytes = [0u8; 8];
-        let rc = unsafe {
-            bpf_xdp_load_bytes(
-                ctx.ctx,
-                (h.payload_off + off) as u32,
-                bytes.as_mut_ptr().cast(),
-                8,
-            )
+    let mut rounds = 0;
+    while rounds < BLANK_MAX / 8 {
+        let Ok(p) = ptr_at::<u64>(ctx, h.payload_off + off) else {
+            break;
         };
-        if rc < 0 {
-            // Fewer than 8 bytes left in the packet: the rest one at a time.
-            for i in 0..7 {
-                let mut b = 0u8;
-                let rc = unsafe {
-                    bpf_xdp_load_bytes(
-                        ctx.ctx,
-                        (h.payload_off + off + i) as u32,
-                        (&raw mut b).cast(),
-                        1,
-                    )
-                };
-                if rc < 0 || (b != b'\r' && b != b'\n') {
-                    return Ok(off + i);
-                }
-            }
-            return Ok(off + 7);
-        }
-        let k = blank_prefix(u64::from_le_bytes(bytes));
+        let k = blank_prefix(unsafe { p.read_unaligned() });
         if k < 8 {
             return Ok(off + k);
         }
         off += 8;
+        rounds += 1;
     }
-    Err(Skip::Malformed)
+    if rounds == BLANK_MAX / 8 {
+        return Err(Skip::Malformed);
+    }
+    // Fewer than 8 bytes left in the linear area: the rest one at a time.
+    for i in 0..7 {
+        let mut b = 0u8;
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                ctx.ctx,
+                (h.payload_off + off + i) as u32,
+                (&raw mut b).cast(),
+                1,
+            )
+        };
+        if rc < 0 || (b != b'\r' && b != b'\n') {
+            return Ok(off + i);
+        }
+    }
+    Ok(off + 7)
 }
 
 /// How many of the 8 bytes of `w` (little-endian, first byte lowest) lead with CR or LF,

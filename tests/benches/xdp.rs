@@ -66,6 +66,12 @@ fn main() {
     assert_eq!(request.len(), 512);
     let mut captured = Packet::tcp("10.9.0.2", "10.9.0.1", &request);
     captured.tcp_options = 12;
+    // The longest scan: a full segment of empty lines (1,400 bytes) before something that is
+    // not a request (a request is captured as soon as it is found).
+    let mut blank = b"\r\n".repeat(700);
+    blank.push(b'x');
+    let mut blank_lines = Packet::tcp("10.9.0.2", "10.9.0.1", &blank);
+    blank_lines.tcp_options = 12;
     let mut blocked_exact = Packet::tcp("10.77.3.4", "10.9.0.1", &[0x17; 200]);
     blocked_exact.tcp_options = 12;
     let mut blocked_prefix = Packet::tcp("10.66.3.4", "10.9.0.1", &[0x17; 200]);
@@ -89,7 +95,7 @@ fn main() {
             .unwrap();
     }
 
-    let cases: [(&str, &str, Vec<u8>); 7] = [
+    let cases: [(&str, &str, Vec<u8>); 8] = [
         (
             "baseline (empty XDP program)",
             BASELINE_PROGRAM,
@@ -97,6 +103,11 @@ fn main() {
         ),
         ("non-HTTP TCP packet", PROGRAM, non_http.build()),
         ("captured 512-byte request", PROGRAM, captured.build()),
+        (
+            "1,400 blank bytes, no request",
+            PROGRAM,
+            blank_lines.build(),
+        ),
         (
             "blocked, single address (/32)",
             PROGRAM,
