@@ -654,6 +654,8 @@ impl Daemon {
         userspace.insert("requests_incomplete".into(), rc.incomplete);
         userspace.insert("stray_pieces".into(), rc.stray_pieces);
         userspace.insert("requests_inside_body".into(), rc.inside_body);
+        userspace.insert("requests_retransmitted".into(), rc.retransmitted);
+        userspace.insert("request_start_conflicts".into(), rc.start_conflicts);
         let pc = self.engine.proxy_counters();
         userspace.insert("client_from_header".into(), pc.client_from_header);
         userspace.insert("client_header_missing".into(), pc.client_header_missing);

@@ -66,6 +66,15 @@ pub struct ReassemblyCounters {
     /// request on the connection announced: the server reads them as body, so the engine
     /// does not see them as requests.
     pub inside_body: u64,
+    /// Request starts captured again: the same bytes at the same place in the connection's
+    /// stream (a client resending a segment whose acknowledgement it missed). The server's TCP
+    /// stack drops the copy; so does the reassembler, or the request would count twice.
+    pub retransmitted: u64,
+    /// Request starts at the place in the stream of the connection's previous one, with other
+    /// bytes: the server's TCP stack took at most one of them (the other had a bad checksum,
+    /// say, as in an attempt to show the analysis a request the server never read). Both are
+    /// handed on; this counts that it happened.
+    pub start_conflicts: u64,
 }
 
 /// A request waiting for its next piece.
@@ -92,7 +101,70 @@ pub struct Reassembler {
     order: VecDeque<(Conn, u64)>,
     next_ticket: u64,
     bodies: Bodies,
+    starts: Starts,
     counters: ReassemblyCounters,
+}
+
+/// The last request start captured on each connection (per slot of a fixed table: a
+/// connection whose slot another took has simply no last start), to tell a retransmission
+/// from a request.
+struct Starts {
+    slots: Box<[Option<Start>]>,
+    /// Keyed with a random key: an attacker who could make two different segments hash alike
+    /// would have the second (the one the server read) dropped as a copy of the first.
+    hasher: std::hash::RandomState,
+}
+
+#[derive(Clone, Copy)]
+struct Start {
+    conn: Conn,
+    seq: u32,
+    payload_len: u32,
+    bytes: u64,
+}
+
+/// Slots of [`Starts`]: 16,384 connections, about 0.8 MB.
+const START_SLOTS: usize = 16_384;
+
+/// What a request start is, next to the connection's last one.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    New,
+    Retransmitted,
+    Conflicting,
+}
+
+impl Starts {
+    fn new() -> Self {
+        Self {
+            slots: vec![None; START_SLOTS].into_boxed_slice(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// Compares `req` (a request start) with the last start of its connection, and remembers it.
+    fn see(&mut self, conn: Conn, req: &CapturedRequest) -> Seen {
+        use std::hash::BuildHasher as _;
+        let slot = self.hasher.hash_one(conn) as usize % START_SLOTS;
+        let start = Start {
+            conn,
+            seq: req.seq,
+            payload_len: req.payload_len,
+            bytes: self.hasher.hash_one(&req.data),
+        };
+        let seen = match self.slots[slot] {
+            Some(last) if last.conn == conn && last.seq == req.seq => {
+                if last.payload_len == start.payload_len && last.bytes == start.bytes {
+                    Seen::Retransmitted
+                } else {
+                    Seen::Conflicting
+                }
+            }
+            _ => Seen::New,
+        };
+        self.slots[slot] = Some(start);
+        seen
+    }
 }
 
 /// Where the unfinished body of each connection's last request ends.
@@ -192,6 +264,7 @@ impl Reassembler {
             order: VecDeque::new(),
             next_ticket: 0,
             bodies: Bodies::default(),
+            starts: Starts::new(),
             counters: ReassemblyCounters::default(),
         }
     }
@@ -215,6 +288,16 @@ impl Reassembler {
         let key = (req.client, req.server);
         if req.piece > 0 && self.pending.contains_key(&key) {
             return self.continue_pending(key, req);
+        }
+        if req.piece == 0 {
+            match self.starts.see(key, &req) {
+                Seen::Retransmitted => {
+                    self.counters.retransmitted += 1;
+                    return Ready::default();
+                }
+                Seen::Conflicting => self.counters.start_conflicts += 1,
+                Seen::New => {}
+            }
         }
         let mut earlier = None;
         if req.piece == 0 {
@@ -582,6 +665,38 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].data.len(), 1 + FOLLOW_MAX_PIECES as usize);
     }
+    #[test]
+    fn a_retransmitted_request_start_counts_once_and_a_conflicting_one_is_counted() {
+        let mut r = Reassembler::new(512);
+        let get = b"GET /balance HTTP/1.1\r\n\r\n";
+        assert_eq!(all(r.push(at(500, 0, 1, get))), vec![get.to_vec()]);
+        // The client resends the segment (it missed the acknowledgement): the same bytes at
+        // the same place; the server drops the copy, and so does the reassembler.
+        assert!(all(r.push(at(500, 0, 2, get))).is_empty());
+        assert_eq!(r.counters().retransmitted, 1);
+        // The same bytes on another connection, or further on in this one, are requests.
+        let mut other = at(500, 0, 3, get);
+        other.client.set_port(2);
+        assert_eq!(all(r.push(other)), vec![get.to_vec()]);
+        let next = 500 + get.len() as u32;
+        assert_eq!(all(r.push(at(next, 0, 4, get))), vec![get.to_vec()]);
+        // Other bytes at the place of the last start: the server read at most one of the two.
+        // Both go on (which one it read cannot be told), and it is counted.
+        let transfer = b"POST /transferFunds HTTP/1.1\r\n\r\n";
+        assert_eq!(
+            all(r.push(at(next, 0, 5, transfer))),
+            vec![transfer.to_vec()]
+        );
+        assert_eq!(r.counters().start_conflicts, 1);
+        // A resent request with a body is a copy too, not a request inside its own body.
+        let post = b"POST /notes HTTP/1.1\r\nContent-Length: 100\r\n\r\n";
+        let at_post = next + 1000;
+        assert_eq!(all(r.push(at(at_post, 0, 6, post))), vec![post.to_vec()]);
+        assert!(all(r.push(at(at_post, 0, 7, post))).is_empty());
+        assert_eq!(r.counters().retransmitted, 2);
+        assert_eq!(r.counters().inside_body, 0);
+    }
+
     #[test]
     fn a_look_alike_request_inside_a_body_is_not_a_request() {
         let mut r = Reassembler::new(512);
