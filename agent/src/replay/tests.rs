@@ -602,6 +602,26 @@ fn a_request_written_into_a_body_is_body_in_replay_as_live() {
 }
 
 #[test]
+fn a_resent_segment_is_one_request_in_replay_as_live() {
+    // A capture taken on a lossy path holds the client's resent segment twice: the server
+    // read the transfer once, and so does the replay.
+    let dir = tempfile::tempdir().unwrap();
+    let transfer = b"POST /api/v1/transferFunds HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let lookup = b"GET /api/v1/accounts/17/balance HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let pkts = [
+        segment(40000, 500, transfer),
+        segment(40000, 500, transfer),
+        segment(40000, 500 + transfer.len() as u32, lookup),
+    ];
+    let path = write(&dir, "resent.pcap", &pcap_file(1, &pkts));
+    let (records, _) = replay(&[path], &ReplayOptions::default());
+    assert_eq!(
+        paths_of(&records),
+        ["/api/v1/transferFunds", "/api/v1/accounts/17/balance"]
+    );
+}
+
+#[test]
 fn capture_length_limits_what_the_parser_sees_like_live() {
     let dir = tempfile::tempdir().unwrap();
     let p = eth_v4_tcp(REQ);
