@@ -545,35 +545,19 @@ fn pipelined(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) ->
     if head_len >= bytes.len() {
         return None;
     }
-    let BodyEnd::At(next) = body_end(bytes, head_len, headers) else {
-        return None;
-    };
+    let next = body_end(bytes, head_len, headers)?;
     let next = next + blank_lines(bytes.get(next..)?);
     (next < bytes.len()).then_some(next)
 }
 
-/// Where the body of a request whose head ends at `head_len` in `bytes` ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyEnd {
-    /// At this offset, which may lie past the bytes (a Content-Length body going on).
-    At(usize),
-    /// A chunked body going on past the bytes: where it ends is in bytes not given.
-    Beyond,
-    /// Cannot be told (see [`framing`]).
-    Unknown,
-}
-
-fn body_end(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) -> BodyEnd {
+/// Where the body of a request whose head ends at `head_len` in `bytes` ends: possibly past
+/// the bytes (a Content-Length body going on); None when the bytes cannot tell (a chunked body
+/// going on past them or malformed, or a framing the server refuses: see [`framing`]).
+fn body_end(bytes: &[u8], head_len: usize, headers: &[httparse::Header<'_>]) -> Option<usize> {
     match framing(headers) {
-        Framing::Length(n) => head_len
-            .checked_add(n)
-            .map_or(BodyEnd::Unknown, BodyEnd::At),
-        Framing::Chunked => match chunked_len(&bytes[head_len..]) {
-            Chunks::Complete(n) => BodyEnd::At(head_len + n),
-            Chunks::Partial => BodyEnd::Beyond,
-            Chunks::Malformed => BodyEnd::Unknown,
-        },
-        Framing::Unknown => BodyEnd::Unknown,
+        Framing::Length(n) => head_len.checked_add(n),
+        Framing::Chunked => chunked_len(&bytes[head_len..]).map(|n| head_len + n),
+        Framing::Unknown => None,
     }
 }
 
@@ -621,49 +605,32 @@ fn framing(headers: &[httparse::Header<'_>]) -> Framing {
     }
 }
 
-/// A chunked body read from its start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunks {
-    /// It ends within the bytes, after this many (chunks, last chunk, trailer fields and the
-    /// empty line).
-    Complete(usize),
-    /// It goes on past them.
-    Partial,
-    /// A chunk size line, a chunk's end or a trailer field is malformed: the server refuses
-    /// it, and nothing after it is a request.
-    Malformed,
-}
-
-fn chunked_len(bytes: &[u8]) -> Chunks {
+/// The length of the chunked body `bytes` start with (chunks, the last chunk, trailer fields
+/// and the empty line), or None when it goes on past them or is malformed (a chunk size line,
+/// a chunk's end or a trailer field: the server refuses it, and nothing after it is a request).
+fn chunked_len(bytes: &[u8]) -> Option<usize> {
     let mut at = 0usize;
     loop {
-        let (line, size) = match httparse::parse_chunk_size(&bytes[at..]) {
-            Ok(httparse::Status::Complete(v)) => v,
-            Ok(httparse::Status::Partial) => return Chunks::Partial,
-            Err(_) => return Chunks::Malformed,
+        let Ok(httparse::Status::Complete((line, size))) = httparse::parse_chunk_size(&bytes[at..])
+        else {
+            return None;
         };
         at += line;
         if size == 0 {
             break;
         }
         // The chunk's data, then its CRLF.
-        let Some(end) = usize::try_from(size).ok().and_then(|s| at.checked_add(s)) else {
-            return Chunks::Malformed;
-        };
-        match bytes.get(end..end + 2) {
-            Some(b"\r\n") => at = end + 2,
-            Some(_) => return Chunks::Malformed,
-            // Cut before its CRLF is whole: the byte that is there must begin it.
-            None if bytes.get(end).is_some_and(|&b| b != b'\r') => return Chunks::Malformed,
-            None => return Chunks::Partial,
+        let end = at.checked_add(usize::try_from(size).ok()?)?;
+        if bytes.get(end..end + 2)? != b"\r\n" {
+            return None;
         }
+        at = end + 2;
     }
     // Trailer fields, then the empty line that ends the body.
     let mut trailers = [httparse::EMPTY_HEADER; 16];
     match httparse::parse_headers(&bytes[at..], &mut trailers) {
-        Ok(httparse::Status::Complete((len, _))) => Chunks::Complete(at + len),
-        Ok(httparse::Status::Partial) => Chunks::Partial,
-        Err(_) => Chunks::Malformed,
+        Ok(httparse::Status::Complete((len, _))) => Some(at + len),
+        _ => None,
     }
 }
 
@@ -718,7 +685,7 @@ pub fn tail(bytes: &[u8]) -> Tail {
         match req.parse_with_uninit_headers(&bytes[at..], &mut headers) {
             Ok(httparse::Status::Partial) => return Tail::Head(at),
             Ok(httparse::Status::Complete(head_len)) => {
-                let BodyEnd::At(end) = body_end(&bytes[at..], head_len, req.headers) else {
+                let Some(end) = body_end(&bytes[at..], head_len, req.headers) else {
                     return Tail::Unknown;
                 };
                 let end = at + end;
