@@ -380,24 +380,14 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             if skipped > parse::BLANK_MAX || skipped >= h.payload_len {
                 return Err(Skip::NotInteresting);
             }
-            let rest = parse::Headers {
-                payload_off: h.payload_off + skipped,
-                payload_len: h.payload_len - skipped,
-                ..*h
-            };
-            parse::payload_head(ctx, &rest, &mut head)?;
+            parse::payload_head(ctx, &h.advanced(skipped), &mut head)?;
         }
         let len = h.payload_len - skipped;
         if !parse::is_http_method(head) && (len >= 8 || !parse::is_method_prefix(head, len)) {
             return Err(Skip::NotInteresting);
         }
     }
-    let start = parse::Headers {
-        payload_off: h.payload_off + skipped,
-        payload_len: h.payload_len - skipped,
-        ..*h
-    };
-    let h = &start;
+    let h = &h.advanced(skipped);
     let Some(config) = CONFIG.get(0) else {
         return Err(Skip::NotInteresting);
     };

@@ -85,6 +85,18 @@ pub struct Headers {
     pub ipv6_ext: bool,
 }
 
+impl Headers {
+    /// The same packet with its payload starting `n` bytes later (`n` at most its length).
+    #[inline(always)]
+    pub fn advanced(&self, n: usize) -> Headers {
+        Headers {
+            payload_off: self.payload_off + n,
+            payload_len: self.payload_len - n,
+            ..*self
+        }
+    }
+}
+
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Skip> {
     let start = ctx.data();
