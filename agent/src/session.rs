@@ -180,54 +180,41 @@ impl SessionKeyer {
     /// Keyed SipHash-1-3 (128-bit) of `parts` as one message.
     fn sip(&self, parts: &[&[u8]]) -> Hash128 {
         let hasher = SipHasher13::new_with_key(&self.secret);
-        as_one(
-            parts,
-            |m| hasher.hash(m),
-            || {
-                let mut hasher = hasher;
-                parts.iter().for_each(|p| hasher.write(p));
-                hasher.finish128()
-            },
-        )
+        as_one(parts, hasher, |h, m| h.hash(m), |h| h.finish128())
     }
 
     /// [`SessionKeyer::sip`] with a 64-bit result, for what needs no more.
     fn sip64(&self, parts: &[&[u8]]) -> u64 {
         let hasher = sip::SipHasher13::new_with_key(&self.secret);
-        as_one(
-            parts,
-            |m| hasher.hash(m),
-            || {
-                let mut hasher = hasher;
-                parts.iter().for_each(|p| hasher.write(p));
-                hasher.finish()
-            },
-        )
+        as_one(parts, hasher, |h, m| h.hash(m), |h| h.finish())
     }
 }
 
 /// Messages up to this long are hashed from a stack copy (nearly all of them).
 const STACK_MESSAGE: usize = 256;
 
-/// Hashes `parts` as one message: `one_shot` over a stack copy of them when they fit, else
-/// `streaming` (fed piece by piece). Fed piece by piece, SipHash buffers every piece that does
-/// not end on an 8-byte boundary byte by byte, which cost more than the hash; in one call it
-/// reads whole words. Both give the same value (SipHash reads a byte stream, however cut).
-fn as_one<R>(
+/// Hashes `parts` as one message with `hasher`: `one_shot` over a stack copy of them when
+/// they fit, else fed piece by piece and `finish`ed. Fed piece by piece, SipHash buffers every
+/// piece that does not end on an 8-byte boundary byte by byte, which cost more than the hash;
+/// in one call it reads whole words. Both give the same value (SipHash reads a byte stream,
+/// however it is cut).
+fn as_one<H: std::hash::Hasher, R>(
     parts: &[&[u8]],
-    one_shot: impl FnOnce(&[u8]) -> R,
-    streaming: impl FnOnce() -> R,
+    mut hasher: H,
+    one_shot: impl FnOnce(&H, &[u8]) -> R,
+    finish: impl FnOnce(&H) -> R,
 ) -> R {
     let mut buf = [0u8; STACK_MESSAGE];
     let mut at = 0;
     for p in parts {
         let Some(room) = buf.get_mut(at..at + p.len()) else {
-            return streaming();
+            parts.iter().for_each(|p| hasher.write(p));
+            return finish(&hasher);
         };
         room.copy_from_slice(p);
         at += p.len();
     }
-    one_shot(&buf[..at])
+    one_shot(&hasher, &buf[..at])
 }
 
 /// `name`'s value in one `Cookie` header (`a=1; b="2"`), quotes removed.

@@ -455,6 +455,17 @@ impl Bounds {
 mod tests {
     use super::*;
 
+    /// A deterministic generator of numbers below `m` (an LCG), for the randomised checks.
+    fn below_from(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut rng = seed;
+        move |m| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) % m
+        }
+    }
+
     /// Rounds to two decimals the way the seed's tables print them.
     fn r2(x: f64) -> f64 {
         (x * 100.0).round() / 100.0
@@ -604,13 +615,7 @@ mod tests {
     /// most pairs (else they would not be worth having).
     #[test]
     fn overlap_bounds_agree_with_exact_intervals() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |m: u64| {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (rng >> 33) % m
-        };
+        let mut next = below_from(0x9e37_79b9_7f4a_7c15);
         let (mut decided, mut pairs) = (0, 0);
         for _ in 0..3000 {
             let n1 = 129 + next(200_000) as u32;
@@ -656,13 +661,7 @@ mod tests {
     fn upper_below_from_crossings_is_the_direct_decision() {
         let mut c = IntervalCache::new();
         let mut direct = IntervalCache::new();
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |m: u64| {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (rng >> 33) % m
-        };
+        let mut next = below_from(0x9e37_79b9_7f4a_7c15);
         let (mut below, mut not) = (0, 0);
         for x in [0.0005, 0.001, 0.01, 0.05, 0.3] {
             for k in (0..40).chain([100, 1_000, CROSSING_MAX_K, CROSSING_MAX_K + 1]) {
@@ -714,13 +713,7 @@ mod tests {
     /// table (a child in it, its parent beyond it, and both beyond it).
     #[test]
     fn cdf_decisions_agree_with_exact_intervals() {
-        let mut rng = 0x0123_4567_89ab_cdef_u64;
-        let mut next = |m: u64| {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (rng >> 33) % m
-        };
+        let mut next = below_from(0x0123_4567_89ab_cdef);
         let (mut overlapping, mut apart) = (0, 0);
         for _ in 0..3000 {
             let range = if next(2) == 0 { 128 } else { 50_000 };
