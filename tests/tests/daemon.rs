@@ -93,6 +93,31 @@ impl Enforcing {
         }
     }
 
+    /// Sends `write` in one segment, a transfer without a balance lookup hidden in it, and
+    /// checks the server served `requests` requests, the daemon captured the segment once,
+    /// analysed as many requests, and blocked the client for the transfer.
+    fn expect_hidden_transfer_caught(&self, write: &'static str, requests: u64) {
+        let target = self.target;
+        let reply = self
+            .net
+            .run_in_ns(move || request_in_pieces(target, &[write]))
+            .unwrap();
+        assert!(reply.is_ok_and(|s| s.contains("200")));
+        assert_eq!(
+            self.server.served(),
+            requests,
+            "the server took every request"
+        );
+        let alert = self.rule_alert();
+        assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
+        let status = cli(&self.socket, &["status"]);
+        assert_eq!(status["kernel_counters"]["captured"], 1, "{status}");
+        assert_eq!(
+            status["userspace_counters"]["requests"], requests,
+            "{status}"
+        );
+    }
+
     /// Waits for the block, then reads the alert that ordered it: the transfer rule's.
     fn rule_alert(&self) -> serde_json::Value {
         wait_for_a_block(&self.socket);
@@ -456,51 +481,31 @@ fn a_lookup_hidden_in_a_body_does_not_satisfy_a_rule() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_transfer_pipelined_behind_a_chunked_body_is_seen() {
     let bank = Enforcing::start("dmn7", 27);
-    let (socket, target) = (bank.socket.clone(), bank.target);
     // One write: a note with a chunked body and, right behind it, the transfer without a
     // balance lookup. The server reads both; a reader that stopped at the chunked body (its
     // end cannot be known from a Content-Length) would never see the transfer.
-    let payload = "POST /api/v1/notes HTTP/1.1\r\nHost: bank.test\r\n\
-                   Authorization: Bearer attacker\r\nTransfer-Encoding: chunked\r\n\r\n\
-                   5\r\nhello\r\n0\r\n\r\n\
-                   POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
-                   Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
-    let reply = bank
-        .net
-        .run_in_ns(move || request_in_pieces(target, &[payload]))
-        .unwrap();
-    assert!(reply.is_ok_and(|s| s.contains("200")));
-    assert_eq!(bank.server.served(), 2, "the server took both requests");
-    let alert = bank.rule_alert();
-    assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
-    let status = cli(&socket, &["status"]);
-    assert_eq!(status["kernel_counters"]["captured"], 1, "{status}");
-    assert_eq!(status["userspace_counters"]["requests"], 2, "{status}");
-    drop(bank);
+    bank.expect_hidden_transfer_caught(
+        "POST /api/v1/notes HTTP/1.1\r\nHost: bank.test\r\n\
+         Authorization: Bearer attacker\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\n\
+         POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+         Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        2,
+    );
 }
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_transfer_behind_empty_lines_is_seen() {
     let bank = Enforcing::start("dmn8", 28);
-    let (socket, target) = (bank.socket.clone(), bank.target);
     // Servers skip empty lines before a request line (nginx any number of them): the transfer
     // behind two bytes of CRLF is served, and a capture that wanted a method at the start of
     // the segment would never see it.
-    let transfer = "\r\n\r\nPOST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
-                    Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
-    let reply = bank
-        .net
-        .run_in_ns(move || request_in_pieces(target, &[transfer]))
-        .unwrap();
-    assert!(reply.is_ok_and(|s| s.contains("200")));
-    assert_eq!(bank.server.served(), 1);
-    let alert = bank.rule_alert();
-    assert_eq!(alert["operation"], "POST /api/v1/transferFunds");
-    let status = cli(&socket, &["status"]);
-    assert_eq!(status["kernel_counters"]["captured"], 1, "{status}");
-    assert_eq!(status["userspace_counters"]["requests"], 1, "{status}");
-    drop(bank);
+    bank.expect_hidden_transfer_caught(
+        "\r\n\r\nPOST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+         Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        1,
+    );
 }
 
 #[test]
