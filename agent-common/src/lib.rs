@@ -107,8 +107,41 @@ pub struct FollowState {
     pub until_ns: u64,
 }
 
+/// [`EventHeader::piece`] of an acknowledgement record: no payload; `seq` is the
+/// acknowledgement number the server sent on the connection (addresses and ports as in a
+/// request record, client first). See [`AckWatch`].
+pub const ACK_RECORD: u8 = u8::MAX;
+const _: () = assert!(FOLLOW_MAX_PIECES < ACK_RECORD);
+
+/// Connections whose acknowledgements are watched at once (`ACKS`); beyond it, the least
+/// recently used one is forgotten (its waiting requests then time out in userspace, counted).
+pub const ACK_FLOWS: u32 = 65_536;
+
+/// Value of `ACKS`, keyed by [`FlowKey`]: a request counts only once the server's TCP stack
+/// acknowledged its bytes, because the XDP program sees segments the stack then throws away
+/// (a forged source address, a bad checksum, data outside the receive window, bytes it
+/// already had), and a request made of such a segment was never served.
+///
+/// The egress program creates the entry from the server's SYN-ACK and keeps `latest`; the XDP
+/// program skips a request segment whose bytes all lie before `latest` (counted `stale`) and
+/// sets `wait_for` when it captures; the egress program sends one [`ACK_RECORD`] when the
+/// server's acknowledgement reaches `wait_for`, and notes it in `reported`. Each field has one
+/// writer, so the two programs need no lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AckWatch {
+    /// Sequence number just past the newest captured bytes of the connection (host order).
+    pub wait_for: u32,
+    /// The newest acknowledgement number the server sent (host order).
+    pub latest: u32,
+    /// The acknowledgement number last reported; reported again once `wait_for` passes it.
+    pub reported: u32,
+    pub _pad: u32,
+}
+
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FollowState>() == 16);
+const _: () = assert!(core::mem::size_of::<AckWatch>() == 16);
 
 /// Runtime settings for the XDP program: entry 0 of the `CONFIG` array map.
 #[repr(C)]
@@ -347,9 +380,12 @@ pub enum Counter {
     /// Followed requests whose next segment came out of order (a gap: the segment between
     /// was lost or reordered), which ends the following; retransmissions are not counted.
     FollowLost,
+    /// Request segments whose bytes the server had already acknowledged (a retransmission
+    /// after the acknowledgement, or bytes forged behind the stream): not captured.
+    Stale,
 }
 
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 15;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -367,6 +403,7 @@ impl Counter {
         Counter::OtherPort,
         Counter::Continued,
         Counter::FollowLost,
+        Counter::Stale,
     ];
 
     /// Stable snake_case name, used in logs, `status` and JSON.
@@ -386,6 +423,7 @@ impl Counter {
             Counter::OtherPort => "other_port",
             Counter::Continued => "continued",
             Counter::FollowLost => "follow_lost",
+            Counter::Stale => "stale",
         }
     }
 }
@@ -400,6 +438,8 @@ mod user {
     // SAFETY: all are repr(C), Copy, padded explicitly, and valid for every bit pattern.
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::AckWatch {}
     unsafe impl aya::Pod for super::Enforcement {}
     unsafe impl aya::Pod for super::BlockEntry {}
     unsafe impl aya::Pod for super::ExactSlotV4 {}

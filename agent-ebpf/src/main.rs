@@ -14,7 +14,7 @@
 mod parse;
 
 use agent_common::{
-    BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
+    ACK_FLOWS, ACK_RECORD, AckWatch, BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
     EXACT_BUCKETS, EXACT_WAYS, Enforcement, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4,
     FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS,
     FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, FlowKey, FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS,
@@ -22,14 +22,14 @@ use agent_common::{
     prefix_v6,
 };
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_NOEXIST, TC_ACT_OK, xdp_action},
     helpers::{
         bpf_ktime_get_ns,
         generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     },
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -78,6 +78,11 @@ static FOLLOW: LruHashMap<FlowKey, FollowState> = LruHashMap::with_max_entries(F
 /// the first following and after the last, segments that start no request skip `FOLLOW`.
 #[map]
 static FOLLOWING: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The server's acknowledgements of captured requests (see `AckWatch` in agent-common): the
+/// egress program writes what the server acknowledged, the XDP program what it waits for.
+#[map]
+static ACKS: LruHashMap<FlowKey, AckWatch> = LruHashMap::with_max_entries(ACK_FLOWS, 0);
 
 #[map]
 static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
@@ -183,6 +188,7 @@ fn count_skip(skip: Skip) {
         Skip::Nonlinear => bump(Counter::NonlinearSkipped),
         Skip::Http2 => bump(Counter::Http2Preface),
         Skip::OtherPort => bump(Counter::OtherPort),
+        Skip::Stale => bump(Counter::Stale),
     }
 }
 
@@ -406,12 +412,21 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         limit
     };
     let seq = parse::tcp_seq(ctx, h)?.wrapping_add(skipped as u32);
+    let end = seq.wrapping_add(captured as u32);
+    let mut key = FlowKey::default();
+    parse::flow_key(ctx, h, &mut key)?;
+    let watch = ACKS.get_ptr_mut(&key);
+    if let Some(w) = watch {
+        // Bytes the server acknowledged already: it drops them, so no request is made of them.
+        if end.wrapping_sub(unsafe { (*w).latest }) as i32 <= 0 {
+            return Err(Skip::Stale);
+        }
+    }
     emit_sized(ctx, h, captured, seq, 0)?;
+    await_ack(watch, &key, seq, end);
     // A start that is the whole segment and does not end the header: follow its connection.
     // A complete one ends any following of the connection's earlier request.
     if captured < limit && !parse::ends_header(ctx, h) {
-        let mut key = FlowKey::default();
-        parse::flow_key(ctx, h, &mut key)?;
         let until = coarse_now() + FOLLOW_IDLE_NS;
         let state = FollowState {
             next_seq: seq.wrapping_add(h.payload_len as u32),
@@ -425,11 +440,94 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             unsafe { *active = until };
         }
     } else if following() {
-        let mut key = FlowKey::default();
-        parse::flow_key(ctx, h, &mut key)?;
         let _ = FOLLOW.remove(&key);
     }
     Ok(())
+}
+
+/// Asks the egress program to report when the server acknowledges the captured bytes up to
+/// `end` (from `seq`). A connection whose handshake was not seen (older than the program, or
+/// forgotten) gets its entry here.
+#[inline(always)]
+fn await_ack(watch: Option<*mut AckWatch>, key: &FlowKey, seq: u32, end: u32) {
+    match watch {
+        Some(w) => unsafe { (*w).wait_for = end },
+        None => {
+            let w = AckWatch {
+                wait_for: end,
+                latest: seq,
+                reported: seq,
+                _pad: 0,
+            };
+            let _ = ACKS.insert(key, &w, u64::from(BPF_NOEXIST));
+        }
+    }
+}
+
+/// On the server's way out (TC egress): notes every acknowledgement the server sends on a
+/// watched connection, and reports the one that covers the newest captured request with an
+/// `ACK_RECORD` in the ring. Never changes or drops a packet.
+#[classifier]
+pub fn precedent_acks(ctx: TcContext) -> i32 {
+    let _ = watch_acks(&ctx);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
+    let seg = parse::egress_segment(ctx)?;
+    // A reset acknowledges nothing the stack kept (it answers segments of no connection).
+    if seg.flags & parse::TCP_RST != 0 || seg.flags & parse::TCP_ACK == 0 {
+        return Ok(());
+    }
+    if seg.flags & parse::TCP_SYN != 0 {
+        // The server accepted a connection: from here on its stream position is known.
+        let w = AckWatch {
+            wait_for: seg.ack,
+            latest: seg.ack,
+            reported: seg.ack,
+            _pad: 0,
+        };
+        let _ = ACKS.insert(&seg.key, &w, 0);
+        return Ok(());
+    }
+    let Some(w) = ACKS.get_ptr_mut(&seg.key) else {
+        return Ok(());
+    };
+    let (wait_for, reported) = unsafe {
+        (*w).latest = seg.ack;
+        ((*w).wait_for, (*w).reported)
+    };
+    if seg.ack.wrapping_sub(wait_for) as i32 >= 0 && (reported.wrapping_sub(wait_for) as i32) < 0 {
+        unsafe { (*w).reported = seg.ack };
+        report_ack(&seg);
+    }
+    Ok(())
+}
+
+/// An `ACK_RECORD`: a header with no payload, client side first as in request records.
+#[inline(always)]
+fn report_ack(seg: &parse::EgressSegment) {
+    let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) else {
+        bump(Counter::RingbufFull);
+        return;
+    };
+    let hdr = entry.as_mut_ptr();
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the reservation holds an EventHeader; every field is written.
+    unsafe {
+        (*hdr).ts_ns = now;
+        (*hdr).saddr = seg.client;
+        (*hdr).daddr = seg.server;
+        (*hdr).sport = u16::from_be(seg.key.sport);
+        (*hdr).dport = u16::from_be(seg.key.dport);
+        (*hdr).seq = seg.ack;
+        (*hdr).payload_len = 0;
+        (*hdr).captured_len = 0;
+        (*hdr).family = if seg.is_v6 { FAMILY_IPV6 } else { FAMILY_IPV4 };
+        (*hdr).piece = ACK_RECORD;
+    }
+    entry.submit(wakeup_flags(now));
 }
 
 /// Payload bytes to capture per request: the configured length, or the default.
@@ -507,6 +605,7 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
         return Ok(false);
     }
     emit_sized(ctx, h, take, seq, pieces)?;
+    await_ack(ACKS.get_ptr_mut(&key), &key, seq, seq.wrapping_add(take as u32));
     if take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h) {
         let _ = FOLLOW.remove(&key);
     } else {

@@ -3,11 +3,12 @@
 //!
 //! Headers are read in place through typed pointers after one bounds check each, and only
 //! the fields the verdict needs are loaded: this runs for every packet. Payload bytes go
-//! through `bpf_xdp_load_bytes`, which is safe on multi-buffer packets too.
+//! through `bpf_xdp_load_bytes`, which is safe on multi-buffer packets too. The egress
+//! program's segments are read with `bpf_skb_load_bytes` ([`egress_segment`]).
 use agent_common::{EventHeader, FlowKey};
 use aya_ebpf::{
     helpers::generated::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 
 const ETH_P_IPV4: u16 = 0x0800_u16.to_be();
@@ -29,6 +30,8 @@ pub enum Skip {
     Http2,
     /// A request to a server port not configured for analysis.
     OtherPort,
+    /// Bytes the server had already acknowledged.
+    Stale,
 }
 
 #[repr(C)]
@@ -472,4 +475,82 @@ pub fn flow_key(ctx: &XdpContext, h: &Headers, key: &mut FlowKey) -> Result<(), 
 #[inline(always)]
 pub fn is_http2_preface(w: u64) -> bool {
     w == u64::from_le_bytes(*b"PRI * HT")
+}
+
+/// TCP flags (the 14th byte of the header).
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the egress program needs of a segment the server sends: its connection as the client
+/// sees it (the `ACKS` key, client first), its flags and acknowledgement number.
+pub struct EgressSegment {
+    pub key: FlowKey,
+    /// Client and server addresses as in `EventHeader` (IPv4 in the first 4 bytes).
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    pub is_v6: bool,
+    pub flags: u8,
+    /// Acknowledgement number, host order.
+    pub ack: u32,
+}
+
+/// Reads an outgoing TCP segment at TC egress (Ethernet, at most one VLAN tag, IPv4 or IPv6
+/// without extension headers; anything else is not interesting). The socket buffer is read
+/// with `bpf_skb_load_bytes`, which also reaches into its non-linear part.
+#[inline(always)]
+pub fn egress_segment(ctx: &TcContext) -> Result<EgressSegment, Skip> {
+    let load16 = |off: usize| ctx.load::<u16>(off).map_err(|_| Skip::NotInteresting);
+    let mut ethertype = load16(12)?;
+    let mut l3 = 14;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = load16(16)?;
+        l3 = 18;
+    }
+    let mut seg = EgressSegment {
+        key: FlowKey::default(),
+        client: [0; 16],
+        server: [0; 16],
+        is_v6: false,
+        flags: 0,
+        ack: 0,
+    };
+    let l4 = if ethertype == ETH_P_IPV4 {
+        let ip: Ipv4Hdr = ctx.load(l3).map_err(|_| Skip::NotInteresting)?;
+        let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
+        let later_fragment = u16::from_be(ip.frag_off) & 0x1fff != 0;
+        if ip.ver_ihl >> 4 != 4 || ihl < 20 || ip.protocol != IPPROTO_TCP || later_fragment {
+            return Err(Skip::NotInteresting);
+        }
+        // The server is the source: the key is the client's view, as the XDP program has it.
+        seg.key.saddr = [u64::from(u32::from_ne_bytes(ip.daddr)), 0];
+        seg.key.daddr = [u64::from(u32::from_ne_bytes(ip.saddr)), 0];
+        seg.client[..4].copy_from_slice(&ip.daddr);
+        seg.server[..4].copy_from_slice(&ip.saddr);
+        l3 + ihl
+    } else if ethertype == ETH_P_IPV6 {
+        let ip: Ipv6Hdr = ctx.load(l3).map_err(|_| Skip::NotInteresting)?;
+        if ip.ver_tc_flow[0] >> 4 != 6 || ip.next_header != IPPROTO_TCP {
+            return Err(Skip::NotInteresting);
+        }
+        let word = |a: &[u8; 16], i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&a[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(w)
+        };
+        seg.key.saddr = [word(&ip.daddr, 0), word(&ip.daddr, 1)];
+        seg.key.daddr = [word(&ip.saddr, 0), word(&ip.saddr, 1)];
+        seg.client = ip.daddr;
+        seg.server = ip.saddr;
+        seg.is_v6 = true;
+        l3 + 40
+    } else {
+        return Err(Skip::NotInteresting);
+    };
+    let t: TcpHdr = ctx.load(l4).map_err(|_| Skip::NotInteresting)?;
+    seg.key.sport = t.dest;
+    seg.key.dport = t.source;
+    seg.flags = t.flags;
+    seg.ack = u32::from_be(t.ack_seq);
+    Ok(seg)
 }

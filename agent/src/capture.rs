@@ -18,7 +18,11 @@ use agent_common::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
+        tc::{self, SchedClassifierLinkId},
+        xdp::XdpLinkId,
+    },
 };
 use ipnet::IpNet;
 use serde::Serialize;
@@ -33,6 +37,8 @@ static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// The capturing/blocking program, and the empty one benchmarks compare it with.
 pub const PROGRAM: &str = "precedent";
 pub const BASELINE_PROGRAM: &str = "baseline";
+/// The TC egress program that reports the server's acknowledgements (see [`crate::acked`]).
+pub const ACK_PROGRAM: &str = "precedent_acks";
 const EVENTS_MAP: &str = "EVENTS";
 /// Maps that hold operator state and are pinned when pinning is on, so blocks survive restarts.
 pub const PINNED_MAPS: [&str; 6] = [
@@ -71,6 +77,11 @@ pub enum CaptureError {
         mode: AttachMode,
         detail: String,
     },
+    #[error(
+        "attaching the acknowledgement watcher (TC egress) to {iface} failed: {detail}; \
+         capture.wait_for_acks = false runs without it"
+    )]
+    AttachEgress { iface: String, detail: String },
     #[error("capture length {0} out of range: must be 1..={CAPTURE_MAX}")]
     CaptureLen(u32),
     #[error("ring buffer size {0} invalid: must be a power of two, at least 64 KiB")]
@@ -136,6 +147,9 @@ pub struct LoadOptions {
     /// Capture only requests to these server ports (empty: every port). See
     /// [`Datapath::set_ports`].
     pub ports: Vec<u16>,
+    /// Attach the egress program next to the capturing one, so requests count only once the
+    /// server acknowledged them ([`crate::acked`]).
+    pub watch_acks: bool,
 }
 
 impl Default for LoadOptions {
@@ -145,6 +159,7 @@ impl Default for LoadOptions {
             ring_bytes: 4 << 20,
             pin_dir: None,
             ports: Vec::new(),
+            watch_acks: true,
         }
     }
 }
@@ -233,6 +248,12 @@ impl CapturedRequest {
         })
     }
 
+    /// An acknowledgement record from the egress program, not a request: `seq` is the
+    /// acknowledgement number the server sent (see [`crate::acked`]).
+    pub fn is_ack(&self) -> bool {
+        self.piece == agent_common::ACK_RECORD
+    }
+
     /// The capture ended before the request did.
     pub fn truncated(&self) -> bool {
         self.payload_len as usize > self.data.len()
@@ -242,8 +263,10 @@ impl CapturedRequest {
 /// The loaded programs and maps, attached to zero or more interfaces. Dropping it detaches.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// Each attachment, with the program attached (`PROGRAM`, or the baseline in benchmarks).
-    attachments: Vec<(Attachment, &'static str, XdpLinkId)>,
+    /// Each attachment, with the program attached (`PROGRAM`, or the baseline in benchmarks)
+    /// and the egress program's link when acknowledgements are watched there.
+    attachments: Vec<(Attachment, &'static str, XdpLinkId, Option<SchedClassifierLinkId>)>,
+    watch_acks: bool,
     /// The block and allow maps are pinned, so they may hold entries from an earlier run.
     pinned: bool,
     /// Blocks read from pinned hash tables of an earlier layout (see [`legacy_exact`]),
@@ -307,9 +330,15 @@ impl Datapath {
                 .load()
                 .map_err(|e| classify(e, "loading the XDP program"))?;
         }
+        if opts.watch_acks {
+            egress_program(&mut ebpf)?
+                .load()
+                .map_err(|e| classify(e, "loading the TC egress program"))?;
+        }
         let mut dp = Self {
             ebpf,
             attachments: Vec::new(),
+            watch_acks: opts.watch_acks,
             pinned: opts.pin_dir.is_some(),
             legacy: Migration::default(),
         };
@@ -347,6 +376,13 @@ impl Datapath {
             });
         }
         let ifindex = crate::ifwatch::if_index(iface).unwrap_or(0);
+        // The egress program first: an interface where it cannot run gets neither, rather
+        // than requests that would wait for acknowledgements never reported.
+        let egress = if self.watch_acks && name == PROGRAM {
+            Some(self.attach_egress(iface)?)
+        } else {
+            None
+        };
         let prog = program(&mut self.ebpf, name)?;
         let try_mode = |prog: &mut Xdp, m: AttachMode| {
             let flags = if m == AttachMode::Generic {
@@ -368,16 +404,25 @@ impl Datapath {
                 }
             })
         };
-        let (link, used) = match mode {
+        let attached = match mode {
             AttachMode::Auto => match try_mode(prog, AttachMode::Native) {
-                Ok(l) => (l, AttachMode::Native),
+                Ok(l) => Ok((l, AttachMode::Native)),
                 Err(CaptureError::Attach { detail, .. }) => {
                     tracing::info!(iface, reason = %detail, "native XDP refused; using generic mode");
-                    (try_mode(prog, AttachMode::Generic)?, AttachMode::Generic)
+                    try_mode(prog, AttachMode::Generic).map(|l| (l, AttachMode::Generic))
                 }
-                Err(e) => return Err(e),
+                Err(e) => Err(e),
             },
-            m => (try_mode(prog, m)?, m),
+            m => try_mode(prog, m).map(|l| (l, m)),
+        };
+        let (link, used) = match attached {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(link) = egress {
+                    self.detach_egress(iface, link);
+                }
+                return Err(e);
+            }
         };
         tracing::info!(iface, mode = %used, program = name, "xdp program attached");
         self.attachments.push((
@@ -388,12 +433,47 @@ impl Datapath {
             },
             name,
             link,
+            egress,
         ));
         Ok(used)
     }
 
+    /// Attaches the acknowledgement watcher to `iface`'s egress (a `clsact` qdisc is added
+    /// first where the kernel attaches through netlink; one already there is fine).
+    fn attach_egress(&mut self, iface: &str) -> Result<SchedClassifierLinkId, CaptureError> {
+        let failed = |detail: String| CaptureError::AttachEgress {
+            iface: iface.to_string(),
+            detail,
+        };
+        if let Err(e) = tc::qdisc_add_clsact(iface)
+            && !has_errno(&e, &[libc::EEXIST])
+        {
+            // Kernels with TCX (6.6+) need no qdisc; the attach below says if one was needed.
+            tracing::debug!(iface, error = %chain(&e), "adding the clsact qdisc");
+        }
+        let link = egress_program(&mut self.ebpf)?
+            .attach(iface, TcAttachType::Egress)
+            .map_err(|e| failed(chain(&e)))?;
+        tracing::info!(iface, "acknowledgement watcher attached (tc egress)");
+        Ok(link)
+    }
+
+    fn detach_egress(&mut self, iface: &str, link: SchedClassifierLinkId) {
+        if let Ok(prog) = egress_program(&mut self.ebpf)
+            && let Err(e) = prog.detach(link)
+        {
+            tracing::debug!(iface, error = %e, "releasing the tc egress attachment");
+        }
+    }
+
+    /// Whether requests wait for the server's acknowledgements (the egress program is loaded
+    /// and attached next to the capturing one).
+    pub fn watches_acks(&self) -> bool {
+        self.watch_acks
+    }
+
     pub fn attachments(&self) -> Vec<Attachment> {
-        self.attachments.iter().map(|(a, _, _)| a.clone()).collect()
+        self.attachments.iter().map(|(a, ..)| a.clone()).collect()
     }
 
     /// Kernel id of the capturing program, to recognise it among an interface's XDP programs.
@@ -410,26 +490,32 @@ impl Datapath {
         let Some(i) = self
             .attachments
             .iter()
-            .position(|(a, _, _)| a.iface == iface)
+            .position(|(a, ..)| a.iface == iface)
         else {
             return;
         };
-        let (_, name, link) = self.attachments.remove(i);
+        let (_, name, link, egress) = self.attachments.remove(i);
         if let Ok(prog) = program(&mut self.ebpf, name)
             && let Err(e) = prog.detach(link)
         {
             tracing::debug!(iface, error = %e, "releasing a stale xdp attachment");
         }
+        if let Some(link) = egress {
+            self.detach_egress(iface, link);
+        }
     }
 
     /// Detaches from every interface, logging each.
     pub fn detach_all(&mut self) {
-        for (a, name, link) in std::mem::take(&mut self.attachments) {
+        for (a, name, link, egress) in std::mem::take(&mut self.attachments) {
             let detached = program(&mut self.ebpf, name)
                 .and_then(|p| p.detach(link).map_err(|e| CaptureError::Load(chain(&e))));
             match detached {
                 Ok(()) => tracing::info!(iface = %a.iface, "xdp program detached"),
                 Err(e) => tracing::warn!(iface = %a.iface, error = %e, "xdp detach failed"),
+            }
+            if let Some(link) = egress {
+                self.detach_egress(&a.iface, link);
             }
         }
     }
@@ -632,6 +718,13 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, CaptureErr
         .ok_or_else(|| CaptureError::Load(format!("program {name} missing from object")))?
         .try_into()
         .map_err(|e: ProgramError| CaptureError::Load(e.to_string()))
+}
+
+fn egress_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
+    ebpf.program_mut(ACK_PROGRAM)
+        .ok_or_else(|| CaptureError::Load(format!("program {ACK_PROGRAM} missing from the object")))?
+        .try_into()
+        .map_err(|e: ProgramError| CaptureError::Load(chain(&e)))
 }
 
 fn missing(map: &'static str) -> CaptureError {

@@ -53,6 +53,11 @@ pub struct Config {
     /// Only requests to these server ports are analysed (empty: all ports). The XDP program
     /// filters up to `agent_common::KERNEL_PORTS` of them itself; the daemon filters the rest.
     pub ports: Vec<u16>,
+    /// Count a request only once the server's TCP stack acknowledged it (a TC egress program
+    /// reports the acknowledgements): segments the stack drops (forged source addresses, bad
+    /// checksums, data outside the window) are then never analysed. Turn off only where the
+    /// server's replies leave through an interface precedent is not attached to.
+    pub wait_for_acks: bool,
     /// Pin the block and allow maps in this bpffs directory so blocks survive restarts.
     pub pin_maps: Option<PathBuf>,
     /// Model, endpoints, runtime rules, blocks and the session-hashing secret live here.
@@ -100,6 +105,7 @@ impl Default for Config {
             capture_len: agent_common::CAPTURE_DEFAULT,
             ring_buffer_bytes: 4 << 20,
             ports: Vec::new(),
+            wait_for_acks: true,
             pin_maps: None,
             state_dir: PathBuf::from(crate::state::DEFAULT_STATE_DIR),
             save_every: Duration::from_secs(300),

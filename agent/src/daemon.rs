@@ -51,6 +51,7 @@ use crate::{
     ifwatch::{self, Watcher},
     notify,
     reassemble::Reassembler,
+    acked::AckGate,
     rules::RuleFile,
     state::{Persist, StateDir},
 };
@@ -171,6 +172,8 @@ struct Daemon {
     captured: mpsc::Receiver<CapturedRequest>,
     /// Joins requests whose header the program captured in several pieces.
     reassembler: Reassembler,
+    /// Captured records wait here for the server's acknowledgement (see [`crate::acked`]).
+    acks: AckGate,
     control: mpsc::Receiver<ControlRequest>,
     reader_overflow: Arc<AtomicU64>,
     counters: Counters,
@@ -242,6 +245,7 @@ impl Daemon {
             ring_bytes: config.ring_buffer_bytes,
             pin_dir: config.pin_maps.clone(),
             ports: config.ports.clone(),
+            watch_acks: config.wait_for_acks,
         })?;
         // The enforcer tells the kernel which (possibly pinned) maps hold entries: take it
         // before attaching so pinned blocks apply from the first packet.
@@ -287,6 +291,7 @@ impl Daemon {
                 .log_requests
                 .then(|| crate::http::Parser::new(config.http.clone())),
             reassembler: Reassembler::new(config.capture_len as usize),
+            acks: AckGate::new(datapath.watches_acks()),
             config,
             config_path,
             overrides,
@@ -331,6 +336,7 @@ impl Daemon {
                 }
                 _ = maintain.tick() => {
                     let now = clock::unix_ns();
+                    self.acks.expire(now);
                     for req in self.reassembler.expire(now) {
                         self.on_request(req);
                     }
@@ -398,7 +404,15 @@ impl Daemon {
         }
     }
 
-    fn on_capture(&mut self, req: CapturedRequest) {
+    /// A record from the ring: requests wait for the server's acknowledgement, and an
+    /// acknowledgement hands on the requests it covers.
+    fn on_capture(&mut self, rec: CapturedRequest) {
+        for req in self.acks.push(rec) {
+            self.on_acknowledged(req);
+        }
+    }
+
+    fn on_acknowledged(&mut self, req: CapturedRequest) {
         // The program filters up to KERNEL_PORTS ports itself; this covers longer lists and
         // records captured just before a reload changed the ports.
         if !self.config.ports.is_empty() && !self.config.ports.contains(&req.server.port()) {
@@ -656,6 +670,12 @@ impl Daemon {
         userspace.insert("requests_inside_body".into(), rc.inside_body);
         userspace.insert("requests_retransmitted".into(), rc.retransmitted);
         userspace.insert("request_start_conflicts".into(), rc.start_conflicts);
+        let ac = self.acks.counters();
+        userspace.insert("requests_acknowledged".into(), ac.acknowledged);
+        userspace.insert("requests_unacknowledged".into(), ac.unacknowledged);
+        userspace.insert("requests_stale".into(), ac.stale);
+        userspace.insert("requests_superseded".into(), ac.superseded);
+        userspace.insert("ack_wait_overflow".into(), ac.overflow);
         let pc = self.engine.proxy_counters();
         userspace.insert("client_from_header".into(), pc.client_from_header);
         userspace.insert("client_header_missing".into(), pc.client_header_missing);
@@ -717,7 +737,7 @@ impl Daemon {
             model: self.model_size(),
             endpoints: self.engine.discovery().operations().iter().filter(|o| o.merged_into.is_none()).count() as u64,
             sessions_live: sc.live as u64,
-            requests_waiting: self.reassembler.waiting() as u64,
+            requests_waiting: (self.reassembler.waiting() + self.acks.waiting()) as u64,
             blocks_active: self.enforcer.len() as u64,
             alerts_by_signal: alerts,
             enforcement_suspended: self
@@ -890,6 +910,11 @@ impl Daemon {
                     "socket",
                     self.config.socket.display().to_string(),
                     new.socket.display().to_string(),
+                ),
+                (
+                    "wait_for_acks",
+                    self.config.wait_for_acks.to_string(),
+                    new.wait_for_acks.to_string(),
                 ),
             ] {
                 if old != changed {

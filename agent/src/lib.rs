@@ -4,6 +4,7 @@
 //! parsing) → `discovery` (path → operation) → `session` (per-client steps) → `rules`
 //! (precedence and deny rules) → … → `enforce` (block maps) → `daemon` (the long-running
 //! process that wires the stages together). `clock` converts the kernel's clock to wall time.
+pub mod acked;
 pub mod capture;
 pub mod clock;
 pub mod config;
