@@ -14,12 +14,12 @@
 mod parse;
 
 use agent_common::{
-    ACK_FLOWS, ACK_RECORD, AckWatch, BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX, COUNTER_COUNT, ClockCache, Config, Counter,
-    EXACT_BUCKETS, EXACT_WAYS, Enforcement, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4,
-    FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS,
-    FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, FlowKey, FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS,
-    RING_WAKEUP_EVERY_NS, RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4, exact_bucket_v6, prefix_v4,
-    prefix_v6,
+    ACK_FLOWS, ACK_RECORD, AckWatch, BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX,
+    COUNTER_COUNT, ClockCache, Config, Counter, EXACT_BUCKETS, EXACT_WAYS, Enforcement,
+    EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6,
+    FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, FlowKey,
+    FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS, RING_WAKEUP_EVERY_NS,
+    RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4, exact_bucket_v6, prefix_v4, prefix_v6,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, xdp_action},
@@ -605,7 +605,12 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
         return Ok(false);
     }
     emit_sized(ctx, h, take, seq, pieces)?;
-    await_ack(ACKS.get_ptr_mut(&key), &key, seq, seq.wrapping_add(take as u32));
+    await_ack(
+        ACKS.get_ptr_mut(&key),
+        &key,
+        seq,
+        seq.wrapping_add(take as u32),
+    );
     if take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h) {
         let _ = FOLLOW.remove(&key);
     } else {

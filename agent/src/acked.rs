@@ -283,10 +283,17 @@ mod tests {
         let near_wrap = u32::MAX - 10;
         g.push(rec(1, near_wrap, GET, 0, T0));
         assert_eq!(
-            g.push(ack(1, near_wrap.wrapping_add(GET.len() as u32), T0)).len(),
+            g.push(ack(1, near_wrap.wrapping_add(GET.len() as u32), T0))
+                .len(),
             1
         );
-        g.push(rec(1, near_wrap.wrapping_add(GET.len() as u32), POST, 0, T0));
+        g.push(rec(
+            1,
+            near_wrap.wrapping_add(GET.len() as u32),
+            POST,
+            0,
+            T0,
+        ));
         assert_eq!(g.waiting(), 1);
         assert_eq!(g.counters().stale, 0);
     }

@@ -265,7 +265,12 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// Each attachment, with the program attached (`PROGRAM`, or the baseline in benchmarks)
     /// and the egress program's link when acknowledgements are watched there.
-    attachments: Vec<(Attachment, &'static str, XdpLinkId, Option<SchedClassifierLinkId>)>,
+    attachments: Vec<(
+        Attachment,
+        &'static str,
+        XdpLinkId,
+        Option<SchedClassifierLinkId>,
+    )>,
     watch_acks: bool,
     /// The block and allow maps are pinned, so they may hold entries from an earlier run.
     pinned: bool,
@@ -487,11 +492,7 @@ impl Datapath {
     /// Forgets the attachment to `iface` (after the interface vanished or lost the program),
     /// releasing its link. Errors are expected here (the interface may be gone) and only logged.
     pub fn detach(&mut self, iface: &str) {
-        let Some(i) = self
-            .attachments
-            .iter()
-            .position(|(a, ..)| a.iface == iface)
-        else {
+        let Some(i) = self.attachments.iter().position(|(a, ..)| a.iface == iface) else {
             return;
         };
         let (_, name, link, egress) = self.attachments.remove(i);
@@ -722,7 +723,9 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, CaptureErr
 
 fn egress_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
     ebpf.program_mut(ACK_PROGRAM)
-        .ok_or_else(|| CaptureError::Load(format!("program {ACK_PROGRAM} missing from the object")))?
+        .ok_or_else(|| {
+            CaptureError::Load(format!("program {ACK_PROGRAM} missing from the object"))
+        })?
         .try_into()
         .map_err(|e: ProgramError| CaptureError::Load(chain(&e)))
 }

@@ -34,6 +34,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    acked::AckGate,
     capture::{self, CapturedRequest, Datapath, LoadOptions},
     clock,
     config::Config,
@@ -51,7 +52,6 @@ use crate::{
     ifwatch::{self, Watcher},
     notify,
     reassemble::Reassembler,
-    acked::AckGate,
     rules::RuleFile,
     state::{Persist, StateDir},
 };

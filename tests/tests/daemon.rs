@@ -3,8 +3,9 @@
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use precedent_tests::{
-    Daemon, HttpServer, TestNet,
+    Daemon, HttpServer, Packet, TestNet,
     fixtures::{Scratch, request, request_in_pieces, write_config},
+    hostile::FrameSender,
     precedent_bin,
 };
 
@@ -505,6 +506,88 @@ fn a_transfer_behind_empty_lines_is_seen() {
         "\r\n\r\nPOST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
          Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
         1,
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn requests_the_server_never_received_do_not_count() {
+    let bank = Enforcing::start("dmn9", 29);
+    let forged = |src: std::net::IpAddr, sport: u16, payload: &str| {
+        let mut p = Packet::tcp(
+            &src.to_string(),
+            &bank.target.ip().to_string(),
+            payload.as_bytes(),
+        );
+        p.sport = sport;
+        p.dport = PORT;
+        p.seq = 77_777;
+        p.build()
+    };
+    // Frames from the namespace's end that the host's stack drops after XDP (their MAC is
+    // not its own), as it drops a forged source, a bad checksum or data outside the window:
+    // 1. a transfer from an address nobody uses, which would get that address blocked;
+    // 2. the attacker's balance lookup, which would satisfy the rule for the transfer below.
+    let mut sender = FrameSender::open(&bank.net).unwrap();
+    let [a, b, c, _] = bank.net.ns_ip.octets();
+    let bystander = std::net::IpAddr::from([a, b, c, 99]);
+    sender
+        .send(&forged(
+            bystander,
+            41_000,
+            "POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\r\n",
+        ))
+        .unwrap();
+    sender
+        .send(&forged(
+            bank.net.ns_ip.into(),
+            41_001,
+            "GET /api/v1/accounts/7/balance HTTP/1.1\r\nHost: bank.test\r\n\
+             Authorization: Bearer attacker\r\n\r\n",
+        ))
+        .unwrap();
+    // Both were captured, neither is analysed: no acknowledgement comes for them.
+    let status = || cli(&bank.socket, &["status"]);
+    assert!(
+        precedent_tests::fixtures::wait_until(Duration::from_secs(20), || {
+            status()["userspace_counters"]["requests_unacknowledged"] == 2
+        }),
+        "{}",
+        status()
+    );
+    let s = status();
+    assert_eq!(s["kernel_counters"]["captured"], 2, "{s}");
+    assert_eq!(s["userspace_counters"]["requests"], 0, "{s}");
+    assert!(
+        cli(&bank.socket, &["blocks", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // The real transfer, with no real lookup before it, is caught: the forged lookup did not count.
+    let target = bank.target;
+    let reply = bank
+        .net
+        .run_in_ns(move || {
+            request_in_pieces(
+                target,
+                &["POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+                   Authorization: Bearer attacker\r\nConnection: close\r\n\
+                   Content-Length: 0\r\n\r\n"],
+            )
+        })
+        .unwrap();
+    assert!(reply.is_ok_and(|s| s.contains("200")));
+    assert_eq!(bank.rule_alert()["operation"], "POST /api/v1/transferFunds");
+    let blocked = cli(&bank.socket, &["blocks", "list"]);
+    assert!(
+        !blocked.to_string().contains(&format!("\"{bystander}")),
+        "{blocked}"
+    );
+    let s = status();
+    assert!(
+        s["userspace_counters"]["requests_acknowledged"].as_u64() >= Some(1),
+        "{s}"
     );
 }
 

@@ -27,8 +27,12 @@ use precedent_tests::{
 
 const PORT: u16 = 8080;
 
+/// The daemon with `config`. These tests load the engine with made-up frames that no server
+/// acknowledges (the stack drops them after XDP), so the wait for acknowledgements is off:
+/// with it on, every one would be dropped as unacknowledged (its own bound is a unit test of
+/// `acked`).
 fn start(net: &TestNet, dir: &Path, config: &str) -> Daemon {
-    let p = write_config(dir, config);
+    let p = write_config(dir, &format!("wait_for_acks = false\n{config}"));
     Daemon::start_discarding_stdout(
         &precedent_bin(),
         &["daemon", "--iface", &net.host_if, "--config", &p],
