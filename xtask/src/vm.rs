@@ -26,9 +26,10 @@ use crate::{
 
 /// The Debian metapackage that depends on the current 6.1 LTS kernel image.
 const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
-/// Modules the tests need that Debian builds as modules (veth pairs); their own dependencies
-/// are found from each module's `depends=` field.
-const MODULES: &[&str] = &["veth"];
+/// Modules the tests need that Debian builds as modules (veth pairs; the `clsact` qdisc and
+/// the BPF classifier the acknowledgement watcher attaches through on kernels before 6.6);
+/// their own dependencies are found from each module's `depends=` field.
+const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
 /// Integration test binaries run in the VM by default: the XDP program on crafted packets, the
 /// capture path, blocking, and the daemon end to end. Others stay host-only because TCG runs
 /// them 10-50x slower (load and fault tests) or they test no kernel interface.
@@ -123,7 +124,7 @@ fn ensure_kernel() -> anyhow::Result<Kernel> {
     let package = kernel_package()?;
     let dir = vm_cache().join(&package);
     let order = dir.join("modules/load-order");
-    if let Ok(list) = std::fs::read_to_string(&order) {
+    if let Some(list) = staged_with_every_module(&order) {
         step(&format!("kernel {package}: cached ({})", dir.display()));
         return Ok(Kernel {
             package,
@@ -173,7 +174,7 @@ fn ensure_kernel() -> anyhow::Result<Kernel> {
     }
     std::fs::write(staged.join("modules/load-order"), load_order.join("\n"))?;
     // The load-order file marks a complete directory; a run that finished first wins.
-    if !order.exists() {
+    if staged_with_every_module(&order).is_none() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&staged, &dir)?;
     }
@@ -187,6 +188,16 @@ fn ensure_kernel() -> anyhow::Result<Kernel> {
         dir,
         modules: load_order,
     })
+}
+
+/// The cached load order, if the cache holds every module of [`MODULES`] (a cache staged
+/// before one was added is staged again).
+fn staged_with_every_module(order: &Path) -> Option<String> {
+    let list = std::fs::read_to_string(order).ok()?;
+    MODULES
+        .iter()
+        .all(|m| list.lines().any(|l| l == *m))
+        .then_some(list)
 }
 
 /// The kernel image package `linux-image-amd64` depends on (the 6.1 LTS on bookworm).
