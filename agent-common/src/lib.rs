@@ -139,6 +139,20 @@ pub struct AckWatch {
     pub _pad: u32,
 }
 
+impl AckWatch {
+    /// A connection whose stream the server has acknowledged up to `acked`, waiting for
+    /// `wait_for` (equal to `acked` when nothing is waited for yet).
+    #[inline(always)]
+    pub const fn new(wait_for: u32, acked: u32) -> Self {
+        AckWatch {
+            wait_for,
+            latest: acked,
+            reported: acked,
+            _pad: 0,
+        }
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FollowState>() == 16);
 const _: () = assert!(core::mem::size_of::<AckWatch>() == 16);

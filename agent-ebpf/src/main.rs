@@ -114,6 +114,12 @@ pub fn baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The same for the egress side: an empty classifier, next to which `precedent_acks` is measured.
+#[classifier]
+pub fn tc_baseline(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[derive(PartialEq, Eq)]
 enum Verdict {
     Pass,
@@ -453,13 +459,8 @@ fn await_ack(watch: Option<*mut AckWatch>, key: &FlowKey, seq: u32, end: u32) {
     match watch {
         Some(w) => unsafe { (*w).wait_for = end },
         None => {
-            let w = AckWatch {
-                wait_for: end,
-                latest: seq,
-                reported: seq,
-                _pad: 0,
-            };
-            let _ = ACKS.insert(key, &w, u64::from(BPF_NOEXIST));
+            // A connection older than the programs: nothing before `seq` is waited for.
+            let _ = ACKS.insert(key, &AckWatch::new(end, seq), u64::from(BPF_NOEXIST));
         }
     }
 }
@@ -480,15 +481,17 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
     if seg.flags & parse::TCP_RST != 0 || seg.flags & parse::TCP_ACK == 0 {
         return Ok(());
     }
+    // Connections to ports whose requests are not captured are not watched: their replies
+    // (and the SYN-ACKs that would fill the table) stop here, before the map lookup.
+    let Some(config) = CONFIG.get(0) else {
+        return Ok(());
+    };
+    if config.port_count != 0 && !config.ports.contains(&seg.key.dport) {
+        return Ok(());
+    }
     if seg.flags & parse::TCP_SYN != 0 {
         // The server accepted a connection: from here on its stream position is known.
-        let w = AckWatch {
-            wait_for: seg.ack,
-            latest: seg.ack,
-            reported: seg.ack,
-            _pad: 0,
-        };
-        let _ = ACKS.insert(&seg.key, &w, 0);
+        let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), 0);
         return Ok(());
     }
     let Some(w) = ACKS.get_ptr_mut(&seg.key) else {

@@ -4,7 +4,7 @@
 //! Headers are read in place through typed pointers after one bounds check each, and only
 //! the fields the verdict needs are loaded: this runs for every packet. Payload bytes go
 //! through `bpf_xdp_load_bytes`, which is safe on multi-buffer packets too. The egress
-//! program's segments are read with `bpf_skb_load_bytes` ([`egress_segment`]).
+//! program's segments are read the same way, in place ([`egress_segment`]).
 use agent_common::{EventHeader, FlowKey};
 use aya_ebpf::{
     helpers::generated::{bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
@@ -35,6 +35,7 @@ pub enum Skip {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv4Hdr {
     ver_ihl: u8,
     tos: u8,
@@ -49,6 +50,7 @@ struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv6Hdr {
     ver_tc_flow: [u8; 4],
     payload_len: u16,
@@ -59,6 +61,7 @@ struct Ipv6Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct TcpHdr {
     source: u16,
     dest: u16,
@@ -496,11 +499,10 @@ pub struct EgressSegment {
 }
 
 /// Reads an outgoing TCP segment at TC egress (Ethernet, at most one VLAN tag, IPv4 or IPv6
-/// without extension headers; anything else is not interesting). The socket buffer is read
-/// with `bpf_skb_load_bytes`, which also reaches into its non-linear part.
+/// without extension headers; anything else is not interesting). See [`egress_read`].
 #[inline(always)]
 pub fn egress_segment(ctx: &TcContext) -> Result<EgressSegment, Skip> {
-    let load16 = |off: usize| ctx.load::<u16>(off).map_err(|_| Skip::NotInteresting);
+    let load16 = |off: usize| egress_read::<u16>(ctx, off);
     let mut ethertype = load16(12)?;
     let mut l3 = 14;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -516,7 +518,7 @@ pub fn egress_segment(ctx: &TcContext) -> Result<EgressSegment, Skip> {
         ack: 0,
     };
     let l4 = if ethertype == ETH_P_IPV4 {
-        let ip: Ipv4Hdr = ctx.load(l3).map_err(|_| Skip::NotInteresting)?;
+        let ip: Ipv4Hdr = egress_read(ctx, l3)?;
         let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
         let later_fragment = u16::from_be(ip.frag_off) & 0x1fff != 0;
         if ip.ver_ihl >> 4 != 4 || ihl < 20 || ip.protocol != IPPROTO_TCP || later_fragment {
@@ -529,7 +531,7 @@ pub fn egress_segment(ctx: &TcContext) -> Result<EgressSegment, Skip> {
         seg.server[..4].copy_from_slice(&ip.saddr);
         l3 + ihl
     } else if ethertype == ETH_P_IPV6 {
-        let ip: Ipv6Hdr = ctx.load(l3).map_err(|_| Skip::NotInteresting)?;
+        let ip: Ipv6Hdr = egress_read(ctx, l3)?;
         if ip.ver_tc_flow[0] >> 4 != 6 || ip.next_header != IPPROTO_TCP {
             return Err(Skip::NotInteresting);
         }
@@ -547,10 +549,26 @@ pub fn egress_segment(ctx: &TcContext) -> Result<EgressSegment, Skip> {
     } else {
         return Err(Skip::NotInteresting);
     };
-    let t: TcpHdr = ctx.load(l4).map_err(|_| Skip::NotInteresting)?;
+    let t: TcpHdr = egress_read(ctx, l4)?;
     seg.key.sport = t.dest;
     seg.key.dport = t.source;
     seg.flags = t.flags;
     seg.ack = u32::from_be(t.ack_seq);
     Ok(seg)
+}
+
+/// A header of an outgoing segment at `off`: read in place when it lies in the socket
+/// buffer's linear area, as the headers the local stack builds do; else through
+/// `bpf_skb_load_bytes`, which also reaches the non-linear part. In place it costs a bounds
+/// check where the helper cost about 15 ns a call, on every segment the server sends.
+#[inline(always)]
+fn egress_read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Skip> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bytes lie between data and data_end (checked just above, as the
+        // verifier requires); T is plain header data, valid for any bytes.
+        Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    } else {
+        ctx.load::<T>(off).map_err(|_| Skip::NotInteresting)
+    }
 }

@@ -19,7 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
+        Program, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp,
+        XdpMode,
         tc::{self, SchedClassifierLinkId},
         xdp::XdpLinkId,
     },
@@ -39,6 +40,8 @@ pub const PROGRAM: &str = "precedent";
 pub const BASELINE_PROGRAM: &str = "baseline";
 /// The TC egress program that reports the server's acknowledgements (see [`crate::acked`]).
 pub const ACK_PROGRAM: &str = "precedent_acks";
+/// An empty TC classifier, the egress program's baseline in benchmarks.
+pub const ACK_BASELINE_PROGRAM: &str = "tc_baseline";
 const EVENTS_MAP: &str = "EVENTS";
 /// Maps that hold operator state and are pinned when pinning is on, so blocks survive restarts.
 pub const PINNED_MAPS: [&str; 6] = [
@@ -336,9 +339,11 @@ impl Datapath {
                 .map_err(|e| classify(e, "loading the XDP program"))?;
         }
         if opts.watch_acks {
-            egress_program(&mut ebpf)?
-                .load()
-                .map_err(|e| classify(e, "loading the TC egress program"))?;
+            for name in [ACK_PROGRAM, ACK_BASELINE_PROGRAM] {
+                egress_program(&mut ebpf, name)?
+                    .load()
+                    .map_err(|e| classify(e, "loading the TC egress program"))?;
+            }
         }
         let mut dp = Self {
             ebpf,
@@ -456,7 +461,7 @@ impl Datapath {
             // Kernels with TCX (6.6+) need no qdisc; the attach below says if one was needed.
             tracing::debug!(iface, error = %chain(&e), "adding the clsact qdisc");
         }
-        let link = egress_program(&mut self.ebpf)?
+        let link = egress_program(&mut self.ebpf, ACK_PROGRAM)?
             .attach(iface, TcAttachType::Egress)
             .map_err(|e| failed(chain(&e)))?;
         tracing::info!(iface, "acknowledgement watcher attached (tc egress)");
@@ -464,7 +469,7 @@ impl Datapath {
     }
 
     fn detach_egress(&mut self, iface: &str, link: SchedClassifierLinkId) {
-        if let Ok(prog) = egress_program(&mut self.ebpf)
+        if let Ok(prog) = egress_program(&mut self.ebpf, ACK_PROGRAM)
             && let Err(e) = prog.detach(link)
         {
             tracing::debug!(iface, error = %e, "releasing the tc egress attachment");
@@ -606,21 +611,28 @@ impl Datapath {
         Ok(enforcer)
     }
 
-    /// Runs `program` once per repeat on `packet` through BPF_PROG_TEST_RUN; returns the
-    /// verdict and the kernel's average run time. For unit tests and benchmarks.
+    /// Runs program `name` (XDP, or a TC egress one) once per repeat on `packet` through
+    /// BPF_PROG_TEST_RUN; returns the verdict and the kernel's average run time. For unit tests
+    /// and benchmarks.
     pub fn test_run(
         &mut self,
         name: &str,
         packet: &[u8],
         repeat: u32,
     ) -> Result<(u32, Duration), CaptureError> {
-        let prog = program(&mut self.ebpf, name)?;
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.repeat = repeat.max(1);
-        let r = prog
-            .test_run(opts)
-            .map_err(|e| CaptureError::Load(chain(&e)))?;
+        let r = match self.ebpf.program_mut(name) {
+            Some(Program::Xdp(p)) => p.test_run(opts),
+            Some(Program::SchedClassifier(p)) => p.test_run(opts),
+            _ => {
+                return Err(CaptureError::Load(format!(
+                    "no XDP or TC program {name} in the object"
+                )));
+            }
+        }
+        .map_err(|e| CaptureError::Load(chain(&e)))?;
         Ok((r.return_value, r.duration))
     }
 }
@@ -721,11 +733,12 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, CaptureErr
         .map_err(|e: ProgramError| CaptureError::Load(e.to_string()))
 }
 
-fn egress_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, CaptureError> {
-    ebpf.program_mut(ACK_PROGRAM)
-        .ok_or_else(|| {
-            CaptureError::Load(format!("program {ACK_PROGRAM} missing from the object"))
-        })?
+fn egress_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, CaptureError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| CaptureError::Load(format!("program {name} missing from the object")))?
         .try_into()
         .map_err(|e: ProgramError| CaptureError::Load(chain(&e)))
 }

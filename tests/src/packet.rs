@@ -23,6 +23,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// TCP sequence number.
     pub seq: u32,
+    /// TCP acknowledgement number.
+    pub ack: u32,
     pub payload: Vec<u8>,
 }
 
@@ -40,6 +42,7 @@ impl Packet {
             tcp_options: 0,
             tcp_flags: 0x18,
             seq: 1,
+            ack: 1,
             payload: payload.to_vec(),
         }
     }
@@ -122,7 +125,7 @@ impl Packet {
         t.extend_from_slice(&self.sport.to_be_bytes());
         t.extend_from_slice(&self.dport.to_be_bytes());
         t.extend_from_slice(&self.seq.to_be_bytes());
-        t.extend_from_slice(&1u32.to_be_bytes()); // ack
+        t.extend_from_slice(&self.ack.to_be_bytes());
         t.push(((doff / 4) as u8) << 4);
         t.push(self.tcp_flags);
         t.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, checksum, urgent

@@ -1,12 +1,13 @@
-//! The XDP program against crafted packets, through BPF_PROG_TEST_RUN: no network needed,
-//! but loading a program needs root. Each test checks the verdict, the counters and the
-//! bytes of any event the program emitted.
+//! The XDP program (and the TC egress program that reports the server's acknowledgements)
+//! against crafted packets, through BPF_PROG_TEST_RUN: no network needed, but loading a
+//! program needs root. Each test checks the verdict, the counters and the bytes of any event
+//! the program emitted.
 use std::{net::IpAddr, time::Duration};
 
 use agent_common::{Counter, EVENT_HEADER_LEN, EventHeader};
 use aya::maps::{MapData, RingBuf};
 use precedent::{
-    capture::{CapturedRequest, Counters, Datapath, LoadOptions, PROGRAM},
+    capture::{ACK_PROGRAM, CapturedRequest, Counters, Datapath, LoadOptions, PROGRAM},
     enforce::{EnforceError, Enforcer},
 };
 use precedent_tests::Packet;
@@ -15,6 +16,8 @@ mod common;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+/// The egress program's only verdict: it watches and never changes or drops a packet.
+const TC_ACT_OK: u32 = 0;
 
 struct Harness {
     dp: Datapath,
@@ -87,8 +90,17 @@ impl Harness {
     }
 
     fn run_bytes(&mut self, frame: &[u8]) -> Outcome {
+        self.run_program(PROGRAM, frame)
+    }
+
+    /// Runs a segment the server sends through the TC egress program.
+    fn run_egress(&mut self, pkt: &Packet) -> Outcome {
+        self.run_program(ACK_PROGRAM, &pkt.build())
+    }
+
+    fn run_program(&mut self, program: &str, frame: &[u8]) -> Outcome {
         let before = self.dp.counters().unwrap();
-        let (verdict, _) = self.dp.test_run(PROGRAM, frame, 1).unwrap();
+        let (verdict, _) = self.dp.test_run(program, frame, 1).unwrap();
         let counters = self.dp.counters().unwrap().since(&before);
         let mut events = Vec::new();
         while let Some(item) = self.ring.next() {
@@ -385,6 +397,130 @@ fn segment(seq: u32, payload: &[u8]) -> Packet {
     let mut p = Packet::tcp("10.9.0.2", "10.9.0.1", payload);
     p.seq = seq;
     p
+}
+
+const TCP_ACK: u8 = 0x10;
+const TCP_SYN_ACK: u8 = 0x12;
+const TCP_RST_ACK: u8 = 0x14;
+
+/// A payload-less segment the server (10.9.0.1:8080) sends back on `segment`'s connection.
+fn server_segment(flags: u8, ack: u32) -> Packet {
+    let mut p = Packet::tcp("10.9.0.1", "10.9.0.2", &[]);
+    (p.sport, p.dport) = (8080, 40_000);
+    p.tcp_flags = flags;
+    p.seq = 90_000;
+    p.ack = ack;
+    p
+}
+
+/// Asserts the outcome of an egress segment: passed untouched, no counter moved, and either
+/// nothing reported or one acknowledgement record for the client 10.9.0.2:40000 at `ack`.
+fn assert_egress(o: &Outcome, reported: Option<u32>) {
+    assert_eq!(o.verdict, TC_ACT_OK);
+    o.assert_counters(&[]);
+    match reported {
+        None => assert!(o.events.is_empty(), "nothing reported"),
+        Some(ack) => {
+            let hdr = o.header();
+            assert_eq!(hdr.piece, agent_common::ACK_RECORD);
+            assert_eq!((hdr.payload_len, hdr.captured_len), (0, 0));
+            let rec = CapturedRequest::decode(&o.events[0], 0).unwrap();
+            assert!(rec.is_ack());
+            assert_eq!(rec.client.to_string(), "10.9.0.2:40000");
+            assert_eq!(rec.server.to_string(), "10.9.0.1:8080");
+            assert_eq!(rec.seq, ack);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_servers_acknowledgement_of_a_captured_request_is_reported_once() {
+    let mut h = Harness::new();
+    // With ports configured, the egress program watches replies from those ports only.
+    h.dp.set_ports(&[443, 8080]).unwrap();
+    // The handshake: the server's SYN-ACK starts watching the connection at the client's
+    // first byte (1000). Nothing to report yet.
+    assert_egress(&h.run_egress(&server_segment(TCP_SYN_ACK, 1_000)), None);
+    let first = get("/accounts/7/balance");
+    let end = 1_000 + first.len() as u32;
+    let o = h.run(&segment(1_000, &first));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    // An acknowledgement short of the request's end says the server lacks some of it.
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end - 1)), None);
+    // The one that reaches it is reported, once: a duplicate ACK (the server saying it again,
+    // or acknowledging later segments of no request) adds nothing.
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), Some(end));
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), None);
+    // The client resends the request (it missed the ACK): the server already has those bytes
+    // and drops the copy, so the capture skips it.
+    let o = h.run(&segment(1_000, &first));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::Stale, 1)]);
+    assert!(o.events.is_empty());
+    // The next request is waited for and reported in its turn.
+    let second = get("/transferFunds");
+    let end2 = end + second.len() as u32;
+    h.run(&segment(end, &second))
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end2)), Some(end2));
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn resets_and_other_connections_acknowledge_nothing() {
+    let mut h = Harness::new();
+    // A connection older than the programs (no SYN-ACK seen): the capture itself starts
+    // watching it.
+    let req = get("/older");
+    let end = 7_000 + req.len() as u32;
+    h.run(&segment(7_000, &req))
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    // A stack answers a segment of no connection (a forged one) with a reset that acknowledges
+    // it: not an acknowledgement of anything kept.
+    assert_egress(&h.run_egress(&server_segment(TCP_RST_ACK, end)), None);
+    // A segment without the ACK flag acknowledges nothing either.
+    assert_egress(&h.run_egress(&server_segment(0x02, end)), None);
+    // Another connection's acknowledgement (other client port), or the same numbers from
+    // another server address, are not this one's.
+    let mut other = server_segment(TCP_ACK, end);
+    other.dport = 40_001;
+    assert_egress(&h.run_egress(&other), None);
+    let mut other = server_segment(TCP_ACK, end);
+    other.src = "10.9.0.3".parse().unwrap();
+    assert_egress(&h.run_egress(&other), None);
+    // Not TCP at all: passed, ignored.
+    let mut udp = server_segment(TCP_ACK, end);
+    udp.protocol = 17;
+    assert_egress(&h.run_egress(&udp), None);
+    // The real acknowledgement, VLAN-tagged as it leaves, is reported.
+    let mut tagged = server_segment(TCP_ACK, end);
+    tagged.vlan = Some(0x8100);
+    assert_egress(&h.run_egress(&tagged), Some(end));
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ipv6_acknowledgements_are_reported() {
+    let mut h = Harness::new();
+    let req = get("/v6");
+    let mut pkt = Packet::tcp("fd00:9::2", "fd00:9::1", &req);
+    pkt.seq = 55;
+    let end = 55 + req.len() as u32;
+    h.run(&pkt)
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    let mut ack = Packet::tcp("fd00:9::1", "fd00:9::2", &[]);
+    (ack.sport, ack.dport) = (8080, 40_000);
+    (ack.tcp_flags, ack.ack) = (TCP_ACK, end - 1);
+    let o = h.run_egress(&ack);
+    assert_eq!(o.verdict, TC_ACT_OK);
+    assert!(o.events.is_empty());
+    ack.ack = end;
+    let o = h.run_egress(&ack);
+    assert_eq!(o.verdict, TC_ACT_OK);
+    let rec = CapturedRequest::decode(&o.events[0], 0).unwrap();
+    assert!(rec.is_ack());
+    assert_eq!(rec.client.to_string(), "[fd00:9::2]:40000");
+    assert_eq!(rec.seq, end);
 }
 
 #[test]
