@@ -1,10 +1,13 @@
 //! Nanoseconds per packet for the XDP program, measured in the kernel by BPF_PROG_TEST_RUN
-//! with many repeats, next to an empty XDP program built in the same object. Needs root.
-//! Run with `cargo xtask bench-xdp`.
+//! with many repeats, next to an empty XDP program built in the same object; and the same for
+//! the TC egress program that watches the server's acknowledgements, next to an empty
+//! classifier. Needs root. Run with `cargo xtask bench-xdp`.
 use std::time::Duration;
 
 use agent_common::Counter;
-use precedent::capture::{BASELINE_PROGRAM, Datapath, LoadOptions, PROGRAM};
+use precedent::capture::{
+    ACK_BASELINE_PROGRAM, ACK_PROGRAM, BASELINE_PROGRAM, Datapath, LoadOptions, PROGRAM,
+};
 use precedent_tests::Packet;
 
 /// Repeats per BPF_PROG_TEST_RUN call; the ring buffer is drained between calls so captured
@@ -143,11 +146,7 @@ fn main() {
     assert_eq!(delta.get(Counter::RingbufFull), 0);
     assert_eq!(delta.get(Counter::Blocked), 3 * total);
 
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let medians: Vec<f64> = samples.iter_mut().map(median).collect();
+    let medians: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
     println!(
         "XDP cost per packet (BPF_PROG_TEST_RUN, {ROUNDS} rounds x {REPEAT} repeats, median; IPv4 blocks: 667 /32, 333 /24, one /16; IPv6: 200 /128, 100 /64, one /48)"
     );
@@ -159,4 +158,64 @@ fn main() {
     for (name, ns) in names.zip(&medians) {
         println!("{name:<34} {ns:>10.1} {:>10.2}", ns / medians[0]);
     }
+    egress(&mut dp, &mut ring);
+}
+
+/// The egress side: every segment the server sends passes `precedent_acks`, most of them on
+/// connections it watches (a reply's ACK), so that is the case that matters.
+fn egress(dp: &mut Datapath, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) {
+    let server = |flags: u8, ack: u32, payload: &[u8]| {
+        let mut p = Packet::tcp("10.9.0.1", "10.9.0.2", payload);
+        (p.sport, p.dport, p.tcp_flags, p.ack) = (8080, 40_000, flags, ack);
+        p.tcp_options = 12;
+        p.build()
+    };
+    // Watch the connection (its SYN-ACK) and capture a request on it; every repeat of the
+    // reply then finds the entry and compares (the request was reported by the first one).
+    let request = b"GET /api/v1/balance HTTP/1.1\r\nHost: bank.test\r\n\r\n";
+    dp.test_run(ACK_PROGRAM, &server(0x12, 1, &[]), 1).unwrap();
+    let mut req = Packet::tcp("10.9.0.2", "10.9.0.1", request);
+    req.tcp_options = 12;
+    dp.test_run(PROGRAM, &req.build(), 1).unwrap();
+    let end = 1 + request.len() as u32;
+    let reply = server(0x18, end, &[b'x'; 1200]);
+    let mut unwatched = Packet::tcp("10.9.0.1", "10.9.0.2", &[b'x'; 1200]);
+    (unwatched.sport, unwatched.dport, unwatched.tcp_options) = (8080, 41_000, 12);
+    let unwatched = unwatched.build();
+    let cases: [(&str, &str, &[u8]); 3] = [
+        (
+            "baseline (empty TC classifier)",
+            ACK_BASELINE_PROGRAM,
+            &reply,
+        ),
+        ("reply on a watched connection", ACK_PROGRAM, &reply),
+        ("reply on an unwatched connection", ACK_PROGRAM, &unwatched),
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, prog, frame)) in cases.iter().enumerate() {
+            let (verdict, per_run) = dp.test_run(prog, frame, REPEAT).unwrap();
+            assert_eq!(verdict, 0, "the egress program passes every packet");
+            samples[i].push(per_run.as_nanos() as f64);
+        }
+    }
+    // The first reply reaching the request's end reported it; later ones add nothing.
+    let mut reported = 0;
+    while ring.next().is_some() {
+        reported += 1;
+    }
+    assert_eq!(reported, 2, "the request and its one acknowledgement");
+    let medians: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
+    println!(
+        "TC egress cost per packet (BPF_PROG_TEST_RUN, {ROUNDS} rounds x {REPEAT} repeats, median; 1,200-byte replies)"
+    );
+    println!("{:<34} {:>10} {:>10}", "case", "ns/packet", "x baseline");
+    for ((name, _, _), ns) in cases.iter().zip(&medians) {
+        println!("{name:<34} {ns:>10.1} {:>10.2}", ns / medians[0]);
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
