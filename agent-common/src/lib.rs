@@ -114,7 +114,9 @@ pub const ACK_RECORD: u8 = u8::MAX;
 const _: () = assert!(FOLLOW_MAX_PIECES < ACK_RECORD);
 
 /// Connections whose acknowledgements are watched at once (`ACKS`); beyond it, the least
-/// recently used one is forgotten (its waiting requests then time out in userspace, counted).
+/// recently used one is forgotten. The egress program reports the next acknowledgement the
+/// server sends on a connection it does not hold (and holds it again), so a forgotten entry
+/// costs only the XDP program's check for stale copies, never a request.
 pub const ACK_FLOWS: u32 = 65_536;
 
 /// Value of `ACKS`, keyed by [`FlowKey`]: a request counts only once the server's TCP stack
@@ -122,7 +124,8 @@ pub const ACK_FLOWS: u32 = 65_536;
 /// (a forged source address, a bad checksum, data outside the receive window, bytes it
 /// already had), and a request made of such a segment was never served.
 ///
-/// The egress program creates the entry from the server's SYN-ACK and keeps `latest`; the XDP
+/// The egress program creates the entry from the server's SYN-ACK (or its first
+/// acknowledgement on a connection the map does not hold) and keeps `latest`; the XDP
 /// program skips a request segment whose bytes all lie before `latest` (counted `stale`) and
 /// sets `wait_for` when it captures; the egress program sends one [`ACK_RECORD`] when the
 /// server's acknowledgement reaches `wait_for`, and notes it in `reported`. Each field has one

@@ -495,6 +495,13 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         return Ok(());
     }
     let Some(w) = ACKS.get_ptr_mut(&seg.key) else {
+        // A connection the table does not hold: one older than the programs, or one whose
+        // entry the LRU let go (spoofed SYNs or request segments can churn it, and the stack
+        // answers those with SYN-ACKs and resets only). This is a real acknowledgement all the
+        // same, so it is watched from here on and reported once: requests captured on the
+        // connection are not left to time out in userspace because the entry was lost.
+        let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), 0);
+        report_ack(&seg);
         return Ok(());
     };
     let (wait_for, reported) = unsafe {

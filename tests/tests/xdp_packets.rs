@@ -467,7 +467,7 @@ fn the_servers_acknowledgement_of_a_captured_request_is_reported_once() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
-fn resets_and_other_connections_acknowledge_nothing() {
+fn resets_and_segments_without_the_ack_flag_acknowledge_nothing() {
     let mut h = Harness::new();
     // A connection older than the programs (no SYN-ACK seen): the capture itself starts
     // watching it.
@@ -480,14 +480,6 @@ fn resets_and_other_connections_acknowledge_nothing() {
     assert_egress(&h.run_egress(&server_segment(TCP_RST_ACK, end)), None);
     // A segment without the ACK flag acknowledges nothing either.
     assert_egress(&h.run_egress(&server_segment(0x02, end)), None);
-    // Another connection's acknowledgement (other client port), or the same numbers from
-    // another server address, are not this one's.
-    let mut other = server_segment(TCP_ACK, end);
-    other.dport = 40_001;
-    assert_egress(&h.run_egress(&other), None);
-    let mut other = server_segment(TCP_ACK, end);
-    other.src = "10.9.0.3".parse().unwrap();
-    assert_egress(&h.run_egress(&other), None);
     // Not TCP at all: passed, ignored.
     let mut udp = server_segment(TCP_ACK, end);
     udp.protocol = 17;
@@ -496,6 +488,41 @@ fn resets_and_other_connections_acknowledge_nothing() {
     let mut tagged = server_segment(TCP_ACK, end);
     tagged.vlan = Some(0x8100);
     assert_egress(&h.run_egress(&tagged), Some(end));
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn an_acknowledgement_on_a_connection_the_table_lost_is_still_reported() {
+    let mut h = Harness::new();
+    // The server acknowledges on a connection `ACKS` does not hold: one older than the
+    // programs, or one whose entry spoofed traffic pushed out of the LRU. Its requests must
+    // not wait in vain: reported once, for that connection (another client port, or another
+    // server address, is another connection), then watched as usual.
+    let mut other_port = server_segment(TCP_ACK, 500);
+    other_port.dport = 40_001;
+    let o = h.run_egress(&other_port);
+    assert_eq!(o.verdict, TC_ACT_OK);
+    let rec = CapturedRequest::decode(&o.events[0], 0).unwrap();
+    assert!(rec.is_ack());
+    assert_eq!(rec.client.to_string(), "10.9.0.2:40001");
+    assert_eq!(rec.seq, 500);
+    assert!(h.run_egress(&other_port).events.is_empty(), "reported once");
+    let mut other_server = server_segment(TCP_ACK, 700);
+    other_server.src = "10.9.0.3".parse().unwrap();
+    let rec = CapturedRequest::decode(&h.run_egress(&other_server).events[0], 0).unwrap();
+    assert_eq!(rec.server.to_string(), "10.9.0.3:8080");
+    // Watched from there on: a request on the first connection is reported when acknowledged.
+    let req = get("/later");
+    let mut pkt = Packet::tcp("10.9.0.2", "10.9.0.1", &req);
+    (pkt.sport, pkt.seq) = (40_001, 500);
+    h.run(&pkt)
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    let end = 500 + req.len() as u32;
+    other_port.ack = end - 1;
+    assert!(h.run_egress(&other_port).events.is_empty());
+    other_port.ack = end;
+    let rec = CapturedRequest::decode(&h.run_egress(&other_port).events[0], 0).unwrap();
+    assert_eq!((rec.client.port(), rec.seq), (40_001, end));
 }
 
 #[test]
