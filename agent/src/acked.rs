@@ -26,8 +26,9 @@
 //!   That is a segment with a bad checksum followed by the real one, the classic insertion.
 //!
 //! Records of one connection leave in the order they came. Memory is bounded: at most
-//! [`MAX_WAITING`] records wait and [`MAX_CONNECTIONS`] connections are remembered.
-use std::collections::{HashMap, VecDeque};
+//! [`MAX_WAITING`] records wait (past it, the longest-waiting goes: see there) and
+//! [`MAX_CONNECTIONS`] connections' acknowledgements are remembered.
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use serde::Serialize;
@@ -36,12 +37,19 @@ use crate::capture::CapturedRequest;
 
 /// How long a record waits for its acknowledgement (nanoseconds).
 pub const ACK_WAIT_NS: u64 = 2_000_000_000;
-/// How long a connection with nothing waiting is remembered (its last acknowledgement tells
-/// stale copies apart): as long as the reassembler remembers connections.
+/// How long a connection's last acknowledgement is remembered once nothing waits on it (it
+/// tells stale copies apart): as long as the reassembler remembers connections.
 const REMEMBER_NS: u64 = 120_000_000_000;
-/// Records waiting at once; beyond it, new records are dropped (counted `overflow`).
+/// Records waiting at once. Beyond it the one that has waited longest is dropped (counted
+/// `overflow`): the server acknowledges within its delayed-ACK time, so a record still
+/// waiting after that is most likely one it never received. A flood of spoofed requests meant
+/// to crowd real ones out must then outpace `MAX_WAITING` records per delayed-ACK time
+/// (about 330,000 a second at 200 ms), where refusing new records gave up at 33,000 a second.
 pub const MAX_WAITING: usize = 65_536;
-/// Connections remembered at once (as many as the kernel's `ACKS` map holds).
+/// Connections whose last acknowledgement is remembered at once (as many as the kernel's
+/// `ACKS` map holds). Only connections the server acknowledged get in, so spoofed traffic
+/// cannot fill it; past it, a new connection's acknowledgements are not remembered (the XDP
+/// program still skips stale copies of what it saw acknowledged).
 pub const MAX_CONNECTIONS: usize = agent_common::ACK_FLOWS as usize;
 
 /// What became of the records that came through, for `status` and metrics.
@@ -55,20 +63,22 @@ pub struct AckCounters {
     pub stale: u64,
     /// Records replaced by other bytes at the same place before an acknowledgement: dropped.
     pub superseded: u64,
-    /// Records dropped because [`MAX_WAITING`] records or [`MAX_CONNECTIONS`] connections
-    /// were already waiting.
+    /// Records dropped, the longest-waiting first, to keep at most [`MAX_WAITING`] waiting.
     pub overflow: u64,
 }
 
 type Conn = (SocketAddr, SocketAddr);
 
-#[derive(Default)]
-struct Connection {
-    /// The newest acknowledgement reported (None until the first).
-    acked: Option<u32>,
-    /// Records waiting, oldest first, with the time they stop waiting.
-    waiting: VecDeque<(u64, CapturedRequest)>,
-    /// Last time anything came for the connection.
+/// A record waiting, with its arrival number and the time it stops waiting.
+struct Waiting {
+    id: u64,
+    deadline: u64,
+    rec: CapturedRequest,
+}
+
+/// A connection's newest acknowledgement, and when anything last came for it.
+struct Acked {
+    ack: u32,
     seen_ns: u64,
 }
 
@@ -76,8 +86,13 @@ struct Connection {
 /// through.
 pub struct AckGate {
     enabled: bool,
-    conns: HashMap<Conn, Connection>,
-    waiting: usize,
+    /// Records waiting, per connection, oldest first.
+    waiting: HashMap<Conn, VecDeque<Waiting>>,
+    /// Every waiting record's connection by arrival number: the first is the longest-waiting.
+    by_arrival: BTreeMap<u64, Conn>,
+    next_id: u64,
+    /// Connections the server acknowledged on, with their newest acknowledgement.
+    acked: HashMap<Conn, Acked>,
     counters: AckCounters,
 }
 
@@ -95,8 +110,10 @@ impl AckGate {
     pub fn new(enabled: bool) -> Self {
         AckGate {
             enabled,
-            conns: HashMap::new(),
-            waiting: 0,
+            waiting: HashMap::new(),
+            by_arrival: BTreeMap::new(),
+            next_id: 0,
+            acked: HashMap::new(),
             counters: AckCounters::default(),
         }
     }
@@ -111,7 +128,7 @@ impl AckGate {
 
     /// Records waiting for their acknowledgement.
     pub fn waiting(&self) -> usize {
-        self.waiting
+        self.by_arrival.len()
     }
 
     /// Takes one record from the ring: a request record waits (or is dropped, see the module
@@ -120,73 +137,131 @@ impl AckGate {
         if !self.enabled {
             return if rec.is_ack() { Vec::new() } else { vec![rec] };
         }
-        let key = (rec.client, rec.server);
-        let now = rec.ts_unix_ns;
         if rec.is_ack() {
-            let Some(c) = self.conns.get_mut(&key) else {
-                return Vec::new();
-            };
-            c.seen_ns = c.seen_ns.max(now);
-            if c.acked.is_none_or(|a| reaches(rec.seq, a)) {
-                c.acked = Some(rec.seq);
-            }
-            let ack = rec.seq;
-            let mut out = Vec::new();
-            let mut kept = VecDeque::with_capacity(c.waiting.len());
-            for (deadline, r) in c.waiting.drain(..) {
-                if reaches(ack, end_of(&r)) {
-                    out.push(r);
-                } else {
-                    kept.push_back((deadline, r));
+            self.acknowledge(rec)
+        } else {
+            self.wait(rec);
+            Vec::new()
+        }
+    }
+
+    fn acknowledge(&mut self, ack: CapturedRequest) -> Vec<CapturedRequest> {
+        let key = (ack.client, ack.server);
+        let now = ack.ts_unix_ns;
+        let has_waiting = self.waiting.contains_key(&key);
+        let room = self.acked.len() < MAX_CONNECTIONS;
+        match self.acked.get_mut(&key) {
+            Some(a) => {
+                a.seen_ns = a.seen_ns.max(now);
+                if reaches(ack.seq, a.ack) {
+                    a.ack = ack.seq;
                 }
             }
-            c.waiting = kept;
-            self.waiting -= out.len();
-            self.counters.acknowledged += out.len() as u64;
-            return out;
+            // Remembered only for connections that carried requests: the egress program also
+            // reports the server's other connections, once each.
+            None if has_waiting && room => {
+                self.acked.insert(
+                    key,
+                    Acked {
+                        ack: ack.seq,
+                        seen_ns: now,
+                    },
+                );
+            }
+            None => {}
         }
-        if self.waiting >= MAX_WAITING
-            || (self.conns.len() >= MAX_CONNECTIONS && !self.conns.contains_key(&key))
-        {
-            self.counters.overflow += 1;
+        let Some(queue) = self.waiting.get_mut(&key) else {
             return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut kept = VecDeque::with_capacity(queue.len());
+        for w in queue.drain(..) {
+            if reaches(ack.seq, end_of(&w.rec)) {
+                self.by_arrival.remove(&w.id);
+                out.push(w.rec);
+            } else {
+                kept.push_back(w);
+            }
         }
-        let c = self.conns.entry(key).or_default();
-        c.seen_ns = c.seen_ns.max(now);
+        *queue = kept;
+        if queue.is_empty() {
+            self.waiting.remove(&key);
+        }
+        self.counters.acknowledged += out.len() as u64;
+        out
+    }
+
+    fn wait(&mut self, rec: CapturedRequest) {
+        let key = (rec.client, rec.server);
+        let now = rec.ts_unix_ns;
         // The server already had the bytes at the record's start: what it read there came
         // first, so no request starts there now (a longer copy's new tail continues whatever
         // was there; it is not read from the start of this one).
-        if c.acked.is_some_and(|a| !reaches(rec.seq, a)) {
-            self.counters.stale += 1;
-            return Vec::new();
+        if let Some(a) = self.acked.get_mut(&key) {
+            a.seen_ns = a.seen_ns.max(now);
+            if !reaches(rec.seq, a.ack) {
+                self.counters.stale += 1;
+                return;
+            }
         }
         if rec.piece == 0
-            && let Some(i) = c
-                .waiting
+            && let Some(queue) = self.waiting.get_mut(&key)
+            && let Some(i) = queue
                 .iter()
-                .position(|(_, w)| w.piece == 0 && w.seq == rec.seq && w.data != rec.data)
+                .position(|w| w.rec.piece == 0 && w.rec.seq == rec.seq && w.rec.data != rec.data)
         {
-            c.waiting.remove(i);
-            self.waiting -= 1;
+            if let Some(w) = queue.remove(i) {
+                self.by_arrival.remove(&w.id);
+            }
             self.counters.superseded += 1;
         }
-        c.waiting.push_back((now.saturating_add(ACK_WAIT_NS), rec));
-        self.waiting += 1;
-        Vec::new()
+        if self.by_arrival.len() >= MAX_WAITING {
+            self.drop_longest_waiting();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_arrival.insert(id, key);
+        self.waiting.entry(key).or_default().push_back(Waiting {
+            id,
+            deadline: now.saturating_add(ACK_WAIT_NS),
+            rec,
+        });
     }
 
-    /// Drops the records whose wait is over at `now_ns`, and forgets connections quiet for
-    /// long with nothing waiting.
+    fn drop_longest_waiting(&mut self) {
+        let Some((id, key)) = self.by_arrival.pop_first() else {
+            return;
+        };
+        if let Some(queue) = self.waiting.get_mut(&key) {
+            queue.retain(|w| w.id != id);
+            if queue.is_empty() {
+                self.waiting.remove(&key);
+            }
+        }
+        self.counters.overflow += 1;
+    }
+
+    /// Drops the records whose wait is over at `now_ns`, and forgets the acknowledgements of
+    /// connections quiet for long with nothing waiting.
     pub fn expire(&mut self, now_ns: u64) {
+        let by_arrival = &mut self.by_arrival;
         let mut dropped = 0;
-        self.conns.retain(|_, c| {
-            let before = c.waiting.len();
-            c.waiting.retain(|(deadline, _)| *deadline > now_ns);
-            dropped += before - c.waiting.len();
-            !c.waiting.is_empty() || now_ns.saturating_sub(c.seen_ns) < REMEMBER_NS
+        self.waiting.retain(|_, queue| {
+            queue.retain(|w| {
+                let keep = w.deadline > now_ns;
+                if !keep {
+                    by_arrival.remove(&w.id);
+                    dropped += 1;
+                }
+                keep
+            });
+            !queue.is_empty()
         });
-        self.waiting -= dropped;
-        self.counters.unacknowledged += dropped as u64;
+        self.counters.unacknowledged += dropped;
+        let waiting = &self.waiting;
+        self.acked.retain(|key, a| {
+            now_ns.saturating_sub(a.seen_ns) < REMEMBER_NS || waiting.contains_key(key)
+        });
     }
 }
 
@@ -330,6 +405,36 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_spoofed_records_does_not_crowd_out_a_real_one() {
+        let mut g = AckGate::new(true);
+        // Spoofed request segments from ever new addresses (the stack answers them with
+        // resets or not at all) fill the waiting room...
+        let spoofed = |i: u32| {
+            let mut r = rec((i % 50_000) as u16, i, POST, 0, T0);
+            r.client.set_ip([10, 66, (i / 50_000) as u8, 9].into());
+            r
+        };
+        for i in 0..MAX_WAITING as u32 {
+            g.push(spoofed(i));
+        }
+        assert_eq!(g.waiting(), MAX_WAITING);
+        // ... when a real request comes: it takes the place of the one that waited longest.
+        g.push(rec(1, 100, GET, 0, T0 + 1));
+        for i in 0..1000 {
+            g.push(spoofed(MAX_WAITING as u32 + i));
+        }
+        let out = g.push(ack(1, 100 + GET.len() as u32, T0 + 40_000_000));
+        assert_eq!(
+            out.len(),
+            1,
+            "the real request is still there when its ACK comes"
+        );
+        assert_eq!(out[0].data, GET);
+        assert_eq!(g.counters().overflow, 1001);
+        assert_eq!(g.waiting(), MAX_WAITING - 1);
+    }
+
+    #[test]
     fn memory_is_bounded_by_waiting_records_and_connections() {
         let mut g = AckGate::new(true);
         for i in 0..(MAX_WAITING + 100) as u32 {
@@ -337,12 +442,25 @@ mod tests {
             g.push(rec((i % 60_000) as u16, i, POST, 0, T0));
         }
         assert_eq!(g.waiting(), MAX_WAITING);
-        assert!(g.conns.len() <= MAX_CONNECTIONS);
+        assert!(g.waiting.len() <= MAX_WAITING);
         assert_eq!(g.counters().overflow, 100);
         g.expire(T0 + ACK_WAIT_NS + 1);
         assert_eq!(g.waiting(), 0);
-        // Quiet connections are forgotten once nothing waits and they are old enough.
+        assert!(g.waiting.is_empty());
+        // Acknowledged connections are remembered, at most MAX_CONNECTIONS of them, and
+        // forgotten once nothing waits and they are old enough.
+        for i in 0..(MAX_CONNECTIONS + 10) as u32 {
+            let port = (i % 60_000) as u16;
+            let ip = (i / 60_000) as u8;
+            let mut r = rec(port, 0, GET, 0, T0);
+            r.client.set_ip([10, 1, ip, 2].into());
+            g.push(r.clone());
+            let mut a = ack(port, GET.len() as u32, T0);
+            a.client = r.client;
+            assert_eq!(g.push(a).len(), 1);
+        }
+        assert_eq!(g.acked.len(), MAX_CONNECTIONS);
         g.expire(T0 + REMEMBER_NS + 1);
-        assert!(g.conns.is_empty());
+        assert!(g.acked.is_empty());
     }
 }
