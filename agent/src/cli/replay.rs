@@ -108,6 +108,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         http: engine.http_config(),
         reorder_window: args.reorder_window,
         capture_len: config.capture_len as usize,
+        wait_for_acks: config.wait_for_acks,
         progress: if args.no_progress {
             Progress::Hidden
         } else {

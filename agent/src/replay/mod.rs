@@ -182,6 +182,9 @@ pub struct ReplayOptions {
     /// Skipped lines kept as examples, per reason.
     pub examples_per_reason: usize,
     pub progress: Progress,
+    /// In captures that show the servers' side, a request counts only once the server
+    /// acknowledged it, as live (the daemon's `wait_for_acks`).
+    pub wait_for_acks: bool,
 }
 
 pub const DEFAULT_MAX_LINE_LEN: usize = 64 * 1024;
@@ -200,6 +203,7 @@ impl Default for ReplayOptions {
             capture_len: agent_common::CAPTURE_DEFAULT as usize,
             examples_per_reason: 3,
             progress: Progress::Hidden,
+            wait_for_acks: true,
         }
     }
 }
@@ -281,8 +285,24 @@ pub struct ReplaySummary {
     pub packets_ignored: BTreeMap<&'static str, u64>,
     /// Request packets cut short by the capture's snaplen (parsed as far as they go).
     pub snaplen_cut: u64,
+    /// What waiting for the server's acknowledgements did in captures that show them.
+    pub acks: ReplayAcks,
     pub examples: Vec<SkipExample>,
     pub errors: Vec<InputError>,
+}
+
+/// Requests of captures that show the servers' side, by what their acknowledgement said
+/// (see [`pcap`]): the daemon's counters of the same names.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReplayAcks {
+    /// Captures in which requests waited for acknowledgements.
+    pub files_waited: u64,
+    pub acknowledged: u64,
+    /// Never acknowledged within the capture: dropped.
+    pub unacknowledged: u64,
+    pub stale: u64,
+    pub superseded: u64,
+    pub overflow: u64,
 }
 
 /// Counters every stream writes into.
@@ -423,8 +443,21 @@ impl Stream {
                         c.summary.files[self.index as usize].units += 1;
                         *c.summary.packets_ignored.entry(kind).or_default() += 1;
                     }
+                    pcap::Event::Held => c.summary.files[self.index as usize].units += 1,
                     pcap::Event::Meta => {}
-                    pcap::Event::End => return None,
+                    pcap::Event::End => {
+                        let (waited, acks) = p.acks();
+                        if waited {
+                            let sum = &mut c.summary.acks;
+                            sum.files_waited += 1;
+                            sum.acknowledged += acks.acknowledged;
+                            sum.unacknowledged += acks.unacknowledged;
+                            sum.stale += acks.stale;
+                            sum.superseded += acks.superseded;
+                            sum.overflow += acks.overflow;
+                        }
+                        return None;
+                    }
                     pcap::Event::Failed(message) => {
                         let f = &c.summary.files[self.index as usize];
                         let pos = f.units;
@@ -477,6 +510,7 @@ impl Replay {
                         opts.http.clone(),
                         keep,
                         opts.capture_len.min(agent_common::CAPTURE_MAX),
+                        opts.wait_for_acks,
                     ))
                 }
                 Some(format) => Source::Lines {

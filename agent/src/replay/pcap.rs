@@ -7,6 +7,9 @@
 //! [`Reassembler`], so replay sees the requests the daemon sees; there is no other TCP
 //! reassembly. Requests pipelined in one segment are each read, as far as the capture length
 //! goes.
+//!
+//! Requests count only once the server acknowledged them, as live ([`Acks`]), when the capture
+//! shows the servers' side: a capture of one direction only has no acknowledgements to wait for.
 use etherparse::{EtherType, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use pcap_parser::{
     Block, Linktype, PcapBlockOwned, PcapError, create_reader,
@@ -19,7 +22,12 @@ use agent_common::{FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES};
 use rustc_hash::FxHashMap;
 
 use super::{Origin, ReplayRecord, formats::Skip, input::Input};
-use crate::{capture::CapturedRequest, http, reassemble::Reassembler};
+use crate::{
+    acked::{AckCounters, AckGate},
+    capture::CapturedRequest,
+    http,
+    reassemble::Reassembler,
+};
 
 /// Initial read buffer; grown (up to [`MAX_BLOCK`]) for captures of jumbo/GRO packets.
 const BUF: usize = 64 * 1024;
@@ -40,6 +48,8 @@ pub(crate) enum Event {
     Ignored(&'static str),
     /// A non-packet block (headers, interface descriptions, statistics).
     Meta,
+    /// A request packet held until the server's acknowledgement of it shows up.
+    Held,
     End,
     Failed(String),
 }
@@ -67,6 +77,101 @@ pub(crate) struct PcapSource {
     buf_size: usize,
     follower: Follower,
     reassembler: Reassembler,
+    /// Boxed to keep a capture's source about the size of a log file's.
+    acks: Box<Acks>,
+}
+
+/// [`crate::acked`]'s gate over a capture. The daemon counts a request only once the server's
+/// TCP stack acknowledged it (a forged source address, a bad checksum, bytes outside the
+/// window: the XDP program sees them, the server never reads them). A capture taken on the
+/// server holds the same evidence, the server's own segments, so replay waits the same way,
+/// from the moment the capture shows a segment sent from an address and port that received a
+/// request: before that (or in a capture of one direction only, which never shows one),
+/// requests pass as they are. A request still waiting when the capture ends is dropped, as
+/// the daemon drops one its wait ran out on.
+pub(crate) struct Acks {
+    /// `wait_for_acks` in the configuration.
+    allowed: bool,
+    gate: AckGate,
+    /// Addresses and ports that received requests, at most [`MAX_SERVERS`].
+    servers: std::collections::HashSet<SocketAddr>,
+    /// Capture time of the next expiry pass over the waiting records.
+    next_expire_ns: u64,
+}
+
+/// Server endpoints remembered to tell a capture shows the servers' side.
+const MAX_SERVERS: usize = 4_096;
+
+impl Acks {
+    pub(crate) fn new(allowed: bool) -> Self {
+        Acks {
+            allowed,
+            gate: AckGate::new(false),
+            servers: Default::default(),
+            next_expire_ns: 0,
+        }
+    }
+
+    /// Whether requests wait for acknowledgements (the capture showed a server's segment).
+    pub(crate) fn waiting_for_acks(&self) -> bool {
+        self.gate.enabled()
+    }
+
+    pub(crate) fn counters(&self) -> AckCounters {
+        self.gate.counters()
+    }
+
+    /// A TCP segment from `flow.0` to `flow.1`, looked at as the server's: the requests of
+    /// the connection it acknowledges, released in order.
+    fn segment(
+        &mut self,
+        flow: (SocketAddr, SocketAddr),
+        ack: Option<u32>,
+        ts_ns: u64,
+    ) -> Vec<CapturedRequest> {
+        if !self.allowed {
+            return Vec::new();
+        }
+        if !self.gate.enabled() && self.servers.contains(&flow.0) {
+            self.gate = AckGate::new(true);
+        }
+        if !self.gate.enabled() {
+            return Vec::new();
+        }
+        if ts_ns >= self.next_expire_ns {
+            self.gate.expire(ts_ns);
+            self.next_expire_ns = ts_ns.saturating_add(1_000_000_000);
+        }
+        let Some(ack) = ack else {
+            return Vec::new();
+        };
+        self.gate.push(CapturedRequest {
+            ts_unix_ns: ts_ns,
+            client: flow.1,
+            server: flow.0,
+            seq: ack,
+            payload_len: 0,
+            piece: agent_common::ACK_RECORD,
+            data: Vec::new(),
+        })
+    }
+
+    /// A captured request record: handed on at once, or held for its acknowledgement.
+    fn request(&mut self, rec: CapturedRequest) -> Vec<CapturedRequest> {
+        if self.allowed && self.servers.len() < MAX_SERVERS {
+            self.servers.insert(rec.server);
+        }
+        if self.gate.enabled() {
+            self.gate.push(rec)
+        } else {
+            vec![rec]
+        }
+    }
+
+    /// The capture ended: whatever still waits was never acknowledged in it.
+    fn finish(&mut self) {
+        self.gate.expire(u64::MAX);
+    }
 }
 
 /// A parser error in a line of its own: pcap-parser's messages carry the unparsed input
@@ -92,6 +197,7 @@ impl PcapSource {
         http_config: http::HttpConfig,
         keep: Vec<String>,
         capture_len: usize,
+        wait_for_acks: bool,
     ) -> Self {
         let mut pending = Vec::new();
         let reader = match create_reader(BUF, input) {
@@ -127,14 +233,21 @@ impl PcapSource {
             buf_size: BUF,
             follower: Follower::default(),
             reassembler: Reassembler::new(capture_len.max(1)),
+            acks: Box::new(Acks::new(wait_for_acks)),
         }
+    }
+
+    /// What the acknowledgement gate did (see [`Acks`]), and whether it was on.
+    pub fn acks(&self) -> (bool, AckCounters) {
+        (self.acks.waiting_for_acks(), self.acks.counters())
     }
 
     pub fn next_event(&mut self) -> Event {
         match self.next_packet_event() {
             Event::End => {
                 // Requests still waiting for pieces are read as they are, as the daemon does
-                // when it stops.
+                // when it stops; those still waiting for an acknowledgement never got one.
+                self.acks.finish();
                 let file = self.file;
                 for req in self.reassembler.flush() {
                     let packet = self.packet_no;
@@ -172,6 +285,7 @@ impl PcapSource {
                             snaplen_cut: &mut self.snaplen_cut,
                             follower: &mut self.follower,
                             reassembler: &mut self.reassembler,
+                            acks: &mut self.acks,
                         },
                     );
                     Ok((offset, ev))
@@ -254,6 +368,7 @@ struct Ctx<'a> {
     snaplen_cut: &'a mut u64,
     follower: &'a mut Follower,
     reassembler: &'a mut Reassembler,
+    acks: &'a mut Acks,
 }
 
 /// The XDP program's following of split request headers (`FOLLOW` in agent-ebpf), over the
@@ -469,20 +584,63 @@ fn packet(
         Some(LaxNetSlice::Ipv6(s)) => s.header().destination_addr().into(),
         _ => return Event::Ignored("not_ip"),
     };
-    let payload = tcp.payload();
+    let flow = (
+        SocketAddr::new(client, tcp.source_port()),
+        SocketAddr::new(server, tcp.destination_port()),
+    );
+    // As the server's segment: the requests it acknowledges. Resets acknowledge nothing the
+    // stack kept (it answers segments of no connection with them), as live.
+    let ack = (tcp.ack() && !tcp.rst()).then(|| tcp.acknowledgment_number());
+    let mut arrived = ctx.acks.segment(flow, ack, ts_ns);
+    // As the client's: a request (or a piece of one) to capture, or nothing of interest.
+    let own = match request_record(tcp.payload(), flow, tcp.sequence_number(), ts_ns, cut, ctx) {
+        Err(kind) if arrived.is_empty() => return Event::Ignored(kind),
+        Ok(captured) => {
+            let before = arrived.len();
+            arrived.extend(ctx.acks.request(captured));
+            if arrived.len() == before && ctx.acks.waiting_for_acks() {
+                Event::Held
+            } else {
+                Event::Ignored("request_piece")
+            }
+        }
+        Err(kind) => Event::Ignored(kind),
+    };
+    let mut ready = ctx.reassembler.expire(ts_ns);
+    for rec in arrived {
+        ready.extend(ctx.reassembler.push(rec));
+    }
+    let mut events: Vec<Event> = ready
+        .iter()
+        .flat_map(|req| requests(req, packet_no, ctx.file, ctx.http, ctx.keep))
+        .collect();
+    if events.is_empty() {
+        return own;
+    }
+    let first = events.remove(0);
+    // `pending` is popped from its end.
+    ctx.pending.extend(events.into_iter().rev());
+    first
+}
+
+/// The record the XDP program would capture from a TCP payload from `flow.0` to `flow.1`, or
+/// why it captures none.
+fn request_record(
+    payload: &[u8],
+    flow: (SocketAddr, SocketAddr),
+    seq: u32,
+    ts_ns: u64,
+    cut: bool,
+    ctx: &mut Ctx<'_>,
+) -> Result<CapturedRequest, &'static str> {
     if payload.is_empty() {
-        return Event::Ignored("no_payload");
+        return Err("no_payload");
     }
     // The XDP program's tests, byte for byte: a method token and a space, or fewer than 8
     // bytes that begin one; else a piece of a followed request, or nothing of interest.
     let mut head = [0u8; 8];
     let n = payload.len().min(8);
     head[..n].copy_from_slice(&payload[..n]);
-    let flow = (
-        SocketAddr::new(client, tcp.source_port()),
-        SocketAddr::new(server, tcp.destination_port()),
-    );
-    let seq = tcp.sequence_number();
     let limit = ctx.capture_len;
     let piece = if is_http_method(head) {
         None
@@ -492,7 +650,7 @@ fn packet(
         match ctx.follower.piece(flow, seq, payload, ts_ns, limit) {
             Some(p) => Some(p),
             None if is_method_prefix(payload) => None,
-            None => return Event::Ignored("not_http_request"),
+            None => return Err("not_http_request"),
         }
     };
     let (piece, take) = piece.unwrap_or_else(|| {
@@ -508,7 +666,7 @@ fn packet(
         // The request bytes may end early; the parser copes, as with a live prefix.
         *ctx.snaplen_cut += 1;
     }
-    let captured = CapturedRequest {
+    Ok(CapturedRequest {
         ts_unix_ns: ts_ns,
         client: flow.0,
         server: flow.1,
@@ -517,20 +675,7 @@ fn packet(
         payload_len: (payload.len() + usize::from(cut)) as u32,
         piece,
         data: payload[..take].to_vec(),
-    };
-    let mut ready = ctx.reassembler.expire(ts_ns);
-    ready.extend(ctx.reassembler.push(captured));
-    let mut events: Vec<Event> = ready
-        .iter()
-        .flat_map(|req| requests(req, packet_no, ctx.file, ctx.http, ctx.keep))
-        .collect();
-    if events.is_empty() {
-        return Event::Ignored("request_piece");
-    }
-    let first = events.remove(0);
-    // `pending` is popped from its end.
-    ctx.pending.extend(events.into_iter().rev());
-    first
+    })
 }
 
 /// The events of one captured request: each request in its bytes (requests pipelined behind

@@ -318,6 +318,14 @@ impl RunSummary {
             "  late records   {} ({late}: behind by more than --reorder-window), {} released early by the reorder cap",
             i.late, i.reorder_overflow
         );
+        let a = &i.acks;
+        if a.files_waited > 0 {
+            let _ = writeln!(
+                o,
+                "  acknowledged   {} requests the server acknowledged in the capture; dropped: {} never acknowledged, {} stale, {} superseded, {} overflow",
+                a.acknowledged, a.unacknowledged, a.stale, a.superseded, a.overflow
+            );
+        }
         if i.snaplen_cut > 0 || !i.packets_ignored.is_empty() {
             let ignored: u64 = i.packets_ignored.values().sum();
             let _ = writeln!(

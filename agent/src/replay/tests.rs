@@ -531,6 +531,100 @@ fn segment(port: u16, seq: u32, payload: &[u8]) -> Pkt {
     (1_700_000_000, seq, v, n)
 }
 
+/// A capture of both directions, at millisecond `ms`: a segment from the client
+/// 192.0.2.10:`port` to the server 192.0.2.1:80, or (`from_server`) the other way, with
+/// `flags` ("A" for ACK, "R" for RST) and `ack`.
+fn two_way(
+    ms: u32,
+    port: u16,
+    from_server: bool,
+    seq: u32,
+    flags: &str,
+    ack: u32,
+    payload: &[u8],
+) -> Pkt {
+    let (src, dst, sport, dport) = if from_server {
+        ([192, 0, 2, 1], SRC4, 80, port)
+    } else {
+        (SRC4, [192, 0, 2, 1], port, 80)
+    };
+    let mut b = PacketBuilder::ethernet2([1; 6], [2; 6])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, seq, 1024);
+    if flags.contains('A') {
+        b = b.ack(ack);
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    let n = v.len() as u32;
+    (1_700_000_000 + ms / 1000, (ms % 1000) * 1000, v, n)
+}
+
+#[test]
+fn in_a_capture_of_both_directions_only_what_the_server_acknowledged_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let lookup = b"GET /api/v1/accounts/7/balance HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let transfer = b"POST /api/v1/transferFunds HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let end1 = 100 + lookup.len() as u32;
+    let end2 = end1 + transfer.len() as u32;
+    let pkts = [
+        // The first request comes before the capture has shown the server's side: it passes.
+        two_way(0, 40000, false, 100, "A", 1, lookup),
+        // The server acknowledges it: from here on requests wait for their acknowledgement.
+        two_way(30, 40000, true, 1, "A", end1, b""),
+        // A transfer on a connection that does not exist (a forged source): the server
+        // answers with a reset, which acknowledges nothing.
+        two_way(1000, 40001, false, 5000, "A", 1, transfer),
+        two_way(
+            1001,
+            40001,
+            true,
+            0,
+            "RA",
+            5000 + transfer.len() as u32,
+            b"",
+        ),
+        // The real transfer, and the server's acknowledgement 40 ms later (delayed ACK).
+        two_way(2000, 40000, false, end1, "A", 1, transfer),
+        two_way(2040, 40000, true, 1, "A", end2, b""),
+        // A request the server never acknowledges before the capture ends.
+        two_way(4500, 40002, false, 9, "A", 1, lookup),
+    ];
+    let path = write(&dir, "both.pcap", &pcap_file(1, &pkts));
+    let (records, s) = replay(std::slice::from_ref(&path), &ReplayOptions::default());
+    assert_eq!(
+        paths_of(&records),
+        ["/api/v1/accounts/7/balance", "/api/v1/transferFunds"]
+    );
+    assert!(records.iter().all(|r| r.client == IpAddr::from(SRC4)));
+    // Stamped with its own packet's time, not the acknowledgement's.
+    assert_eq!(
+        records[1].ts_ns,
+        1_700_000_002 * 1_000_000_000,
+        "the transfer keeps its capture time"
+    );
+    assert_eq!(
+        s.acks,
+        ReplayAcks {
+            files_waited: 1,
+            acknowledged: 1,
+            unacknowledged: 2,
+            ..ReplayAcks::default()
+        }
+    );
+    // With the wait off (`wait_for_acks = false`), every request counts.
+    let opts = ReplayOptions {
+        wait_for_acks: false,
+        ..ReplayOptions::default()
+    };
+    let (records, s) = replay(&[path], &opts);
+    assert_eq!(records.len(), 4);
+    assert_eq!(s.acks, ReplayAcks::default());
+}
+
 #[test]
 fn a_request_split_over_segments_is_followed_and_joined_as_the_daemon_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -825,8 +919,14 @@ fn random_and_mutated_captures_never_panic() {
             }
         };
         let input: input::Input = std::io::BufReader::new(Box::new(std::io::Cursor::new(bytes)));
-        let mut src =
-            pcap::PcapSource::new(input, 0, HttpConfig::default(), vec!["cookie".into()], 512);
+        let mut src = pcap::PcapSource::new(
+            input,
+            0,
+            HttpConfig::default(),
+            vec!["cookie".into()],
+            512,
+            true,
+        );
         for _ in 0..10_000 {
             match src.next_event() {
                 pcap::Event::End => break,
