@@ -10,6 +10,7 @@ pub mod hostile;
 pub mod http_server;
 pub mod netns;
 pub mod packet;
+pub mod recorder;
 
 pub use daemon::Daemon;
 pub use http_server::HttpServer;
