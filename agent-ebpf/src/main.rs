@@ -500,7 +500,10 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         // answers those with SYN-ACKs and resets only). This is a real acknowledgement all the
         // same, so it is watched from here on and reported once: requests captured on the
         // connection are not left to time out in userspace because the entry was lost.
-        let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), 0);
+        // NOEXIST: an entry the XDP program created meanwhile (capturing on another CPU)
+        // holds a `wait_for` this one must not overwrite.
+        let flags = u64::from(BPF_NOEXIST);
+        let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), flags);
         report_ack(&seg);
         return Ok(());
     };

@@ -89,7 +89,7 @@ pub(crate) struct PcapSource {
 /// request: before that (or in a capture of one direction only, which never shows one),
 /// requests pass as they are. A request still waiting when the capture ends is dropped, as
 /// the daemon drops one its wait ran out on.
-pub(crate) struct Acks {
+struct Acks {
     /// `wait_for_acks` in the configuration.
     allowed: bool,
     gate: AckGate,
@@ -103,7 +103,7 @@ pub(crate) struct Acks {
 const MAX_SERVERS: usize = 4_096;
 
 impl Acks {
-    pub(crate) fn new(allowed: bool) -> Self {
+    fn new(allowed: bool) -> Self {
         Acks {
             allowed,
             gate: AckGate::new(false),
@@ -113,11 +113,11 @@ impl Acks {
     }
 
     /// Whether requests wait for acknowledgements (the capture showed a server's segment).
-    pub(crate) fn waiting_for_acks(&self) -> bool {
+    fn waiting_for_acks(&self) -> bool {
         self.gate.enabled()
     }
 
-    pub(crate) fn counters(&self) -> AckCounters {
+    fn counters(&self) -> AckCounters {
         self.gate.counters()
     }
 
@@ -158,14 +158,11 @@ impl Acks {
 
     /// A captured request record: handed on at once, or held for its acknowledgement.
     fn request(&mut self, rec: CapturedRequest) -> Vec<CapturedRequest> {
-        if self.allowed && self.servers.len() < MAX_SERVERS {
+        if self.allowed && !self.gate.enabled() && self.servers.len() < MAX_SERVERS {
             self.servers.insert(rec.server);
         }
-        if self.gate.enabled() {
-            self.gate.push(rec)
-        } else {
-            vec![rec]
-        }
+        // Off, the gate hands the record straight back.
+        self.gate.push(rec)
     }
 
     /// The capture ended: whatever still waits was never acknowledged in it.
