@@ -46,6 +46,11 @@ const REMEMBER_NS: u64 = 120_000_000_000;
 /// to crowd real ones out must then outpace `MAX_WAITING` records per delayed-ACK time
 /// (about 330,000 a second at 200 ms), where refusing new records gave up at 33,000 a second.
 pub const MAX_WAITING: usize = 65_536;
+/// Records waiting on one connection at once; beyond it the connection's oldest goes (counted
+/// `overflow`). A real client has a few requests (and pieces of them) in flight before the
+/// server's acknowledgement; a flood forged on one connection's addresses and ports would
+/// otherwise make every record's search of the connection's queue as long as the flood.
+pub const MAX_PER_CONNECTION: usize = 256;
 /// Connections whose last acknowledgement is remembered at once (as many as the kernel's
 /// `ACKS` map holds). Only connections the server acknowledged get in, so spoofed traffic
 /// cannot fill it; past it, a new connection's acknowledgements are not remembered (the XDP
@@ -218,10 +223,17 @@ impl AckGate {
         if self.by_arrival.len() >= MAX_WAITING {
             self.drop_longest_waiting();
         }
+        let queue = self.waiting.entry(key).or_default();
+        if queue.len() >= MAX_PER_CONNECTION
+            && let Some(oldest) = queue.pop_front()
+        {
+            self.by_arrival.remove(&oldest.id);
+            self.counters.overflow += 1;
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.by_arrival.insert(id, key);
-        self.waiting.entry(key).or_default().push_back(Waiting {
+        queue.push_back(Waiting {
             id,
             deadline: now.saturating_add(ACK_WAIT_NS),
             rec,
@@ -432,6 +444,22 @@ mod tests {
         assert_eq!(out[0].data, GET);
         assert_eq!(g.counters().overflow, 1001);
         assert_eq!(g.waiting(), MAX_WAITING - 1);
+    }
+
+    #[test]
+    fn a_flood_on_one_connection_keeps_its_queue_short() {
+        let mut g = AckGate::new(true);
+        for i in 0..100_000u32 {
+            // Forged on one connection's addresses and ports, each at new bytes.
+            g.push(rec(7, 1_000 + i * 100, POST, 0, T0));
+        }
+        assert_eq!(g.waiting(), MAX_PER_CONNECTION);
+        assert_eq!(g.counters().overflow, 100_000 - MAX_PER_CONNECTION as u64);
+        // The connection's newest records are the ones kept.
+        let last = 1_000 + 99_999 * 100;
+        let out = g.push(ack(7, last + POST.len() as u32, T0 + 1));
+        assert_eq!(out.len(), MAX_PER_CONNECTION);
+        assert_eq!(out.last().unwrap().seq, last);
     }
 
     #[test]
