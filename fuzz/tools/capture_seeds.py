@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the capture seeds of the `pcap` fuzz target (fuzz/seeds/pcap/): a few real-shaped
 packets (Ethernet, 802.1Q, IPv4, IPv6, TCP with correct checksums) carrying HTTP requests,
-an ACK, a UDP datagram and a packet cut by the snaplen, as pcap, pcapng and Linux SLL.
+an ACK, a UDP datagram and a packet cut by the snaplen, as pcap, pcapng and Linux SLL; and a
+capture of both directions whose server acknowledges one request and resets a forged one.
 No capture tools needed; run from anywhere: python3 fuzz/tools/capture_seeds.py"""
 import os
 import struct
@@ -18,8 +19,8 @@ def csum(data):
     return (~s) & 0xFFFF
 
 
-def tcp(src, dst, sport, dport, payload, pseudo, flags=0x18):
-    hdr = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, flags, 1024, 0, 0)
+def tcp(src, dst, sport, dport, payload, pseudo, flags=0x18, seq=1, ack=1):
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 1024, 0, 0)
     c = csum(pseudo(len(hdr) + len(payload)) + hdr + payload)
     return hdr[:16] + struct.pack("!H", c) + hdr[18:] + payload
 
@@ -29,9 +30,9 @@ def ipv4(src, dst, proto, l4):
     return hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:] + l4
 
 
-def v4_tcp(src, dst, sport, dport, payload, flags=0x18):
+def v4_tcp(src, dst, sport, dport, payload, flags=0x18, seq=1, ack=1):
     pseudo = lambda n: src + dst + struct.pack("!BBH", 0, 6, n)
-    return ipv4(src, dst, 6, tcp(src, dst, sport, dport, payload, pseudo, flags))
+    return ipv4(src, dst, 6, tcp(src, dst, sport, dport, payload, pseudo, flags, seq, ack))
 
 
 def v6_tcp(src, dst, sport, dport, payload):
@@ -113,3 +114,15 @@ write("ethernet.pcapng", pcapng(PACKETS[:4]))
 # Linux "any" captures: the same IP packets behind an SLL header.
 write("linux-sll.pcap", pcap(113, [(s, us, sll(0x0800, v4_tcp(C4, S4, 40000, 80, LOGIN)), None)
                                    for s, us, _, _ in PACKETS[:2]]))
+# Both directions: the server's handshake and acknowledgements let requests wait for them.
+E1 = 1001 + len(LOGIN)
+E2 = E1 + len(POST)
+write("two-way.pcap", pcap(1, [
+    (1714564800, 0, eth(0x0800, v4_tcp(S4, C4, 80, 40000, b"", 0x12, 5000, 1001)), None),
+    (1714564800, 100, eth(0x0800, v4_tcp(C4, S4, 40000, 80, LOGIN, 0x18, 1001, 5001)), None),
+    (1714564800, 300, eth(0x0800, v4_tcp(S4, C4, 80, 40000, b"", 0x10, 5001, E1)), None),
+    (1714564801, 0, eth(0x0800, v4_tcp(C4, S4, 40009, 80, POST, 0x18, 77, 1)), None),
+    (1714564801, 50, eth(0x0800, v4_tcp(S4, C4, 80, 40009, b"", 0x14, 0, 77 + len(POST))), None),
+    (1714564802, 0, eth(0x0800, v4_tcp(C4, S4, 40000, 80, POST, 0x18, E1, 5001)), None),
+    (1714564802, 40000, eth(0x0800, v4_tcp(S4, C4, 80, 40000, b"", 0x10, 5001, E2)), None),
+]))
