@@ -85,16 +85,18 @@ pub(crate) struct PcapSource {
 /// TCP stack acknowledged it (a forged source address, a bad checksum, bytes outside the
 /// window: the XDP program sees them, the server never reads them). A capture taken on the
 /// server holds the same evidence, the server's own segments, so replay waits the same way,
-/// from the moment the capture shows a segment sent from an address and port that received a
-/// request: before that (or in a capture of one direction only, which never shows one),
-/// requests pass as they are. A request still waiting when the capture ends is dropped, as
-/// the daemon drops one its wait ran out on.
+/// from the moment the capture shows a segment sent from an address and port that receives
+/// requests (its SYN-ACK, usually, before the first request): before that (or in a capture of
+/// one direction only, which never shows one), requests pass as they are. A request still
+/// waiting when the capture ends is dropped, as the daemon drops one its wait ran out on.
 struct Acks {
     /// `wait_for_acks` in the configuration.
     allowed: bool,
     gate: AckGate,
     /// Addresses and ports that received requests, at most [`MAX_SERVERS`].
     servers: std::collections::HashSet<SocketAddr>,
+    /// Addresses and ports that accepted connections (sent a SYN-ACK), at most [`MAX_SERVERS`].
+    accepting: std::collections::HashSet<SocketAddr>,
     /// Capture time of the next expiry pass over the waiting records.
     next_expire_ns: u64,
 }
@@ -108,6 +110,7 @@ impl Acks {
             allowed,
             gate: AckGate::new(false),
             servers: Default::default(),
+            accepting: Default::default(),
             next_expire_ns: 0,
         }
     }
@@ -126,14 +129,19 @@ impl Acks {
     fn segment(
         &mut self,
         flow: (SocketAddr, SocketAddr),
+        syn: bool,
         ack: Option<u32>,
         ts_ns: u64,
     ) -> Vec<CapturedRequest> {
         if !self.allowed {
             return Vec::new();
         }
-        if !self.gate.enabled() && self.servers.contains(&flow.0) {
-            self.gate = AckGate::new(true);
+        if !self.gate.enabled() {
+            if self.servers.contains(&flow.0) {
+                self.gate = AckGate::new(true);
+            } else if syn && ack.is_some() && self.accepting.len() < MAX_SERVERS {
+                self.accepting.insert(flow.0);
+            }
         }
         if !self.gate.enabled() {
             return Vec::new();
@@ -158,8 +166,12 @@ impl Acks {
 
     /// A captured request record: handed on at once, or held for its acknowledgement.
     fn request(&mut self, rec: CapturedRequest) -> Vec<CapturedRequest> {
-        if self.allowed && !self.gate.enabled() && self.servers.len() < MAX_SERVERS {
-            self.servers.insert(rec.server);
+        if self.allowed && !self.gate.enabled() {
+            if self.accepting.contains(&rec.server) {
+                self.gate = AckGate::new(true);
+            } else if self.servers.len() < MAX_SERVERS {
+                self.servers.insert(rec.server);
+            }
         }
         // Off, the gate hands the record straight back.
         self.gate.push(rec)
@@ -588,7 +600,7 @@ fn packet(
     // As the server's segment: the requests it acknowledges. Resets acknowledge nothing the
     // stack kept (it answers segments of no connection with them), as live.
     let ack = (tcp.ack() && !tcp.rst()).then(|| tcp.acknowledgment_number());
-    let mut arrived = ctx.acks.segment(flow, ack, ts_ns);
+    let mut arrived = ctx.acks.segment(flow, tcp.syn(), ack, ts_ns);
     // As the client's: a request (or a piece of one) to capture, or nothing of interest.
     let own = match request_record(tcp.payload(), flow, tcp.sequence_number(), ts_ns, cut, ctx) {
         Err(kind) if arrived.is_empty() => return Event::Ignored(kind),

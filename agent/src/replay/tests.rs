@@ -533,7 +533,7 @@ fn segment(port: u16, seq: u32, payload: &[u8]) -> Pkt {
 
 /// A capture of both directions, at millisecond `ms`: a segment from the client
 /// 192.0.2.10:`port` to the server 192.0.2.1:80, or (`from_server`) the other way, with
-/// `flags` ("A" for ACK, "R" for RST) and `ack`.
+/// `flags` ("S" for SYN, "A" for ACK, "R" for RST) and `ack`.
 fn two_way(
     ms: u32,
     port: u16,
@@ -551,6 +551,9 @@ fn two_way(
     let mut b = PacketBuilder::ethernet2([1; 6], [2; 6])
         .ipv4(src, dst, 64)
         .tcp(sport, dport, seq, 1024);
+    if flags.contains('S') {
+        b = b.syn();
+    }
     if flags.contains('A') {
         b = b.ack(ack);
     }
@@ -571,9 +574,9 @@ fn in_a_capture_of_both_directions_only_what_the_server_acknowledged_counts() {
     let end1 = 100 + lookup.len() as u32;
     let end2 = end1 + transfer.len() as u32;
     let pkts = [
-        // The first request comes before the capture has shown the server's side: it passes.
-        two_way(0, 40000, false, 100, "A", 1, lookup),
-        // The server acknowledges it: from here on requests wait for their acknowledgement.
+        // The server accepts the connection: requests to it wait for its acknowledgement.
+        two_way(0, 40000, true, 0, "SA", 100, b""),
+        two_way(1, 40000, false, 100, "A", 1, lookup),
         two_way(30, 40000, true, 1, "A", end1, b""),
         // A transfer on a connection that does not exist (a forged source): the server
         // answers with a reset, which acknowledges nothing.
@@ -610,7 +613,7 @@ fn in_a_capture_of_both_directions_only_what_the_server_acknowledged_counts() {
         s.acks,
         ReplayAcks {
             files_waited: 1,
-            acknowledged: 1,
+            acknowledged: 2,
             unacknowledged: 2,
             ..ReplayAcks::default()
         }
@@ -620,9 +623,15 @@ fn in_a_capture_of_both_directions_only_what_the_server_acknowledged_counts() {
         wait_for_acks: false,
         ..ReplayOptions::default()
     };
-    let (records, s) = replay(&[path], &opts);
+    let (records, s) = replay(std::slice::from_ref(&path), &opts);
     assert_eq!(records.len(), 4);
     assert_eq!(s.acks, ReplayAcks::default());
+    // Without the handshake in the capture, the first request passes: nothing has shown the
+    // server's side yet. The server's acknowledgement of it starts the wait for the rest.
+    let later = write(&dir, "later.pcap", &pcap_file(1, &pkts[1..]));
+    let (records, s) = replay(&[later], &ReplayOptions::default());
+    assert_eq!(records.len(), 2);
+    assert_eq!((s.acks.acknowledged, s.acks.unacknowledged), (1, 2));
 }
 
 #[test]
