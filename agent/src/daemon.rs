@@ -947,6 +947,10 @@ impl Daemon {
             requests = self.engine.counters().requests,
             skipped = self.engine.counters().skipped,
             engine_overflow = self.reader_overflow.load(Ordering::Relaxed),
+            // Requests never acknowledged, and those pushed out of a full wait: a spoofed
+            // request flood shows here first.
+            unacknowledged = self.acks.counters().unacknowledged,
+            ack_wait_overflow = self.acks.counters().overflow,
             alerts_dropped = self.counters.alerts_dropped,
             sessions = self.engine.sessions().counters().live,
             blocks = self.enforcer.len(),
