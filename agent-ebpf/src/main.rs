@@ -424,7 +424,7 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     let watch = ACKS.get_ptr_mut(&key);
     if let Some(w) = watch {
         // Bytes the server acknowledged already: it drops them, so no request is made of them.
-        if end.wrapping_sub(unsafe { (*w).latest }) as i32 <= 0 {
+        if reaches(unsafe { (*w).latest }, end) {
             return Err(Skip::Stale);
         }
     }
@@ -490,8 +490,16 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         return Ok(());
     }
     if seg.flags & parse::TCP_SYN != 0 {
+        // With TCP Fast Open the SYN carried a request, which the XDP program captured (its
+        // entry waits for it); the SYN-ACK acknowledges it.
+        let fast_open = ACKS.get_ptr(&seg.key).is_some_and(|w| unsafe {
+            reaches(seg.ack, (*w).wait_for) && (*w).reported != (*w).wait_for
+        });
         // The server accepted a connection: from here on its stream position is known.
         let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), 0);
+        if fast_open {
+            report_ack(&seg);
+        }
         return Ok(());
     }
     let Some(w) = ACKS.get_ptr_mut(&seg.key) else {
@@ -511,11 +519,17 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         (*w).latest = seg.ack;
         ((*w).wait_for, (*w).reported)
     };
-    if seg.ack.wrapping_sub(wait_for) as i32 >= 0 && (reported.wrapping_sub(wait_for) as i32) < 0 {
+    if reaches(seg.ack, wait_for) && !reaches(reported, wait_for) {
         unsafe { (*w).reported = seg.ack };
         report_ack(&seg);
     }
     Ok(())
+}
+
+/// `a` is at or past `b` in sequence space (which wraps).
+#[inline(always)]
+fn reaches(a: u32, b: u32) -> bool {
+    a.wrapping_sub(b) as i32 >= 0
 }
 
 /// An `ACK_RECORD`: a header with no payload, client side first as in request records.

@@ -527,6 +527,25 @@ fn an_acknowledgement_on_a_connection_the_table_lost_is_still_reported() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
+fn a_request_in_a_fast_open_syn_is_acknowledged_by_the_syn_ack() {
+    let mut h = Harness::new();
+    // TCP Fast Open: the client's SYN (sequence 1000) carries the request, whose bytes start
+    // at 1001; the server's SYN-ACK acknowledges them all.
+    let req = get("/fast");
+    let mut syn = segment(1_000, &req);
+    syn.tcp_flags = 0x02;
+    h.run(&syn)
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    let end = 1_001 + req.len() as u32;
+    assert_egress(&h.run_egress(&server_segment(TCP_SYN_ACK, end)), Some(end));
+    // An ordinary SYN-ACK reports nothing: no request came with its SYN.
+    let mut other = server_segment(TCP_SYN_ACK, 1);
+    other.dport = 40_001;
+    assert!(h.run_egress(&other).events.is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn ipv6_acknowledgements_are_reported() {
     let mut h = Harness::new();
     let req = get("/v6");
