@@ -113,6 +113,12 @@ pub struct FollowState {
 pub const ACK_RECORD: u8 = u8::MAX;
 const _: () = assert!(FOLLOW_MAX_PIECES < ACK_RECORD);
 
+/// `a` is at or past `b` in TCP sequence space, which wraps: up to 2^31 ahead counts as past.
+#[inline(always)]
+pub const fn seq_reaches(a: u32, b: u32) -> bool {
+    a.wrapping_sub(b) as i32 >= 0
+}
+
 /// Connections whose acknowledgements are watched at once (`ACKS`); beyond it, the least
 /// recently used one is forgotten. The egress program reports the next acknowledgement the
 /// server sends on a connection it does not hold (and holds it again), so a forgotten entry

@@ -19,7 +19,7 @@ use agent_common::{
     EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6,
     FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, FlowKey,
     FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS, RING_WAKEUP_EVERY_NS,
-    RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4, exact_bucket_v6, prefix_v4, prefix_v6,
+    RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4, exact_bucket_v6, prefix_v4, prefix_v6, seq_reaches,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, xdp_action},
@@ -424,7 +424,7 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     let watch = ACKS.get_ptr_mut(&key);
     if let Some(w) = watch {
         // Bytes the server acknowledged already: it drops them, so no request is made of them.
-        if reaches(unsafe { (*w).latest }, end) {
+        if seq_reaches(unsafe { (*w).latest }, end) {
             return Err(Skip::Stale);
         }
     }
@@ -493,7 +493,7 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         // With TCP Fast Open the SYN carried a request, which the XDP program captured (its
         // entry waits for it); the SYN-ACK acknowledges it.
         let fast_open = ACKS.get_ptr(&seg.key).is_some_and(|w| unsafe {
-            reaches(seg.ack, (*w).wait_for) && (*w).reported != (*w).wait_for
+            seq_reaches(seg.ack, (*w).wait_for) && (*w).reported != (*w).wait_for
         });
         // The server accepted a connection: from here on its stream position is known.
         let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), 0);
@@ -519,17 +519,11 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         (*w).latest = seg.ack;
         ((*w).wait_for, (*w).reported)
     };
-    if reaches(seg.ack, wait_for) && !reaches(reported, wait_for) {
+    if seq_reaches(seg.ack, wait_for) && !seq_reaches(reported, wait_for) {
         unsafe { (*w).reported = seg.ack };
         report_ack(&seg);
     }
     Ok(())
-}
-
-/// `a` is at or past `b` in sequence space (which wraps).
-#[inline(always)]
-fn reaches(a: u32, b: u32) -> bool {
-    a.wrapping_sub(b) as i32 >= 0
 }
 
 /// An `ACK_RECORD`: a header with no payload, client side first as in request records.

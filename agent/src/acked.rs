@@ -31,6 +31,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 
+use agent_common::seq_reaches;
 use serde::Serialize;
 
 use crate::capture::CapturedRequest;
@@ -101,11 +102,6 @@ pub struct AckGate {
     counters: AckCounters,
 }
 
-/// `a` is at or past `b` in sequence space.
-fn reaches(a: u32, b: u32) -> bool {
-    a.wrapping_sub(b) as i32 >= 0
-}
-
 /// Sequence number just past a record's bytes.
 fn end_of(r: &CapturedRequest) -> u32 {
     r.seq.wrapping_add(r.data.len() as u32)
@@ -158,7 +154,7 @@ impl AckGate {
         match self.acked.get_mut(&key) {
             Some(a) => {
                 a.seen_ns = a.seen_ns.max(now);
-                if reaches(ack.seq, a.ack) {
+                if seq_reaches(ack.seq, a.ack) {
                     a.ack = ack.seq;
                 }
             }
@@ -181,7 +177,7 @@ impl AckGate {
         let mut out = Vec::new();
         let mut kept = VecDeque::with_capacity(queue.len());
         for w in queue.drain(..) {
-            if reaches(ack.seq, end_of(&w.rec)) {
+            if seq_reaches(ack.seq, end_of(&w.rec)) {
                 self.by_arrival.remove(&w.id);
                 out.push(w.rec);
             } else {
@@ -204,7 +200,7 @@ impl AckGate {
         // was there; it is not read from the start of this one).
         if let Some(a) = self.acked.get_mut(&key) {
             a.seen_ns = a.seen_ns.max(now);
-            if !reaches(rec.seq, a.ack) {
+            if !seq_reaches(rec.seq, a.ack) {
                 self.counters.stale += 1;
                 return;
             }
