@@ -117,6 +117,17 @@ fn paced(
     }
 }
 
+/// One GET on a connection of its own (`Connection: close`): whether the server answered 200.
+fn served(target: SocketAddr, path: &str) -> bool {
+    let mut s = TcpStream::connect(target).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.1 200")
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -415,21 +426,9 @@ fn half_sent_and_dripped_requests_leave_the_daemon_unaffected() {
                     })
                 })
                 .collect();
-            let mut ok = 0;
-            for i in 0..NORMAL {
-                let mut s = TcpStream::connect(target).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                s.write_all(
-                    format!(
-                        "GET /api/v1/items/{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-                    )
-                    .as_bytes(),
-                )
-                .unwrap();
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                ok += usize::from(buf.starts_with("HTTP/1.1 200"));
-            }
+            let ok = (0..NORMAL)
+                .filter(|i| served(target, &format!("/api/v1/items/{i}")))
+                .count();
             held.extend(drips.into_iter().map(|d| d.join().unwrap()));
             (ok, held)
         })
@@ -586,22 +585,9 @@ fn a_flood_of_spoofed_requests_does_not_crowd_out_real_ones() {
     std::thread::sleep(Duration::from_millis(1_800));
     let served = net
         .run_in_ns(move || {
-            let mut ok = 0;
-            for i in 0..REAL {
-                let mut s = TcpStream::connect(target).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                s.write_all(
-                    format!(
-                        "GET /api/v1/accounts/{i}/balance HTTP/1.1\r\nHost: bank.test\r\nConnection: close\r\n\r\n"
-                    )
-                    .as_bytes(),
-                )
-                .unwrap();
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                ok += usize::from(buf.starts_with("HTTP/1.1 200"));
-            }
-            ok
+            (0..REAL)
+                .filter(|i| served(target, &format!("/api/v1/accounts/{i}/balance")))
+                .count()
         })
         .unwrap();
     let (sent, took) = flood.join().unwrap();

@@ -413,19 +413,30 @@ fn server_segment(flags: u8, ack: u32) -> Packet {
     p
 }
 
+/// The one acknowledgement record an egress segment produced; the segment passed untouched
+/// and moved no counter.
+fn ack_record(o: &Outcome) -> CapturedRequest {
+    assert_eq!(o.verdict, TC_ACT_OK);
+    o.assert_counters(&[]);
+    let hdr = o.header();
+    assert_eq!(hdr.piece, agent_common::ACK_RECORD);
+    assert_eq!((hdr.payload_len, hdr.captured_len), (0, 0));
+    let rec = CapturedRequest::decode(&o.events[0], 0).unwrap();
+    assert!(rec.is_ack());
+    rec
+}
+
 /// Asserts the outcome of an egress segment: passed untouched, no counter moved, and either
 /// nothing reported or one acknowledgement record for the client 10.9.0.2:40000 at `ack`.
 fn assert_egress(o: &Outcome, reported: Option<u32>) {
-    assert_eq!(o.verdict, TC_ACT_OK);
-    o.assert_counters(&[]);
     match reported {
-        None => assert!(o.events.is_empty(), "nothing reported"),
+        None => {
+            assert_eq!(o.verdict, TC_ACT_OK);
+            o.assert_counters(&[]);
+            assert!(o.events.is_empty(), "nothing reported");
+        }
         Some(ack) => {
-            let hdr = o.header();
-            assert_eq!(hdr.piece, agent_common::ACK_RECORD);
-            assert_eq!((hdr.payload_len, hdr.captured_len), (0, 0));
-            let rec = CapturedRequest::decode(&o.events[0], 0).unwrap();
-            assert!(rec.is_ack());
+            let rec = ack_record(o);
             assert_eq!(rec.client.to_string(), "10.9.0.2:40000");
             assert_eq!(rec.server.to_string(), "10.9.0.1:8080");
             assert_eq!(rec.seq, ack);
@@ -500,16 +511,13 @@ fn an_acknowledgement_on_a_connection_the_table_lost_is_still_reported() {
     // server address, is another connection), then watched as usual.
     let mut other_port = server_segment(TCP_ACK, 500);
     other_port.dport = 40_001;
-    let o = h.run_egress(&other_port);
-    assert_eq!(o.verdict, TC_ACT_OK);
-    let rec = CapturedRequest::decode(&o.events[0], 0).unwrap();
-    assert!(rec.is_ack());
+    let rec = ack_record(&h.run_egress(&other_port));
     assert_eq!(rec.client.to_string(), "10.9.0.2:40001");
     assert_eq!(rec.seq, 500);
     assert!(h.run_egress(&other_port).events.is_empty(), "reported once");
     let mut other_server = server_segment(TCP_ACK, 700);
     other_server.src = "10.9.0.3".parse().unwrap();
-    let rec = CapturedRequest::decode(&h.run_egress(&other_server).events[0], 0).unwrap();
+    let rec = ack_record(&h.run_egress(&other_server));
     assert_eq!(rec.server.to_string(), "10.9.0.3:8080");
     // Watched from there on: a request on the first connection is reported when acknowledged.
     let req = get("/later");
@@ -521,7 +529,7 @@ fn an_acknowledgement_on_a_connection_the_table_lost_is_still_reported() {
     other_port.ack = end - 1;
     assert!(h.run_egress(&other_port).events.is_empty());
     other_port.ack = end;
-    let rec = CapturedRequest::decode(&h.run_egress(&other_port).events[0], 0).unwrap();
+    let rec = ack_record(&h.run_egress(&other_port));
     assert_eq!((rec.client.port(), rec.seq), (40_001, end));
 }
 
@@ -561,10 +569,7 @@ fn ipv6_acknowledgements_are_reported() {
     assert_eq!(o.verdict, TC_ACT_OK);
     assert!(o.events.is_empty());
     ack.ack = end;
-    let o = h.run_egress(&ack);
-    assert_eq!(o.verdict, TC_ACT_OK);
-    let rec = CapturedRequest::decode(&o.events[0], 0).unwrap();
-    assert!(rec.is_ack());
+    let rec = ack_record(&h.run_egress(&ack));
     assert_eq!(rec.client.to_string(), "[fd00:9::2]:40000");
     assert_eq!(rec.seq, end);
 }
