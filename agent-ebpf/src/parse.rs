@@ -114,8 +114,11 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Skip> {
 
 /// A read past `data_end` failed: the packet is either short (malformed) or continues in
 /// fragments the linear area does not hold (non-linear).
-#[cold]
-#[inline(never)]
+///
+/// Inlined like everything else: as a function of its own (once `#[cold]`, out of line) the
+/// verifier walked it again from each of its twenty call sites, each time with the caller's
+/// state, and it cost most of the verifier's work on the program.
+#[inline(always)]
 pub fn out_of_reach(ctx: &XdpContext) -> Skip {
     let total = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
     if total > ctx.data_end() - ctx.data() {

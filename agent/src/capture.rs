@@ -494,6 +494,16 @@ impl Datapath {
         Ok(info.id())
     }
 
+    /// Instructions the kernel's verifier walked to accept the capturing program (None on
+    /// kernels before 5.16, which do not say). Its budget is 1,000,000: the empty-line scan
+    /// and the following make this the number to watch when the program grows.
+    pub fn verified_instructions(&mut self) -> Result<Option<u32>, CaptureError> {
+        let info = program(&mut self.ebpf, PROGRAM)?
+            .info()
+            .map_err(|e| CaptureError::Load(chain(&e)))?;
+        Ok(info.verified_instruction_count())
+    }
+
     /// Forgets the attachment to `iface` (after the interface vanished or lost the program),
     /// releasing its link. Errors are expected here (the interface may be gone) and only logged.
     pub fn detach(&mut self, iface: &str) {

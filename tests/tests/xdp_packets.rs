@@ -1247,3 +1247,16 @@ fn only_requests_to_the_configured_ports_are_captured() {
     h.dp.set_ports(&[]).unwrap();
     assert_eq!(h.run(&to(8080)).events.len(), 1);
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_program_verifies_with_half_the_verifiers_budget_to_spare() {
+    let mut h = Harness::new();
+    // The verifier walks every path of the program; past 1,000,000 instructions it refuses
+    // it. Changes that bring it near (a second copy of the empty-line scan did) fail here,
+    // on each kernel the tests run on, before they fail on a user's.
+    if let Some(n) = h.dp.verified_instructions().unwrap() {
+        eprintln!("the XDP program verified in {n} instructions");
+        assert!(n < 500_000, "{n} instructions verified");
+    }
+}
