@@ -141,23 +141,48 @@ pub const ACK_FLOWS: u32 = 65_536;
 pub struct AckWatch {
     /// Sequence number just past the newest captured bytes of the connection (host order).
     pub wait_for: u32,
-    /// The newest acknowledgement number the server sent (host order).
+    /// The newest acknowledgement number the server sent (host order); for a connection
+    /// first seen at a captured request, where that request starts until the server sends one.
     pub latest: u32,
     /// The acknowledgement number last reported; reported again once `wait_for` passes it.
     pub reported: u32,
-    pub _pad: u32,
+    /// 1 once `latest` is an acknowledgement the server sent: only then does it tell which
+    /// bytes the server has.
+    pub from_server: u32,
 }
 
 impl AckWatch {
     /// A connection whose stream the server has acknowledged up to `acked`, waiting for
     /// `wait_for` (equal to `acked` when nothing is waited for yet).
     #[inline(always)]
-    pub const fn new(wait_for: u32, acked: u32) -> Self {
+    pub const fn acknowledged(wait_for: u32, acked: u32) -> Self {
         AckWatch {
             wait_for,
             latest: acked,
             reported: acked,
-            _pad: 0,
+            from_server: 1,
+        }
+    }
+
+    /// A connection first seen at a request captured from `seq` to `wait_for`, before any
+    /// acknowledgement of the server's (one older than the programs, or forgotten by them).
+    #[inline(always)]
+    pub const fn unacknowledged(wait_for: u32, seq: u32) -> Self {
+        AckWatch {
+            wait_for,
+            latest: seq,
+            reported: seq,
+            from_server: 0,
+        }
+    }
+
+    /// The server's acknowledgement, if it sent one: what it has of the stream, up to there.
+    #[inline(always)]
+    pub const fn server_has(&self) -> Option<u32> {
+        if self.from_server != 0 {
+            Some(self.latest)
+        } else {
+            None
         }
     }
 }
@@ -406,9 +431,13 @@ pub enum Counter {
     /// Request segments whose bytes the server had already acknowledged (a retransmission
     /// after the acknowledgement, or bytes forged behind the stream): not captured.
     Stale,
+    /// Segments that began among bytes the server had acknowledged and went on past them:
+    /// read from the acknowledged point, where the server reads on (a request there is
+    /// captured from it).
+    Overlapping,
 }
 
-pub const COUNTER_COUNT: u32 = 15;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -427,6 +456,7 @@ impl Counter {
         Counter::Continued,
         Counter::FollowLost,
         Counter::Stale,
+        Counter::Overlapping,
     ];
 
     /// Stable snake_case name, used in logs, `status` and JSON.
@@ -447,6 +477,7 @@ impl Counter {
             Counter::Continued => "continued",
             Counter::FollowLost => "follow_lost",
             Counter::Stale => "stale",
+            Counter::Overlapping => "overlapping",
         }
     }
 }

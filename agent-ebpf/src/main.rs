@@ -369,6 +369,8 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     // skip (RFC 9112 §2.2). Worked out here, not in a function of its own: the verifier allows
     // 8 nested calls, and the following below already reaches them.
     let mut skipped = 0;
+    let mut key = FlowKey::default();
+    parse::flow_key(ctx, h, &mut key)?;
     if !parse::is_http_method(head) {
         if parse::is_http2_preface(head) {
             return Err(Skip::Http2);
@@ -376,7 +378,7 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         // The next segment of a followed header is a piece of it, whatever it starts with
         // (`T` of `GET` dripped byte by byte is not a TRACE); otherwise a few bytes that
         // begin a method token start a request the next segment completes.
-        if continuation(ctx, h)? {
+        if continuation(ctx, h, &key)? {
             return Ok(());
         }
         if matches!(head as u8, b'\r' | b'\n') {
@@ -396,7 +398,8 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         }
         let len = h.payload_len - skipped;
         if !parse::is_http_method(head) && (len >= 8 || !parse::is_method_prefix(head, len)) {
-            return Err(Skip::NotInteresting);
+            // No request starts here; one may where the server reads on (see `overlapping`).
+            return overlapping(ctx, h, &key);
         }
     }
     let h = &h.advanced(skipped);
@@ -419,17 +422,37 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     };
     let seq = parse::tcp_seq(ctx, h)?.wrapping_add(skipped as u32);
     let end = seq.wrapping_add(captured as u32);
-    let mut key = FlowKey::default();
-    parse::flow_key(ctx, h, &mut key)?;
     let watch = ACKS.get_ptr_mut(&key);
-    if let Some(w) = watch {
+    if let Some(a) = watch.and_then(|w| unsafe { (*w).server_has() }) {
         // Bytes the server acknowledged already: it drops them, so no request is made of them.
-        if seq_reaches(unsafe { (*w).latest }, end) {
+        if seq_reaches(a, end) {
             return Err(Skip::Stale);
         }
+        // The request starts among them and the segment goes on past them: the server reads
+        // on from there (see `overlapping`).
+        if !seq_reaches(seq, a) {
+            return overlapping_at(ctx, h, &key, watch, a, seq);
+        }
     }
+    record(ctx, h, captured, limit, seq, &key, watch)
+}
+
+/// Emits a request that starts at the payload's start (`seq`, `captured` bytes of it), asks
+/// for its acknowledgement, and follows its connection when the header goes on past the
+/// segment.
+#[inline(always)]
+fn record(
+    ctx: &XdpContext,
+    h: &Headers,
+    captured: usize,
+    limit: usize,
+    seq: u32,
+    key: &FlowKey,
+    watch: Option<*mut AckWatch>,
+) -> Result<(), Skip> {
+    let end = seq.wrapping_add(captured as u32);
     emit_sized(ctx, h, captured, seq, 0)?;
-    await_ack(watch, &key, seq, end);
+    await_ack(watch, key, seq, end);
     // A start that is the whole segment and does not end the header: follow its connection.
     // A complete one ends any following of the connection's earlier request.
     if captured < limit && !parse::ends_header(ctx, h) {
@@ -441,14 +464,94 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             _pad: 0,
             until_ns: until,
         };
-        let _ = FOLLOW.insert(&key, &state, 0);
+        let _ = FOLLOW.insert(key, &state, 0);
         if let Some(active) = FOLLOWING.get_ptr_mut(0) {
             unsafe { *active = until };
         }
     } else if following() {
-        let _ = FOLLOW.remove(&key);
+        let _ = FOLLOW.remove(key);
     }
     Ok(())
+}
+
+/// Bytes into a segment at most where the server's acknowledged point is looked for (a mask).
+const MAX_OVERLAP: u32 = 0x7fff;
+
+/// A segment that begins among bytes the server acknowledged and goes on past them overlaps
+/// its stream: the stack keeps the bytes it has and takes only the rest, so a request there
+/// starts at the acknowledged point, whatever comes before it in the segment. That is a client
+/// resending its last bytes with a new request behind them (TCP joins them after a lost
+/// acknowledgement), or one prefixing each request with a byte it already sent to go unseen
+/// (`X` + `POST /transferFunds ...` starts no request at its first byte, yet the server reads
+/// the transfer). Only an acknowledgement the server sent tells which bytes it has.
+///
+/// This one is for a payload that starts no request (`h` from its first byte).
+#[inline(always)]
+fn overlapping(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<(), Skip> {
+    let Some(config) = CONFIG.get(0) else {
+        return Err(Skip::NotInteresting);
+    };
+    if config.port_count != 0 && !config.ports.contains(&parse::dest_port_be(ctx, h)?) {
+        return Err(Skip::NotInteresting);
+    }
+    let watch = ACKS.get_ptr_mut(key);
+    let Some(acked) = watch.and_then(|w| unsafe { (*w).server_has() }) else {
+        return Err(Skip::NotInteresting);
+    };
+    let seq = parse::tcp_seq(ctx, h)?;
+    if seq_reaches(seq, acked) {
+        return Err(Skip::NotInteresting);
+    }
+    overlapping_at(ctx, h, key, watch, acked, seq)
+}
+
+/// The request, if one starts there, at `acked` in a payload (`h`) that starts at `seq`,
+/// before it (see [`overlapping`]).
+#[inline(always)]
+fn overlapping_at(
+    ctx: &XdpContext,
+    h: &Headers,
+    key: &FlowKey,
+    watch: Option<*mut AckWatch>,
+    acked: u32,
+    seq: u32,
+) -> Result<(), Skip> {
+    let into = acked.wrapping_sub(seq);
+    // Segments of more than 32 KiB (coalesced by GRO) are not read that far.
+    if into > MAX_OVERLAP || into as usize >= h.payload_len {
+        return Err(Skip::NotInteresting);
+    }
+    bump(Counter::Overlapping);
+    // Masked through black_box, so the verifier knows the bound of the offset it adds to
+    // packet pointers (the compiler would otherwise use `into`, whose bound it checked).
+    let base = (core::hint::black_box(into) & MAX_OVERLAP) as usize;
+    let mut head = 0u64;
+    parse::payload_head(ctx, &h.advanced(base), &mut head)?;
+    // Empty lines there are skipped as at a segment's start, up to 7 bytes of them (one word:
+    // the scan for more is the costliest part of the program to verify, and the budget holds
+    // one copy). Past that the record starts with them, and userspace skips them (servers
+    // do); bytes past the captured length are not seen, as for any request. Offsets, not
+    // copies of `Headers`: moving those around became calls to `memmove`.
+    let blank = parse::blank_prefix(head);
+    let skip = if blank == 8 { 0 } else { blank };
+    if skip != 0 {
+        parse::payload_head(ctx, &h.advanced(base + skip), &mut head)?;
+    }
+    let rest = h.advanced(base + skip);
+    let seq = acked.wrapping_add(skip as u32);
+    let len = rest.payload_len;
+    if blank < 8
+        && !parse::is_http_method(head)
+        && (len >= 8 || !parse::is_method_prefix(head, len))
+    {
+        return Err(Skip::NotInteresting);
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Err(Skip::NotInteresting);
+    };
+    let limit = capture_limit(config);
+    let captured = if len < limit { len } else { limit };
+    record(ctx, &rest, captured, limit, seq, key, watch)
 }
 
 /// Asks the egress program to report when the server acknowledges the captured bytes up to
@@ -460,7 +563,11 @@ fn await_ack(watch: Option<*mut AckWatch>, key: &FlowKey, seq: u32, end: u32) {
         Some(w) => unsafe { (*w).wait_for = end },
         None => {
             // A connection older than the programs: nothing before `seq` is waited for.
-            let _ = ACKS.insert(key, &AckWatch::new(end, seq), u64::from(BPF_NOEXIST));
+            let _ = ACKS.insert(
+                key,
+                &AckWatch::unacknowledged(end, seq),
+                u64::from(BPF_NOEXIST),
+            );
         }
     }
 }
@@ -496,7 +603,7 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
             seq_reaches(seg.ack, (*w).wait_for) && (*w).reported != (*w).wait_for
         });
         // The server accepted a connection: from here on its stream position is known.
-        let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), 0);
+        let _ = ACKS.insert(&seg.key, &AckWatch::acknowledged(seg.ack, seg.ack), 0);
         if fast_open {
             report_ack(&seg);
         }
@@ -511,12 +618,13 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         // NOEXIST: an entry the XDP program created meanwhile (capturing on another CPU)
         // holds a `wait_for` this one must not overwrite.
         let flags = u64::from(BPF_NOEXIST);
-        let _ = ACKS.insert(&seg.key, &AckWatch::new(seg.ack, seg.ack), flags);
+        let _ = ACKS.insert(&seg.key, &AckWatch::acknowledged(seg.ack, seg.ack), flags);
         report_ack(&seg);
         return Ok(());
     };
     let (wait_for, reported) = unsafe {
         (*w).latest = seg.ack;
+        (*w).from_server = 1;
         ((*w).wait_for, (*w).reported)
     };
     if seq_reaches(seg.ack, wait_for) && !seq_reaches(reported, wait_for) {
@@ -571,13 +679,11 @@ fn following() -> bool {
 /// A segment that starts with no method token: if its connection is followed and it is the
 /// next one in sequence, it is captured as the next piece of the request (true).
 #[inline(always)]
-fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
+fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Skip> {
     if !following() {
         return Ok(false);
     }
-    let mut key = FlowKey::default();
-    parse::flow_key(ctx, h, &mut key)?;
-    let Some(state) = FOLLOW.get_ptr_mut(&key) else {
+    let Some(state) = FOLLOW.get_ptr_mut(key) else {
         return Ok(false);
     };
     let seq = parse::tcp_seq(ctx, h)?;
@@ -591,7 +697,7 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
         )
     };
     if now >= until {
-        let _ = FOLLOW.remove(&key);
+        let _ = FOLLOW.remove(key);
         return Ok(false);
     }
     // Signed distance in sequence space: behind is a retransmission of bytes already seen
@@ -602,7 +708,7 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
         return Ok(false);
     }
     if ahead > 0 {
-        let _ = FOLLOW.remove(&key);
+        let _ = FOLLOW.remove(key);
         bump(Counter::FollowLost);
         return Ok(false);
     }
@@ -622,18 +728,18 @@ fn continuation(ctx: &XdpContext, h: &Headers) -> Result<bool, Skip> {
     };
     let pieces = pieces.wrapping_add(1);
     if take == 0 || pieces > FOLLOW_MAX_PIECES {
-        let _ = FOLLOW.remove(&key);
+        let _ = FOLLOW.remove(key);
         return Ok(false);
     }
     emit_sized(ctx, h, take, seq, pieces)?;
     await_ack(
-        ACKS.get_ptr_mut(&key),
-        &key,
+        ACKS.get_ptr_mut(key),
+        key,
         seq,
         seq.wrapping_add(take as u32),
     );
     if take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h) {
-        let _ = FOLLOW.remove(&key);
+        let _ = FOLLOW.remove(key);
     } else {
         unsafe {
             (*state).next_seq = next_seq.wrapping_add(h.payload_len as u32);

@@ -356,7 +356,7 @@ pub fn leading_blank(ctx: &XdpContext, h: &Headers) -> Result<usize, Skip> {
 /// without branches: per byte, "is zero" of `w` XOR the repeated character is its top bit
 /// (exact, no carry crosses bytes); the lowest byte that is neither gives the count.
 #[inline(always)]
-fn blank_prefix(w: u64) -> usize {
+pub fn blank_prefix(w: u64) -> usize {
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     const TOP: u64 = 0x8080_8080_8080_8080;
     let zero_bytes = |x: u64| !(((x & LOW7) + LOW7) | x | LOW7);

@@ -18,9 +18,10 @@
 //! - a record that starts at bytes acknowledged before it came starts among bytes the server
 //!   already had (a retransmission, or bytes forged behind the stream, longer ones too): the
 //!   server did not read a request from there; dropped, counted `stale` (the XDP program
-//!   drops whole copies itself, once it saw the handshake). A retransmission that joins old
-//!   bytes and a new pipelined request in one segment loses that request too: TCP does that
-//!   only after a lost acknowledgement, and the alternative would let forged bytes through;
+//!   drops whole copies itself, and reads a segment that goes on past the acknowledged point
+//!   from there, where the server reads on: a retransmission joining old bytes and a new
+//!   request, or a request hidden behind a byte already sent, is captured at that point and
+//!   never reaches this check);
 //! - a record at the start of one still waiting, with other bytes, means the waiting one was
 //!   not taken (or it would have been acknowledged): it is replaced, counted `superseded`.
 //!   That is a segment with a bad checksum followed by the real one, the classic insertion.

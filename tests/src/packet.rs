@@ -140,3 +140,47 @@ impl Packet {
         t
     }
 }
+
+/// `frame` (IPv4, TCP, no VLAN tag, as [`Packet::build`] makes it) made fit for a real stack:
+/// addressed to the interface with MAC `dst_mac`, IP and TCP checksums filled in. A frame sent
+/// like this on a veth pair reaches the peer's sockets, where the zero-checksum frames of the
+/// XDP tests are dropped after XDP.
+pub fn deliverable(mut frame: Vec<u8>, dst_mac: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&dst_mac);
+    assert_eq!(
+        &frame[12..14],
+        &[0x08, 0x00],
+        "an IPv4 frame without a VLAN tag"
+    );
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let (ip, l4) = (14, 14 + ihl);
+    frame[ip + 10..ip + 12].fill(0);
+    let sum = checksum(&frame[ip..l4], 0);
+    frame[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+    frame[l4 + 16..l4 + 18].fill(0);
+    // The pseudo-header: addresses, protocol, TCP length.
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&frame[ip + 12..ip + 20]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&((frame.len() - l4) as u16).to_be_bytes());
+    let sum = checksum(&frame[l4..], ones_sum(&pseudo));
+    frame[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// The 16-bit ones' complement sum of `bytes` (RFC 1071), not yet folded.
+fn ones_sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+/// The Internet checksum of `bytes`, starting from the partial sum `start`.
+fn checksum(bytes: &[u8], start: u32) -> u16 {
+    let mut sum = start + ones_sum(bytes);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -1,6 +1,12 @@
 //! The daemon as an operator runs it: config file, control socket and CLI, enforcement over
 //! real TCP, SIGHUP reload, state across restarts. Needs root (XDP, namespaces).
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use precedent_tests::{
     Daemon, HttpServer, Packet, TestNet,
@@ -507,6 +513,118 @@ fn a_transfer_behind_empty_lines_is_seen() {
          Authorization: Bearer attacker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
         1,
     );
+}
+
+/// Where a connected socket stands in its two streams: (the sequence number of its next byte
+/// to send, the next it expects), read in TCP repair mode (root), which sends nothing.
+fn stream_position(s: &std::net::TcpStream) -> std::io::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd as _;
+    const TCP_REPAIR: libc::c_int = 19;
+    const TCP_REPAIR_QUEUE: libc::c_int = 20;
+    const TCP_QUEUE_SEQ: libc::c_int = 21;
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+    let fd = s.as_raw_fd();
+    let set = |opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: an int option on a socket we hold.
+        let rc = unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, opt, (&raw const v).cast(), 4) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let seq_of = |queue: libc::c_int| -> std::io::Result<u32> {
+        set(TCP_REPAIR_QUEUE, queue)?;
+        let (mut v, mut len) = (0u32, 4u32);
+        // SAFETY: a 4-byte buffer for a 4-byte option.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                TCP_QUEUE_SEQ,
+                (&raw mut v).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            Ok(v)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(TCP_REPAIR, 1)?;
+    let position = (seq_of(TCP_SEND_QUEUE), seq_of(TCP_RECV_QUEUE));
+    set(TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
+    Ok((position.0?, position.1?))
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_transfer_behind_a_byte_the_server_already_has_is_seen() {
+    let bank = Enforcing::start("dmn10", 30);
+    let target = bank.target;
+    // A client with a TCP stack of its own makes one harmless request on a real connection,
+    // then sends the transfer in a segment that starts one byte early, at a byte the server
+    // has acknowledged. The server's stack keeps its own copy of that byte and reads the
+    // transfer; the segment starts with `X`, no method, so a capture of request starts never
+    // saw it.
+    let (stream, (next_seq, next_ack)) = bank
+        .net
+        .run_in_ns(move || -> std::io::Result<_> {
+            // No TCP timestamps on the connection: the forged segment carries none.
+            std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0")?;
+            let mut s = std::net::TcpStream::connect(target)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(
+                b"GET /api/v1/auth HTTP/1.1\r\nHost: bank.test\r\n\
+                  Authorization: Bearer attacker\r\n\r\n",
+            )?;
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 512];
+            while !reply.ends_with(b"ok") {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                reply.extend_from_slice(&buf[..n]);
+            }
+            let position = stream_position(&s)?;
+            Ok((s, position))
+        })
+        .unwrap()
+        .unwrap();
+    let transfer = "POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+                    Authorization: Bearer attacker\r\nContent-Length: 0\r\n\r\n";
+    let mut p = Packet::tcp(
+        &bank.net.ns_ip.to_string(),
+        &target.ip().to_string(),
+        format!("X{transfer}").as_bytes(),
+    );
+    (p.sport, p.dport) = (stream.local_addr().unwrap().port(), PORT);
+    (p.seq, p.ack) = (next_seq.wrapping_sub(1), next_ack);
+    let mac =
+        std::fs::read_to_string(format!("/sys/class/net/{}/address", bank.net.host_if)).unwrap();
+    let mac: Vec<u8> = mac
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let frame = precedent_tests::packet::deliverable(p.build(), mac.try_into().unwrap());
+    FrameSender::open(&bank.net).unwrap().send(&frame).unwrap();
+    // The server served it, and the daemon saw it: the rule's alert, and a block.
+    assert!(
+        precedent_tests::fixtures::wait_until(Duration::from_secs(10), || bank.server.served()
+            == 2),
+        "the server did not take the transfer: served {}",
+        bank.server.served()
+    );
+    assert_eq!(bank.rule_alert()["operation"], "POST /api/v1/transferFunds");
+    let s = cli(&bank.socket, &["status"]);
+    assert_eq!(s["kernel_counters"]["overlapping"], 1, "{s}");
+    assert_eq!(s["userspace_counters"]["requests"], 2, "{s}");
+    drop(stream);
 }
 
 #[test]

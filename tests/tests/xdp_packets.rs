@@ -476,6 +476,90 @@ fn the_servers_acknowledgement_of_a_captured_request_is_reported_once() {
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end2)), Some(end2));
 }
 
+/// Runs `bytes` at `seq` on the connection and asserts what the program made of it: passed, the
+/// counters `moved` (besides `passed`), and either nothing captured or one request record at
+/// `captured.0` holding exactly `captured.1`.
+fn assert_capture(
+    h: &mut Harness,
+    seq: u32,
+    bytes: &[u8],
+    moved: &[Counter],
+    captured: Option<(u32, &[u8])>,
+) {
+    let o = h.run(&segment(seq, bytes));
+    assert_eq!(o.verdict, XDP_PASS);
+    let mut counters = vec![(Counter::Passed, 1)];
+    counters.extend(moved.iter().map(|&c| (c, 1)));
+    o.assert_counters(&counters);
+    match captured {
+        None => assert!(o.events.is_empty(), "nothing captured"),
+        Some((at, data)) => {
+            assert_eq!(o.header().seq, at);
+            assert_eq!(o.payload(), data);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_request_behind_bytes_the_server_acknowledged_is_read_from_where_the_server_reads() {
+    let mut h = Harness::new();
+    assert_egress(&h.run_egress(&server_segment(TCP_SYN_ACK, 1_000)), None);
+    let first = get("/accounts/7/balance");
+    let end = 1_000 + first.len() as u32;
+    assert_capture(
+        &mut h,
+        1_000,
+        &first,
+        &[Counter::Captured],
+        Some((1_000, &first)),
+    );
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), Some(end));
+    let transfer = b"POST /transferFunds HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\n\r\n";
+    // One byte the server already has, then the transfer: the stack keeps its own copy of
+    // that byte and reads the transfer. Starting with `X`, the segment starts no request;
+    // before, it went uncaptured, and the transfer unseen.
+    let mut evasive = b"X".to_vec();
+    evasive.extend_from_slice(transfer);
+    let overlap = [Counter::Overlapping, Counter::Captured];
+    assert_capture(&mut h, end - 1, &evasive, &overlap, Some((end, transfer)));
+    // Starting with a method token of its own changes nothing: `GET ` is old bytes there.
+    let mut posing = b"GET ".to_vec();
+    posing.extend_from_slice(transfer);
+    assert_capture(&mut h, end - 4, &posing, &overlap, Some((end, transfer)));
+    // A client resending its acknowledged request with the next one behind it (TCP joins
+    // them after a lost acknowledgement): the next one is captured where it starts. Before,
+    // the whole copy was captured from its start and dropped in userspace as stale.
+    let mut joined = first.clone();
+    joined.extend_from_slice(transfer);
+    assert_capture(&mut h, 1_000, &joined, &overlap, Some((end, transfer)));
+    // Empty lines at the acknowledged point are skipped, as at a segment's start.
+    let mut blank = b"X\r\n".to_vec();
+    blank.extend_from_slice(transfer);
+    assert_capture(&mut h, end - 1, &blank, &overlap, Some((end + 2, transfer)));
+    // What the server reads there is no request (a body, say): counted, nothing captured.
+    let body = b"X{\"amount\": 100}";
+    assert_capture(&mut h, end - 1, body, &[Counter::Overlapping], None);
+    // Wholly acknowledged bytes are stale, as before; bytes at or past the acknowledged point
+    // are an ordinary segment.
+    assert_capture(&mut h, 1_000, &first, &[Counter::Stale], None);
+    assert_capture(
+        &mut h,
+        end,
+        transfer,
+        &[Counter::Captured],
+        Some((end, transfer)),
+    );
+    // On a connection the table does not hold, the acknowledged point is unknown: a segment
+    // that starts no request stays uncaptured (the table learns connections at their
+    // handshake, and from their first captured request).
+    let mut unknown = segment(end - 1, &evasive);
+    unknown.sport = 40_123;
+    let o = h.run(&unknown);
+    o.assert_counters(&[(Counter::Passed, 1)]);
+    assert!(o.events.is_empty());
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn resets_and_segments_without_the_ack_flag_acknowledge_nothing() {
