@@ -113,6 +113,18 @@ pub struct FollowState {
 pub const ACK_RECORD: u8 = u8::MAX;
 const _: () = assert!(FOLLOW_MAX_PIECES < ACK_RECORD);
 
+/// Empty-line bytes skipped before a request line, at most. RFC 9112 §2.2 has servers ignore
+/// empty lines before one (nginx skips any number), so a request behind them must be found:
+/// `\r\nPOST /transferFunds ...` is served like the request it is. A segment holds about 1460
+/// payload bytes on an Ethernet MTU; more blank bytes than this, and the parse gives up
+/// (counted).
+pub const BLANK_MAX: usize = 2048;
+
+/// How far into a segment the XDP program looks for the server's acknowledged point (see
+/// `Counter::Overlapping`): a mask, so segments of more than 32 KiB (coalesced by GRO) are not
+/// read past it.
+pub const OVERLAP_MAX: u32 = 0x7fff;
+
 /// `a` is at or past `b` in TCP sequence space, which wraps: up to 2^31 ahead counts as past.
 #[inline(always)]
 pub const fn seq_reaches(a: u32, b: u32) -> bool {

@@ -18,7 +18,7 @@ use agent_common::{
     COUNTER_COUNT, ClockCache, Config, Counter, EXACT_BUCKETS, EXACT_WAYS, Enforcement,
     EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6,
     FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, FlowKey,
-    FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS, RING_WAKEUP_EVERY_NS,
+    FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS, OVERLAP_MAX, RING_WAKEUP_EVERY_NS,
     RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4, exact_bucket_v6, prefix_v4, prefix_v6, seq_reaches,
 };
 use aya_ebpf::{
@@ -474,9 +474,6 @@ fn record(
     Ok(())
 }
 
-/// Bytes into a segment at most where the server's acknowledged point is looked for (a mask).
-const MAX_OVERLAP: u32 = 0x7fff;
-
 /// A segment that begins among bytes the server acknowledged and goes on past them overlaps
 /// its stream: the stack keeps the bytes it has and takes only the rest, so a request there
 /// starts at the acknowledged point, whatever comes before it in the segment. That is a client
@@ -518,13 +515,13 @@ fn overlapping_at(
 ) -> Result<(), Skip> {
     let into = acked.wrapping_sub(seq);
     // Segments of more than 32 KiB (coalesced by GRO) are not read that far.
-    if into > MAX_OVERLAP || into as usize >= h.payload_len {
+    if into > OVERLAP_MAX || into as usize >= h.payload_len {
         return Err(Skip::NotInteresting);
     }
     bump(Counter::Overlapping);
     // Masked through black_box, so the verifier knows the bound of the offset it adds to
     // packet pointers (the compiler would otherwise use `into`, whose bound it checked).
-    let base = (core::hint::black_box(into) & MAX_OVERLAP) as usize;
+    let base = (core::hint::black_box(into) & OVERLAP_MAX) as usize;
     let mut head = 0u64;
     parse::payload_head(ctx, &h.advanced(base), &mut head)?;
     // Empty lines there are skipped as at a segment's start, up to 7 bytes of them (one word:

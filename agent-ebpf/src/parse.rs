@@ -301,12 +301,7 @@ fn payload_word(ctx: &XdpContext, h: &Headers, off: usize, word: &mut u64) -> Re
     Ok(())
 }
 
-/// Empty-line bytes skipped before a request line, at most. RFC 9112 §2.2 has servers ignore
-/// empty lines before one (nginx skips any number), so a request behind them must be found:
-/// `\r\nPOST /transferFunds ...` is served like the request it is. A segment holds about 1460
-/// payload bytes on an Ethernet MTU; more blank bytes than this, and the parse gives up
-/// (counted).
-pub const BLANK_MAX: usize = 2048;
+pub use agent_common::BLANK_MAX;
 
 /// The number of CR and LF bytes the payload starts with: read in place 8 at a time up to the
 /// end of the linear area, the last few by helper one by one; bytes past the payload, if any,

@@ -128,6 +128,12 @@ impl AckGate {
         self.counters
     }
 
+    /// The newest acknowledgement the server sent on the connection, if it sent one (and it
+    /// is still remembered): the bytes before it are the server's already.
+    pub fn acknowledged(&self, client: SocketAddr, server: SocketAddr) -> Option<u32> {
+        self.acked.get(&(client, server)).map(|a| a.ack)
+    }
+
     /// Records waiting for their acknowledgement.
     pub fn waiting(&self) -> usize {
         self.by_arrival.len()

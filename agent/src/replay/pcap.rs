@@ -18,7 +18,9 @@ use pcap_parser::{
 
 use std::net::{IpAddr, SocketAddr};
 
-use agent_common::{FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES};
+use agent_common::{
+    BLANK_MAX, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, OVERLAP_MAX, seq_reaches,
+};
 use rustc_hash::FxHashMap;
 
 use super::{Origin, ReplayRecord, formats::Skip, input::Input};
@@ -122,6 +124,11 @@ impl Acks {
 
     fn counters(&self) -> AckCounters {
         self.gate.counters()
+    }
+
+    /// The server's newest acknowledgement on the connection, once it sent one.
+    fn acknowledged(&self, flow: (SocketAddr, SocketAddr)) -> Option<u32> {
+        self.gate.acknowledged(flow.0, flow.1)
     }
 
     /// A TCP segment from `flow.0` to `flow.1`, looked at as the server's: the requests of
@@ -645,21 +652,33 @@ fn request_record(
     if payload.is_empty() {
         return Err("no_payload");
     }
-    // The XDP program's tests, byte for byte: a method token and a space, or fewer than 8
-    // bytes that begin one; else a piece of a followed request, or nothing of interest.
-    let mut head = [0u8; 8];
-    let n = payload.len().min(8);
-    head[..n].copy_from_slice(&payload[..n]);
+    // The XDP program's tests, byte for byte (`capture` in agent-ebpf): a method token and a
+    // space; else a piece of a followed request, whatever it starts with; else a request behind
+    // empty lines, or fewer than 8 bytes that begin a method token; and a segment that begins
+    // among bytes the server acknowledged and goes on past them is read from there.
     let limit = ctx.capture_len;
-    let piece = if is_http_method(head) {
+    let acked = ctx.acks.acknowledged(flow);
+    let end = seq.wrapping_add(payload.len() as u32);
+    let overlaps = |from: u32| acked.filter(|&a| !seq_reaches(from, a) && !seq_reaches(a, end));
+    let followed = if is_http_method(head_of(payload)) {
         None
     } else {
-        // As the program: the next segment of a followed header is a piece of it, whatever it
-        // starts with; else a few bytes that begin a method token start a request.
-        match ctx.follower.piece(flow, seq, payload, ts_ns, limit) {
-            Some(p) => Some(p),
-            None if is_method_prefix(payload) => None,
-            None => return Err("not_http_request"),
+        ctx.follower.piece(flow, seq, payload, ts_ns, limit)
+    };
+    let (payload, seq, piece) = match followed {
+        Some(p) => (payload, seq, Some(p)),
+        None => {
+            let (payload, seq) = match request_start(payload) {
+                Some(skip) => match overlaps(seq.wrapping_add(skip as u32)) {
+                    Some(a) => overlapping(payload, seq, a)?,
+                    None => (&payload[skip..], seq.wrapping_add(skip as u32)),
+                },
+                None => match overlaps(seq) {
+                    Some(a) => overlapping(payload, seq, a)?,
+                    None => return Err("not_http_request"),
+                },
+            };
+            (payload, seq, None)
         }
     };
     let (piece, take) = piece.unwrap_or_else(|| {
@@ -733,6 +752,52 @@ fn requests(
         });
     });
     events
+}
+
+/// The first 8 bytes of `payload`, zero-padded, as the XDP program loads them.
+fn head_of(payload: &[u8]) -> [u8; 8] {
+    let mut head = [0u8; 8];
+    let n = payload.len().min(8);
+    head[..n].copy_from_slice(&payload[..n]);
+    head
+}
+
+/// Where a request starts in `payload`, as the XDP program finds it: at its start or behind
+/// up to [`BLANK_MAX`] bytes of empty lines (servers skip them), a method token and a space,
+/// or fewer than 8 bytes that begin one.
+fn request_start(payload: &[u8]) -> Option<usize> {
+    let skip = payload
+        .iter()
+        .take(BLANK_MAX + 1)
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let rest = &payload[skip..];
+    (skip <= BLANK_MAX
+        && !rest.is_empty()
+        && (is_http_method(head_of(rest)) || is_method_prefix(rest)))
+    .then_some(skip)
+}
+
+/// A segment from `seq` that begins among bytes the server acknowledged up to `acked` and goes
+/// on past them, read from there as the XDP program reads it (`overlapping_at`): the request
+/// at `acked`, behind up to 7 bytes of empty lines (more, and the record keeps them), or none.
+fn overlapping(payload: &[u8], seq: u32, acked: u32) -> Result<(&[u8], u32), &'static str> {
+    let into = acked.wrapping_sub(seq);
+    if into > OVERLAP_MAX {
+        return Err("not_http_request");
+    }
+    let rest = &payload[into as usize..];
+    let blank = rest
+        .iter()
+        .take(8)
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let skip = if blank == 8 { 0 } else { blank };
+    let rest = &rest[skip..];
+    if blank < 8 && !is_http_method(head_of(rest)) && !is_method_prefix(rest) {
+        return Err("not_http_request");
+    }
+    Ok((rest, acked.wrapping_add(skip as u32)))
 }
 
 /// Fewer than 8 bytes that begin a method token and its space (`G`, `PO`, `DELETE`): the

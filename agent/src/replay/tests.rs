@@ -635,6 +635,67 @@ fn in_a_capture_of_both_directions_only_what_the_server_acknowledged_counts() {
 }
 
 #[test]
+fn requests_behind_empty_lines_and_behind_acknowledged_bytes_are_read_as_the_daemon_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let lookup = b"GET /api/v1/accounts/7/balance HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let transfer = b"POST /api/v1/transferFunds HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let cat = |a: &[u8], b: &[u8]| [a, b].concat();
+    let end1 = 100 + lookup.len() as u32;
+    let end2 = end1 + transfer.len() as u32;
+    let end3 = end2 + 2 + lookup.len() as u32;
+    let end4 = end3 + 4 + transfer.len() as u32;
+    let pkts = [
+        two_way(0, 40000, true, 0, "SA", 100, b""),
+        two_way(1, 40000, false, 100, "A", 1, lookup),
+        two_way(30, 40000, true, 1, "A", end1, b""),
+        // The transfer one byte early, behind a byte the server has: it reads the transfer.
+        two_way(1000, 40000, false, end1 - 1, "A", 1, &cat(b"X", transfer)),
+        two_way(1030, 40000, true, 1, "A", end2, b""),
+        // The same with an empty line at the acknowledged point, which servers skip.
+        two_way(2000, 40000, false, end2 - 1, "A", 1, &cat(b"Y\r\n", lookup)),
+        two_way(2030, 40000, true, 1, "A", end3, b""),
+        // And empty lines at a segment's start, no overlap.
+        two_way(
+            3000,
+            40000,
+            false,
+            end3,
+            "A",
+            1,
+            &cat(b"\r\n\r\n", transfer),
+        ),
+        two_way(3030, 40000, true, 1, "A", end4, b""),
+        // Bytes at the acknowledged point that start no request: nothing.
+        two_way(4000, 40000, false, end4 - 1, "A", 1, b"Z{\"amount\": 100}"),
+        two_way(4030, 40000, true, 1, "A", end4 + 16, b""),
+    ];
+    let path = write(&dir, "overlap.pcap", &pcap_file(1, &pkts));
+    let (records, s) = replay(std::slice::from_ref(&path), &ReplayOptions::default());
+    assert_eq!(
+        paths_of(&records),
+        [
+            "/api/v1/accounts/7/balance",
+            "/api/v1/transferFunds",
+            "/api/v1/accounts/7/balance",
+            "/api/v1/transferFunds"
+        ]
+    );
+    assert_eq!((s.acks.acknowledged, s.acks.stale), (4, 0));
+    // Without the wait for acknowledgements nothing tells which bytes the server has (live,
+    // the egress program is not attached then): the segments starting with `X` and `Y` are
+    // no requests.
+    let opts = ReplayOptions {
+        wait_for_acks: false,
+        ..ReplayOptions::default()
+    };
+    let (records, _) = replay(std::slice::from_ref(&path), &opts);
+    assert_eq!(
+        paths_of(&records),
+        ["/api/v1/accounts/7/balance", "/api/v1/transferFunds"]
+    );
+}
+
+#[test]
 fn a_request_split_over_segments_is_followed_and_joined_as_the_daemon_does() {
     let dir = tempfile::tempdir().unwrap();
     let parts: [&[u8]; 3] = [
