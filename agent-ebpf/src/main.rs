@@ -365,16 +365,34 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
     }
     let mut head = 0u64;
     parse::payload_head(ctx, h, &mut head)?;
+    let method_first = parse::is_http_method(head);
+    if !method_first && parse::is_http2_preface(head) {
+        return Err(Skip::Http2);
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Err(Skip::NotInteresting);
+    };
+    // Other ports first: their segments cost no connection lookup.
+    if config.port_count != 0 {
+        // All KERNEL_PORTS slots are compared, unused ones hold 0 (never a configured port):
+        // a loop bounded by port_count becomes pointer arithmetic 6.1's verifier rejects.
+        let port = parse::dest_port_be(ctx, h)?;
+        if !config.ports.contains(&port) {
+            // Counted for what starts with a method token: the rest is no request.
+            return Err(if method_first {
+                Skip::OtherPort
+            } else {
+                Skip::NotInteresting
+            });
+        }
+    }
+    let mut key = FlowKey::default();
+    parse::flow_key(ctx, h, &mut key)?;
     // Where the request starts: at the payload's start, or behind empty lines, which servers
     // skip (RFC 9112 §2.2). Worked out here, not in a function of its own: the verifier allows
     // 8 nested calls, and the following below already reaches them.
     let mut skipped = 0;
-    let mut key = FlowKey::default();
-    parse::flow_key(ctx, h, &mut key)?;
-    if !parse::is_http_method(head) {
-        if parse::is_http2_preface(head) {
-            return Err(Skip::Http2);
-        }
+    if !method_first {
         // The next segment of a followed header is a piece of it, whatever it starts with
         // (`T` of `GET` dripped byte by byte is not a TRACE); otherwise a few bytes that
         // begin a method token start a request the next segment completes.
@@ -403,17 +421,6 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         }
     }
     let h = &h.advanced(skipped);
-    let Some(config) = CONFIG.get(0) else {
-        return Err(Skip::NotInteresting);
-    };
-    if config.port_count != 0 {
-        // All KERNEL_PORTS slots are compared, unused ones hold 0 (never a configured port):
-        // a loop bounded by port_count becomes pointer arithmetic 6.1's verifier rejects.
-        let port = parse::dest_port_be(ctx, h)?;
-        if !config.ports.contains(&port) {
-            return Err(Skip::OtherPort);
-        }
-    }
     let limit = capture_limit(config);
     let captured = if h.payload_len < limit {
         h.payload_len
@@ -485,12 +492,6 @@ fn record(
 /// This one is for a payload that starts no request (`h` from its first byte).
 #[inline(always)]
 fn overlapping(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<(), Skip> {
-    let Some(config) = CONFIG.get(0) else {
-        return Err(Skip::NotInteresting);
-    };
-    if config.port_count != 0 && !config.ports.contains(&parse::dest_port_be(ctx, h)?) {
-        return Err(Skip::NotInteresting);
-    }
     let watch = ACKS.get_ptr_mut(key);
     let Some(acked) = watch.and_then(|w| unsafe { (*w).server_has() }) else {
         return Err(Skip::NotInteresting);
