@@ -356,6 +356,10 @@ fn enforce<K>(
     true
 }
 
+/// A mask past [`parse::BLANK_MAX`] for the count of empty-line bytes (see `capture`).
+const BLANK_MASK: usize = 0xfff;
+const _: () = assert!(parse::BLANK_MAX < BLANK_MASK);
+
 /// Sends the start of an HTTP/1.x request to the ring buffer, if the payload is one, and the
 /// segments that continue a request whose header the start did not hold (see `FOLLOW`).
 #[inline(always)]
@@ -386,8 +390,7 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             });
         }
     }
-    let mut key = FlowKey::default();
-    parse::flow_key(ctx, h, &mut key)?;
+    let key = parse::flow_key(ctx, h)?;
     // Where the request starts: at the payload's start, or behind empty lines, which servers
     // skip (RFC 9112 §2.2). Worked out here, not in a function of its own: the verifier allows
     // 8 nested calls, and the following below already reaches them.
@@ -405,10 +408,13 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             };
             // SAFETY: the slot is this CPU's, valid for the program's run; volatile so the
             // round trip is not optimised away.
+            // Masked (up to BLANK_MASK, past BLANK_MAX) so any copy the compiler spills
+            // is bounded: 6.1's verifier keeps the bound the compare below gives only for the
+            // register compared.
             skipped = unsafe {
                 core::ptr::write_volatile(slot, parse::leading_blank(ctx, h)? as u64);
                 core::ptr::read_volatile(slot) as usize
-            };
+            } & BLANK_MASK;
             if skipped > parse::BLANK_MAX || skipped >= h.payload_len {
                 return Err(Skip::NotInteresting);
             }
@@ -520,8 +526,11 @@ fn overlapping_at(
         return Err(Skip::NotInteresting);
     }
     bump(Counter::Overlapping);
-    // Masked through black_box, so the verifier knows the bound of the offset it adds to
-    // packet pointers (the compiler would otherwise use `into`, whose bound it checked).
+    // Masked behind black_box, so the verifier knows the bound of the offset it adds to packet
+    // pointers: the compiler would use `into` itself, whose bound only a compare gave, and a
+    // compare bounds one register, not the copy the compiler may have spilled before it (6.1's
+    // verifier then refuses "math between pkt pointer and register with unbounded min value").
+    // The mask changes nothing: `into` is at most OVERLAP_MAX here.
     let base = (core::hint::black_box(into) & OVERLAP_MAX) as usize;
     let mut head = 0u64;
     parse::payload_head(ctx, &h.advanced(base), &mut head)?;
@@ -531,7 +540,8 @@ fn overlapping_at(
     // do); bytes past the captured length are not seen, as for any request. Offsets, not
     // copies of `Headers`: moving those around became calls to `memmove`.
     let blank = parse::blank_prefix(head);
-    let skip = if blank == 8 { 0 } else { blank };
+    // At most 7, masked for the verifier as `base` is.
+    let skip = core::hint::black_box(if blank == 8 { 0 } else { blank }) & 7;
     if skip != 0 {
         parse::payload_head(ctx, &h.advanced(base + skip), &mut head)?;
     }

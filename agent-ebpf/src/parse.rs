@@ -451,25 +451,34 @@ pub fn tcp_seq(ctx: &XdpContext, h: &Headers) -> Result<u32, Skip> {
 /// Fills the `FOLLOW` key of the packet's connection (every field, padding included: the
 /// whole key is hashed).
 #[inline(always)]
-pub fn flow_key(ctx: &XdpContext, h: &Headers, key: &mut FlowKey) -> Result<(), Skip> {
+pub fn flow_key(ctx: &XdpContext, h: &Headers) -> Result<FlowKey, Skip> {
+    // One literal with every field: a zeroed key filled in afterwards was a call to LLVM's BPF
+    // `memset`, a loop over the key's 40 bytes one at a time.
     unsafe {
-        if h.is_v6 {
+        let (saddr, daddr) = if h.is_v6 {
             let ip = ptr_at::<Ipv6Hdr>(ctx, h.l3)?;
             let s = (&raw const (*ip).saddr).cast::<[u8; 8]>();
             let d = (&raw const (*ip).daddr).cast::<[u8; 8]>();
-            key.saddr = [u64::from_ne_bytes(*s), u64::from_ne_bytes(*s.add(1))];
-            key.daddr = [u64::from_ne_bytes(*d), u64::from_ne_bytes(*d.add(1))];
+            (
+                [u64::from_ne_bytes(*s), u64::from_ne_bytes(*s.add(1))],
+                [u64::from_ne_bytes(*d), u64::from_ne_bytes(*d.add(1))],
+            )
         } else {
             let ip = ptr_at::<Ipv4Hdr>(ctx, h.l3)?;
-            key.saddr = [u64::from(u32::from_ne_bytes((*ip).saddr)), 0];
-            key.daddr = [u64::from(u32::from_ne_bytes((*ip).daddr)), 0];
-        }
+            (
+                [u64::from(u32::from_ne_bytes((*ip).saddr)), 0],
+                [u64::from(u32::from_ne_bytes((*ip).daddr)), 0],
+            )
+        };
         let t = ptr_at::<TcpHdr>(ctx, h.l4)?;
-        key.sport = (*t).source;
-        key.dport = (*t).dest;
-        key._pad = 0;
+        Ok(FlowKey {
+            saddr,
+            daddr,
+            sport: (*t).source,
+            dport: (*t).dest,
+            _pad: 0,
+        })
     }
-    Ok(())
 }
 
 /// "PRI * HTTP/2.0": a client starting HTTP/2 with prior knowledge (h2c).
