@@ -406,11 +406,11 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
             let Some(slot) = BLANK.get_ptr_mut(0) else {
                 return Err(Skip::NotInteresting);
             };
+            // Masked (up to BLANK_MASK, past BLANK_MAX) so any copy the compiler spills is
+            // bounded: 6.1's verifier keeps the bound the compare below gives only for the
+            // register compared.
             // SAFETY: the slot is this CPU's, valid for the program's run; volatile so the
             // round trip is not optimised away.
-            // Masked (up to BLANK_MASK, past BLANK_MAX) so any copy the compiler spills
-            // is bounded: 6.1's verifier keeps the bound the compare below gives only for the
-            // register compared.
             skipped = unsafe {
                 core::ptr::write_volatile(slot, parse::leading_blank(ctx, h)? as u64);
                 core::ptr::read_volatile(slot) as usize
