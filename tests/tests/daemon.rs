@@ -597,13 +597,6 @@ fn a_transfer_behind_a_byte_the_server_already_has_is_seen() {
         .unwrap();
     let transfer = "POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
                     Authorization: Bearer attacker\r\nContent-Length: 0\r\n\r\n";
-    let mut p = Packet::tcp(
-        &bank.net.ns_ip.to_string(),
-        &target.ip().to_string(),
-        format!("X{transfer}").as_bytes(),
-    );
-    (p.sport, p.dport) = (stream.local_addr().unwrap().port(), PORT);
-    (p.seq, p.ack) = (next_seq.wrapping_sub(1), next_ack);
     let mac =
         std::fs::read_to_string(format!("/sys/class/net/{}/address", bank.net.host_if)).unwrap();
     let mac: Vec<u8> = mac
@@ -611,7 +604,21 @@ fn a_transfer_behind_a_byte_the_server_already_has_is_seen() {
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();
-    let frame = precedent_tests::packet::deliverable(p.build(), mac.try_into().unwrap());
+    // Addressed to the host end's MAC and with checksums, so its stack takes it (the frames of
+    // the other tests here are dropped after XDP).
+    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], mac.try_into().unwrap())
+        .ipv4(bank.net.ns_ip.octets(), bank.net.host_ip.octets(), 64)
+        .tcp(
+            stream.local_addr().unwrap().port(),
+            PORT,
+            next_seq.wrapping_sub(1),
+            65_535,
+        )
+        .ack(next_ack)
+        .psh();
+    let payload = format!("X{transfer}");
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload.as_bytes()).unwrap();
     FrameSender::open(&bank.net).unwrap().send(&frame).unwrap();
     // The server served it, and the daemon saw it: the rule's alert, and a block.
     assert!(
