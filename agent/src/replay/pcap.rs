@@ -766,11 +766,7 @@ fn head_of(payload: &[u8]) -> [u8; 8] {
 /// up to [`BLANK_MAX`] bytes of empty lines (servers skip them), a method token and a space,
 /// or fewer than 8 bytes that begin one.
 fn request_start(payload: &[u8]) -> Option<usize> {
-    let skip = payload
-        .iter()
-        .take(BLANK_MAX + 1)
-        .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
+    let skip = http::blank_lines(&payload[..payload.len().min(BLANK_MAX + 1)]);
     let rest = &payload[skip..];
     (skip <= BLANK_MAX
         && !rest.is_empty()
@@ -787,11 +783,7 @@ fn overlapping(payload: &[u8], seq: u32, acked: u32) -> Result<(&[u8], u32), &'s
         return Err("not_http_request");
     }
     let rest = &payload[into as usize..];
-    let blank = rest
-        .iter()
-        .take(8)
-        .take_while(|&&b| b == b'\r' || b == b'\n')
-        .count();
+    let blank = http::blank_lines(&rest[..rest.len().min(8)]);
     let skip = if blank == 8 { 0 } else { blank };
     let rest = &rest[skip..];
     if blank < 8 && !is_http_method(head_of(rest)) && !is_method_prefix(rest) {
