@@ -22,9 +22,15 @@
 //!   from there, where the server reads on: a retransmission joining old bytes and a new
 //!   request, or a request hidden behind a byte already sent, is captured at that point and
 //!   never reaches this check);
-//! - a record at the start of one still waiting, with other bytes, means the waiting one was
-//!   not taken (or it would have been acknowledged): it is replaced, counted `superseded`.
-//!   That is a segment with a bad checksum followed by the real one, the classic insertion.
+//! - a record at the start of one still waiting, with other bytes, replaces it, counted
+//!   `superseded`. One copy being the start of the other is a client resending its bytes
+//!   with more behind them. Copies that disagree are something no TCP stack does: either the
+//!   stack dropped the first (a bad checksum, the classic insertion, with the real segment
+//!   after it) or it kept the first and dropped the second as bytes it already had (a client
+//!   racing the server's delayed ACK to show precedent a lookup in place of the transfer the
+//!   server read). The two look the same from here, so once the position is acknowledged
+//!   (the connection is real: a forged pair never is) the disagreement is reported as a
+//!   [`Conflict`] for the engine to alert on (`conflicting_copies`), counted `conflicting`.
 //!
 //! Records of one connection leave in the order they came. Memory is bounded: at most
 //! [`MAX_WAITING`] records wait (past it, the longest-waiting goes: see there) and
@@ -72,6 +78,35 @@ pub struct AckCounters {
     pub superseded: u64,
     /// Records dropped, the longest-waiting first, to keep at most [`MAX_WAITING`] waiting.
     pub overflow: u64,
+    /// Acknowledged positions the client had sent two disagreeing copies of (see [`Conflict`]).
+    pub conflicting: u64,
+}
+
+/// Two copies of the start of a request at the same place in a connection's stream that
+/// disagree, the place since acknowledged by the server. The server read one of them and
+/// precedent analysed `analysed`, the later; which one the server read cannot be told from
+/// outside its TCP stack (see the module documentation), hence the alert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// When the acknowledgement came.
+    pub ts_unix_ns: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub seq: u32,
+    /// The first copy that disagreed with the analysed one.
+    pub replaced: Vec<u8>,
+    pub analysed: Vec<u8>,
+}
+
+/// Conflicts kept for [`AckGate::take_conflicts`]; the daemon takes them after every record,
+/// so this only bounds a caller that never does.
+const MAX_CONFLICTS: usize = 1024;
+
+/// Whether two copies of bytes at the same place disagree: as far as both go (a copy may
+/// be shorter, resent with less or more behind it, or cut by the capture length).
+fn disagree(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().min(b.len());
+    a[..n] != b[..n]
 }
 
 type Conn = (SocketAddr, SocketAddr);
@@ -81,6 +116,8 @@ struct Waiting {
     id: u64,
     deadline: u64,
     rec: CapturedRequest,
+    /// An earlier copy at the same place that disagreed with this one.
+    replaced: Option<Vec<u8>>,
 }
 
 /// A connection's newest acknowledgement, and when anything last came for it.
@@ -100,6 +137,8 @@ pub struct AckGate {
     next_id: u64,
     /// Connections the server acknowledged on, with their newest acknowledgement.
     acked: HashMap<Conn, Acked>,
+    /// Conflicts acknowledged and not yet taken.
+    conflicts: Vec<Conflict>,
     counters: AckCounters,
 }
 
@@ -116,6 +155,7 @@ impl AckGate {
             by_arrival: BTreeMap::new(),
             next_id: 0,
             acked: HashMap::new(),
+            conflicts: Vec::new(),
             counters: AckCounters::default(),
         }
     }
@@ -132,6 +172,11 @@ impl AckGate {
     /// is still remembered): the bytes before it are the server's already.
     pub fn acknowledged(&self, client: SocketAddr, server: SocketAddr) -> Option<u32> {
         self.acked.get(&(client, server)).map(|a| a.ack)
+    }
+
+    /// The conflicts acknowledged since the last call, oldest first.
+    pub fn take_conflicts(&mut self) -> Vec<Conflict> {
+        std::mem::take(&mut self.conflicts)
     }
 
     /// Records waiting for their acknowledgement.
@@ -186,6 +231,19 @@ impl AckGate {
         for w in queue.drain(..) {
             if seq_reaches(ack.seq, end_of(&w.rec)) {
                 self.by_arrival.remove(&w.id);
+                if let Some(replaced) = w.replaced {
+                    self.counters.conflicting += 1;
+                    if self.conflicts.len() < MAX_CONFLICTS {
+                        self.conflicts.push(Conflict {
+                            ts_unix_ns: now,
+                            client: w.rec.client,
+                            server: w.rec.server,
+                            seq: w.rec.seq,
+                            replaced,
+                            analysed: w.rec.data.clone(),
+                        });
+                    }
+                }
                 out.push(w.rec);
             } else {
                 kept.push_back(w);
@@ -212,6 +270,7 @@ impl AckGate {
                 return;
             }
         }
+        let mut replaced = None;
         if rec.piece == 0
             && let Some(queue) = self.waiting.get_mut(&key)
             && let Some(i) = queue
@@ -220,6 +279,10 @@ impl AckGate {
         {
             if let Some(w) = queue.remove(i) {
                 self.by_arrival.remove(&w.id);
+                // The first disagreement is the one reported, however many copies follow.
+                replaced = w
+                    .replaced
+                    .or_else(|| disagree(&w.rec.data, &rec.data).then_some(w.rec.data));
             }
             self.counters.superseded += 1;
         }
@@ -240,6 +303,7 @@ impl AckGate {
             id,
             deadline: now.saturating_add(ACK_WAIT_NS),
             rec,
+            replaced,
         });
     }
 
@@ -403,12 +467,74 @@ mod tests {
             vec![filler.as_slice(), POST]
         );
         assert_eq!(g.counters().superseded, 1);
+        // Copies that disagree: reported once the place is acknowledged, with both.
+        assert_eq!(
+            g.take_conflicts(),
+            vec![Conflict {
+                ts_unix_ns: T0 + 3,
+                client: SocketAddr::from(([10, 0, 0, 2], 1)),
+                server: SocketAddr::from(([10, 0, 0, 1], 8080)),
+                seq: 100,
+                replaced: GET.to_vec(),
+                analysed: filler.to_vec(),
+            }]
+        );
+        assert!(g.take_conflicts().is_empty(), "taken once");
+        assert_eq!(g.counters().conflicting, 1);
         // The same bytes again are a retransmission, left for the reassembler to drop.
         let mut g = AckGate::new(true);
         g.push(rec(1, 100, GET, 0, T0));
         g.push(rec(1, 100, GET, 0, T0 + 1));
         assert_eq!(g.waiting(), 2);
         assert_eq!(g.counters().superseded, 0);
+        g.push(ack(1, 100 + GET.len() as u32, T0 + 2));
+        assert!(g.take_conflicts().is_empty());
+    }
+
+    #[test]
+    fn copies_that_agree_as_far_as_both_go_are_no_conflict() {
+        // A client resending its request with the next one joined behind it, and a copy cut
+        // shorter by the capture length: one is the start of the other.
+        let mut g = AckGate::new(true);
+        let joined = [GET, POST].concat();
+        g.push(rec(1, 100, GET, 0, T0));
+        g.push(rec(1, 100, &joined, 0, T0 + 1));
+        g.push(rec(1, 100, &joined[..10], 0, T0 + 2));
+        assert_eq!(g.counters().superseded, 2);
+        let out = g.push(ack(1, 100 + joined.len() as u32, T0 + 3));
+        assert_eq!(out.len(), 1);
+        assert!(g.take_conflicts().is_empty());
+        assert_eq!(g.counters().conflicting, 0);
+    }
+
+    #[test]
+    fn the_first_disagreement_is_reported_once_and_only_for_an_acknowledged_place() {
+        // A client racing the server's delayed ACK: the transfer (which the server keeps),
+        // then a lookup of the same length at the same place (which it drops as bytes it
+        // already has), then the lookup again. precedent analyses the lookup; the conflict
+        // names the transfer.
+        let lookup = b"GET /balance HTTP/1.1\r\nX: 12\r\n\r\n";
+        assert_eq!(lookup.len(), POST.len());
+        let transfer = POST;
+        let mut g = AckGate::new(true);
+        g.push(rec(1, 100, transfer, 0, T0));
+        g.push(rec(1, 100, lookup, 0, T0 + 1));
+        g.push(rec(1, 100, lookup, 0, T0 + 2));
+        let out = g.push(ack(1, 100 + lookup.len() as u32, T0 + 3));
+        assert_eq!(out.len(), 2, "the lookup and its retransmission");
+        let conflicts = g.take_conflicts();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].replaced, transfer);
+        assert_eq!(conflicts[0].analysed, lookup);
+        // A forged pair of disagreeing copies (no connection: never acknowledged) is no
+        // conflict: nobody's address is alerted on from it.
+        let mut g = AckGate::new(true);
+        g.push(rec(9, 5000, transfer, 0, T0));
+        g.push(rec(9, 5000, lookup, 0, T0 + 1));
+        g.expire(T0 + ACK_WAIT_NS + 2);
+        assert_eq!(g.counters().unacknowledged, 1);
+        assert!(g.take_conflicts().is_empty());
+        assert_eq!(g.counters().conflicting, 0);
     }
 
     #[test]

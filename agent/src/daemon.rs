@@ -48,7 +48,7 @@ use crate::{
         server::{ControlServer, QUEUE_DEPTH, ServerConfig},
     },
     enforce::Enforcer,
-    engine::{Engine, Learned},
+    engine::{Engine, Learned, Outcome},
     ifwatch::{self, Watcher},
     notify,
     reassemble::Reassembler,
@@ -410,12 +410,30 @@ impl Daemon {
         for req in self.acks.push(rec) {
             self.on_acknowledged(req);
         }
+        // After the analysed copy went through the engine, so the alert shows it in the
+        // session's history.
+        for c in self.acks.take_conflicts() {
+            if self.port_captured(c.server.port()) {
+                let outcome = self.engine.on_conflicting_copies(
+                    c.ts_unix_ns,
+                    c.client.ip(),
+                    &c.analysed,
+                    &c.replaced,
+                    self.enforcer.len(),
+                );
+                self.apply(outcome);
+            }
+        }
+    }
+
+    /// The program filters up to KERNEL_PORTS ports itself; this covers longer lists and
+    /// records captured just before a reload changed the ports.
+    fn port_captured(&self, port: u16) -> bool {
+        self.config.ports.is_empty() || self.config.ports.contains(&port)
     }
 
     fn on_acknowledged(&mut self, req: CapturedRequest) {
-        // The program filters up to KERNEL_PORTS ports itself; this covers longer lists and
-        // records captured just before a reload changed the ports.
-        if !self.config.ports.is_empty() && !self.config.ports.contains(&req.server.port()) {
+        if !self.port_captured(req.server.port()) {
             // Counted per request: the pieces of a filtered request go with it.
             self.counters.port_filtered += u64::from(req.piece == 0);
             return;
@@ -442,6 +460,11 @@ impl Daemon {
         ) else {
             return; // counted by the engine under its skip reason
         };
+        self.apply(outcome);
+    }
+
+    /// Prints the alerts and carries out the block an engine outcome orders.
+    fn apply(&mut self, outcome: Outcome) {
         for alert in outcome.alerts {
             let line = serde_json::to_string(&alert).unwrap_or_default();
             if self.out.try_send(line).is_err() {
@@ -675,6 +698,7 @@ impl Daemon {
         userspace.insert("requests_unacknowledged".into(), ac.unacknowledged);
         userspace.insert("requests_stale".into(), ac.stale);
         userspace.insert("requests_superseded".into(), ac.superseded);
+        userspace.insert("requests_conflicting".into(), ac.conflicting);
         userspace.insert("ack_wait_overflow".into(), ac.overflow);
         let pc = self.engine.proxy_counters();
         userspace.insert("client_from_header".into(), pc.client_from_header);

@@ -65,15 +65,19 @@ pub enum Signal {
     /// One operation requested with changing ids or queries far more times in a row than its
     /// learned runs allow (walking object ids).
     Enumeration,
+    /// Two different versions of the same bytes of a client's TCP stream (see
+    /// `acked::Conflict`): not a model judgement, a thing no TCP stack does.
+    ConflictingCopies,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 5] = [
+    pub const ALL: [Signal; 6] = [
         Signal::RareTransition,
         Signal::MissingPrecedent,
         Signal::Replay,
         Signal::SurprisingSession,
         Signal::Enumeration,
+        Signal::ConflictingCopies,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +87,7 @@ impl Signal {
             Signal::Replay => "replay",
             Signal::SurprisingSession => "surprising_session",
             Signal::Enumeration => "enumeration",
+            Signal::ConflictingCopies => "conflicting_copies",
         }
     }
 }
@@ -122,6 +127,7 @@ impl Default for DecideConfig {
                 Signal::MissingPrecedent,
                 Signal::Replay,
                 Signal::Enumeration,
+                Signal::ConflictingCopies,
             ],
             block_ttl: Duration::from_secs(15 * 60),
             max_block_share: 0.1,

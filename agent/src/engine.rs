@@ -268,6 +268,76 @@ impl Engine {
         }
     }
 
+    /// Two disagreeing copies of one place in a client's stream, the place acknowledged by the
+    /// server (see [`crate::acked::Conflict`]): the server read one of them, precedent analysed
+    /// `analysed` (it went through [`Engine::on_capture`] like any request), and which one the
+    /// server read cannot be told from outside its TCP stack. No TCP stack sends two versions
+    /// of the same bytes, so it is evasion or insertion (or, rarely, a copy corrupted on the
+    /// way): alerted as `conflicting_copies`, naming both copies' method and path as sent
+    /// (without the query). Learns nothing; alerts when `on_capture` would.
+    pub fn on_conflicting_copies(
+        &mut self,
+        ts_ns: u64,
+        client: IpAddr,
+        analysed: &[u8],
+        replaced: &[u8],
+        active_blocks: usize,
+    ) -> Outcome {
+        let core = &mut self.core;
+        if core.decider.mode() == Mode::Learn || core.counters.requests <= core.quiet_until {
+            return Outcome::default();
+        }
+        let (analysed_line, client, key) = match self.parser.parse(analysed) {
+            Ok(req) => {
+                let (client, _) = core.proxy.client(client, &req.headers);
+                let (key, _) = core.keyer.key(&req.headers, client);
+                (request_line(req.method, req.path), client, key)
+            }
+            Err(reason) => (
+                format!("({reason})"),
+                client,
+                core.keyer.key(&SelectedHeaders::default(), client).0,
+            ),
+        };
+        let replaced_line = match self.parser.parse(replaced) {
+            Ok(req) => request_line(req.method, req.path),
+            Err(reason) => format!("({reason})"),
+        };
+        let previous = core.sessions.get(&key).map_or_else(Vec::new, |s| {
+            let history = s.history();
+            let skip = history.len().saturating_sub(core.n_max);
+            history
+                .iter()
+                .skip(skip)
+                .map(|st| op_name(&core.discovery, st.op))
+                .collect()
+        });
+        let finding = Finding::Signal {
+            signal: Signal::ConflictingCopies,
+            explanation: format!(
+                "the client sent two different versions of the same bytes of its TCP stream: {replaced_line} and then {analysed_line}; the server read one of them and precedent analysed the second, which no TCP stack does by accident (an insertion or evasion attempt, or a copy corrupted on the way)"
+            ),
+            numbers: serde_json::json!({
+                "replaced": replaced_line,
+                "analysed": analysed_line,
+            }),
+        };
+        let ctx = Context {
+            ts_ns,
+            client,
+            session: key.short(),
+            operation: &analysed_line,
+            previous,
+            allowlisted: core.allowlist.iter().any(|n| n.contains(&client))
+                || core.proxy.trusts(client),
+        };
+        let active_clients = core.sessions.counters().live;
+        let (alerts, block) = core
+            .decider
+            .decide(finding, &ctx, active_clients, active_blocks);
+        Outcome { alerts, block }
+    }
+
     /// A request from another source (access log, JSON line), already split into fields.
     #[allow(clippy::too_many_arguments)]
     pub fn on_request(
@@ -741,6 +811,16 @@ fn register_rule_templates(discovery: &mut Discovery, rules: &RuleFile) {
     }
 }
 
+/// A request as an alert names it when discovery has not: method and path as sent, the path
+/// cut to 200 bytes (at a character boundary).
+fn request_line(method: Method, path: &str) -> String {
+    let mut end = path.len().min(200);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{method} {}", &path[..end])
+}
+
 fn op_name(d: &Discovery, id: OpId) -> String {
     d.name(d.canonical(id)).unwrap_or("?").to_string()
 }
@@ -891,6 +971,59 @@ mod tests {
         assert!(numbers["support"].as_u64().unwrap() >= 300);
         assert!(numbers["repeated"].as_u64().unwrap() >= 100, "{numbers}");
         assert!(numbers["probability"].as_f64().unwrap() < numbers["threshold"].as_f64().unwrap());
+    }
+
+    #[test]
+    fn conflicting_copies_are_alerted_with_both_and_blocked_in_enforce_mode() {
+        let client: IpAddr = "10.0.0.9".parse().unwrap();
+        let lookup = b"GET /balance?acct=7 HTTP/1.1\r\nAuthorization: Bearer secret-token\r\n\r\n";
+        let transfer =
+            b"POST /transferFunds HTTP/1.1\r\nAuthorization: Bearer secret-token\r\n\r\n";
+        let mut e = Engine::new(
+            &EngineConfig::default(),
+            RuleFile::default(),
+            [3; 16],
+            Mode::Detect,
+        )
+        .unwrap();
+        // The analysed copy went through the engine first, as the daemon hands it on.
+        e.on_capture(
+            SECOND,
+            client,
+            b"GET /login HTTP/1.1\r\nAuthorization: Bearer secret-token\r\n\r\n",
+            0,
+        )
+        .unwrap();
+        e.on_capture(2 * SECOND, client, lookup, 0).unwrap();
+        let requests = e.counters().requests;
+        let out = e.on_conflicting_copies(3 * SECOND, client, lookup, transfer, 0);
+        assert_eq!(e.counters().requests, requests, "not a request of its own");
+        assert_eq!(out.alerts.len(), 1);
+        assert!(out.block.is_none(), "detect mode");
+        let a = &out.alerts[0];
+        assert_eq!(a.signal, Some(Signal::ConflictingCopies));
+        assert_eq!(a.action, crate::decide::AlertAction::WouldBlock);
+        assert_eq!(a.operation, "GET /balance", "the query is left out");
+        assert_eq!(a.numbers["replaced"], "POST /transferFunds");
+        assert_eq!(a.numbers["analysed"], "GET /balance");
+        assert_eq!(a.previous, vec!["GET /login", "GET /balance"]);
+        let line = serde_json::to_string(a).unwrap();
+        assert!(line.contains("conflicting_copies"), "{line}");
+        assert!(!line.contains("secret-token"), "{line}");
+        assert!(!line.contains("acct=7"), "{line}");
+        // Enforce: blocked. Learn: nothing. Bytes that are no request are named by why.
+        e.set_mode(Mode::Enforce);
+        let out = e.on_conflicting_copies(4 * SECOND, client, b"\x16\x03\x01junk", transfer, 0);
+        assert_eq!(out.block.map(|b| b.client), Some(client));
+        assert!(
+            out.alerts[0].numbers["analysed"]
+                .as_str()
+                .unwrap()
+                .starts_with('(')
+        );
+        e.set_mode(Mode::Learn);
+        let out = e.on_conflicting_copies(5 * SECOND, client, lookup, transfer, 0);
+        assert!(out.alerts.is_empty() && out.block.is_none());
     }
 
     #[test]

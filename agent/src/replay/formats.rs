@@ -374,6 +374,7 @@ impl LineParser {
             headers: Vec::new(),
             session: None,
             origin,
+            conflict: None,
         })
     }
 
@@ -417,6 +418,7 @@ impl LineParser {
             headers,
             session: j.session.map(Cow::into_owned).filter(|s| !s.is_empty()),
             origin,
+            conflict: None,
         })
     }
 }

@@ -23,7 +23,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::http::{HttpConfig, Method};
+use crate::{
+    acked::Conflict,
+    http::{HttpConfig, Method},
+};
 
 pub mod formats;
 mod input;
@@ -119,6 +122,28 @@ pub struct ReplayRecord {
     /// An explicit session id (jsonl `session`); hash it like any identifier.
     pub session: Option<String>,
     pub origin: Origin,
+    /// Set on a record that is no request but two disagreeing copies of one place in a
+    /// connection's stream (pcap replay, as the daemon alerts on them: see
+    /// [`crate::acked::Conflict`]); its request fields are then empty.
+    pub conflict: Option<Box<Conflict>>,
+}
+
+impl ReplayRecord {
+    /// The record of a conflict the acknowledgement gate reported.
+    pub fn of_conflict(c: Conflict, origin: Origin) -> Self {
+        ReplayRecord {
+            ts_ns: c.ts_unix_ns,
+            client: c.client.ip(),
+            method: Method::Get,
+            path: String::new(),
+            query: None,
+            host: None,
+            headers: Vec::new(),
+            session: None,
+            origin,
+            conflict: Some(Box::new(c)),
+        }
+    }
 }
 
 /// Header values and session ids are secrets: Debug shows their lengths only.
@@ -147,6 +172,17 @@ impl fmt::Debug for ReplayRecord {
                     .map(|s| format!("<{} bytes>", s.len())),
             )
             .field("origin", &self.origin)
+            .field(
+                "conflict",
+                &self.conflict.as_ref().map(|c| {
+                    format!(
+                        "<{} and {} bytes at seq {}>",
+                        c.replaced.len(),
+                        c.analysed.len(),
+                        c.seq
+                    )
+                }),
+            )
             .finish()
     }
 }
@@ -303,6 +339,8 @@ pub struct ReplayAcks {
     pub stale: u64,
     pub superseded: u64,
     pub overflow: u64,
+    /// Acknowledged places the client sent two disagreeing copies of (alerted on).
+    pub conflicting: u64,
 }
 
 /// Counters every stream writes into.
@@ -454,6 +492,7 @@ impl Stream {
                             sum.unacknowledged += acks.unacknowledged;
                             sum.stale += acks.stale;
                             sum.superseded += acks.superseded;
+                            sum.conflicting += acks.conflicting;
                             sum.overflow += acks.overflow;
                         }
                         return None;
@@ -625,10 +664,12 @@ impl Iterator for Replay {
             self.merge.offer(i, r.ts_ns, r);
         }
         let s = &mut self.collector.summary;
-        s.records += 1;
-        s.files[i].records += 1;
-        if let Some(f) = s.files[i].format {
-            *s.records_by_format.entry(f).or_default() += 1;
+        if rec.conflict.is_none() {
+            s.records += 1;
+            s.files[i].records += 1;
+            if let Some(f) = s.files[i].format {
+                *s.records_by_format.entry(f).or_default() += 1;
+            }
         }
         self.delivered_since_tick += 1;
         if self.delivered_since_tick >= 4096 {

@@ -25,7 +25,7 @@ use rustc_hash::FxHashMap;
 
 use super::{Origin, ReplayRecord, formats::Skip, input::Input};
 use crate::{
-    acked::{AckCounters, AckGate},
+    acked::{AckCounters, AckGate, Conflict},
     capture::CapturedRequest,
     http,
     reassemble::Reassembler,
@@ -182,6 +182,11 @@ impl Acks {
         }
         // Off, the gate hands the record straight back.
         self.gate.push(rec)
+    }
+
+    /// Conflicts acknowledged since the last call (see [`AckGate::take_conflicts`]).
+    fn conflicts(&mut self) -> Vec<Conflict> {
+        self.gate.take_conflicts()
     }
 
     /// The capture ended: whatever still waits was never acknowledged in it.
@@ -630,6 +635,17 @@ fn packet(
         .iter()
         .flat_map(|req| requests(req, packet_no, ctx.file, ctx.http, ctx.keep))
         .collect();
+    // After the analysed copy's request, as the daemon takes them.
+    let origin = Origin {
+        file: ctx.file,
+        pos: packet_no,
+    };
+    events.extend(
+        ctx.acks
+            .conflicts()
+            .into_iter()
+            .map(|c| Event::Record(ReplayRecord::of_conflict(c, origin))),
+    );
     if events.is_empty() {
         return own;
     }
@@ -739,6 +755,7 @@ fn requests(
                     headers,
                     session: None,
                     origin,
+                    conflict: None,
                 })
             }
             Err(reason) => {

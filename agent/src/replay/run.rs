@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::{Format, ReplayRecord, ReplaySummary};
 use crate::{
     decide::{AlertAction, Mode},
-    engine::Engine,
+    engine::{Engine, Outcome},
     http::SelectedHeaders,
 };
 
@@ -145,7 +145,34 @@ impl Driver {
             self.blocks.remove(&rec.client);
         }
         let active = self.blocks.len();
-        let outcome = match &rec.session {
+        let outcome = if let Some(c) = &rec.conflict {
+            self.engine
+                .on_conflicting_copies(ts, rec.client, &c.analysed, &c.replaced, active)
+        } else {
+            self.request(rec, active)
+        };
+        for alert in &outcome.alerts {
+            self.alerts += 1;
+            serde_json::to_writer(&mut *out, alert)?;
+            out.write_all(b"\n")?;
+            debug_assert!(
+                alert.action != AlertAction::Block || outcome.block.is_some(),
+                "a blocking alert comes with its order"
+            );
+        }
+        if let Some(order) = outcome.block {
+            let until = ts.saturating_add(u64::try_from(order.ttl.as_nanos()).unwrap_or(u64::MAX));
+            if self.blocks.insert(order.client, until).is_none() {
+                self.blocked_ever += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A request record: as the daemon's engine takes it.
+    fn request(&mut self, rec: &ReplayRecord, active: usize) -> Outcome {
+        let ts = rec.ts_ns;
+        match &rec.session {
             Some(session) => self.engine.on_request_in_session(
                 ts,
                 rec.client,
@@ -169,23 +196,7 @@ impl Driver {
                     active,
                 )
             }
-        };
-        for alert in &outcome.alerts {
-            self.alerts += 1;
-            serde_json::to_writer(&mut *out, alert)?;
-            out.write_all(b"\n")?;
-            debug_assert!(
-                alert.action != AlertAction::Block || outcome.block.is_some(),
-                "a blocking alert comes with its order"
-            );
         }
-        if let Some(order) = outcome.block {
-            let until = ts.saturating_add(u64::try_from(order.ttl.as_nanos()).unwrap_or(u64::MAX));
-            if self.blocks.insert(order.client, until).is_none() {
-                self.blocked_ever += 1;
-            }
-        }
-        Ok(())
     }
 
     /// Ends the replay: sessions still open are closed (their runs and surprise learned, as
@@ -325,6 +336,13 @@ impl RunSummary {
                 "  acknowledged   {} requests the server acknowledged in the capture; dropped: {} never acknowledged, {} stale, {} superseded, {} overflow",
                 a.acknowledged, a.unacknowledged, a.stale, a.superseded, a.overflow
             );
+            if a.conflicting > 0 {
+                let _ = writeln!(
+                    o,
+                    "  conflicting    {} places the clients sent two different versions of (alerted on as conflicting_copies)",
+                    a.conflicting
+                );
+            }
         }
         if i.snaplen_cut > 0 || !i.packets_ignored.is_empty() {
             let ignored: u64 = i.packets_ignored.values().sum();
