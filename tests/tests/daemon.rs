@@ -560,78 +560,188 @@ fn stream_position(s: &std::net::TcpStream) -> std::io::Result<(u32, u32)> {
     Ok((position.0?, position.1?))
 }
 
+/// A client with a TCP stack of its own, on a real connection to the bank: it made one
+/// harmless request, and writes the next bytes of its stream itself, as raw frames.
+struct OwnStack {
+    /// The connection, kept open (its own stack sends nothing more on it).
+    stream: std::net::TcpStream,
+    /// Where the connection stands: the sequence number of the next byte to send, and the
+    /// acknowledgement number to send with it.
+    next_seq: u32,
+    next_ack: u32,
+    host_mac: [u8; 6],
+    sender: FrameSender,
+}
+
+impl OwnStack {
+    fn connect(bank: &Enforcing) -> Self {
+        let target = bank.target;
+        let (stream, (next_seq, next_ack)) = bank
+            .net
+            .run_in_ns(move || -> std::io::Result<_> {
+                // No TCP timestamps on the connection: the frames written here carry none.
+                std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0")?;
+                let mut s = std::net::TcpStream::connect(target)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(
+                    b"GET /api/v1/auth HTTP/1.1\r\nHost: bank.test\r\n\
+                      Authorization: Bearer attacker\r\n\r\n",
+                )?;
+                let mut reply = Vec::new();
+                let mut buf = [0u8; 512];
+                while !reply.ends_with(b"ok") {
+                    let n = s.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    reply.extend_from_slice(&buf[..n]);
+                }
+                let position = stream_position(&s)?;
+                Ok((s, position))
+            })
+            .unwrap()
+            .unwrap();
+        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", bank.net.host_if))
+            .unwrap();
+        let mac: Vec<u8> = mac
+            .trim()
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        OwnStack {
+            stream,
+            next_seq,
+            next_ack,
+            host_mac: mac.try_into().unwrap(),
+            sender: FrameSender::open(&bank.net).unwrap(),
+        }
+    }
+
+    /// Sends `payload` at `next_seq + offset` (negative: bytes already sent), addressed to the
+    /// host end's MAC and with a valid checksum unless `bad_checksum`, so the host's stack
+    /// takes it (the frames of the other tests here are dropped after XDP).
+    fn send(&mut self, bank: &Enforcing, offset: i32, payload: &str, bad_checksum: bool) {
+        let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], self.host_mac)
+            .ipv4(bank.net.ns_ip.octets(), bank.net.host_ip.octets(), 64)
+            .tcp(
+                self.stream.local_addr().unwrap().port(),
+                PORT,
+                self.next_seq.wrapping_add_signed(offset),
+                65_535,
+            )
+            .ack(self.next_ack)
+            .psh();
+        let mut frame = Vec::with_capacity(builder.size(payload.len()));
+        builder.write(&mut frame, payload.as_bytes()).unwrap();
+        if bad_checksum {
+            // The TCP checksum: after 14 bytes of Ethernet, 20 of IPv4 and 16 of TCP.
+            frame[14 + 20 + 16] ^= 0x5a;
+        }
+        self.sender.send(&frame).unwrap();
+    }
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_transfer_behind_a_byte_the_server_already_has_is_seen() {
     let bank = Enforcing::start("dmn10", 30);
-    let target = bank.target;
-    // A client with a TCP stack of its own makes one harmless request on a real connection,
-    // then sends the transfer in a segment that starts one byte early, at a byte the server
-    // has acknowledged. The server's stack keeps its own copy of that byte and reads the
+    // The transfer in a segment that starts one byte early, at a byte the server has
+    // acknowledged. The server's stack keeps its own copy of that byte and reads the
     // transfer; the segment starts with `X`, no method, so a capture of request starts never
     // saw it.
-    let (stream, (next_seq, next_ack)) = bank
-        .net
-        .run_in_ns(move || -> std::io::Result<_> {
-            // No TCP timestamps on the connection: the forged segment carries none.
-            std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0")?;
-            let mut s = std::net::TcpStream::connect(target)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(
-                b"GET /api/v1/auth HTTP/1.1\r\nHost: bank.test\r\n\
-                  Authorization: Bearer attacker\r\n\r\n",
-            )?;
-            let mut reply = Vec::new();
-            let mut buf = [0u8; 512];
-            while !reply.ends_with(b"ok") {
-                let n = s.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                reply.extend_from_slice(&buf[..n]);
-            }
-            let position = stream_position(&s)?;
-            Ok((s, position))
-        })
-        .unwrap()
-        .unwrap();
-    let transfer = "POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
-                    Authorization: Bearer attacker\r\nContent-Length: 0\r\n\r\n";
-    let mac =
-        std::fs::read_to_string(format!("/sys/class/net/{}/address", bank.net.host_if)).unwrap();
-    let mac: Vec<u8> = mac
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect();
-    // Addressed to the host end's MAC and with checksums, so its stack takes it (the frames of
-    // the other tests here are dropped after XDP).
-    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], mac.try_into().unwrap())
-        .ipv4(bank.net.ns_ip.octets(), bank.net.host_ip.octets(), 64)
-        .tcp(
-            stream.local_addr().unwrap().port(),
-            PORT,
-            next_seq.wrapping_sub(1),
-            65_535,
-        )
-        .ack(next_ack)
-        .psh();
-    let payload = format!("X{transfer}");
-    let mut frame = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut frame, payload.as_bytes()).unwrap();
-    FrameSender::open(&bank.net).unwrap().send(&frame).unwrap();
+    let mut client = OwnStack::connect(&bank);
+    client.send(&bank, -1, &format!("X{TRANSFER}"), false);
     // The server served it, and the daemon saw it: the rule's alert, and a block.
-    assert!(
-        precedent_tests::fixtures::wait_until(Duration::from_secs(10), || bank.server.served()
-            == 2),
-        "the server did not take the transfer: served {}",
-        bank.server.served()
-    );
+    assert_served(&bank, 2);
     assert_eq!(bank.rule_alert()["operation"], "POST /api/v1/transferFunds");
     let s = cli(&bank.socket, &["status"]);
     assert_eq!(s["kernel_counters"]["overlapping"], 1, "{s}");
     assert_eq!(s["userspace_counters"]["requests"], 2, "{s}");
-    drop(stream);
+}
+
+const TRANSFER: &str = "POST /api/v1/transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+                        Authorization: Bearer attacker\r\nContent-Length: 0\r\n\r\n";
+/// A balance lookup exactly as long as [`TRANSFER`], so the server's acknowledgement number
+/// cannot tell which of the two it read.
+const LOOKUP: &str = "GET /api/v1/accounts/7/balance HTTP/1.1\r\nHost: bank.test\r\n\
+                      Authorization: Bearer attacker\r\nX-Pad: 123456\r\n\r\n";
+
+/// Waits for the server to have served `n` requests (10 s at most).
+fn assert_served(bank: &Enforcing, n: u64) {
+    assert!(
+        precedent_tests::fixtures::wait_until(Duration::from_secs(10), || bank.server.served()
+            == n),
+        "the server served {}, not {n}",
+        bank.server.served()
+    );
+}
+
+/// The daemon's alert lines until one names `signal` or `rule` (20 s at most).
+fn alert_with(bank: &Enforcing, key: &str, value: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let Some(line) = bank.daemon.next_line(Duration::from_secs(1)) else {
+            continue;
+        };
+        let alert: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if alert[key] == value {
+            return alert;
+        }
+    }
+    panic!("no alert with {key} = {value} within 20 s");
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn two_versions_of_the_same_bytes_are_alerted_whichever_the_server_read() {
+    assert_eq!(TRANSFER.len(), LOOKUP.len());
+    // The insertion: the lookup with a bad checksum (the server's stack drops it, silently),
+    // then the transfer at the same place. precedent analyses the later copy, the transfer,
+    // and alerts on the pair.
+    let bank = Enforcing::start("dmn11", 33);
+    let mut client = OwnStack::connect(&bank);
+    client.send(&bank, 0, LOOKUP, true);
+    client.send(&bank, 0, TRANSFER, false);
+    let conflict = alert_with(&bank, "signal", "conflicting_copies");
+    assert_eq!(
+        conflict["numbers"]["replaced"],
+        "GET /api/v1/accounts/7/balance"
+    );
+    assert_eq!(
+        conflict["numbers"]["analysed"],
+        "POST /api/v1/transferFunds"
+    );
+    assert_eq!(conflict["client"], bank.net.ns_ip.to_string());
+    assert_served(&bank, 2);
+    let s = cli(&bank.socket, &["status"]);
+    assert_eq!(s["userspace_counters"]["requests_conflicting"], 1, "{s}");
+    assert_eq!(s["userspace_counters"]["requests_superseded"], 1, "{s}");
+    drop(bank);
+
+    // The race: the transfer, then the lookup at the same place before the server's
+    // (delayed) acknowledgement. The server keeps the transfer and drops the lookup as bytes
+    // it already has; precedent, analysing the later copy, would have seen a lookup and no
+    // transfer. Now the pair is alerted on and the client blocked. (Had the acknowledgement
+    // come first, the lookup would be stale and the transfer analysed: the rule's alert.)
+    let bank = Enforcing::start("dmn12", 34);
+    let mut client = OwnStack::connect(&bank);
+    client.send(&bank, 0, TRANSFER, false);
+    client.send(&bank, 0, LOOKUP, false);
+    wait_for_a_block(&bank.socket);
+    let s = cli(&bank.socket, &["status"]);
+    let alert = if s["userspace_counters"]["requests_conflicting"] == 1 {
+        let a = alert_with(&bank, "signal", "conflicting_copies");
+        assert_eq!(
+            a["numbers"]["replaced"], "POST /api/v1/transferFunds",
+            "{a}"
+        );
+        a
+    } else {
+        eprintln!("the acknowledgement came before the lookup: {s}");
+        alert_with(&bank, "rule", "transfer-needs-balance")
+    };
+    assert_eq!(alert["action"], "block", "{alert}");
+    assert_served(&bank, 2);
 }
 
 #[test]
