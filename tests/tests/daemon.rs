@@ -13,6 +13,7 @@ use precedent_tests::{
     fixtures::{Scratch, request, request_in_pieces, write_config},
     hostile::FrameSender,
     precedent_bin,
+    recorder::FrameRecorder,
 };
 
 const PORT: u16 = 8080;
@@ -74,7 +75,9 @@ struct Enforcing {
     target: SocketAddr,
     server: HttpServer,
     net: TestNet,
-    _dir: Scratch,
+    /// The `--config` argument.
+    config: String,
+    dir: Scratch,
 }
 
 impl Enforcing {
@@ -96,7 +99,8 @@ impl Enforcing {
             target,
             server,
             net,
-            _dir: dir,
+            config,
+            dir,
         }
     }
 
@@ -724,6 +728,7 @@ fn two_versions_of_the_same_bytes_are_alerted_whichever_the_server_read() {
     // transfer. Now the pair is alerted on and the client blocked. (Had the acknowledgement
     // come first, the lookup would be stale and the transfer analysed: the rule's alert.)
     let bank = Enforcing::start("dmn12", 34);
+    let recorder = FrameRecorder::start(&bank.net.host_if).unwrap();
     let mut client = OwnStack::connect(&bank);
     client.send(&bank, 0, TRANSFER, false);
     client.send(&bank, 0, LOOKUP, false);
@@ -742,6 +747,42 @@ fn two_versions_of_the_same_bytes_are_alerted_whichever_the_server_read() {
     };
     assert_eq!(alert["action"], "block", "{alert}");
     assert_served(&bank, 2);
+
+    // `tcpdump` on the server's interface, replayed with the same config, alerts alike.
+    let capture = bank.dir.join("race.pcap");
+    std::fs::write(&capture, recorder.finish()).unwrap();
+    let out = Command::new(precedent_bin())
+        .arg("replay")
+        .arg(&capture)
+        .args(["--config", &bank.config, "--warmup", "0", "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let same = |a: &serde_json::Value| {
+        [
+            "kind",
+            "signal",
+            "rule",
+            "action",
+            "client",
+            "operation",
+            "numbers",
+        ]
+        .iter()
+        .all(|k| a[k] == alert[k])
+    };
+    assert!(
+        replayed.iter().any(same),
+        "replay: {replayed:?}, daemon: {alert}"
+    );
 }
 
 #[test]

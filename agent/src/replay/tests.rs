@@ -1070,3 +1070,50 @@ fn throughput_of_combined_logs() {
         );
     }
 }
+
+#[test]
+fn two_versions_of_one_place_are_a_conflict_record_after_the_analysed_request() {
+    // The race past the server's delayed ACK, in a capture of both directions: the transfer,
+    // then a lookup of the same length at the same place, then the acknowledgement.
+    let dir = tempfile::tempdir().unwrap();
+    let transfer = b"POST /api/v1/transferFunds HTTP/1.1\r\nAuthorization: Bearer abc\r\n\r\n";
+    let lookup = b"GET /api/v1/balance HTTP/1.1\r\nAuthorization: Bearer abc\r\nX: 12\r\n\r\n";
+    assert_eq!(transfer.len(), lookup.len());
+    let end = 100 + transfer.len() as u32;
+    let pkts = [
+        two_way(0, 40000, true, 0, "SA", 100, b""),
+        two_way(1, 40000, false, 100, "A", 1, transfer),
+        two_way(2, 40000, false, 100, "A", 1, lookup),
+        two_way(40, 40000, true, 1, "A", end, b""),
+    ];
+    let path = write(&dir, "race.pcap", &pcap_file(1, &pkts));
+    let (records, s) = replay(std::slice::from_ref(&path), &ReplayOptions::default());
+    assert_eq!(paths_of(&records), ["/api/v1/balance", ""]);
+    let c = records[1].conflict.as_deref().expect("a conflict record");
+    assert_eq!(
+        (c.replaced.as_slice(), c.analysed.as_slice()),
+        (&transfer[..], &lookup[..])
+    );
+    assert_eq!(
+        (s.records, s.acks.superseded, s.acks.conflicting),
+        (1, 1, 1)
+    );
+    // Driven through the engine as the daemon drives it: the alert names both copies.
+    let engine = crate::engine::Engine::new(
+        &crate::engine::EngineConfig::default(),
+        crate::rules::RuleFile::default(),
+        [1; 16],
+        crate::decide::Mode::Enforce,
+    )
+    .unwrap();
+    let mut driver = run::Driver::new(engine, 0);
+    let mut out = Vec::new();
+    for r in &records {
+        driver.feed(r, &mut out).unwrap();
+    }
+    let alert: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(alert["signal"], "conflicting_copies");
+    assert_eq!(alert["numbers"]["replaced"], "POST /api/v1/transferFunds");
+    assert_eq!(alert["action"], "block");
+    assert_eq!(driver.finish().requests, 1);
+}
