@@ -328,8 +328,7 @@ impl Engine {
             session: key.short(),
             operation: &analysed_line,
             previous,
-            allowlisted: core.allowlist.iter().any(|n| n.contains(&client))
-                || core.proxy.trusts(client),
+            allowlisted: core.never_blocked(client),
         };
         let active_clients = core.sessions.counters().live;
         let (alerts, block) = core
@@ -536,6 +535,12 @@ impl Core {
         let (client, source) = self.proxy.client(peer, headers);
         self.proxy_counters.record(source);
         client
+    }
+
+    /// Allowlisted, or a trusted proxy: one stands in for its clients only when it names
+    /// none, and blocking it would cut off every client behind it.
+    fn never_blocked(&self, client: IpAddr) -> bool {
+        self.allowlist.iter().any(|n| n.contains(&client)) || self.proxy.trusts(client)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -764,10 +769,7 @@ impl Core {
             session: session_id,
             operation: &operation,
             previous,
-            // A trusted proxy stands in for its clients only when it names none: blocking it
-            // would cut off every client behind it, so it is never blocked.
-            allowlisted: self.allowlist.iter().any(|n| n.contains(&client))
-                || self.proxy.trusts(client),
+            allowlisted: self.never_blocked(client),
         };
         let active_clients = self.sessions.counters().live;
         let mut out = Outcome::default();
