@@ -98,20 +98,37 @@ pub struct FlowKey {
 pub struct FollowState {
     /// TCP sequence number the next piece starts at (host order).
     pub next_seq: u32,
+    /// Where the first piece started (the end of the start's bytes): a segment from here to
+    /// `next_seq` is another copy of bytes captured as pieces ([`COPY_PIECE`]).
+    pub first_seq: u32,
     /// Payload bytes captured for the request so far.
     pub captured: u16,
     /// Pieces captured after the start.
     pub pieces: u8,
-    pub _pad: u8,
+    /// 1 once the header ended (or the following stopped): no more pieces, only copies of
+    /// them, for [`COPY_WINDOW_NS`].
+    pub ended: u8,
+    pub _pad: u32,
     /// CLOCK_MONOTONIC (coarse) nanoseconds after which the connection is no longer followed.
     pub until_ns: u64,
 }
+
+/// [`EventHeader::piece`] of another copy of bytes already captured as a piece of a followed
+/// request: a segment that starts where one of its pieces did, or inside them. The stack of
+/// the server kept one copy (the first, unless it refused it: a bad checksum), so the agent
+/// compares them (see `acked` in the agent) instead of trusting the first: a bad-checksum
+/// piece followed by the real one would otherwise leave the agent with the forged bytes.
+pub const COPY_PIECE: u8 = 254;
+/// How long, after a followed header ended, copies of its pieces are still captured: the
+/// agent waits 2 s for a record's acknowledgement, so a copy later than that finds nothing
+/// to compare with anyway.
+pub const COPY_WINDOW_NS: u64 = 2_000_000_000;
 
 /// [`EventHeader::piece`] of an acknowledgement record: no payload; `seq` is the
 /// acknowledgement number the server sent on the connection (addresses and ports as in a
 /// request record, client first). See [`AckWatch`].
 pub const ACK_RECORD: u8 = u8::MAX;
-const _: () = assert!(FOLLOW_MAX_PIECES < ACK_RECORD);
+const _: () = assert!(FOLLOW_MAX_PIECES < COPY_PIECE && COPY_PIECE < ACK_RECORD);
 
 /// Empty-line bytes skipped before a request line, at most. RFC 9112 §2.2 has servers ignore
 /// empty lines before one (nginx skips any number), so a request behind them must be found:
@@ -200,7 +217,7 @@ impl AckWatch {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<FollowState>() == 16);
+const _: () = assert!(core::mem::size_of::<FollowState>() == 24);
 const _: () = assert!(core::mem::size_of::<AckWatch>() == 16);
 
 /// Runtime settings for the XDP program: entry 0 of the `CONFIG` array map.
@@ -447,9 +464,12 @@ pub enum Counter {
     /// read from the acknowledged point, where the server reads on (a request there is
     /// captured from it).
     Overlapping,
+    /// Segments of a followed request that came again over bytes captured as its pieces:
+    /// captured again ([`COPY_PIECE`]) for the agent to compare.
+    PieceCopies,
 }
 
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 17;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -469,6 +489,7 @@ impl Counter {
         Counter::FollowLost,
         Counter::Stale,
         Counter::Overlapping,
+        Counter::PieceCopies,
     ];
 
     /// Stable snake_case name, used in logs, `status` and JSON.
@@ -490,6 +511,7 @@ impl Counter {
             Counter::FollowLost => "follow_lost",
             Counter::Stale => "stale",
             Counter::Overlapping => "overlapping",
+            Counter::PieceCopies => "piece_copies",
         }
     }
 }

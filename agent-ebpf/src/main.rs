@@ -14,11 +14,11 @@
 mod parse;
 
 use agent_common::{
-    ACK_FLOWS, ACK_RECORD, AckWatch, BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX,
-    COUNTER_COUNT, ClockCache, Config, Counter, EXACT_BUCKETS, EXACT_WAYS, Enforcement,
-    EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, FAMILY_IPV6, FLAG_ALLOW_V4, FLAG_ALLOW_V6,
-    FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, FlowKey,
-    FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS, OVERLAP_MAX, RING_WAKEUP_EVERY_NS,
+    ACK_FLOWS, ACK_RECORD, AckWatch, BlockEntry, Bucket, CAPTURE_DEFAULT, CAPTURE_MAX, COPY_PIECE,
+    COPY_WINDOW_NS, COUNTER_COUNT, ClockCache, Config, Counter, EXACT_BUCKETS, EXACT_WAYS,
+    Enforcement, EventHeader, ExactSlotV4, ExactSlotV6, FAMILY_IPV4, FAMILY_IPV6, FLAG_ALLOW_V4,
+    FLAG_ALLOW_V6, FLAG_BLOCK_V4, FLAG_BLOCK_V6, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES,
+    FlowKey, FollowState, HASHED_LENGTHS, MAX_ALLOW, MAX_BLOCKS, OVERLAP_MAX, RING_WAKEUP_EVERY_NS,
     RINGBUF_RECORD_HEADER_LEN, exact_bucket_v4, exact_bucket_v6, prefix_v4, prefix_v6, seq_reaches,
 };
 use aya_ebpf::{
@@ -470,10 +470,13 @@ fn record(
     // A complete one ends any following of the connection's earlier request.
     if captured < limit && !parse::ends_header(ctx, h) {
         let until = coarse_now() + FOLLOW_IDLE_NS;
+        let next_seq = seq.wrapping_add(h.payload_len as u32);
         let state = FollowState {
-            next_seq: seq.wrapping_add(h.payload_len as u32),
+            next_seq,
+            first_seq: next_seq,
             captured: captured as u16,
             pieces: 0,
+            ended: 0,
             _pad: 0,
             until_ns: until,
         };
@@ -685,7 +688,10 @@ fn following() -> bool {
 }
 
 /// A segment that starts with no method token: if its connection is followed and it is the
-/// next one in sequence, it is captured as the next piece of the request (true).
+/// next one in sequence, it is captured as the next piece of the request (true). One that
+/// starts among the pieces already captured is captured again as a copy (`COPY_PIECE`), also
+/// for a moment after the header ended: the server kept one of the two, the first unless its
+/// stack refused it (a bad checksum), and only the agent can compare them.
 #[inline(always)]
 fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Skip> {
     if !following() {
@@ -696,11 +702,13 @@ fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Sk
     };
     let seq = parse::tcp_seq(ctx, h)?;
     let now = coarse_now();
-    let (next_seq, captured, pieces, until) = unsafe {
+    let (next_seq, first_seq, captured, pieces, ended, until) = unsafe {
         (
             (*state).next_seq,
+            (*state).first_seq,
             (*state).captured as usize,
             (*state).pieces,
+            (*state).ended,
             (*state).until_ns,
         )
     };
@@ -708,11 +716,33 @@ fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Sk
         let _ = FOLLOW.remove(key);
         return Ok(false);
     }
-    // Signed distance in sequence space: behind is a retransmission of bytes already seen
-    // (ignored, the following goes on); ahead is a gap, and the request can no longer be
-    // put together.
+    let Some(config) = CONFIG.get(0) else {
+        return Ok(false);
+    };
+    let limit = capture_limit(config);
+    // Signed distance in sequence space: behind is bytes already seen (a retransmission, or
+    // another copy of a piece); ahead is a gap, and the request can no longer be put together.
     let ahead = seq.wrapping_sub(next_seq) as i32;
     if ahead < 0 {
+        // Before the first piece is the start's: its copies start requests of their own.
+        if (seq.wrapping_sub(first_seq) as i32) < 0 {
+            return Ok(false);
+        }
+        let take = if h.payload_len < limit {
+            h.payload_len
+        } else {
+            limit
+        };
+        emit_sized(ctx, h, take, seq, COPY_PIECE)?;
+        await_ack(
+            ACKS.get_ptr_mut(key),
+            key,
+            seq,
+            seq.wrapping_add(take as u32),
+        );
+        return Ok(true);
+    }
+    if ended != 0 {
         return Ok(false);
     }
     if ahead > 0 {
@@ -720,10 +750,6 @@ fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Sk
         bump(Counter::FollowLost);
         return Ok(false);
     }
-    let Some(config) = CONFIG.get(0) else {
-        return Ok(false);
-    };
-    let limit = capture_limit(config);
     let left = if captured < limit {
         limit - captured
     } else {
@@ -746,18 +772,21 @@ fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Sk
         seq,
         seq.wrapping_add(take as u32),
     );
-    if take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h) {
-        let _ = FOLLOW.remove(key);
-    } else {
-        unsafe {
-            (*state).next_seq = next_seq.wrapping_add(h.payload_len as u32);
-            (*state).captured = (captured + take) as u16;
-            (*state).pieces = pieces;
-            (*state).until_ns = now + FOLLOW_IDLE_NS;
-        }
-        if let Some(active) = FOLLOWING.get_ptr_mut(0) {
-            unsafe { *active = now + FOLLOW_IDLE_NS };
-        }
+    // The last piece (the header ended, or the capture length or the piece count is spent)
+    // leaves the entry for COPY_WINDOW_NS, to capture copies of the pieces.
+    let last = take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h);
+    let until = now + if last { COPY_WINDOW_NS } else { FOLLOW_IDLE_NS };
+    unsafe {
+        (*state).next_seq = next_seq.wrapping_add(h.payload_len as u32);
+        (*state).captured = (captured + take) as u16;
+        (*state).pieces = pieces;
+        (*state).ended = u8::from(last);
+        (*state).until_ns = until;
+    }
+    if let Some(active) = FOLLOWING.get_ptr_mut(0)
+        && unsafe { *active } < until
+    {
+        unsafe { *active = until };
     }
     Ok(true)
 }
@@ -840,10 +869,10 @@ fn emit<const N: usize>(
         (*hdr).piece = piece;
     }
     entry.submit(wakeup_flags(now));
-    bump(if piece == 0 {
-        Counter::Captured
-    } else {
-        Counter::Continued
+    bump(match piece {
+        0 => Counter::Captured,
+        COPY_PIECE => Counter::PieceCopies,
+        _ => Counter::Continued,
     });
     if h.payload_len > captured {
         bump(Counter::Truncated);

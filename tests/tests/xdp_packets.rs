@@ -4,7 +4,7 @@
 //! the program emitted.
 use std::{net::IpAddr, time::Duration};
 
-use agent_common::{Counter, EVENT_HEADER_LEN, EventHeader};
+use agent_common::{COPY_PIECE, Counter, EVENT_HEADER_LEN, EventHeader};
 use aya::maps::{MapData, RingBuf};
 use precedent::{
     capture::{ACK_PROGRAM, CapturedRequest, Counters, Datapath, LoadOptions, PROGRAM},
@@ -683,9 +683,14 @@ fn a_request_header_split_over_segments_is_captured_piece_by_piece() {
         (o.header().sport, o.header().dport, &o.header().saddr[..4]),
         (40_000, 8080, &[10u8, 9, 0, 2][..])
     );
-    // A retransmission of the piece just seen is not captured again, and does not end the
-    // following.
+    // Another copy of the piece just seen (a retransmission, or the real piece after a
+    // forged one the stack refused) is captured again for the agent to compare, and does not
+    // end the following. Bytes inside the start are the start's (not a piece's) copy.
     let o = h.run(&segment(seq, parts[1]));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::PieceCopies, 1)]);
+    assert_eq!(o.pieces(), vec![(COPY_PIECE, parts[1].to_vec())]);
+    assert_eq!(o.header().seq, seq);
+    let o = h.run(&segment(seq - 4, &parts[0][parts[0].len() - 4..]));
     o.assert_counters(&[(Counter::Passed, 1)]);
     assert!(o.events.is_empty());
     seq += parts[1].len() as u32;
@@ -700,10 +705,15 @@ fn a_request_header_split_over_segments_is_captured_piece_by_piece() {
     let o = h.run(&segment(seq, parts[2]));
     o.assert_counters(&[(Counter::Passed, 1), (Counter::Continued, 1)]);
     assert_eq!(o.pieces(), vec![(2, parts[2].to_vec())]);
+    let last = seq;
     seq += parts[2].len() as u32;
     let o = h.run(&segment(seq, b"{\"amount\": 100}"));
     o.assert_counters(&[(Counter::Passed, 1)]);
     assert!(o.events.is_empty());
+    // Copies of its pieces still are, for a moment: the last one's too.
+    let o = h.run(&segment(last, parts[2]));
+    o.assert_counters(&[(Counter::Passed, 1), (Counter::PieceCopies, 1)]);
+    assert_eq!(o.pieces(), vec![(COPY_PIECE, parts[2].to_vec())]);
 }
 
 #[test]
