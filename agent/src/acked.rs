@@ -31,6 +31,11 @@
 //!   server read). The two look the same from here, so once the position is acknowledged
 //!   (the connection is real: a forged pair never is) the disagreement is reported as a
 //!   [`Conflict`] for the engine to alert on (`conflicting_copies`), counted `conflicting`.
+//!   The same holds for the pieces of a header split over segments: the XDP program captures
+//!   a segment over bytes it already captured as pieces again (`COPY_PIECE`); one that
+//!   disagrees with the waiting piece at its place takes that piece's place and number, with
+//!   the conflict; one that agrees, or finds no piece there, is dropped (counted
+//!   `piece_copies`): the pieces the reassembler joins are those the server acknowledged.
 //!
 //! Records of one connection leave in the order they came. Memory is bounded: at most
 //! [`MAX_WAITING`] records wait (past it, the longest-waiting goes: see there) and
@@ -80,10 +85,13 @@ pub struct AckCounters {
     pub overflow: u64,
     /// Acknowledged positions the client had sent two disagreeing copies of (see [`Conflict`]).
     pub conflicting: u64,
+    /// Copies of pieces that agreed with the piece at their place, or found none waiting
+    /// there (a retransmission, mostly): dropped.
+    pub piece_copies: u64,
 }
 
-/// Two copies of the start of a request at the same place in a connection's stream that
-/// disagree, the place since acknowledged by the server. The server read one of them and
+/// Two copies of the start of a request (or of a piece of one) at the same place in a
+/// connection's stream that disagree, the place since acknowledged by the server. The server read one of them and
 /// precedent analysed `analysed`, the later; which one the server read cannot be told from
 /// outside its TCP stack (see the module documentation), hence the alert.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +101,8 @@ pub struct Conflict {
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub seq: u32,
+    /// 0 for copies of a request's start, n for copies of its nth piece.
+    pub piece: u8,
     /// The first copy that disagreed with the analysed one.
     pub replaced: Vec<u8>,
     pub analysed: Vec<u8>,
@@ -188,7 +198,16 @@ impl AckGate {
     /// documentation); an acknowledgement releases the records it covers, returned in order.
     pub fn push(&mut self, rec: CapturedRequest) -> Vec<CapturedRequest> {
         if !self.enabled {
-            return if rec.is_ack() { Vec::new() } else { vec![rec] };
+            // Without acknowledgements nothing tells which copy of a piece the server kept:
+            // the first captured stands, as when the program did not capture copies.
+            if rec.is_piece_copy() {
+                self.counters.piece_copies += 1;
+            }
+            return if rec.is_ack() || rec.is_piece_copy() {
+                Vec::new()
+            } else {
+                vec![rec]
+            };
         }
         if rec.is_ack() {
             self.acknowledge(rec)
@@ -239,6 +258,7 @@ impl AckGate {
                             client: w.rec.client,
                             server: w.rec.server,
                             seq: w.rec.seq,
+                            piece: w.rec.piece,
                             replaced,
                             analysed: w.rec.data.clone(),
                         });
@@ -269,6 +289,10 @@ impl AckGate {
                 self.counters.stale += 1;
                 return;
             }
+        }
+        if rec.is_piece_copy() {
+            self.compare_piece(key, rec);
+            return;
         }
         let mut replaced = None;
         if rec.piece == 0
@@ -305,6 +329,27 @@ impl AckGate {
             rec,
             replaced,
         });
+    }
+
+    /// Another copy of bytes captured as pieces: it takes the place (and number) of the
+    /// waiting piece at its start when they disagree, and is dropped otherwise.
+    fn compare_piece(&mut self, key: Conn, mut rec: CapturedRequest) {
+        let Some(queue) = self.waiting.get_mut(&key) else {
+            self.counters.piece_copies += 1;
+            return;
+        };
+        let Some(w) = queue
+            .iter_mut()
+            .find(|w| w.rec.piece > 0 && w.rec.seq == rec.seq && disagree(&w.rec.data, &rec.data))
+        else {
+            self.counters.piece_copies += 1;
+            return;
+        };
+        rec.piece = w.rec.piece;
+        // Waiting as long as the piece it replaces did, in its place in the stream's order.
+        let earlier = std::mem::replace(&mut w.rec, rec);
+        w.replaced = w.replaced.take().or(Some(earlier.data));
+        self.counters.superseded += 1;
     }
 
     fn drop_longest_waiting(&mut self) {
@@ -347,7 +392,7 @@ impl AckGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_common::ACK_RECORD;
+    use agent_common::{ACK_RECORD, COPY_PIECE};
 
     const T0: u64 = 1_790_000_000_000_000_000;
 
@@ -475,6 +520,7 @@ mod tests {
                 client: SocketAddr::from(([10, 0, 0, 2], 1)),
                 server: SocketAddr::from(([10, 0, 0, 1], 8080)),
                 seq: 100,
+                piece: 0,
                 replaced: GET.to_vec(),
                 analysed: filler.to_vec(),
             }]
@@ -535,6 +581,46 @@ mod tests {
         assert_eq!(g.counters().unacknowledged, 1);
         assert!(g.take_conflicts().is_empty());
         assert_eq!(g.counters().conflicting, 0);
+    }
+
+    #[test]
+    fn a_copy_of_a_piece_that_disagrees_takes_its_place_and_one_that_agrees_is_dropped() {
+        // `POST /api/v1/` + `transferFunds ...` split in two, the second piece first forged
+        // (a bad checksum: the stack drops it) and then sent for real, with a third piece
+        // between them.
+        let start = b"POST /api/v1/";
+        let forged = b"accounts HTTP/1.1\r\n";
+        let real = b"transfer HTTP/1.1\r\n";
+        let third = b"Host: bank.test\r\n\r\n";
+        let (a, b) = (100, 100 + start.len() as u32);
+        let c = b + real.len() as u32;
+        let mut g = AckGate::new(true);
+        g.push(rec(1, a, start, 0, T0));
+        g.push(rec(1, b, forged, 1, T0 + 1));
+        g.push(rec(1, c, third, 2, T0 + 2));
+        g.push(rec(1, b, real, COPY_PIECE, T0 + 3));
+        // Again (a retransmission of the real one): agrees, dropped.
+        g.push(rec(1, b, real, COPY_PIECE, T0 + 4));
+        // Over bytes no waiting piece starts at: dropped.
+        g.push(rec(1, b + 3, &real[3..], COPY_PIECE, T0 + 4));
+        let out = g.push(ack(1, c + third.len() as u32, T0 + 5));
+        let got: Vec<(u8, &[u8])> = out.iter().map(|r| (r.piece, r.data.as_slice())).collect();
+        assert_eq!(got, vec![(0, &start[..]), (1, &real[..]), (2, &third[..])]);
+        let conflicts = g.take_conflicts();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(
+            (
+                conflicts[0].piece,
+                conflicts[0].seq,
+                conflicts[0].replaced.as_slice()
+            ),
+            (1, b, &forged[..])
+        );
+        assert_eq!((g.counters().superseded, g.counters().piece_copies), (1, 2));
+        // Without acknowledgements the first copy stands.
+        let mut g = AckGate::new(false);
+        assert!(g.push(rec(1, b, real, COPY_PIECE, T0)).is_empty());
+        assert_eq!(g.counters().piece_copies, 1);
     }
 
     #[test]

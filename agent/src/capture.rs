@@ -218,7 +218,8 @@ pub struct CapturedRequest {
     /// Length of the TCP payload on the wire; larger than `data.len()` when truncated.
     pub payload_len: u32,
     /// 0: the segment starts a request; n ≥ 1: the nth segment continuing the request started
-    /// on the same connection (see [`crate::reassemble`]).
+    /// on the same connection (see [`crate::reassemble`]); [`agent_common::COPY_PIECE`]: another
+    /// copy of bytes captured as such pieces (see [`crate::acked`]).
     pub piece: u8,
     pub data: Vec<u8>,
 }
@@ -255,6 +256,11 @@ impl CapturedRequest {
     /// acknowledgement number the server sent (see [`crate::acked`]).
     pub fn is_ack(&self) -> bool {
         self.piece == agent_common::ACK_RECORD
+    }
+
+    /// Another copy of bytes captured as pieces of a followed request.
+    pub fn is_piece_copy(&self) -> bool {
+        self.piece == agent_common::COPY_PIECE
     }
 
     /// The capture ended before the request did.

@@ -414,13 +414,7 @@ impl Daemon {
         // session's history.
         for c in self.acks.take_conflicts() {
             if self.port_captured(c.server.port()) {
-                let outcome = self.engine.on_conflicting_copies(
-                    c.ts_unix_ns,
-                    c.client.ip(),
-                    &c.analysed,
-                    &c.replaced,
-                    self.enforcer.len(),
-                );
+                let outcome = self.engine.on_conflicting_copies(&c, self.enforcer.len());
                 self.apply(outcome);
             }
         }
@@ -699,6 +693,7 @@ impl Daemon {
         userspace.insert("requests_stale".into(), ac.stale);
         userspace.insert("requests_superseded".into(), ac.superseded);
         userspace.insert("requests_conflicting".into(), ac.conflicting);
+        userspace.insert("piece_copies_dropped".into(), ac.piece_copies);
         userspace.insert("ack_wait_overflow".into(), ac.overflow);
         let pc = self.engine.proxy_counters();
         userspace.insert("client_from_header".into(), pc.client_from_header);

@@ -11,6 +11,7 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::{
+    acked::Conflict,
     decide::{Alert, BlockOrder, Context, DecideConfig, Decider, Finding, Mode, Signal},
     discovery::{Discovery, DiscoveryConfig, DiscoveryError, OpId},
     http::{HttpConfig, Method, Parser, SelectedHeaders, SkipCounters, SkipReason},
@@ -269,37 +270,42 @@ impl Engine {
     }
 
     /// Two disagreeing copies of one place in a client's stream, the place acknowledged by the
-    /// server (see [`crate::acked::Conflict`]): the server read one of them, precedent analysed
-    /// `analysed` (it went through [`Engine::on_capture`] like any request), and which one the
-    /// server read cannot be told from outside its TCP stack. No TCP stack sends two versions
-    /// of the same bytes, so it is evasion or insertion (or, rarely, a copy corrupted on the
-    /// way): alerted as `conflicting_copies`, naming both copies' method and path as sent
-    /// (without the query). Learns nothing; alerts when `on_capture` would.
-    pub fn on_conflicting_copies(
-        &mut self,
-        ts_ns: u64,
-        client: IpAddr,
-        analysed: &[u8],
-        replaced: &[u8],
-        active_blocks: usize,
-    ) -> Outcome {
+    /// server (see [`Conflict`]): the server read one of them, precedent analysed the later
+    /// (it went through [`Engine::on_capture`] like any request, or as a piece of one), and
+    /// which one the server read cannot be told from outside its TCP stack. No TCP stack sends
+    /// two versions of the same bytes, so it is evasion or insertion (or, rarely, a copy
+    /// corrupted on the way): alerted as `conflicting_copies`, naming both copies of a
+    /// request's start by method and path as sent (without the query), and copies of a piece
+    /// by their length only (a piece holds header values). Learns nothing; alerts when
+    /// `on_capture` would.
+    pub fn on_conflicting_copies(&mut self, c: &Conflict, active_blocks: usize) -> Outcome {
         let core = &mut self.core;
         if core.decider.mode() == Mode::Learn || core.counters.requests <= core.quiet_until {
             return Outcome::default();
         }
-        let (analysed_line, client, key) = match self.parser.parse(analysed) {
+        let ts_ns = c.ts_unix_ns;
+        let peer = c.client.ip();
+        let piece =
+            |bytes: &[u8]| format!("{} bytes of piece {} of a request", bytes.len(), c.piece);
+        let (analysed_line, client, key) = match self.parser.parse(&c.analysed) {
+            _ if c.piece > 0 => (
+                piece(&c.analysed),
+                peer,
+                core.keyer.key(&SelectedHeaders::default(), peer).0,
+            ),
             Ok(req) => {
-                let (client, _) = core.proxy.client(client, &req.headers);
+                let (client, _) = core.proxy.client(peer, &req.headers);
                 let (key, _) = core.keyer.key(&req.headers, client);
                 (request_line(req.method, req.path), client, key)
             }
             Err(reason) => (
                 format!("({reason})"),
-                client,
-                core.keyer.key(&SelectedHeaders::default(), client).0,
+                peer,
+                core.keyer.key(&SelectedHeaders::default(), peer).0,
             ),
         };
-        let replaced_line = match self.parser.parse(replaced) {
+        let replaced_line = match self.parser.parse(&c.replaced) {
+            _ if c.piece > 0 => piece(&c.replaced),
             Ok(req) => request_line(req.method, req.path),
             Err(reason) => format!("({reason})"),
         };
@@ -320,6 +326,7 @@ impl Engine {
             numbers: serde_json::json!({
                 "replaced": replaced_line,
                 "analysed": analysed_line,
+                "piece": c.piece,
             }),
         };
         let ctx = Context {
@@ -998,7 +1005,16 @@ mod tests {
         .unwrap();
         e.on_capture(2 * SECOND, client, lookup, 0).unwrap();
         let requests = e.counters().requests;
-        let out = e.on_conflicting_copies(3 * SECOND, client, lookup, transfer, 0);
+        let conflict = |ts: u64, piece: u8, analysed: &[u8], replaced: &[u8]| Conflict {
+            ts_unix_ns: ts,
+            client: std::net::SocketAddr::new(client, 40_000),
+            server: "10.0.0.1:8080".parse().unwrap(),
+            seq: 1000,
+            piece,
+            replaced: replaced.to_vec(),
+            analysed: analysed.to_vec(),
+        };
+        let out = e.on_conflicting_copies(&conflict(3 * SECOND, 0, lookup, transfer), 0);
         assert_eq!(e.counters().requests, requests, "not a request of its own");
         assert_eq!(out.alerts.len(), 1);
         assert!(out.block.is_none(), "detect mode");
@@ -1015,7 +1031,8 @@ mod tests {
         assert!(!line.contains("acct=7"), "{line}");
         // Enforce: blocked. Learn: nothing. Bytes that are no request are named by why.
         e.set_mode(Mode::Enforce);
-        let out = e.on_conflicting_copies(4 * SECOND, client, b"\x16\x03\x01junk", transfer, 0);
+        let out =
+            e.on_conflicting_copies(&conflict(4 * SECOND, 0, b"\x16\x03\x01junk", transfer), 0);
         assert_eq!(out.block.map(|b| b.client), Some(client));
         assert!(
             out.alerts[0].numbers["analysed"]
@@ -1023,8 +1040,22 @@ mod tests {
                 .unwrap()
                 .starts_with('(')
         );
+        // Copies of a piece (which holds header values) are named by their length only.
+        let out = e.on_conflicting_copies(
+            &conflict(
+                5 * SECOND,
+                2,
+                b"erFunds HTTP/1.1\r\nCookie: s=1\r\n",
+                b"xx HTTP/1.1\r\n",
+            ),
+            0,
+        );
+        let a = &out.alerts[0];
+        assert_eq!(a.numbers["piece"], 2);
+        assert_eq!(a.numbers["replaced"], "13 bytes of piece 2 of a request");
+        assert!(!serde_json::to_string(a).unwrap().contains("s=1"));
         e.set_mode(Mode::Learn);
-        let out = e.on_conflicting_copies(5 * SECOND, client, lookup, transfer, 0);
+        let out = e.on_conflicting_copies(&conflict(6 * SECOND, 0, lookup, transfer), 0);
         assert!(out.alerts.is_empty() && out.block.is_none());
     }
 

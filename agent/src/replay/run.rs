@@ -146,8 +146,7 @@ impl Driver {
         }
         let active = self.blocks.len();
         let outcome = if let Some(c) = &rec.conflict {
-            self.engine
-                .on_conflicting_copies(ts, rec.client, &c.analysed, &c.replaced, active)
+            self.engine.on_conflicting_copies(c, active)
         } else {
             self.request(rec, active)
         };
