@@ -19,7 +19,8 @@ use pcap_parser::{
 use std::net::{IpAddr, SocketAddr};
 
 use agent_common::{
-    BLANK_MAX, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES, OVERLAP_MAX, seq_reaches,
+    BLANK_MAX, COPY_PIECE, COPY_WINDOW_NS, FOLLOW_FLOWS, FOLLOW_IDLE_NS, FOLLOW_MAX_PIECES,
+    OVERLAP_MAX, seq_reaches,
 };
 use rustc_hash::FxHashMap;
 
@@ -401,8 +402,12 @@ struct Follower {
 
 struct Followed {
     next_seq: u32,
+    /// Where the first piece started: a segment from here to `next_seq` is a copy.
+    first_seq: u32,
     captured: usize,
     pieces: u8,
+    /// The header ended: only copies of its pieces are captured, until `until_ns`.
+    ended: bool,
     until_ns: u64,
 }
 
@@ -417,8 +422,10 @@ impl Follower {
                 flow,
                 Followed {
                     next_seq: seq.wrapping_add(len as u32),
+                    first_seq: seq.wrapping_add(len as u32),
                     captured: len,
                     pieces: 0,
+                    ended: false,
                     until_ns: ts_ns + FOLLOW_IDLE_NS,
                 },
             );
@@ -429,8 +436,9 @@ impl Follower {
         self.flows.remove(flow);
     }
 
-    /// A segment that starts no request: its piece number and how many of its bytes the
-    /// program would capture, if it continues a followed request.
+    /// A segment that starts no request: its piece number (or [`COPY_PIECE`], another copy of
+    /// bytes captured as pieces) and how many of its bytes the program would capture, if it
+    /// continues a followed request (`continuation` in agent-ebpf).
     fn piece(
         &mut self,
         flow: (SocketAddr, SocketAddr),
@@ -440,13 +448,22 @@ impl Follower {
         limit: usize,
     ) -> Option<(u8, usize)> {
         let f = self.flows.get_mut(&flow)?;
-        let ahead = seq.wrapping_sub(f.next_seq) as i32;
-        if ts_ns >= f.until_ns || ahead > 0 {
+        if ts_ns >= f.until_ns {
             self.flows.remove(&flow);
             return None;
         }
+        let ahead = seq.wrapping_sub(f.next_seq) as i32;
         if ahead < 0 {
-            return None; // a retransmission
+            // Before the first piece is the start's: its copies start requests of their own.
+            return ((seq.wrapping_sub(f.first_seq) as i32) >= 0)
+                .then(|| (COPY_PIECE, payload.len().min(limit)));
+        }
+        if f.ended {
+            return None;
+        }
+        if ahead > 0 {
+            self.flows.remove(&flow);
+            return None;
         }
         let take = payload.len().min(limit.saturating_sub(f.captured));
         let piece = f.pieces.wrapping_add(1);
@@ -454,14 +471,13 @@ impl Follower {
             self.flows.remove(&flow);
             return None;
         }
-        if take < payload.len() || piece >= FOLLOW_MAX_PIECES || payload.ends_with(b"\r\n\r\n") {
-            self.flows.remove(&flow);
-        } else {
-            f.next_seq = f.next_seq.wrapping_add(payload.len() as u32);
-            f.captured += take;
-            f.pieces = piece;
-            f.until_ns = ts_ns + FOLLOW_IDLE_NS;
-        }
+        let last =
+            take < payload.len() || piece >= FOLLOW_MAX_PIECES || payload.ends_with(b"\r\n\r\n");
+        f.next_seq = f.next_seq.wrapping_add(payload.len() as u32);
+        f.captured += take;
+        f.pieces = piece;
+        f.ended = last;
+        f.until_ns = ts_ns + if last { COPY_WINDOW_NS } else { FOLLOW_IDLE_NS };
         Some((piece, take))
     }
 }
