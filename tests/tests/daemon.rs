@@ -787,6 +787,33 @@ fn two_versions_of_the_same_bytes_are_alerted_whichever_the_server_read() {
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
+fn a_forged_piece_of_a_split_header_gives_way_to_the_real_one() {
+    // The transfer's header in two segments, the second first forged with a bad checksum
+    // (the server's stack drops it) to read `POST /api/v1/auth`, then sent for real. The
+    // program followed the header, so the forged piece was captured and the real one, at the
+    // same place, came as a retransmission would: it must not be ignored.
+    let start = "POST /api/v1/";
+    let forged = "auth HTTP/1.1\r\nHost: bank.test\r\nAuthorization: Bearer attacker\r\n\
+                  X-Pad: 1234567890123456789\r\n\r\n";
+    let real = "transferFunds HTTP/1.1\r\nHost: bank.test\r\n\
+                Authorization: Bearer attacker\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(forged.len(), real.len());
+    let bank = Enforcing::start("dmn13", 35);
+    let mut client = OwnStack::connect(&bank);
+    client.send(&bank, 0, start, false);
+    client.send(&bank, start.len() as i32, forged, true);
+    client.send(&bank, start.len() as i32, real, false);
+    assert_served(&bank, 2);
+    assert_eq!(bank.rule_alert()["operation"], "POST /api/v1/transferFunds");
+    let conflict = alert_with(&bank, "signal", "conflicting_copies");
+    assert_eq!(conflict["numbers"]["piece"], 1, "{conflict}");
+    let s = cli(&bank.socket, &["status"]);
+    assert_eq!(s["kernel_counters"]["piece_copies"], 1, "{s}");
+    assert_eq!(s["userspace_counters"]["requests_conflicting"], 1, "{s}");
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
 fn requests_the_server_never_received_do_not_count() {
     let bank = Enforcing::start("dmn9", 29);
     let forged = |src: std::net::IpAddr, sport: u16, payload: &str| {

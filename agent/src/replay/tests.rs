@@ -738,7 +738,11 @@ fn a_request_split_over_segments_is_followed_and_joined_as_the_daemon_does() {
     // The retransmitted piece is captured again as a copy (and dropped: with no
     // acknowledgements in the capture, the first copy stands).
     assert_eq!(s.packets_ignored.get("request_piece"), Some(&4));
-    assert_eq!(s.packets_ignored.get("not_http_request"), Some(&1), "the body");
+    assert_eq!(
+        s.packets_ignored.get("not_http_request"),
+        Some(&1),
+        "the body"
+    );
 }
 
 #[test]
@@ -1143,6 +1147,9 @@ fn a_forged_piece_of_a_split_header_gives_way_to_the_real_one_with_a_conflict() 
     assert_eq!(paths_of(&records), ["/api/v1/transfer", ""]);
     let c = records[1].conflict.as_deref().expect("a conflict record");
     assert_eq!((c.piece, c.seq), (1, b));
-    assert_eq!((c.replaced.as_slice(), c.analysed.as_slice()), (&forged[..], &real[..]));
+    assert_eq!(
+        (c.replaced.as_slice(), c.analysed.as_slice()),
+        (&forged[..], &real[..])
+    );
     assert_eq!((s.acks.superseded, s.acks.conflicting), (1, 1));
 }
