@@ -733,13 +733,7 @@ fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Sk
         } else {
             limit
         };
-        emit_sized(ctx, h, take, seq, COPY_PIECE)?;
-        await_ack(
-            ACKS.get_ptr_mut(key),
-            key,
-            seq,
-            seq.wrapping_add(take as u32),
-        );
+        emit_piece(ctx, h, key, take, seq, COPY_PIECE)?;
         return Ok(true);
     }
     if ended != 0 {
@@ -765,13 +759,7 @@ fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Sk
         let _ = FOLLOW.remove(key);
         return Ok(false);
     }
-    emit_sized(ctx, h, take, seq, pieces)?;
-    await_ack(
-        ACKS.get_ptr_mut(key),
-        key,
-        seq,
-        seq.wrapping_add(take as u32),
-    );
+    emit_piece(ctx, h, key, take, seq, pieces)?;
     // The last piece (the header ended, or the capture length or the piece count is spent)
     // leaves the entry for COPY_WINDOW_NS, to capture copies of the pieces.
     let last = take < h.payload_len || pieces >= FOLLOW_MAX_PIECES || parse::ends_header(ctx, h);
@@ -789,6 +777,27 @@ fn continuation(ctx: &XdpContext, h: &Headers, key: &FlowKey) -> Result<bool, Sk
         unsafe { *active = until };
     }
     Ok(true)
+}
+
+/// Emits `take` bytes of a followed connection's segment as `piece` and asks for their
+/// acknowledgement, like a request start's (see `record`).
+#[inline(always)]
+fn emit_piece(
+    ctx: &XdpContext,
+    h: &Headers,
+    key: &FlowKey,
+    take: usize,
+    seq: u32,
+    piece: u8,
+) -> Result<(), Skip> {
+    emit_sized(ctx, h, take, seq, piece)?;
+    await_ack(
+        ACKS.get_ptr_mut(key),
+        key,
+        seq,
+        seq.wrapping_add(take as u32),
+    );
+    Ok(())
 }
 
 /// Emits `captured` payload bytes (1..=CAPTURE_MAX) in the smallest record size that holds
