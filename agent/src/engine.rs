@@ -287,27 +287,27 @@ impl Engine {
         let peer = c.client.ip();
         let piece =
             |bytes: &[u8]| format!("{} bytes of piece {} of a request", bytes.len(), c.piece);
-        let (analysed_line, client, key) = match self.parser.parse(&c.analysed) {
-            _ if c.piece > 0 => (
-                piece(&c.analysed),
-                peer,
-                core.keyer.key(&SelectedHeaders::default(), peer).0,
-            ),
-            Ok(req) => {
-                let (client, _) = core.proxy.client(peer, &req.headers);
-                let (key, _) = core.keyer.key(&req.headers, client);
-                (request_line(req.method, req.path), client, key)
+        // A piece holds no request line, and not necessarily the session's header.
+        let by_address = || core.keyer.key(&SelectedHeaders::default(), peer).0;
+        let (analysed_line, client, key) = if c.piece > 0 {
+            (piece(&c.analysed), peer, by_address())
+        } else {
+            match self.parser.parse(&c.analysed) {
+                Ok(req) => {
+                    let (client, _) = core.proxy.client(peer, &req.headers);
+                    let (key, _) = core.keyer.key(&req.headers, client);
+                    (request_line(req.method, req.path), client, key)
+                }
+                Err(reason) => (format!("({reason})"), peer, by_address()),
             }
-            Err(reason) => (
-                format!("({reason})"),
-                peer,
-                core.keyer.key(&SelectedHeaders::default(), peer).0,
-            ),
         };
-        let replaced_line = match self.parser.parse(&c.replaced) {
-            _ if c.piece > 0 => piece(&c.replaced),
-            Ok(req) => request_line(req.method, req.path),
-            Err(reason) => format!("({reason})"),
+        let replaced_line = if c.piece > 0 {
+            piece(&c.replaced)
+        } else {
+            match self.parser.parse(&c.replaced) {
+                Ok(req) => request_line(req.method, req.path),
+                Err(reason) => format!("({reason})"),
+            }
         };
         let previous = core.sessions.get(&key).map_or_else(Vec::new, |s| {
             let history = s.history();
