@@ -17,7 +17,7 @@
 //!   transition by its context's tail share, strongest missing precedent, longest run of
 //!   identical requests relative to the replay signal's firing point, mean surprise, longest
 //!   step of varied requests relative to the enumeration signal's firing point) plus
-//!   `combined` (the smallest benign-tail p-value of four: replay and enumeration as one), thresholded on the benign
+//!   `combined` (the smallest benign-tail p-value of the five), thresholded on the benign
 //!   held-out sessions at 0.1% and 1% false positives;
 //! - the engine's own alerts at the default thresholds (what `precedent` would print).
 //!
@@ -784,29 +784,21 @@ fn run_seed(
 }
 
 /// Benign-tail p-value of each score: share of benign sessions scoring at least as high.
-/// The combined score treats the two run signals (replay: identical requests; enumeration:
-/// varied requests to one operation) as one column, their larger excess: they judge the same
-/// runs two ways, and counting them as two tests would charge every session twice for them.
+/// Each signal is one test of the combined score. Only ranks count, so the combined score does
+/// not depend on where each signal's firing point sits (merging two signals' excesses into one
+/// column, as this did before, made the result move with the replay threshold).
 struct Tails {
     sorted: [Vec<f64>; NS],
-    runs: Vec<f64>,
-}
-
-/// The run signals' column of the combined score.
-fn run_score(s: &[f64; NS]) -> f64 {
-    s[2].max(s[4])
 }
 
 impl Tails {
     fn new(benign: &[&Scored]) -> Tails {
-        let sorted_by = |f: &dyn Fn(&Scored) -> f64| {
-            let mut v: Vec<f64> = benign.iter().map(|s| f(s)).collect();
-            v.sort_by(f64::total_cmp);
-            v
-        };
         Tails {
-            sorted: std::array::from_fn(|j| sorted_by(&|s| s.scores[j])),
-            runs: sorted_by(&|s| run_score(&s.scores)),
+            sorted: std::array::from_fn(|j| {
+                let mut v: Vec<f64> = benign.iter().map(|s| s.scores[j]).collect();
+                v.sort_by(f64::total_cmp);
+                v
+            }),
         }
     }
     fn tail(v: &[f64], x: f64) -> f64 {
@@ -815,11 +807,9 @@ impl Tails {
     }
     /// The combined score: 1 − the smallest tail p-value (higher is more anomalous).
     fn combined(&self, s: &[f64; NS]) -> f64 {
-        let p = [0, 1, 3]
-            .into_iter()
+        let p = (0..NS)
             .filter(|&j| s[j] > 0.0)
             .map(|j| Self::tail(&self.sorted[j], s[j]))
-            .chain((run_score(s) > 0.0).then(|| Self::tail(&self.runs, run_score(s))))
             .fold(1.0, f64::min);
         1.0 - p
     }
