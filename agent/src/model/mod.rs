@@ -69,14 +69,17 @@ pub struct ModelConfig {
     pub buckets: u32,
     /// Cap on stored contexts; beyond it leaf contexts are evicted (counted).
     pub max_contexts: usize,
-    /// A context is created only once its parent context has been seen this many times, so one-off
-    /// walks do not spawn max_order contexts each. A context with fewer observations mostly has
-    /// 99% intervals too wide to differ from its parent's, and the collapse discards it. The price: a context misses the parent's first observations, so in its
-    /// first window a deeper sequence's count (and precedence score) is short by at most this
-    /// many occurrences. On FIFA (benches/model.rs), 16 instead of 4 keeps 205k contexts
-    /// instead of 395k (54 MB instead of 89 MB; the collapse retains 57.0k instead of 58.2k),
-    /// learns about 1.3x as fast and lowers held-out log-loss from 5.83 to 5.74 bits/op (deep
-    /// contexts with few observations mostly add noise); the eval's detection is unchanged.
+    /// A context of two or more operations is created only once its parent context has been
+    /// seen this many times (one of a single operation on sight), so one-off walks do not spawn
+    /// max_order contexts each. A context with fewer observations mostly has 99% intervals too
+    /// wide to differ from its parent's, and the collapse discards it. The price: such a context
+    /// misses its parent's first observations, so in its first window a sequence of three or
+    /// more operations counts at most this many occurrences short (and its precedence score is
+    /// that much lower). On FIFA (benches/model.rs), 16 instead of 4 keeps about half the
+    /// contexts (54 MB instead of 89 MB; the collapse retains 57.0k instead of 58.2k), learns
+    /// 1.1-1.3x as fast (interleaved runs) and lowers held-out log-loss from 5.83 to 5.74
+    /// bits/op (deep contexts with few observations mostly add noise); the eval's detection is
+    /// unchanged.
     pub min_count_to_extend: u32,
     /// A context is used to judge a transition only with at least this many observations.
     pub min_context_count: u32,
@@ -605,8 +608,11 @@ impl Model {
                 break;
             }
             if depth == found {
-                // Phase 3 (learning only): create the next context once its parent has enough data.
-                if !learn || node.n < self.cfg.min_count_to_extend {
+                // Phase 3 (learning only): create the next context once its parent has enough
+                // data. Contexts of one operation are created on sight: there is one per
+                // operation, and the precedences of adjacent operations, the strongest a
+                // small API has, are then counted from the first request.
+                if !learn || (depth > 0 && node.n < self.cfg.min_count_to_extend) {
                     break;
                 }
                 match self.alloc(

@@ -626,3 +626,23 @@ fn loaded_models_with_dangling_contexts_or_counts_are_refused() {
         assert!(m.check().is_err(), "{what} passed the check");
     }
 }
+
+/// With the default `min_count_to_extend`, a context of one operation counts from the first
+/// request (the precedences of adjacent operations are exact from the start), and a deeper one
+/// starts once its parent has that many observations, so it misses fewer than that many.
+#[test]
+fn contexts_of_one_operation_count_from_the_start_deeper_ones_once_the_parent_has_data() {
+    let extend = ModelConfig::default().min_count_to_extend;
+    assert!(extend > 1, "the default extends deeper contexts lazily");
+    let mut m = Model::new(ModelConfig::default()).unwrap();
+    for _ in 0..60 {
+        m.learn(&[], A, 0);
+        m.learn(&[A], B, 0);
+        m.learn(&[A, B], C, 0);
+    }
+    let t = m.score(&[A], B);
+    assert_eq!((t.context_len, t.k, t.n), (1, 60, 60), "{t:?}");
+    let t = m.score(&[A, B], C);
+    assert_eq!(t.context_len, 2, "{t:?}");
+    assert!((60 - extend..60).contains(&t.k), "{t:?}");
+}
