@@ -401,6 +401,41 @@ impl Discovery {
         &self.s.config
     }
 
+    /// Applies the configured settings to endpoints loaded from a file, which carry the
+    /// settings they were saved with: the threshold, caps and depth govern what is learned from
+    /// now on (what was learned stays, within a lower cap too), and configured templates not
+    /// compiled in yet are added (a template dropped from the config stays: operations were
+    /// named after it). Whether names carry the host (`include_host`) stays as saved, and is
+    /// returned when `cfg` differs (`precedent model reset` applies it).
+    pub fn adopt_config(
+        &mut self,
+        cfg: &DiscoveryConfig,
+    ) -> Result<Vec<&'static str>, DiscoveryError> {
+        let saved_host = self.s.config.include_host;
+        let mut templates = self.s.config.templates.clone();
+        for t in &cfg.templates {
+            self.add_template(t)?;
+            if !templates.contains(t) {
+                templates.push(t.clone());
+            }
+        }
+        // Paths already walked may walk differently under the new threshold or depth.
+        self.paths.invalidate();
+        self.s.config = DiscoveryConfig {
+            include_host: saved_host,
+            cardinality_threshold: cfg.cardinality_threshold.max(1),
+            max_depth: cfg.max_depth.max(1),
+            max_nodes: cfg.max_nodes.max(2),
+            templates,
+            ..cfg.clone()
+        };
+        Ok(if cfg.include_host != saved_host {
+            vec!["include_host"]
+        } else {
+            Vec::new()
+        })
+    }
+
     /// Whether a loaded state is one this code could have built (see `State::check`): the state
     /// file's loader refuses anything else as damaged instead of panicking or looping later.
     pub fn check(&self) -> Result<(), String> {
@@ -1761,5 +1796,42 @@ mod tests {
             d.resolve("GET /t/{x}").unwrap()
         );
         assert_eq!(back.resolve("GET /u/a"), d.resolve("GET /u/{param}"));
+    }
+
+    /// Loaded endpoints carry the settings they were saved with; the configured ones take over
+    /// (a new template maps from now on, a new threshold governs learning), except whether
+    /// names carry the host, which is kept and reported.
+    #[test]
+    fn loaded_endpoints_adopt_the_configured_settings_but_keep_host_naming() {
+        let mut d = Discovery::new(DiscoveryConfig::default()).unwrap();
+        d.observe(None, Method::Get, "/api/v1/accounts/acc-xyz/balance");
+        let mut back: Discovery =
+            serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        let configured = DiscoveryConfig {
+            templates: vec!["/api/v1/accounts/{account_id}/balance".into()],
+            cardinality_threshold: 2,
+            include_host: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            back.adopt_config(&configured).unwrap(),
+            vec!["include_host"]
+        );
+        assert_eq!(back.config().cardinality_threshold, 2);
+        assert!(!back.config().include_host);
+        // The path walked before now maps to the template (the path cache was invalidated).
+        let a = back.observe(None, Method::Get, "/api/v1/accounts/acc-xyz/balance");
+        assert_eq!(name(&back, a), "GET /api/v1/accounts/{account_id}/balance");
+        // Adopting again changes nothing and adds the template once.
+        assert!(
+            back.adopt_config(&DiscoveryConfig {
+                include_host: false,
+                ..configured.clone()
+            })
+            .unwrap()
+            .is_empty()
+        );
+        assert_eq!(back.config().templates, configured.templates);
+        back.check().unwrap();
     }
 }

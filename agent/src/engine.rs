@@ -140,6 +140,10 @@ struct Core {
     /// the model's own per-context minimum decides when it knows enough.
     quiet_until: u64,
     n_max: usize,
+    /// The configured model and discovery settings, applied to whatever is learned or loaded
+    /// (a loaded model carries the settings it was saved with; see [`adopt_config`]).
+    model_cfg: ModelConfig,
+    discovery_cfg: DiscoveryConfig,
 }
 
 impl Engine {
@@ -188,7 +192,9 @@ impl Engine {
                 http.session_headers.push(name.to_ascii_lowercase());
             }
         }
-        let mut discovery = discovery;
+        let (mut model, mut discovery) = (model, discovery);
+        adopt_config(&mut model, &mut discovery, &cfg.model, &cfg.discovery)?;
+        let n_max = model.config().max_order;
         register_rule_templates(&mut discovery, &rules);
         let mut rules = RuleSet::new(rules)?;
         rules.refresh(&discovery);
@@ -197,7 +203,11 @@ impl Engine {
             http,
             core: Core {
                 keyer: SessionKeyer::new(secret, cfg.session.identifiers.clone()),
-                sessions: SessionTable::new(cfg.session.clone()),
+                // Sessions keep the context the model reads: a loaded model keeps its depth.
+                sessions: SessionTable::new(SessionConfig {
+                    n_max,
+                    ..cfg.session.clone()
+                }),
                 discovery,
                 model,
                 rules,
@@ -209,7 +219,9 @@ impl Engine {
                 skips: SkipCounters::default(),
                 counters: EngineCounters::default(),
                 quiet_until: 0,
-                n_max: cfg.session.n_max,
+                n_max,
+                model_cfg: cfg.model.clone(),
+                discovery_cfg: cfg.discovery.clone(),
             },
         })
     }
@@ -488,6 +500,17 @@ impl Engine {
     /// the allowlist and the trusted proxies.
     pub fn reconfigure(&mut self, cfg: &EngineConfig) -> Result<(), EngineError> {
         cfg.decide.validate().map_err(EngineError::Config)?;
+        cfg.model.validate()?;
+        let core = &mut self.core;
+        adopt_config(
+            &mut core.model,
+            &mut core.discovery,
+            &cfg.model,
+            &cfg.discovery,
+        )?;
+        core.model_cfg = cfg.model.clone();
+        core.discovery_cfg = cfg.discovery.clone();
+        core.rules.refresh(&core.discovery);
         self.core.decider.set_config(cfg.decide.clone());
         self.core.signals = cfg.signals.clone();
         self.core.allowlist = cfg.allowlist.clone();
@@ -804,6 +827,33 @@ pub struct NamedSequence {
 
 /// The templates rules name (`/accounts/{account_id}/balance`) become discovery templates, so
 /// operations carry the operator's placeholder names in listings and alerts.
+/// Applies the configured model and discovery settings to what was learned, which may have
+/// been loaded with the settings it was saved with. Settings the learned state is built on stay
+/// as saved (see [`Model::adopt_config`], [`Discovery::adopt_config`]), with a warning naming
+/// them.
+fn adopt_config(
+    model: &mut Model,
+    discovery: &mut Discovery,
+    model_cfg: &ModelConfig,
+    discovery_cfg: &DiscoveryConfig,
+) -> Result<(), EngineError> {
+    let kept_model = model.adopt_config(model_cfg)?;
+    let kept_discovery = discovery.adopt_config(discovery_cfg)?;
+    let kept: Vec<String> = kept_model
+        .iter()
+        .map(|k| format!("model.{k}"))
+        .chain(kept_discovery.iter().map(|k| format!("discovery.{k}")))
+        .collect();
+    if !kept.is_empty() {
+        tracing::warn!(
+            settings = kept.join(", "),
+            "the learned model was built with other values of these settings and keeps them; \
+             `precedent model reset` starts over with the configured ones"
+        );
+    }
+    Ok(())
+}
+
 fn register_rule_templates(discovery: &mut Discovery, rules: &RuleFile) {
     let names = rules
         .rules
@@ -875,9 +925,24 @@ impl Engine {
 
     /// Replaces what was learned (a loaded model file); live sessions carry on.
     pub fn set_learned(&mut self, learned: Learned) {
-        self.core.discovery = learned.discovery;
-        self.core.model = learned.model;
-        self.core.rules.refresh(&self.core.discovery);
+        let Learned {
+            mut model,
+            mut discovery,
+        } = learned;
+        let core = &mut self.core;
+        // The configured settings were valid when the engine was built; what can still fail
+        // is a configured template that no longer fits the loaded trie.
+        if let Err(e) = adopt_config(
+            &mut model,
+            &mut discovery,
+            &core.model_cfg,
+            &core.discovery_cfg,
+        ) {
+            tracing::warn!(error = %e, "configured settings not all applied to the loaded model");
+        }
+        core.discovery = discovery;
+        core.model = model;
+        core.rules.refresh(&core.discovery);
     }
 
     /// Imports operation templates from an OpenAPI 3 document: (templates added, paths skipped).
@@ -1198,6 +1263,38 @@ mod tests {
         assert_eq!(
             e2.discovery().resolve("GET /accounts/{id}/balance"),
             e.discovery().resolve("GET /accounts/{id}/balance")
+        );
+
+        // A restart with an edited config: the loaded state takes the new template and the
+        // new thresholds (it was saved with the old ones), keeps the depth it was built with,
+        // and so do the sessions.
+        let mut edited = EngineConfig::default();
+        edited.discovery.templates = vec!["/transfer/{kind}".into()];
+        edited.model.min_context_count = 50;
+        edited.model.max_order = 4;
+        edited.session.n_max = 4;
+        let loaded = state.load::<Learned>().unwrap().into_value().unwrap();
+        let mut e3 = Engine::with_state(
+            &edited,
+            RuleFile::default(),
+            [1; 16],
+            Mode::Learn,
+            loaded.model,
+            loaded.discovery,
+        )
+        .unwrap();
+        assert_eq!(e3.model().config().min_context_count, 50);
+        assert_eq!(e3.model().config().max_order, 8);
+        let raw = b"GET /transfer/wire HTTP/1.1\r\nAuthorization: t1\r\n\r\n";
+        e3.on_capture(300 * 1_000_000_000, client, raw, 0).unwrap();
+        assert!(e3.discovery().resolve("GET /transfer/{kind}").is_some());
+        // The same through a control-socket `model load` into a running engine.
+        let mut e4 = Engine::new(&edited, RuleFile::default(), [1; 16], Mode::Learn).unwrap();
+        e4.set_learned(state.load::<Learned>().unwrap().into_value().unwrap());
+        assert_eq!(e4.model().config().min_context_count, 50);
+        assert_eq!(
+            e4.discovery().config().templates,
+            edited.discovery.templates
         );
     }
 }

@@ -357,6 +357,34 @@ impl Model {
         &self.cfg
     }
 
+    /// Applies the configured settings to a model loaded from a file, which carries the
+    /// settings it was saved with: thresholds, caps and budgets take effect (a lower
+    /// `max_contexts` is reached by eviction over the next `maintain` calls). The settings the
+    /// learned counts are built on stay as saved: context depth (`max_order`), the buckets of
+    /// the window (`window_secs`, `buckets`) and the per-operation tables (`max_ops`); those
+    /// that differ from `cfg` are returned by name (`precedent model reset` applies them).
+    pub fn adopt_config(&mut self, cfg: &ModelConfig) -> Result<Vec<&'static str>, ModelError> {
+        cfg.validate()?;
+        let saved = &self.cfg;
+        let kept = [
+            ("max_order", cfg.max_order != saved.max_order),
+            ("window_secs", cfg.window_secs != saved.window_secs),
+            ("buckets", cfg.buckets != saved.buckets),
+            ("max_ops", cfg.max_ops != saved.max_ops),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect();
+        self.cfg = ModelConfig {
+            max_order: saved.max_order,
+            window_secs: saved.window_secs,
+            buckets: saved.buckets,
+            max_ops: saved.max_ops,
+            ..cfg.clone()
+        };
+        Ok(kept)
+    }
+
     pub fn stats(&self) -> &ModelStats {
         &self.stats
     }
@@ -810,7 +838,18 @@ impl Model {
     /// (total entries × (1 + depths)) / budget calls.
     pub fn maintain(&mut self, now_ns: u64) -> MaintainReport {
         self.advance_epoch(now_ns);
+        self.shrink_to_cap(self.cfg.maintain_budget);
         self.maintain_step(self.cfg.maintain_budget)
+    }
+
+    /// Evicts up to `budget` contexts while more are live than `max_contexts` allows (a cap
+    /// lowered on a loaded model; learning alone only keeps the count where it is).
+    fn shrink_to_cap(&mut self, budget: usize) {
+        for _ in 0..budget {
+            if self.live <= self.cfg.max_contexts || !self.evict_one(&[]) {
+                break;
+            }
+        }
     }
 
     /// Runs maintenance until a whole expire + collapse cycle that started in this call completes

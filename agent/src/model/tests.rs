@@ -646,3 +646,50 @@ fn contexts_of_one_operation_count_from_the_start_deeper_ones_once_the_parent_ha
     assert_eq!(t.context_len, 2, "{t:?}");
     assert!((60 - extend..60).contains(&t.k), "{t:?}");
 }
+
+/// A loaded model carries the settings it was saved with: the configured thresholds and caps
+/// take over (a lower context cap is reached over the next maintain calls), the settings its
+/// counts are built on stay and are named.
+#[test]
+fn a_loaded_model_adopts_thresholds_and_caps_and_keeps_what_its_counts_are_built_on() {
+    let mut m = Model::new(cfg()).unwrap();
+    for i in 0..200u32 {
+        let s = [i % 7, (i * 3) % 11, (i * 5) % 13, i % 5];
+        for j in 0..s.len() {
+            m.learn(&s[..j], s[j], 0);
+        }
+    }
+    let before = m.contexts();
+    assert!(before > 100, "{before}");
+    let mut loaded: Model = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    let configured = ModelConfig {
+        max_contexts: 50,
+        min_context_count: 12,
+        max_order: 4,
+        window_secs: 3600,
+        ..cfg()
+    };
+    assert_eq!(
+        loaded.adopt_config(&configured).unwrap(),
+        vec!["max_order", "window_secs"]
+    );
+    assert_eq!(loaded.config().min_context_count, 12);
+    assert_eq!(loaded.config().max_contexts, 50);
+    assert_eq!(
+        (loaded.config().max_order, loaded.config().window_secs),
+        (m.config().max_order, m.config().window_secs)
+    );
+    // Eviction takes leaves first, and a leaf freed can make its parent one: a few calls.
+    for _ in 0..20 {
+        loaded.maintain(0);
+    }
+    assert!(loaded.contexts() <= 50, "{} of {before}", loaded.contexts());
+    loaded.check().unwrap();
+    assert!(matches!(
+        loaded.adopt_config(&ModelConfig {
+            max_contexts: 1,
+            ..cfg()
+        }),
+        Err(ModelError::MaxContexts(1))
+    ));
+}
