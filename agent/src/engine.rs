@@ -497,20 +497,20 @@ impl Engine {
     }
 
     /// Applies settings that can change at run time (SIGHUP): decisions, signal thresholds,
-    /// the allowlist and the trusted proxies.
+    /// the allowlist, the trusted proxies, and the model and discovery settings a learned
+    /// model can take (see `adopt_config`).
     pub fn reconfigure(&mut self, cfg: &EngineConfig) -> Result<(), EngineError> {
         cfg.decide.validate().map_err(EngineError::Config)?;
         cfg.model.validate()?;
-        let core = &mut self.core;
         adopt_config(
-            &mut core.model,
-            &mut core.discovery,
+            &mut self.core.model,
+            &mut self.core.discovery,
             &cfg.model,
             &cfg.discovery,
         )?;
-        core.model_cfg = cfg.model.clone();
-        core.discovery_cfg = cfg.discovery.clone();
-        core.rules.refresh(&core.discovery);
+        self.core.model_cfg = cfg.model.clone();
+        self.core.discovery_cfg = cfg.discovery.clone();
+        self.core.rules.refresh(&self.core.discovery);
         self.core.decider.set_config(cfg.decide.clone());
         self.core.signals = cfg.signals.clone();
         self.core.allowlist = cfg.allowlist.clone();
