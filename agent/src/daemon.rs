@@ -894,6 +894,13 @@ impl Daemon {
             if new.ports != self.config.ports {
                 self.datapath.set_ports(&new.ports)?;
             }
+            if let Some(doc) = new
+                .openapi
+                .as_ref()
+                .filter(|&d| Some(d) != self.config.openapi.as_ref())
+            {
+                import_openapi(&mut self.engine, doc)?;
+            }
             for net in new
                 .allowlist
                 .iter()
@@ -934,6 +941,49 @@ impl Daemon {
                     "wait_for_acks",
                     self.config.wait_for_acks.to_string(),
                     new.wait_for_acks.to_string(),
+                ),
+                // Read once at the start: the ring's size and pinning, the log setup, the
+                // metrics listener, the save timer, and the parser and session table (built
+                // with the engine; [model] and [discovery] apply on reload).
+                (
+                    "ring_buffer_bytes",
+                    self.config.ring_buffer_bytes.to_string(),
+                    new.ring_buffer_bytes.to_string(),
+                ),
+                (
+                    "pin_maps",
+                    format!("{:?}", self.config.pin_maps),
+                    format!("{:?}", new.pin_maps),
+                ),
+                (
+                    "save_every",
+                    format!("{:?}", self.config.save_every),
+                    format!("{:?}", new.save_every),
+                ),
+                (
+                    "log_format",
+                    format!("{:?}", self.config.log_format),
+                    format!("{:?}", new.log_format),
+                ),
+                (
+                    "log_requests",
+                    self.config.log_requests.to_string(),
+                    new.log_requests.to_string(),
+                ),
+                (
+                    "metrics_listen",
+                    format!("{:?}", self.config.metrics_listen),
+                    format!("{:?}", new.metrics_listen),
+                ),
+                (
+                    "[http]",
+                    format!("{:?}", self.config.http),
+                    format!("{:?}", new.http),
+                ),
+                (
+                    "[session]",
+                    format!("{:?}", self.config.session),
+                    format!("{:?}", new.session),
                 ),
             ] {
                 if old != changed {

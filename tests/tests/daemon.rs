@@ -930,6 +930,21 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
         "enforce",
         "a bad file must leave the running config alone"
     );
+
+    // A setting read only at the start is not silently ignored: the reload says so.
+    write_config(
+        &dir,
+        "mode = \"enforce\"\n[session]\nidle_timeout = \"5m\"\n",
+    );
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_for_log("takes effect at the next restart", Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        daemon.log_text().contains("[session]"),
+        "the warning names the table:\n{}",
+        daemon.log_text()
+    );
     let status = daemon.stop(Duration::from_secs(5)).unwrap();
     assert!(status.success());
 }
