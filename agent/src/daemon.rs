@@ -916,77 +916,30 @@ impl Daemon {
             {
                 self.enforcer.disallow(*net)?;
             }
-            for (key, old, changed) in [
-                (
-                    "interfaces",
-                    format!("{:?}", self.config.interfaces),
-                    format!("{:?}", new.interfaces),
-                ),
-                (
-                    "attach_mode",
-                    self.config.attach_mode.to_string(),
-                    new.attach_mode.to_string(),
-                ),
-                (
-                    "state_dir",
-                    self.config.state_dir.display().to_string(),
-                    new.state_dir.display().to_string(),
-                ),
-                (
-                    "socket",
-                    self.config.socket.display().to_string(),
-                    new.socket.display().to_string(),
-                ),
-                (
-                    "wait_for_acks",
-                    self.config.wait_for_acks.to_string(),
-                    new.wait_for_acks.to_string(),
-                ),
-                // Read once at the start: the ring's size and pinning, the log setup, the
-                // metrics listener, the save timer, and the parser and session table (built
-                // with the engine; [model] and [discovery] apply on reload).
+            // Read once at the start: the attachments, the ring's size and pinning, the state
+            // directory and socket, the log setup, the metrics listener, the save timer, and
+            // the parser and session table (built with the engine; [model] and [discovery]
+            // apply above, through `reconfigure`).
+            let c = &self.config;
+            for (key, changed) in [
+                ("interfaces", c.interfaces != new.interfaces),
+                ("attach_mode", c.attach_mode != new.attach_mode),
+                ("state_dir", c.state_dir != new.state_dir),
+                ("socket", c.socket != new.socket),
+                ("wait_for_acks", c.wait_for_acks != new.wait_for_acks),
                 (
                     "ring_buffer_bytes",
-                    self.config.ring_buffer_bytes.to_string(),
-                    new.ring_buffer_bytes.to_string(),
+                    c.ring_buffer_bytes != new.ring_buffer_bytes,
                 ),
-                (
-                    "pin_maps",
-                    format!("{:?}", self.config.pin_maps),
-                    format!("{:?}", new.pin_maps),
-                ),
-                (
-                    "save_every",
-                    format!("{:?}", self.config.save_every),
-                    format!("{:?}", new.save_every),
-                ),
-                (
-                    "log_format",
-                    format!("{:?}", self.config.log_format),
-                    format!("{:?}", new.log_format),
-                ),
-                (
-                    "log_requests",
-                    self.config.log_requests.to_string(),
-                    new.log_requests.to_string(),
-                ),
-                (
-                    "metrics_listen",
-                    format!("{:?}", self.config.metrics_listen),
-                    format!("{:?}", new.metrics_listen),
-                ),
-                (
-                    "[http]",
-                    format!("{:?}", self.config.http),
-                    format!("{:?}", new.http),
-                ),
-                (
-                    "[session]",
-                    format!("{:?}", self.config.session),
-                    format!("{:?}", new.session),
-                ),
+                ("pin_maps", c.pin_maps != new.pin_maps),
+                ("save_every", c.save_every != new.save_every),
+                ("log_format", c.log_format != new.log_format),
+                ("log_requests", c.log_requests != new.log_requests),
+                ("metrics_listen", c.metrics_listen != new.metrics_listen),
+                ("[http]", c.http != new.http),
+                ("[session]", c.session != new.session),
             ] {
-                if old != changed {
+                if changed {
                     tracing::warn!(
                         key,
                         "changed in the config file; takes effect at the next restart"

@@ -907,23 +907,24 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
     .unwrap();
     let socket = daemon.socket().unwrap();
     assert_eq!(cli(&socket, &["mode"])["mode"], "learn");
+    // Rewrites the config, sends SIGHUP and waits for the daemon to log `expect`.
+    let mut reload = |text: &str, expect: &str| {
+        write_config(&dir, text);
+        daemon.signal(libc::SIGHUP);
+        daemon.wait_for_log(expect, Duration::from_secs(5)).unwrap();
+        daemon.log_text()
+    };
 
-    write_config(&dir, "mode = \"enforce\"\n");
-    daemon.signal(libc::SIGHUP);
-    daemon
-        .wait_for_log("configuration reloaded", Duration::from_secs(5))
-        .unwrap();
+    reload("mode = \"enforce\"\n", "configuration reloaded");
     assert_eq!(cli(&socket, &["mode"])["mode"], "enforce");
 
-    write_config(&dir, "mode = \"enforce\"\ncapture_len = 99999\n");
-    daemon.signal(libc::SIGHUP);
-    daemon
-        .wait_for_log("reload rejected", Duration::from_secs(5))
-        .unwrap();
+    let log = reload(
+        "mode = \"enforce\"\ncapture_len = 99999\n",
+        "reload rejected",
+    );
     assert!(
-        daemon.log_text().contains("capture_len"),
-        "the rejection names the key:\n{}",
-        daemon.log_text()
+        log.contains("capture_len"),
+        "the rejection names the key:\n{log}"
     );
     assert_eq!(
         cli(&socket, &["mode"])["mode"],
@@ -932,18 +933,13 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
     );
 
     // A setting read only at the start is not silently ignored: the reload says so.
-    write_config(
-        &dir,
+    let log = reload(
         "mode = \"enforce\"\n[session]\nidle_timeout = \"5m\"\n",
+        "takes effect at the next restart",
     );
-    daemon.signal(libc::SIGHUP);
-    daemon
-        .wait_for_log("takes effect at the next restart", Duration::from_secs(5))
-        .unwrap();
     assert!(
-        daemon.log_text().contains("[session]"),
-        "the warning names the table:\n{}",
-        daemon.log_text()
+        log.contains("[session]"),
+        "the warning names the table:\n{log}"
     );
     let status = daemon.stop(Duration::from_secs(5)).unwrap();
     assert!(status.success());
