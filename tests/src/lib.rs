@@ -37,6 +37,21 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Runs `precedent ARGS`, which must succeed, and returns what it printed on stdout.
+pub fn precedent_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = std::process::Command::new(precedent_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    assert!(
+        out.status.success(),
+        "precedent {shown:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Path of the `precedent` binary under test: $PRECEDENT_BIN, else the workspace's debug build.
 pub fn precedent_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("PRECEDENT_BIN") {

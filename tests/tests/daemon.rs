@@ -12,7 +12,7 @@ use precedent_tests::{
     Daemon, HttpServer, Packet, TestNet,
     fixtures::{Scratch, request, request_in_pieces, write_config},
     hostile::FrameSender,
-    precedent_bin,
+    precedent_bin, precedent_ok,
     recorder::FrameRecorder,
 };
 
@@ -35,24 +35,10 @@ fn cli_text(socket: &Path, args: &[&str]) -> (bool, String, String) {
 
 /// Runs `precedent ARGS --socket S --json` and parses the JSON it prints.
 fn cli(socket: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(precedent_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "precedent {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "precedent {args:?}: {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    all.extend(["--socket".as_ref(), socket.as_os_str(), "--json".as_ref()]);
+    let stdout = precedent_ok(&all);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("precedent {args:?}: {e}: {stdout}"))
 }
 
 /// Enforce mode and the seeds' rule: a transfer must follow a balance lookup.
@@ -751,18 +737,17 @@ fn two_versions_of_the_same_bytes_are_alerted_whichever_the_server_read() {
     // `tcpdump` on the server's interface, replayed with the same config, alerts alike.
     let capture = bank.dir.join("race.pcap");
     std::fs::write(&capture, recorder.finish()).unwrap();
-    let out = Command::new(precedent_bin())
-        .arg("replay")
-        .arg(&capture)
-        .args(["--config", &bank.config, "--warmup", "0", "--no-progress"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let replayed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let capture = capture.display().to_string();
+    let stdout = precedent_ok(&[
+        "replay",
+        &capture,
+        "--config",
+        &bank.config,
+        "--warmup",
+        "0",
+        "--no-progress",
+    ]);
+    let replayed: Vec<serde_json::Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

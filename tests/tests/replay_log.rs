@@ -4,7 +4,7 @@
 //! so it is ignored by a plain `cargo test` and run by `cargo xtask test`.
 use std::{collections::BTreeSet, path::Path, process::Command};
 
-use precedent_tests::precedent_bin;
+use precedent_tests::{precedent_bin, precedent_ok};
 
 fn real_log() -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/apache_logs_head.log");
@@ -154,17 +154,13 @@ fn a_real_combined_log_replays_end_to_end() {
 
     // Discovery, read back from the model file replay wrote: the site's fixed assets are
     // operations of their own, with exactly as many requests as the log has for them.
-    let out = Command::new(precedent_bin())
-        .args(["endpoints", "--json", "--model"])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ops: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let stdout = precedent_ok(&[
+        "endpoints".as_ref(),
+        "--json".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+    ]);
+    let ops: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
     assert_eq!(
         engine["operations"].as_u64().unwrap(),
         ops.len() as u64,
