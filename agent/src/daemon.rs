@@ -917,9 +917,8 @@ impl Daemon {
                 self.enforcer.disallow(*net)?;
             }
             // Read once at the start: the attachments, the ring's size and pinning, the state
-            // directory and socket, the log setup, the metrics listener, the save timer, and
-            // the parser and session table (built with the engine; [model] and [discovery]
-            // apply above, through `reconfigure`).
+            // directory and socket, the log setup, the metrics listener and the save timer
+            // ([http], [session], [model] and [discovery] apply above, through `reconfigure`).
             let c = &self.config;
             for (key, changed) in [
                 ("interfaces", c.interfaces != new.interfaces),
@@ -936,8 +935,6 @@ impl Daemon {
                 ("log_format", c.log_format != new.log_format),
                 ("log_requests", c.log_requests != new.log_requests),
                 ("metrics_listen", c.metrics_listen != new.metrics_listen),
-                ("[http]", c.http != new.http),
-                ("[session]", c.session != new.session),
             ] {
                 if changed {
                     tracing::warn!(

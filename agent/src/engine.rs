@@ -118,6 +118,27 @@ fn with_proxy_header(http: &HttpConfig, proxy: &ProxyConfig) -> HttpConfig {
     http
 }
 
+/// The parser's configuration: `[http]`, keeping every header a session identifier reads
+/// (the header trusted proxies name the client in is added by [`parser_for`]).
+fn http_config(cfg: &EngineConfig) -> HttpConfig {
+    let mut http = cfg.http.clone();
+    for source in &cfg.session.identifiers {
+        let name = match source {
+            IdentifierSource::Header { name } => name,
+            IdentifierSource::JwtClaim { header, .. } => header,
+            IdentifierSource::Cookie { .. } => continue,
+        };
+        if !http
+            .session_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+        {
+            http.session_headers.push(name.to_ascii_lowercase());
+        }
+    }
+    http
+}
+
 fn parser_for(http: &HttpConfig, proxy: &ProxyConfig) -> Parser {
     Parser::new(with_proxy_header(http, proxy))
 }
@@ -175,23 +196,7 @@ impl Engine {
                 cfg.session.n_max, cfg.model.max_order
             )));
         }
-        // The parser must keep every header a session identifier reads, and the header
-        // trusted proxies name the client in (see `parser_for`).
-        let mut http = cfg.http.clone();
-        for source in &cfg.session.identifiers {
-            let name = match source {
-                IdentifierSource::Header { name } => name.clone(),
-                IdentifierSource::JwtClaim { header, .. } => header.clone(),
-                IdentifierSource::Cookie { .. } => continue,
-            };
-            if !http
-                .session_headers
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(&name))
-            {
-                http.session_headers.push(name.to_ascii_lowercase());
-            }
-        }
+        let http = http_config(cfg);
         let (mut model, mut discovery) = (model, discovery);
         adopt_config(&mut model, &mut discovery, &cfg.model, &cfg.discovery)?;
         let n_max = model.config().max_order;
@@ -497,8 +502,9 @@ impl Engine {
     }
 
     /// Applies settings that can change at run time (SIGHUP): decisions, signal thresholds,
-    /// the allowlist, the trusted proxies, and the model and discovery settings a learned
-    /// model can take (see `adopt_config`).
+    /// the allowlist, the trusted proxies, `[http]`, `[session]` (live sessions stay; see
+    /// [`SessionTable::reconfigure`]), and the model and discovery settings a learned model
+    /// can take (see `adopt_config`).
     pub fn reconfigure(&mut self, cfg: &EngineConfig) -> Result<(), EngineError> {
         cfg.decide.validate().map_err(EngineError::Config)?;
         cfg.model.validate()?;
@@ -514,10 +520,20 @@ impl Engine {
         self.core.decider.set_config(cfg.decide.clone());
         self.core.signals = cfg.signals.clone();
         self.core.allowlist = cfg.allowlist.clone();
-        if cfg.proxy != self.core.proxy {
-            self.parser = parser_for(&self.http, &cfg.proxy);
+        let http = http_config(cfg);
+        if http != self.http || cfg.proxy != self.core.proxy {
+            self.parser = parser_for(&http, &cfg.proxy);
+            self.http = http;
             self.core.proxy = cfg.proxy.clone();
         }
+        self.core
+            .keyer
+            .set_identifiers(cfg.session.identifiers.clone());
+        // Sessions keep the context the model reads, whose depth a reload does not change.
+        self.core.sessions.reconfigure(SessionConfig {
+            n_max: self.core.n_max,
+            ..cfg.session.clone()
+        });
         Ok(())
     }
 
@@ -1018,6 +1034,61 @@ mod tests {
             );
         }
         out
+    }
+
+    /// A reload applies `[session]` and `[http]` to the next request: a new identifier keys
+    /// sessions by a header the parser did not keep before, a lower cap evicts, a shorter
+    /// `max_path_len` refuses what it allowed.
+    #[test]
+    fn reconfigure_applies_session_identifiers_the_cap_and_http_limits() {
+        let mut cfg = EngineConfig::default();
+        let mut e = Engine::new(&cfg, RuleFile::default(), [3; 16], Mode::Detect).unwrap();
+        let client: IpAddr = "10.0.0.9".parse().unwrap();
+        let request = |path: &str, key: &str| {
+            format!("GET {path} HTTP/1.1\r\nHost: api\r\nX-Api-Key: {key}\r\n\r\n")
+        };
+        let mut t = SECOND;
+        let mut send = |e: &mut Engine, path: &str, key: &str| {
+            t += SECOND;
+            e.on_capture(t, client, request(path, key).as_bytes(), 0)
+        };
+        // Keyed by Authorization, absent here: both keys are the one client's session.
+        send(&mut e, "/a", "alice").unwrap();
+        send(&mut e, "/b", "bob").unwrap();
+        assert_eq!(e.sessions().len(), 1);
+
+        cfg.session.identifiers = vec![IdentifierSource::Header {
+            name: "X-Api-Key".into(),
+        }];
+        cfg.http.max_path_len = 16;
+        e.reconfigure(&cfg).unwrap();
+        send(&mut e, "/a", "alice").unwrap();
+        send(&mut e, "/b", "bob").unwrap();
+        send(&mut e, "/c", "alice").unwrap();
+        let mut steps: Vec<usize> = e.sessions().sessions().map(|s| s.history().len()).collect();
+        steps.sort();
+        assert_eq!(
+            steps,
+            [1, 2, 2],
+            "bob's (/b), alice's (/a, /c), the client's (/a, /b)"
+        );
+        assert_eq!(
+            send(&mut e, "/a-path-longer-than-16", "alice").err(),
+            Some(SkipReason::PathTooLong)
+        );
+        assert_eq!(e.skips().get(SkipReason::PathTooLong), 1);
+
+        cfg.session.max_sessions = 1;
+        e.reconfigure(&cfg).unwrap();
+        assert_eq!(e.sessions().len(), 1);
+        assert_eq!(e.sessions().counters().evicted, 2);
+        let c = e.discovery().resolve("GET /c").unwrap();
+        let newest = e.sessions().sessions().next().unwrap();
+        assert_eq!(
+            newest.history().last().map(|s| s.op),
+            Some(c),
+            "alice's stays"
+        );
     }
 
     #[test]

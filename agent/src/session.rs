@@ -98,6 +98,13 @@ impl SessionKeyer {
         SessionKeyer { secret, sources }
     }
 
+    /// Applies a reloaded identifier list (the secret stays): requests are keyed by it from
+    /// the next one on. A visitor whose key changes with it starts a new session; the one it
+    /// leaves idles out.
+    pub fn set_identifiers(&mut self, sources: Vec<IdentifierSource>) {
+        self.sources = sources;
+    }
+
     /// A fresh per-install secret from the kernel's CSPRNG (store it with the state, mode 0600).
     pub fn random_secret() -> std::io::Result<[u8; 16]> {
         use std::io::Read as _;
@@ -583,6 +590,51 @@ impl SessionTable {
 
     fn cap(&self) -> usize {
         self.config.max_sessions.max(1)
+    }
+
+    /// Applies a reloaded configuration. The idle timeout and the per-session limit of
+    /// remembered operations apply from the next request (a session already holding more keeps
+    /// them). A lower `max_sessions` evicts the least recently active sessions down to it, as
+    /// the cap always does (counted in `evicted`), and gives back their slots' memory.
+    /// Returns how many sessions were evicted.
+    pub fn reconfigure(&mut self, config: SessionConfig) -> usize {
+        self.idle_ns = u64::try_from(config.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.config = config;
+        let mut evicted = 0;
+        while self.index.len() > self.cap() && self.oldest != NIL {
+            self.remove(self.oldest);
+            evicted += 1;
+        }
+        self.counters.evicted += evicted as u64;
+        self.counters.live = self.index.len();
+        if self.slots.len() > self.cap() {
+            self.compact();
+        }
+        evicted
+    }
+
+    /// Moves the live sessions into a table of just their size, keeping their recency order.
+    fn compact(&mut self) {
+        let mut order = Vec::with_capacity(self.index.len());
+        let mut i = self.oldest;
+        while i != NIL {
+            order.push(i);
+            i = self.slots[i as usize].newer;
+        }
+        let mut old: Vec<Option<Session>> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(|slot| Some(slot.session))
+            .collect();
+        self.free = Vec::new();
+        self.index = HashTable::with_capacity(order.len());
+        self.newest = NIL;
+        self.oldest = NIL;
+        self.slots.reserve_exact(order.len());
+        for i in order {
+            if let Some(session) = old[i as usize].take() {
+                self.insert(session);
+            }
+        }
     }
 
     fn find(&self, key: &SessionKey) -> Option<u32> {
@@ -1087,6 +1139,45 @@ mod tests {
             )
             .0;
         assert!(t.get(&newest).is_some());
+    }
+
+    /// A reload that lowers the cap evicts the least recently active sessions down to it and
+    /// shrinks the table; the survivors keep their histories and order, and a new idle
+    /// timeout applies from the next request.
+    #[test]
+    fn reconfigure_lowers_the_cap_keeping_the_newest_and_applies_the_new_timeout() {
+        let mut t = SessionTable::new(SessionConfig {
+            max_sessions: 100,
+            ..Default::default()
+        });
+        for i in 0..100u64 {
+            t.observe(SessionKey(u128::from(i)), OpId(1), IP, i * SEC);
+            t.observe(SessionKey(u128::from(i)), OpId(2), IP, i * SEC);
+        }
+        let evicted = t.reconfigure(SessionConfig {
+            max_sessions: 10,
+            idle_timeout: std::time::Duration::from_secs(30),
+            ..Default::default()
+        });
+        assert_eq!(evicted, 90);
+        assert_eq!(t.counters().evicted, 90);
+        assert_eq!(t.len(), 10);
+        assert!(t.slots.len() <= 10, "slots kept: {}", t.slots.len());
+        // The ten most recent, newest first, histories intact.
+        let keys: Vec<u128> = t.sessions().map(|s| s.key.0).collect();
+        assert_eq!(keys, (90..100).rev().collect::<Vec<_>>());
+        let s = t.get(&SessionKey(95)).unwrap();
+        assert_eq!(
+            s.history().iter().map(|st| st.op).collect::<Vec<_>>(),
+            [OpId(1), OpId(2)]
+        );
+        // Still a working table: a new session evicts the oldest survivor.
+        t.observe(SessionKey(1_000), OpId(1), IP, 100 * SEC);
+        assert_eq!(t.len(), 10);
+        assert!(t.get(&SessionKey(90)).is_none());
+        // 31 s of quiet is past the new 30 s timeout (the old one was 10 minutes).
+        let (r, _) = t.observe(SessionKey(99), OpId(3), IP, 99 * SEC + 31 * SEC);
+        assert_eq!(r.kind, StepKind::NewSession);
     }
 
     #[test]

@@ -101,9 +101,30 @@ impl Daemon {
 
     /// Waits until a stderr line contains `needle`; fails if the daemon exits first.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// How many stderr lines so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `count` stderr lines contain `needle` (to wait for a line the daemon has
+    /// logged before: the count so far, plus one); fails if the daemon exits first.
+    pub fn wait_for_log_count(
+        &mut self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
-            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            if self.log_count(needle) >= count {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {

@@ -892,11 +892,15 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
     .unwrap();
     let socket = daemon.socket().unwrap();
     assert_eq!(cli(&socket, &["mode"])["mode"], "learn");
-    // Rewrites the config, sends SIGHUP and waits for the daemon to log `expect`.
+    // Rewrites the config, sends SIGHUP and waits for the daemon to log `expect` once more
+    // (so the next rewrite cannot race this reload's read of the file).
     let mut reload = |text: &str, expect: &str| {
+        let seen = daemon.log_count(expect);
         write_config(&dir, text);
         daemon.signal(libc::SIGHUP);
-        daemon.wait_for_log(expect, Duration::from_secs(5)).unwrap();
+        daemon
+            .wait_for_log_count(expect, seen + 1, Duration::from_secs(5))
+            .unwrap();
         daemon.log_text()
     };
 
@@ -917,14 +921,23 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
         "a bad file must leave the running config alone"
     );
 
+    // [session] applies on reload, with no warning (checked below).
+    reload(
+        "mode = \"enforce\"\n[session]\nidle_timeout = \"5m\"\n",
+        "configuration reloaded",
+    );
     // A setting read only at the start is not silently ignored: the reload says so.
     let log = reload(
-        "mode = \"enforce\"\n[session]\nidle_timeout = \"5m\"\n",
+        "mode = \"enforce\"\nsave_every = \"7m\"\n[session]\nidle_timeout = \"5m\"\n",
         "takes effect at the next restart",
     );
     assert!(
-        log.contains("[session]"),
-        "the warning names the table:\n{log}"
+        log.contains("save_every"),
+        "the warning names the key:\n{log}"
+    );
+    assert!(
+        !log.contains("[session]"),
+        "[session] applies on reload, with no warning:\n{log}"
     );
     let status = daemon.stop(Duration::from_secs(5)).unwrap();
     assert!(status.success());
