@@ -939,7 +939,9 @@ impl Engine {
         }
     }
 
-    /// Replaces what was learned (a loaded model file); live sessions carry on.
+    /// Replaces what was learned (a loaded model file); live sessions carry on, their
+    /// histories renamed to the loaded discovery's operations (see
+    /// [`SessionTable::remap_ops`]), and the rules' templates are registered with it.
     pub fn set_learned(&mut self, learned: Learned) {
         let Learned {
             mut model,
@@ -956,9 +958,22 @@ impl Engine {
         ) {
             tracing::warn!(error = %e, "configured settings not all applied to the loaded model");
         }
+        register_rule_templates(&mut discovery, core.rules.file());
+        // Live sessions go on under the new discovery's ids for the operations they requested.
+        let old = &core.discovery;
+        let ended = core.sessions.remap_ops(|op| {
+            let name = old.name(old.canonical(op))?;
+            discovery.resolve(name).map(|id| discovery.canonical(id))
+        });
+        if ended > 0 {
+            tracing::info!(
+                sessions = ended,
+                "sessions whose operations the loaded model does not know start over"
+            );
+        }
         core.discovery = discovery;
         core.model = model;
-        core.rules.refresh(&core.discovery);
+        core.rules.rebind(&core.discovery);
     }
 
     /// Imports operation templates from an OpenAPI 3 document: (templates added, paths skipped).
@@ -1088,6 +1103,96 @@ mod tests {
             newest.history().last().map(|s| s.op),
             Some(c),
             "alice's stays"
+        );
+    }
+
+    /// A loaded model comes with its own discovery, numbering operations its own way: live
+    /// sessions keep their histories under its ids, and the rules' templates are registered
+    /// with it. A reset (an empty discovery) ends the sessions, as a restart would.
+    #[test]
+    fn a_loaded_model_renames_live_sessions_and_keeps_rule_templates() {
+        let rules = RuleFile::from_toml_str(
+            "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
+             preceded_by = [\"GET /accounts/{id}/balance\"]\naction = \"log\"\n",
+        )
+        .unwrap();
+        let cfg = EngineConfig::default();
+        let client: IpAddr = "10.0.0.3".parse().unwrap();
+        let request = |e: &mut Engine, t: u64, m: Method, path: &str, who: &str| {
+            e.on_request_in_session(t * SECOND, client, m, None, path, who, 0)
+                .alerts
+                .into_iter()
+                .filter_map(|a| a.rule)
+                .collect::<Vec<_>>()
+        };
+        // The model to load saw the operations in another order (other ids), and no
+        // `{id}` template: the balances became one by cardinality.
+        let mut other = Engine::new(&cfg, RuleFile::default(), [3; 16], Mode::Learn).unwrap();
+        request(&mut other, 1, Method::Post, "/transferFunds", "x");
+        for i in 0..30 {
+            request(
+                &mut other,
+                2 + i,
+                Method::Get,
+                &format!("/accounts/{i}/balance"),
+                "x",
+            );
+        }
+        request(&mut other, 40, Method::Get, "/home", "x");
+
+        let mut e = Engine::new(&cfg, rules, [3; 16], Mode::Detect).unwrap();
+        request(&mut e, 1, Method::Get, "/home", "bob");
+        request(&mut e, 2, Method::Get, "/accounts/7/balance", "bob");
+        request(&mut e, 3, Method::Get, "/home", "carol");
+        request(&mut e, 4, Method::Get, "/news", "carol");
+        e.set_learned(Learned {
+            discovery: other.discovery().clone(),
+            model: other.model().clone(),
+        });
+        assert_eq!(
+            request(&mut e, 5, Method::Post, "/transferFunds", "bob"),
+            Vec::<String>::new(),
+            "bob's lookup, made before the load, still counts"
+        );
+        let bob = e.core.keyer.key_for_value("bob");
+        let names: Vec<String> = e
+            .sessions()
+            .get(&bob)
+            .unwrap()
+            .history()
+            .iter()
+            .map(|s| op_name(e.discovery(), s.op))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "GET /home",
+                "GET /accounts/{id}/balance",
+                "POST /transferFunds"
+            ]
+        );
+        // Carol requested /news, which the loaded model does not know: she starts over.
+        let carol = e.core.keyer.key_for_value("carol");
+        assert!(e.sessions().get(&carol).is_none());
+        // The rule still judges sessions after the load.
+        assert_eq!(
+            request(&mut e, 6, Method::Post, "/transferFunds", "eve"),
+            ["transfer-needs-balance"]
+        );
+
+        // Reset: the rule's template comes with the empty discovery, so a lookup of any
+        // account's balance is the rule's predecessor from its first request; the lookups
+        // before the reset are gone.
+        e.reset_learned(&cfg).unwrap();
+        assert!(e.sessions().is_empty());
+        request(&mut e, 7, Method::Get, "/accounts/savings/balance", "alice");
+        assert_eq!(
+            request(&mut e, 8, Method::Post, "/transferFunds", "alice"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            request(&mut e, 9, Method::Post, "/transferFunds", "bob"),
+            ["transfer-needs-balance"]
         );
     }
 

@@ -555,6 +555,13 @@ impl RuleSet {
     }
 
     /// Re-resolves operation names if discovery changed since the last call.
+    /// Re-resolves every name against another discovery (a loaded or reset model): its
+    /// generation counts its own changes, so equal numbers say nothing across the two.
+    pub fn rebind(&mut self, resolver: &impl OpResolver) {
+        self.generation = None;
+        self.refresh(resolver);
+    }
+
     pub fn refresh(&mut self, resolver: &impl OpResolver) {
         if self.generation == Some(resolver.generation()) {
             return;

@@ -469,6 +469,38 @@ impl Session {
         &self.ops_seen
     }
 
+    /// This session's operations named through `map` (another discovery took over), or None
+    /// when `map` has no counterpart for one of them. Steps that become the same operation
+    /// in a row join into one, as repeats always do.
+    fn remapped(&self, map: &impl Fn(OpId) -> Option<OpId>) -> Option<Session> {
+        let (older, newer) = self.steps.as_slices();
+        let mut steps = StepRing::default();
+        let cap = older.len() + newer.len();
+        for step in older.iter().chain(newer) {
+            let op = map(step.op)?;
+            match steps.back_mut() {
+                Some(last) if last.op == op => {
+                    last.count = last.count.saturating_add(step.count);
+                    last.last_ns = step.last_ns;
+                }
+                _ => steps.push(Step { op, ..*step }, cap),
+            }
+        }
+        let mut ops_seen = self
+            .ops_seen
+            .iter()
+            .map(|&op| map(op))
+            .collect::<Option<SmallVec<[OpId; 16]>>>()?;
+        ops_seen.sort_unstable();
+        ops_seen.dedup();
+        Some(Session {
+            steps,
+            ops_seen,
+            cursor: crate::model::Cursor::default(),
+            ..self.clone()
+        })
+    }
+
     fn record_op(&mut self, op: OpId, cap: usize) {
         if let Err(pos) = self.ops_seen.binary_search(&op) {
             if self.ops_seen.len() < cap {
@@ -611,6 +643,29 @@ impl SessionTable {
             self.compact();
         }
         evicted
+    }
+
+    /// Renames the operations of every live session through `map`, for another discovery
+    /// that took over (a loaded or reset model), so histories keep meaning what was
+    /// requested. A session with an operation `map` cannot name ends, as if it had idled out
+    /// (counted in `expired`). Returns how many ended.
+    pub fn remap_ops(&mut self, map: impl Fn(OpId) -> Option<OpId>) -> usize {
+        let mut ended = Vec::new();
+        let mut i = self.oldest;
+        while i != NIL {
+            let slot = &mut self.slots[i as usize];
+            match slot.session.remapped(&map) {
+                Some(session) => slot.session = session,
+                None => ended.push(i),
+            }
+            i = slot.newer;
+        }
+        for &i in &ended {
+            self.remove(i);
+        }
+        self.counters.expired += ended.len() as u64;
+        self.counters.live = self.index.len();
+        ended.len()
     }
 
     /// Moves the live sessions into a table of just their size, keeping their recency order.
