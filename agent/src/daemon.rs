@@ -48,7 +48,7 @@ use crate::{
         server::{ControlServer, QUEUE_DEPTH, ServerConfig},
     },
     enforce::Enforcer,
-    engine::{Engine, Learned, Outcome},
+    engine::{Engine, Learned, Outcome, SavedSessions},
     ifwatch::{self, Watcher},
     notify,
     reassemble::Reassembler,
@@ -238,6 +238,20 @@ impl Daemon {
         };
         if let Some(path) = &config.openapi {
             import_openapi(&mut engine, path)?;
+        }
+        // After the model and the templates, so sessions are renamed to what is loaded. A
+        // damaged file costs the sessions only: start without them.
+        match state.load::<SavedSessions>() {
+            Ok(loaded) => {
+                if let Some(saved) = loaded.into_value() {
+                    let saved_count = saved.sessions.len();
+                    let restored = engine.restore_sessions(saved, clock::unix_ns());
+                    tracing::info!(restored, saved = saved_count, "sessions restored");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "saved sessions not loaded; starting without them")
+            }
         }
 
         let mut datapath = Datapath::load(&LoadOptions {
@@ -820,6 +834,8 @@ impl Daemon {
         let started = Instant::now();
         let result = (|| -> anyhow::Result<u64> {
             let bytes = self.state.save_view::<Learned>(&self.engine.learned())?;
+            self.state
+                .save_view::<SavedSessions>(&self.engine.saved_sessions())?;
             self.save_runtime_rules()?;
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use thiserror::Error;
@@ -930,7 +931,62 @@ pub struct LearnedRef<'a> {
     pub model: &'a Model,
 }
 
+/// Live sessions, saved so a restart (an upgrade, a crash) does not forget what visitors did
+/// just before it: without them, a visitor who looked up a balance a minute before the restart
+/// and transfers a minute after would break the precedence rule. Operations are saved by name
+/// and renamed to the ids of whatever discovery the next start loads. Sessions hold hashed keys
+/// only, never an identifier.
+#[derive(Serialize, Deserialize)]
+pub struct SavedSessions {
+    /// The name of every operation id the sessions hold.
+    pub names: Vec<(OpId, String)>,
+    /// Most recently active first.
+    pub sessions: Vec<Session>,
+}
+
+impl crate::state::Persist for SavedSessions {
+    const KIND: &'static str = "sessions";
+    const VERSION: u32 = 1;
+}
+
+/// A borrowing twin of [`SavedSessions`] for saving without a copy (same fields, same order).
+#[derive(Serialize)]
+pub struct SavedSessionsRef<'a> {
+    pub names: Vec<(OpId, &'a str)>,
+    pub sessions: Vec<&'a Session>,
+}
+
 impl Engine {
+    /// The live sessions to save: see [`SavedSessions`].
+    pub fn saved_sessions(&self) -> SavedSessionsRef<'_> {
+        let d = &self.core.discovery;
+        let sessions: Vec<&Session> = self.core.sessions.sessions().collect();
+        let mut ids: Vec<OpId> = Vec::new();
+        for s in &sessions {
+            ids.extend(s.history().iter().map(|st| st.op));
+            ids.extend_from_slice(s.ops_seen());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let names = ids
+            .into_iter()
+            .filter_map(|id| Some((id, d.name(d.canonical(id))?)))
+            .collect();
+        SavedSessionsRef { names, sessions }
+    }
+
+    /// Puts back sessions an earlier run saved (see [`SessionTable::restore`]): those not idle
+    /// at `now_ns` whose operations the loaded discovery knows. Returns how many.
+    pub fn restore_sessions(&mut self, saved: SavedSessions, now_ns: u64) -> usize {
+        let names: FxHashMap<OpId, String> = saved.names.into_iter().collect();
+        let d = &self.core.discovery;
+        self.core.sessions.restore(
+            saved.sessions.into_iter().rev(),
+            |op| d.resolve(names.get(&op)?),
+            now_ns,
+        )
+    }
+
     /// What to save: see [`crate::state::StateDir::save_view`].
     pub fn learned(&self) -> LearnedRef<'_> {
         LearnedRef {
@@ -961,10 +1017,9 @@ impl Engine {
         register_rule_templates(&mut discovery, core.rules.file());
         // Live sessions go on under the new discovery's ids for the operations they requested.
         let old = &core.discovery;
-        let ended = core.sessions.remap_ops(|op| {
-            let name = old.name(old.canonical(op))?;
-            discovery.resolve(name).map(|id| discovery.canonical(id))
-        });
+        let ended = core
+            .sessions
+            .remap_ops(|op| discovery.resolve(old.name(old.canonical(op))?));
         if ended > 0 {
             tracing::info!(
                 sessions = ended,
@@ -1389,6 +1444,73 @@ mod tests {
         assert!(out.is_ok());
         assert_eq!(e.counters().requests, 3);
         assert_eq!(e.counters().skipped, 1);
+    }
+
+    /// Live sessions survive a restart through their state file: a lookup made before it
+    /// satisfies a rule after it, under the ids of the discovery the restart loaded. Idle
+    /// sessions stay behind, and the file holds no raw token.
+    #[test]
+    fn live_sessions_survive_a_restart_through_a_state_file() {
+        let rules = || {
+            RuleFile::from_toml_str(
+                "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
+                 preceded_by = [\"GET /accounts/{id}/balance\"]\naction = \"log\"\n",
+            )
+            .unwrap()
+        };
+        let cfg = EngineConfig::default();
+        let client: IpAddr = "10.0.0.5".parse().unwrap();
+        let send = |e: &mut Engine, t: u64, line: &str, token: &str| {
+            let raw = format!("{line} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n");
+            e.on_capture(t * SECOND, client, raw.as_bytes(), 0)
+                .unwrap()
+                .alerts
+                .into_iter()
+                .filter_map(|a| a.rule)
+                .collect::<Vec<_>>()
+        };
+        let mut e = Engine::new(&cfg, rules(), [1; 16], Mode::Detect).unwrap();
+        send(&mut e, 1, "GET /news", "tok-carol-LEAKCHECK");
+        send(&mut e, 1_000, "GET /home", "tok-bob-LEAKCHECK");
+        send(
+            &mut e,
+            1_001,
+            "GET /accounts/7/balance",
+            "tok-bob-LEAKCHECK",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        state.save_view::<Learned>(&e.learned()).unwrap();
+        state
+            .save_view::<SavedSessions>(&e.saved_sessions())
+            .unwrap();
+        let bytes = std::fs::read(state.file_path::<SavedSessions>()).unwrap();
+        assert!(!bytes.windows(9).any(|w| w == b"LEAKCHECK"));
+
+        let learned = state.load::<Learned>().unwrap().into_value().unwrap();
+        let mut e = Engine::with_state(
+            &cfg,
+            rules(),
+            [1; 16],
+            Mode::Detect,
+            learned.model,
+            learned.discovery,
+        )
+        .unwrap();
+        let saved = state.load::<SavedSessions>().unwrap().into_value().unwrap();
+        assert_eq!(saved.sessions.len(), 2);
+        // Carol's last request was 1,001 s before the restart (the idle timeout is 600 s).
+        assert_eq!(e.restore_sessions(saved, 1_002 * SECOND), 1);
+        assert_eq!(
+            send(&mut e, 1_003, "POST /transferFunds", "tok-bob-LEAKCHECK"),
+            Vec::<String>::new(),
+            "bob's lookup before the restart counts"
+        );
+        assert_eq!(
+            send(&mut e, 1_004, "POST /transferFunds", "tok-carol-LEAKCHECK"),
+            ["transfer-needs-balance"]
+        );
+        assert_eq!(e.sessions().len(), 2);
     }
 
     #[test]

@@ -471,11 +471,10 @@ impl Session {
 
     /// This session's operations named through `map` (another discovery took over), or None
     /// when `map` has no counterpart for one of them. Steps that become the same operation
-    /// in a row join into one, as repeats always do.
-    fn remapped(&self, map: &impl Fn(OpId) -> Option<OpId>) -> Option<Session> {
+    /// in a row join into one, as repeats always do; at most the newest `cap` are kept.
+    fn remapped(&self, map: &impl Fn(OpId) -> Option<OpId>, cap: usize) -> Option<Session> {
         let (older, newer) = self.steps.as_slices();
         let mut steps = StepRing::default();
-        let cap = older.len() + newer.len();
         for step in older.iter().chain(newer) {
             let op = map(step.op)?;
             match steps.back_mut() {
@@ -650,11 +649,12 @@ impl SessionTable {
     /// requested. A session with an operation `map` cannot name ends, as if it had idled out
     /// (counted in `expired`). Returns how many ended.
     pub fn remap_ops(&mut self, map: impl Fn(OpId) -> Option<OpId>) -> usize {
+        let history_cap = self.config.n_max + 1;
         let mut ended = Vec::new();
         let mut i = self.oldest;
         while i != NIL {
             let slot = &mut self.slots[i as usize];
-            match slot.session.remapped(&map) {
+            match slot.session.remapped(&map, history_cap) {
                 Some(session) => slot.session = session,
                 None => ended.push(i),
             }
@@ -666,6 +666,35 @@ impl SessionTable {
         self.counters.expired += ended.len() as u64;
         self.counters.live = self.index.len();
         ended.len()
+    }
+
+    /// Puts back sessions saved by an earlier run (oldest first, as a restart finds them),
+    /// their operations renamed through `map` (the discovery now loaded numbers them its own
+    /// way). Sessions idle at `now_ns`, already live, or holding an operation `map` cannot
+    /// name are left out, and so are the least recent beyond the room left under the cap:
+    /// a restored session never evicts a live one. Returns how many were put back.
+    pub fn restore(
+        &mut self,
+        saved: impl IntoIterator<Item = Session>,
+        map: impl Fn(OpId) -> Option<OpId>,
+        now_ns: u64,
+    ) -> usize {
+        let history_cap = self.config.n_max + 1;
+        let mut back: Vec<Session> = saved
+            .into_iter()
+            .filter(|s| {
+                now_ns.saturating_sub(s.last_seen_ns) <= self.idle_ns && self.find(&s.key).is_none()
+            })
+            .filter_map(|s| s.remapped(&map, history_cap))
+            .collect();
+        let room = self.cap().saturating_sub(self.index.len());
+        let back = back.split_off(back.len().saturating_sub(room));
+        let restored = back.len();
+        for session in back {
+            self.insert(session);
+        }
+        self.counters.live = self.index.len();
+        restored
     }
 
     /// Moves the live sessions into a table of just their size, keeping their recency order.
@@ -1233,6 +1262,48 @@ mod tests {
         // 31 s of quiet is past the new 30 s timeout (the old one was 10 minutes).
         let (r, _) = t.observe(SessionKey(99), OpId(3), IP, 99 * SEC + 31 * SEC);
         assert_eq!(r.kind, StepKind::NewSession);
+    }
+
+    /// Restored sessions keep the cap (the most recent win, as for new ones), are renamed
+    /// through the map, and never replace a live one.
+    #[test]
+    fn restore_keeps_the_cap_renames_and_leaves_live_sessions_alone() {
+        let mut before = SessionTable::new(SessionConfig::default());
+        for i in 0..3u64 {
+            before.observe(SessionKey(u128::from(i)), OpId(1), IP, i * SEC);
+        }
+        let saved: Vec<Session> = before.sessions().cloned().collect();
+        let mut t = SessionTable::new(SessionConfig {
+            max_sessions: 2,
+            ..Default::default()
+        });
+        let rename = |op: OpId| Some(OpId(op.0 + 10));
+        let restored = t.restore(saved.iter().rev().cloned(), rename, 5 * SEC);
+        assert_eq!(restored, 2);
+        let keys: Vec<u128> = t.sessions().map(|s| s.key.0).collect();
+        assert_eq!(keys, [2, 1], "the cap of 2 keeps the most recent");
+        let ops: Vec<OpId> = t
+            .get(&SessionKey(1))
+            .unwrap()
+            .history()
+            .iter()
+            .map(|s| s.op)
+            .collect();
+        assert_eq!(ops, [OpId(11)]);
+        t.observe(SessionKey(2), OpId(7), IP, 6 * SEC);
+        assert_eq!(
+            t.restore(saved.iter().rev().cloned(), rename, 6 * SEC),
+            0,
+            "both live"
+        );
+        let ops: Vec<OpId> = t
+            .get(&SessionKey(2))
+            .unwrap()
+            .history()
+            .iter()
+            .map(|s| s.op)
+            .collect();
+        assert_eq!(ops, [OpId(11), OpId(7)], "the live one is untouched");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Persistence: named state files (model, endpoints, runtime rules, blocks, the session secret)
-//! in the state directory, written atomically and read back defensively.
+//! Persistence: named state files (model, endpoints, live sessions, runtime rules, blocks, the
+//! session secret) in the state directory, written atomically and read back defensively.
 //!
 //! A file is a 44-byte header (magic, container version, payload kind, kind version, payload
 //! length, CRC-32) followed by a postcard payload. Saving keeps the replaced file as `.prev`;

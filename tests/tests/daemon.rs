@@ -963,6 +963,7 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
     ];
     let target = SocketAddr::new(net.host_ip.into(), PORT);
     let sequences_before;
+    let sessions_before;
     {
         let daemon = Daemon::start(&precedent_bin(), &args).unwrap();
         let socket = daemon.socket().unwrap();
@@ -981,6 +982,8 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
         cli(&socket, &["blocks", "add", "192.0.2.0/24", "--ttl", "1h"]);
         assert_eq!(cli(&socket, &["endpoints"]).as_array().unwrap().len(), 3);
         sequences_before = cli(&socket, &["sequences"]);
+        sessions_before = cli(&socket, &["sessions"]);
+        assert_eq!(sessions_before.as_array().unwrap().len(), 1);
     } // SIGTERM: state saved at exit
     assert!(state.join("model.state").exists());
     {
@@ -1012,6 +1015,12 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
             "block lost across restart: {blocks}"
         );
         assert_eq!(blocks[0]["reason"], "manual");
+        // The session goes on where it was: same key, steps and last operation.
+        assert_eq!(
+            cli(&socket, &["sessions"]),
+            sessions_before,
+            "live session lost across restart"
+        );
     }
     // Corrupt the model file: the daemon moves it aside, falls back, and starts.
     let model = state.join("model.state");
