@@ -1056,6 +1056,15 @@ mod tests {
 
     const SECOND: u64 = 1_000_000_000;
 
+    /// The rule "POST /transferFunds must be preceded by `predecessor`", alerting only.
+    fn transfer_rule(predecessor: &str) -> RuleFile {
+        RuleFile::from_toml_str(&format!(
+            "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
+             preceded_by = [\"{predecessor}\"]\naction = \"log\"\n"
+        ))
+        .unwrap()
+    }
+
     /// An engine that learned 300 sessions browsing a catalogue: each looks at a few items
     /// (different ids of `GET /items/{id}`, some reloaded once) and pays once.
     fn catalogue_engine() -> Engine {
@@ -1166,11 +1175,7 @@ mod tests {
     /// with it. A reset (an empty discovery) ends the sessions, as a restart would.
     #[test]
     fn a_loaded_model_renames_live_sessions_and_keeps_rule_templates() {
-        let rules = RuleFile::from_toml_str(
-            "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
-             preceded_by = [\"GET /accounts/{id}/balance\"]\naction = \"log\"\n",
-        )
-        .unwrap();
+        let rules = transfer_rule("GET /accounts/{id}/balance");
         let cfg = EngineConfig::default();
         let client: IpAddr = "10.0.0.3".parse().unwrap();
         let request = |e: &mut Engine, t: u64, m: Method, path: &str, who: &str| {
@@ -1424,11 +1429,7 @@ mod tests {
 
     #[test]
     fn a_request_pipelined_behind_another_is_seen() {
-        let rules = RuleFile::from_toml_str(
-            "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
-             preceded_by = [\"GET /balance\"]\n",
-        )
-        .unwrap();
+        let rules = transfer_rule("GET /balance");
         let mut e = Engine::new(&EngineConfig::default(), rules, [1; 16], Mode::Detect).unwrap();
         let client: IpAddr = "10.0.0.9".parse().unwrap();
         // An innocuous request with the transfer hidden behind it, in one segment.
@@ -1451,13 +1452,7 @@ mod tests {
     /// sessions stay behind, and the file holds no raw token.
     #[test]
     fn live_sessions_survive_a_restart_through_a_state_file() {
-        let rules = || {
-            RuleFile::from_toml_str(
-                "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
-                 preceded_by = [\"GET /accounts/{id}/balance\"]\naction = \"log\"\n",
-            )
-            .unwrap()
-        };
+        let rules = || transfer_rule("GET /accounts/{id}/balance");
         let cfg = EngineConfig::default();
         let client: IpAddr = "10.0.0.5".parse().unwrap();
         let send = |e: &mut Engine, t: u64, line: &str, token: &str| {
