@@ -469,14 +469,17 @@ impl Session {
         &self.ops_seen
     }
 
-    /// This session's operations named through `map` (another discovery took over), or None
-    /// when `map` has no counterpart for one of them. Steps that become the same operation
-    /// in a row join into one, as repeats always do; at most the newest `cap` are kept.
-    fn remapped(&self, map: &impl Fn(OpId) -> Option<OpId>, cap: usize) -> Option<Session> {
+    /// Renames this session's operations through `map` (another discovery took over);
+    /// false, and the session unchanged, when `map` has no counterpart for one of them. Steps
+    /// that become the same operation in a row join into one, as repeats always do; at most
+    /// the newest `cap` are kept. The cursor (slots of the old names) is dropped.
+    fn remap(&mut self, map: &impl Fn(OpId) -> Option<OpId>, cap: usize) -> bool {
         let (older, newer) = self.steps.as_slices();
         let mut steps = StepRing::default();
         for step in older.iter().chain(newer) {
-            let op = map(step.op)?;
+            let Some(op) = map(step.op) else {
+                return false;
+            };
             match steps.back_mut() {
                 Some(last) if last.op == op => {
                     last.count = last.count.saturating_add(step.count);
@@ -485,19 +488,20 @@ impl Session {
                 _ => steps.push(Step { op, ..*step }, cap),
             }
         }
-        let mut ops_seen = self
+        let Some(mut ops_seen) = self
             .ops_seen
             .iter()
             .map(|&op| map(op))
-            .collect::<Option<SmallVec<[OpId; 16]>>>()?;
+            .collect::<Option<SmallVec<[OpId; 16]>>>()
+        else {
+            return false;
+        };
         ops_seen.sort_unstable();
         ops_seen.dedup();
-        Some(Session {
-            steps,
-            ops_seen,
-            cursor: crate::model::Cursor::default(),
-            ..self.clone()
-        })
+        self.steps = steps;
+        self.ops_seen = ops_seen;
+        self.cursor = crate::model::Cursor::default();
+        true
     }
 
     fn record_op(&mut self, op: OpId, cap: usize) {
@@ -654,9 +658,8 @@ impl SessionTable {
         let mut i = self.oldest;
         while i != NIL {
             let slot = &mut self.slots[i as usize];
-            match slot.session.remapped(&map, history_cap) {
-                Some(session) => slot.session = session,
-                None => ended.push(i),
+            if !slot.session.remap(&map, history_cap) {
+                ended.push(i);
             }
             i = slot.newer;
         }
@@ -685,7 +688,7 @@ impl SessionTable {
             .filter(|s| {
                 now_ns.saturating_sub(s.last_seen_ns) <= self.idle_ns && self.find(&s.key).is_none()
             })
-            .filter_map(|s| s.remapped(&map, history_cap))
+            .filter_map(|mut s| s.remap(&map, history_cap).then_some(s))
             .collect();
         let room = self.cap().saturating_sub(self.index.len());
         let back = back.split_off(back.len().saturating_sub(room));
