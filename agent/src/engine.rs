@@ -682,7 +682,11 @@ impl Core {
                             numbers: serde_json::to_value(&r).unwrap_or_default(),
                         });
                     }
-                    let seen = |p: Op| session.has_seen(OpId(p)).unwrap_or(true);
+                    let seen = |p: Op| {
+                        session
+                            .has_seen(OpId(p), |o| discovery.canonical(o))
+                            .unwrap_or(true)
+                    };
                     if let Some(m) = missing_precedent(model, op.0, seen, signals) {
                         findings.push(Finding::Signal {
                             signal: Signal::MissingPrecedent,
@@ -946,7 +950,8 @@ pub struct SavedSessions {
 
 impl crate::state::Persist for SavedSessions {
     const KIND: &'static str = "sessions";
-    const VERSION: u32 = 1;
+    /// 2: each operation a session saw carries its steps past the retained history.
+    const VERSION: u32 = 2;
 }
 
 /// A borrowing twin of [`SavedSessions`] for saving without a copy (same fields, same order).
@@ -964,7 +969,7 @@ impl Engine {
         let mut ids: Vec<OpId> = Vec::new();
         for s in &sessions {
             ids.extend(s.history().iter().map(|st| st.op));
-            ids.extend_from_slice(s.ops_seen());
+            ids.extend(s.ops_seen());
         }
         ids.sort_unstable();
         ids.dedup();
@@ -1425,6 +1430,142 @@ mod tests {
             !signals.iter().any(|(_, s)| *s == Signal::Replay),
             "{signals:?}"
         );
+    }
+
+    /// The rule alerts of `o`, as "rule: explanation".
+    fn rule_alerts(o: &Outcome) -> Vec<String> {
+        o.alerts
+            .iter()
+            .filter_map(|a| Some(format!("{}: {}", a.rule.as_ref()?, a.explanation)))
+            .collect()
+    }
+
+    /// A session's steps past the retained history (`n_max + 1` = 9) still satisfy a rule: a
+    /// rule with no window looks at the whole session, `within_ops` may reach past the
+    /// history (the documented example says 10), and `within` and the order hold there too.
+    #[test]
+    fn precedence_rules_look_back_past_the_retained_history() {
+        let rules = |extra: &str, preds: &str| {
+            RuleFile::from_toml_str(&format!(
+                "[[rule]]\nid = \"xfer\"\noperation = \"POST /transferFunds\"\n\
+                 preceded_by = [{preds}]\n{extra}action = \"block\"\n"
+            ))
+            .unwrap()
+        };
+        let c: IpAddr = "10.0.0.1".parse().unwrap();
+        // `before`, then `pages` other operations a second apart, then the transfer.
+        let run = |rules: RuleFile, before: &[&str], pages: usize, gap_s: u64| {
+            let mut e =
+                Engine::new(&EngineConfig::default(), rules, [3; 16], Mode::Enforce).unwrap();
+            let mut t = SECOND;
+            for p in before {
+                t += SECOND;
+                e.on_request_in_session(t, c, Method::Get, None, p, "alice", 0);
+            }
+            t += gap_s * SECOND;
+            for i in 0..pages {
+                t += SECOND;
+                let page = format!("/page{}", char::from(b'a' + i as u8));
+                e.on_request_in_session(t, c, Method::Get, None, &page, "alice", 0);
+            }
+            t += SECOND;
+            let o = e.on_request_in_session(t, c, Method::Post, None, "/transferFunds", "alice", 0);
+            rule_alerts(&o)
+        };
+        let balance = r#""GET /balance""#;
+        assert_eq!(
+            run(rules("", balance), &["/balance"], 12, 0),
+            Vec::<String>::new()
+        );
+        let ten = rules("within_ops = 10\n", balance);
+        assert_eq!(run(ten.clone(), &["/balance"], 9, 0), Vec::<String>::new());
+        let late = run(ten, &["/balance"], 10, 0);
+        assert!(
+            late.len() == 1 && late[0].contains("11 steps"),
+            "11 steps back is outside 10: {late:?}"
+        );
+        let minute = rules("within = \"1m\"\n", balance);
+        assert_eq!(
+            run(minute.clone(), &["/balance"], 12, 0),
+            Vec::<String>::new()
+        );
+        let stale = run(minute, &["/balance"], 12, 120);
+        assert!(stale.len() == 1 && stale[0].contains("ago"), "{stale:?}");
+        // Order, past the history: the latest /b has an /a before it.
+        let both = rules("", r#""GET /a", "GET /b""#);
+        assert_eq!(
+            run(both.clone(), &["/a", "/b"], 12, 0),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            run(both.clone(), &["/a", "/b", "/a"], 12, 0),
+            Vec::<String>::new()
+        );
+        let reversed = run(both, &["/b", "/a"], 12, 0);
+        assert!(
+            reversed.len() == 1 && reversed[0].contains("order"),
+            "{reversed:?}"
+        );
+    }
+
+    /// Operations merged by discovery (here by a client requesting 21 made-up paths next to
+    /// the balance lookup) stay the operations sessions and the model already know: the
+    /// model's "transfer follows the balance lookup" and a session's lookup under its new
+    /// name are one, so customers are not told they skipped it.
+    #[test]
+    fn a_merge_does_not_make_sessions_miss_their_predecessors() {
+        let mut e = Engine::new(
+            &EngineConfig::default(),
+            RuleFile::default(),
+            [3; 16],
+            Mode::Learn,
+        )
+        .unwrap();
+        let c: IpAddr = "10.0.0.1".parse().unwrap();
+        let walk = [
+            (Method::Get, "/home"),
+            (Method::Get, "/accounts/balance"),
+            (Method::Post, "/transfer"),
+        ];
+        let mut t = SECOND;
+        for s in 0..200 {
+            for (m, p) in walk {
+                t += SECOND / 100;
+                e.on_request_in_session(t, c, m, None, p, &format!("s{s}"), 0);
+            }
+        }
+        for _ in 0..50 {
+            e.maintain(t);
+        }
+        let transfer = e.discovery().resolve("POST /transfer").unwrap();
+        assert!(!e.model().required_predecessors(transfer.0).is_empty());
+        e.set_mode(Mode::Enforce);
+        let customer = |e: &mut Engine, t: &mut u64, who: &str| {
+            let mut alerts = Vec::new();
+            for (m, p) in walk {
+                *t += SECOND;
+                let o =
+                    e.on_request_in_session(*t, "10.0.0.7".parse().unwrap(), m, None, p, who, 0);
+                alerts.extend(o.alerts.iter().map(|a| a.explanation.clone()));
+            }
+            alerts
+        };
+        assert_eq!(customer(&mut e, &mut t, "before"), Vec::<String>::new());
+        let attacker: IpAddr = "192.0.2.9".parse().unwrap();
+        for ch in b'a'..=b'u' {
+            t += 1;
+            let junk = format!("/accounts/junk{}", char::from(ch));
+            e.on_request_in_session(t, attacker, Method::Get, None, &junk, "attacker", 0);
+        }
+        assert!(
+            e.discovery().resolve("GET /accounts/{param}").is_some(),
+            "the level was generalised"
+        );
+        assert_eq!(customer(&mut e, &mut t, "after"), Vec::<String>::new());
+        for _ in 0..50 {
+            e.maintain(t);
+        }
+        assert_eq!(customer(&mut e, &mut t, "later"), Vec::<String>::new());
     }
 
     #[test]

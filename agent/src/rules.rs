@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::{
     discovery::{OpId, OpResolver, validate_template},
     http::Method,
-    session::Session,
+    session::{Occurrence, Session},
 };
 
 /// A `block` rule without `block_ttl` blocks for this long.
@@ -627,7 +627,7 @@ impl RuleSet {
                         },
                     });
                 }
-                if let Some(kind) = precedence(r, &prev, &history, session, now_ns) {
+                if let Some(kind) = precedence(r, session, now_ns, resolver) {
                     hits.push(RuleHit {
                         rule: r.id.clone(),
                         action: r.action,
@@ -663,70 +663,61 @@ impl RuleSet {
     }
 }
 
-/// `None` when the predecessors are there, in order, within the window.
+/// `None` when the predecessors are there, in order, within the window. The session's whole
+/// past counts, not only its retained history (see [`Session::occurrence_before`]).
 fn precedence(
     r: &Compiled,
-    prev: &[OpId],
-    history: &crate::session::History<'_>,
     session: &Session,
     now_ns: u64,
+    resolver: &impl OpResolver,
 ) -> Option<HitKind> {
-    // The window is a suffix of the previous steps: k steps back (1 = just before the current
-    // one), no older than `within`.
-    let in_window = |k: usize| {
-        let step = history.get(prev.len() - k).expect("k <= prev.len()");
-        r.within_ops.is_none_or(|w| k <= w as usize)
+    let canon = |op| resolver.canonical(op);
+    let in_window = |o: &Occurrence| {
+        r.within_ops.is_none_or(|w| o.steps_ago <= u64::from(w))
             && r.within_ns
-                .is_none_or(|w| now_ns.saturating_sub(step.last_ns) <= w)
+                .is_none_or(|w| now_ns.saturating_sub(o.at_ns) <= w)
     };
-    let window = (1..=prev.len()).take_while(|&k| in_window(k)).count();
-    let win = &prev[prev.len() - window..];
-    // Greedy from the newest step backwards: matches the latest occurrence of each predecessor.
-    let mut need = r.pred_ids.len();
-    for op in win.iter().rev() {
-        if need == 0 {
-            break;
+    // Greedy from the newest step backwards: the latest occurrence of the last predecessor,
+    // then the latest of the one before it that is older, and so on. Latest occurrences keep
+    // the chain as recent as it can be, so it is within the window if any chain is.
+    let mut older_than = 0;
+    let mut oldest = None;
+    let chain = r.pred_ids.iter().rev().all(|p| {
+        let found = p.and_then(|p| session.occurrence_before(p, older_than, canon));
+        if let Some(o) = found {
+            older_than = o.steps_ago;
+            oldest = Some(o);
         }
-        if Some(*op) == r.pred_ids[need - 1] {
-            need -= 1;
-        }
-    }
-    if need == 0 {
+        found.is_some()
+    });
+    if chain && oldest.is_none_or(|o| in_window(&o)) {
         return None;
     }
-    let in_win = |p: Option<OpId>| p.is_some_and(|p| win.contains(&p));
-    let Some(position) = r.pred_ids.iter().position(|p| !in_win(*p)) else {
+    // What is wrong: the first predecessor with no occurrence in the window, else the order.
+    let latest = |p: Option<OpId>| p.and_then(|p| session.occurrence_before(p, 0, canon));
+    let Some(position) = r
+        .pred_ids
+        .iter()
+        .position(|p| !latest(*p).is_some_and(|o| in_window(&o)))
+    else {
         return Some(HitKind::OutOfOrder {
             expected: r.preds.clone(),
         });
     };
     let predecessor = r.preds[position].clone();
-    let pid = r.pred_ids[position];
-    if let Some(p) = pid {
-        if let Some(k) = (1..=prev.len()).find(|&k| prev[prev.len() - k] == p) {
-            let step = history.get(prev.len() - k).expect("k <= prev.len()");
-            return Some(HitKind::OutsideWindow {
-                predecessor,
-                steps_ago: Some(k as u32),
-                age_ns: Some(now_ns.saturating_sub(step.last_ns)),
-                within_ops: r.within_ops,
-                within_ns: r.within_ns,
-            });
-        }
-        if session.has_seen(p) == Some(true) {
-            return Some(HitKind::OutsideWindow {
-                predecessor,
-                steps_ago: None,
-                age_ns: None,
-                within_ops: r.within_ops,
-                within_ns: r.within_ns,
-            });
-        }
+    match latest(r.pred_ids[position]) {
+        Some(o) => Some(HitKind::OutsideWindow {
+            predecessor,
+            steps_ago: Some(u32::try_from(o.steps_ago).unwrap_or(u32::MAX)),
+            age_ns: Some(now_ns.saturating_sub(o.at_ns)),
+            within_ops: r.within_ops,
+            within_ns: r.within_ns,
+        }),
+        None => Some(HitKind::MissingPredecessor {
+            missing: predecessor,
+            position,
+        }),
     }
-    Some(HitKind::MissingPredecessor {
-        missing: predecessor,
-        position,
-    })
 }
 
 fn explain(r: &Compiled, kind: &HitKind) -> String {

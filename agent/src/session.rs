@@ -359,13 +359,18 @@ impl StepRing {
         self.buf.get_mut(i)
     }
 
-    /// Appends `step`, replacing the oldest once `cap` steps are held.
-    fn push(&mut self, step: Step, cap: usize) {
+    /// Appends `step`, replacing the oldest once `cap` steps are held; returns the one it
+    /// replaced.
+    fn push(&mut self, step: Step, cap: usize) -> Option<Step> {
         if self.buf.len() < cap {
             self.buf.push(step);
+            None
         } else if let Some(slot) = self.buf.get_mut(self.head) {
-            *slot = step;
+            let old = std::mem::replace(slot, step);
             self.head = (self.head + 1) % self.buf.len();
+            Some(old)
+        } else {
+            None
         }
     }
 }
@@ -411,9 +416,33 @@ pub struct Session {
     #[serde(skip)]
     pub cursor: crate::model::Cursor,
     steps: StepRing,
-    /// Sorted, capped set of operations seen in this session.
-    ops_seen: SmallVec<[OpId; 16]>,
+    /// Operations seen in this session, sorted by id, capped; with where each last occurred
+    /// before the retained history.
+    ops_seen: SmallVec<[SeenOp; 8]>,
     ops_seen_full: bool,
+}
+
+/// An operation a session requested. Its steps that have left the retained history are
+/// summed up as the first and the last of them, so a precedence rule looks back past the
+/// history (`n_max + 1` steps): a balance lookup twenty steps before a transfer still counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenOp {
+    pub op: OpId,
+    /// Step numbers (the session's first step is 1); 0 while no step of it left the history.
+    first_step: u32,
+    last_step: u32,
+    /// When those steps' last requests came, in milliseconds after the session's first
+    /// request (rounded up; saturating after 49 days).
+    first_ms: u32,
+    last_ms: u32,
+}
+
+/// Where an operation occurred in a session: steps back from the current step (1 = the one
+/// just before it) and the time of that step's last request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occurrence {
+    pub steps_ago: u64,
+    pub at_ns: u64,
 }
 
 impl Session {
@@ -441,14 +470,64 @@ impl Session {
         History { front, back }
     }
 
-    /// Did this session ever request `op`? `None` when the bounded set overflowed and `op`
-    /// is not in it (unknown).
-    pub fn has_seen(&self, op: OpId) -> Option<bool> {
-        match self.ops_seen.binary_search(&op) {
-            Ok(_) => Some(true),
-            Err(_) if self.ops_seen_full => None,
-            Err(_) => Some(false),
+    /// Did this session ever request `op`? Ids are compared through `canon` (discovery's
+    /// canonical id: operations merged since a step was taken, or since the model learned
+    /// `op`, are one). `None` when the bounded set overflowed and `op` is not in it (unknown).
+    pub fn has_seen(&self, op: OpId, canon: impl Fn(OpId) -> OpId) -> Option<bool> {
+        let op = canon(op);
+        if self.ops_seen.iter().any(|s| canon(s.op) == op) {
+            Some(true)
+        } else if self.ops_seen_full {
+            None
+        } else {
+            Some(false)
         }
+    }
+
+    /// The latest step of `op` (compared through `canon`, as in [`Session::has_seen`]) more
+    /// than `older_than` steps back. Exact within the retained history; past it, the last
+    /// step of `op` that left the history if that one is far enough back, else the first.
+    /// `None` when there is none or the bounded set of operations overflowed before `op`.
+    pub fn occurrence_before(
+        &self,
+        op: OpId,
+        older_than: u64,
+        canon: impl Fn(OpId) -> OpId,
+    ) -> Option<Occurrence> {
+        let op = canon(op);
+        let in_history = self
+            .history()
+            .iter()
+            .rev()
+            .enumerate()
+            .skip(
+                usize::try_from(older_than)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1),
+            )
+            .find(|(_, step)| canon(step.op) == op)
+            .map(|(ago, step)| Occurrence {
+                steps_ago: ago as u64,
+                at_ns: step.last_ns,
+            });
+        if in_history.is_some() {
+            return in_history;
+        }
+        let at = |ms: u32| self.first_seen_ns.saturating_add(u64::from(ms) * 1_000_000);
+        let ago = |step: u32| self.step_count.saturating_sub(u64::from(step));
+        self.ops_seen
+            .iter()
+            .filter(|s| s.first_step != 0 && canon(s.op) == op)
+            .filter_map(|s| {
+                [(s.last_step, s.last_ms), (s.first_step, s.first_ms)]
+                    .into_iter()
+                    .map(|(step, ms)| Occurrence {
+                        steps_ago: ago(step),
+                        at_ns: at(ms),
+                    })
+                    .find(|o| o.steps_ago > older_than)
+            })
+            .min_by_key(|o| o.steps_ago)
     }
 
     /// Counts a request (its [`SessionKeyer::request_hash`]) into the run of identical
@@ -465,8 +544,8 @@ impl Session {
         ended
     }
 
-    pub fn ops_seen(&self) -> &[OpId] {
-        &self.ops_seen
+    pub fn ops_seen(&self) -> impl Iterator<Item = OpId> + '_ {
+        self.ops_seen.iter().map(|s| s.op)
     }
 
     /// Renames this session's operations through `map` (another discovery took over);
@@ -476,6 +555,7 @@ impl Session {
     fn remap(&mut self, map: &impl Fn(OpId) -> Option<OpId>, cap: usize) -> bool {
         let (older, newer) = self.steps.as_slices();
         let mut steps = StepRing::default();
+        let mut retired: SmallVec<[Step; 2]> = SmallVec::new();
         for step in older.iter().chain(newer) {
             let Some(op) = map(step.op) else {
                 return false;
@@ -485,33 +565,79 @@ impl Session {
                     last.count = last.count.saturating_add(step.count);
                     last.last_ns = step.last_ns;
                 }
-                _ => steps.push(Step { op, ..*step }, cap),
+                _ => retired.extend(steps.push(Step { op, ..*step }, cap)),
             }
         }
         let Some(mut ops_seen) = self
             .ops_seen
             .iter()
-            .map(|&op| map(op))
-            .collect::<Option<SmallVec<[OpId; 16]>>>()
+            .map(|s| {
+                Some(SeenOp {
+                    op: map(s.op)?,
+                    ..*s
+                })
+            })
+            .collect::<Option<SmallVec<[SeenOp; 8]>>>()
         else {
             return false;
         };
-        ops_seen.sort_unstable();
-        ops_seen.dedup();
+        ops_seen.sort_unstable_by_key(|s| s.op);
+        // Operations that became one: their earliest and latest steps past the history.
+        ops_seen.dedup_by(|later, kept| {
+            if later.op != kept.op {
+                return false;
+            }
+            if later.first_step != 0 && (kept.first_step == 0 || later.first_step < kept.first_step)
+            {
+                (kept.first_step, kept.first_ms) = (later.first_step, later.first_ms);
+            }
+            if later.last_step > kept.last_step {
+                (kept.last_step, kept.last_ms) = (later.last_step, later.last_ms);
+            }
+            true
+        });
         self.steps = steps;
         self.ops_seen = ops_seen;
+        // Steps the cap left out (a shorter history) are summed up like any that leave it.
+        let first_retained = self.step_count.saturating_sub(self.steps.buf.len() as u64);
+        let count = retired.len() as u64;
+        for (i, old) in retired.into_iter().enumerate() {
+            self.retire(&old, (first_retained + 1 + i as u64).saturating_sub(count));
+        }
         self.cursor = crate::model::Cursor::default();
         true
     }
 
     fn record_op(&mut self, op: OpId, cap: usize) {
-        if let Err(pos) = self.ops_seen.binary_search(&op) {
+        if let Err(pos) = self.ops_seen.binary_search_by_key(&op, |s| s.op) {
             if self.ops_seen.len() < cap {
-                self.ops_seen.insert(pos, op);
+                let seen = SeenOp {
+                    op,
+                    first_step: 0,
+                    last_step: 0,
+                    first_ms: 0,
+                    last_ms: 0,
+                };
+                self.ops_seen.insert(pos, seen);
             } else {
                 self.ops_seen_full = true;
             }
         }
+    }
+
+    /// Notes `step` (number `number`) leaving the retained history.
+    fn retire(&mut self, step: &Step, number: u64) {
+        let Ok(i) = self.ops_seen.binary_search_by_key(&step.op, |s| s.op) else {
+            return; // not recorded: the set was full
+        };
+        let number = u32::try_from(number).unwrap_or(u32::MAX).max(1);
+        let since = step.last_ns.saturating_sub(self.first_seen_ns);
+        let ms = u32::try_from(since.div_ceil(1_000_000)).unwrap_or(u32::MAX);
+        let seen = &mut self.ops_seen[i];
+        if seen.first_step == 0 {
+            (seen.first_step, seen.first_ms) = (number, ms);
+        }
+        (seen.last_step, seen.last_ms) = (number, ms);
     }
 }
 
@@ -858,17 +984,19 @@ impl SessionTable {
                 (StepKind::Repeat, last.count)
             }
             _ => {
-                s.steps.push(
-                    Step {
-                        op,
-                        count: 1,
-                        first_ns: now_ns,
-                        last_ns: now_ns,
-                    },
-                    history_cap,
-                );
-                s.step_count += 1;
                 s.record_op(op, max_ops_seen);
+                let step = Step {
+                    op,
+                    count: 1,
+                    first_ns: now_ns,
+                    last_ns: now_ns,
+                };
+                if let Some(old) = s.steps.push(step, history_cap) {
+                    // The ring held steps `step_count - cap + 1 ..= step_count`; the oldest left.
+                    let number = (s.step_count + 1).saturating_sub(history_cap as u64);
+                    s.retire(&old, number);
+                }
+                s.step_count += 1;
                 (
                     if new_session {
                         StepKind::NewSession
@@ -1143,8 +1271,8 @@ mod tests {
         assert_eq!(steps, vec![(1, 1), (2, 3)]);
         assert_eq!(s.history().last().unwrap().first_ns, 2 * SEC);
         assert_eq!((s.step_count, s.request_count), (2, 4));
-        assert_eq!(s.has_seen(OpId(1)), Some(true));
-        assert_eq!(s.has_seen(OpId(9)), Some(false));
+        assert_eq!(s.has_seen(OpId(1), |o| o), Some(true));
+        assert_eq!(s.has_seen(OpId(9), |o| o), Some(false));
     }
 
     #[test]
@@ -1320,9 +1448,9 @@ mod tests {
             t.observe(k, OpId(i), IP, SEC);
         }
         let s = t.get(&k).unwrap();
-        assert_eq!(s.ops_seen().len(), 4);
-        assert_eq!(s.has_seen(OpId(0)), Some(true));
-        assert_eq!(s.has_seen(OpId(9)), None);
+        assert_eq!(s.ops_seen().count(), 4);
+        assert_eq!(s.has_seen(OpId(0), |o| o), Some(true));
+        assert_eq!(s.has_seen(OpId(9), |o| o), None);
     }
 
     #[test]
