@@ -369,6 +369,11 @@ impl Parser {
         }
         // Partial: either the request line itself is cut, or some header is.
         if req.version.is_none() {
+            if req.method.is_some()
+                && let Some(r) = cut_after_path(bytes, &self.config)
+            {
+                return r;
+            }
             if req.method.is_some() && bytes.len() > self.config.max_path_len + 16 {
                 return Err(SkipReason::PathTooLong);
             }
@@ -399,6 +404,37 @@ impl Parser {
             Err(e) => Err(classify(e, scratch, &self.config)),
         }
     }
+}
+
+/// A request line the capture cut after the path: in the query (`GET /search?q=` and 600
+/// bytes, cut at 512) or in the version. The method and the path are whole, so the request
+/// is analysed, with the query as far as it goes and no headers (its session is then keyed
+/// by the client address): padding the query past the capture must not hide a request.
+/// Bytes httparse read up to the cut are valid request-line bytes. `None` when the cut is in
+/// the path itself.
+fn cut_after_path<'a>(
+    bytes: &'a [u8],
+    config: &'a HttpConfig,
+) -> Option<Result<Request<'a>, SkipReason>> {
+    let sp = memchr::memchr(b' ', bytes)?;
+    let rest = &bytes[sp + 1..];
+    let (target, whole) = match memchr::memchr(b' ', rest) {
+        Some(i) => (&rest[..i], true),
+        None => (rest, false),
+    };
+    if !whole && memchr::memchr(b'?', target).is_none() {
+        return None;
+    }
+    // The cut may split a character of the query: keep what is whole.
+    let target = match std::str::from_utf8(target) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() && !whole => {
+            std::str::from_utf8(&target[..e.valid_up_to()]).ok()?
+        }
+        Err(_) => return Some(Err(SkipReason::InvalidUtf8)),
+    };
+    let method = std::str::from_utf8(&bytes[..sp]).ok()?;
+    Some(build(config, method, target, 1, &[], true, false))
 }
 
 /// One-off parse with a fresh [`Parser`]; prefer keeping a `Parser` on a hot path.
@@ -1049,9 +1085,38 @@ mod tests {
             parse(b"GET /very/long/pa"),
             Err(SkipReason::IncompleteRequestLine)
         );
+    }
+
+    /// Padding the query (or a cut in the version) leaves the method and the path whole: the
+    /// request is analysed, not skipped, whatever the capture length.
+    #[test]
+    fn request_line_cut_after_the_path_is_analysed() {
+        let r = parse(b"GET /x HTTP/1.").unwrap();
         assert_eq!(
-            parse(b"GET /x HTTP/1."),
-            Err(SkipReason::IncompleteRequestLine)
+            (r.method, r.path.as_str(), r.query),
+            (Method::Get, "/x", None)
+        );
+        assert!(r.truncated);
+        for pad in [600, 5000] {
+            let mut raw = b"POST /transferFunds?pad=".to_vec();
+            raw.extend(std::iter::repeat_n(b'A', pad));
+            raw.extend_from_slice(b" HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n");
+            for cut in [512, 4096.min(raw.len() - 40)] {
+                let mut parser = Parser::new(HttpConfig::default());
+                let r = parser.parse(&raw[..cut]).unwrap();
+                assert_eq!((r.method, r.path), (Method::Post, "/transferFunds"));
+                assert!(r.query.unwrap().starts_with("pad=AAAA"));
+                assert!(r.truncated && r.headers.is_empty());
+            }
+        }
+        // A character the cut splits is left out; the path is checked as ever.
+        assert_eq!(
+            parse(b"GET /s?q=caf\xc3").unwrap().query.as_deref(),
+            Some("q=caf")
+        );
+        assert_eq!(
+            parse(b"GET /caf\xc3\x28?q HTTP/1.1"),
+            Err(SkipReason::InvalidUtf8)
         );
     }
 
