@@ -881,9 +881,11 @@ fn register_rule_templates(discovery: &mut Discovery, rules: &RuleFile) {
         .iter()
         .flat_map(|r| std::iter::once(&r.operation).chain(&r.preceded_by))
         .chain(rules.deny.iter().flat_map(|d| &d.sequence));
+    // Literal paths too: registered, they are pinned, so a level of the API that generalises
+    // (twenty made-up paths next to them are enough) keeps them apart rather than folding
+    // them into `{param}` with everything else there.
     for name in names {
         if let Some((_, path)) = name.split_once(' ')
-            && path.contains('{')
             && let Err(e) = discovery.add_template(path)
         {
             tracing::warn!(template = path, error = %e, "rule template not registered with discovery");
@@ -1506,6 +1508,47 @@ mod tests {
             reversed.len() == 1 && reversed[0].contains("order"),
             "{reversed:?}"
         );
+    }
+
+    /// The operations rules name are pinned: a client requesting twenty made-up paths next to
+    /// them generalises that level of the API, but not into the rule's operation (which then
+    /// matched every request there: `POST /login` "was" a transfer).
+    #[test]
+    fn rule_operations_survive_a_generalised_level() {
+        let mut e = Engine::new(
+            &EngineConfig::default(),
+            transfer_rule("GET /balance"),
+            [3; 16],
+            Mode::Enforce,
+        )
+        .unwrap();
+        let c: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut t = SECOND;
+        let mut go = |e: &mut Engine, m: Method, p: &str, who: &str| {
+            t += SECOND;
+            rule_alerts(&e.on_request_in_session(t, c, m, None, p, who, 0))
+        };
+        go(&mut e, Method::Get, "/balance", "u");
+        go(&mut e, Method::Post, "/transferFunds", "u");
+        assert!(go(&mut e, Method::Post, "/login", "v").is_empty());
+        for ch in b'a'..=b'u' {
+            go(
+                &mut e,
+                Method::Post,
+                &format!("/junk{}", char::from(ch)),
+                "attacker",
+            );
+        }
+        assert!(
+            e.discovery().resolve("POST /{param}").is_some(),
+            "generalised"
+        );
+        assert_eq!(
+            go(&mut e, Method::Post, "/login", "w"),
+            Vec::<String>::new()
+        );
+        let skipped = go(&mut e, Method::Post, "/transferFunds", "x");
+        assert_eq!(skipped.len(), 1, "the rule still applies: {skipped:?}");
     }
 
     /// Operations merged by discovery (here by a client requesting 21 made-up paths next to
