@@ -434,7 +434,9 @@ fn capture(ctx: &XdpContext, h: &Headers) -> Result<(), Skip> {
         limit
     };
     let seq = parse::tcp_seq(ctx, h)?.wrapping_add(skipped as u32);
-    let end = seq.wrapping_add(captured as u32);
+    // The segment's end, not the captured one: a segment longer than the capture can go on
+    // past the acknowledged point (a long request resent with the next one joined to it).
+    let end = seq.wrapping_add(h.payload_len as u32);
     let watch = ACKS.get_ptr_mut(&key);
     if let Some(a) = watch.and_then(|w| unsafe { (*w).server_has() }) {
         // Bytes the server acknowledged already: it drops them, so no request is made of them.

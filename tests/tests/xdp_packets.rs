@@ -500,6 +500,30 @@ fn assert_capture(
     }
 }
 
+/// A request longer than the capture, acknowledged, then resent with the next request joined
+/// to it: the bytes past the captured length go on past the acknowledged point, so the
+/// segment is read from there, not skipped as stale (its captured part is all old bytes).
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_long_request_resent_with_the_next_one_joined_is_read_from_the_acknowledged_point() {
+    let mut h = Harness::new();
+    assert_egress(&h.run_egress(&server_segment(TCP_SYN_ACK, 1_000)), None);
+    let mut first = b"GET /x HTTP/1.1\r\nX-Pad: ".to_vec();
+    first.extend(std::iter::repeat_n(b'a', 700));
+    first.extend_from_slice(b"\r\n\r\n");
+    let end = 1_000 + first.len() as u32;
+    let o = h.run(&segment(1_000, &first));
+    assert_eq!(o.events.len(), 1, "the long request is captured");
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), Some(end));
+    let transfer = b"POST /transferFunds HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\n\r\n";
+    let mut joined = first.clone();
+    joined.extend_from_slice(transfer);
+    let overlap = [Counter::Overlapping, Counter::Captured];
+    assert_capture(&mut h, 1_000, &joined, &overlap, Some((end, transfer)));
+    // The same long request alone is old bytes all through: stale.
+    assert_capture(&mut h, 1_000, &first, &[Counter::Stale], None);
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_request_behind_bytes_the_server_acknowledged_is_read_from_where_the_server_reads() {
