@@ -1064,6 +1064,11 @@ mod tests {
     const SECOND: u64 = 1_000_000_000;
 
     /// The rule "POST /transferFunds must be preceded by `predecessor`", alerting only.
+    /// An engine on the default configuration.
+    fn engine(rules: RuleFile, mode: Mode) -> Engine {
+        Engine::new(&EngineConfig::default(), rules, [3; 16], mode).unwrap()
+    }
+
     fn transfer_rule(predecessor: &str) -> RuleFile {
         RuleFile::from_toml_str(&format!(
             "[[rule]]\nid = \"transfer-needs-balance\"\noperation = \"POST /transferFunds\"\n\
@@ -1075,13 +1080,7 @@ mod tests {
     /// An engine that learned 300 sessions browsing a catalogue: each looks at a few items
     /// (different ids of `GET /items/{id}`, some reloaded once) and pays once.
     fn catalogue_engine() -> Engine {
-        let mut e = Engine::new(
-            &EngineConfig::default(),
-            RuleFile::default(),
-            [3; 16],
-            Mode::Learn,
-        )
-        .unwrap();
+        let mut e = engine(RuleFile::default(), Mode::Learn);
         let client: IpAddr = "10.0.0.1".parse().unwrap();
         let mut t = SECOND;
         for s in 0..300u64 {
@@ -1296,13 +1295,7 @@ mod tests {
         let lookup = b"GET /balance?acct=7 HTTP/1.1\r\nAuthorization: Bearer secret-token\r\n\r\n";
         let transfer =
             b"POST /transferFunds HTTP/1.1\r\nAuthorization: Bearer secret-token\r\n\r\n";
-        let mut e = Engine::new(
-            &EngineConfig::default(),
-            RuleFile::default(),
-            [3; 16],
-            Mode::Detect,
-        )
-        .unwrap();
+        let mut e = engine(RuleFile::default(), Mode::Detect);
         // The analysed copy went through the engine first, as the daemon hands it on.
         e.on_capture(
             SECOND,
@@ -1457,8 +1450,7 @@ mod tests {
         let c: IpAddr = "10.0.0.1".parse().unwrap();
         // `before`, then `pages` other operations a second apart, then the transfer.
         let run = |rules: RuleFile, before: &[&str], pages: usize, gap_s: u64| {
-            let mut e =
-                Engine::new(&EngineConfig::default(), rules, [3; 16], Mode::Enforce).unwrap();
+            let mut e = engine(rules, Mode::Enforce);
             let mut t = SECOND;
             for p in before {
                 t += SECOND;
@@ -1515,13 +1507,7 @@ mod tests {
     /// matched every request there: `POST /login` "was" a transfer).
     #[test]
     fn rule_operations_survive_a_generalised_level() {
-        let mut e = Engine::new(
-            &EngineConfig::default(),
-            transfer_rule("GET /balance"),
-            [3; 16],
-            Mode::Enforce,
-        )
-        .unwrap();
+        let mut e = engine(transfer_rule("GET /balance"), Mode::Enforce);
         let c: IpAddr = "10.0.0.1".parse().unwrap();
         let mut t = SECOND;
         let mut go = |e: &mut Engine, m: Method, p: &str, who: &str| {
@@ -1557,13 +1543,7 @@ mod tests {
     /// name are one, so customers are not told they skipped it.
     #[test]
     fn a_merge_does_not_make_sessions_miss_their_predecessors() {
-        let mut e = Engine::new(
-            &EngineConfig::default(),
-            RuleFile::default(),
-            [3; 16],
-            Mode::Learn,
-        )
-        .unwrap();
+        let mut e = engine(RuleFile::default(), Mode::Learn);
         let c: IpAddr = "10.0.0.1".parse().unwrap();
         let walk = [
             (Method::Get, "/home"),
