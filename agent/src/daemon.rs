@@ -899,7 +899,9 @@ impl Daemon {
             let rules = merge_rules(&new.rule_file(), &self.runtime_rules)?;
             self.engine.reconfigure(&new.engine())?;
             self.engine.set_rules(rules)?;
-            if new.mode != self.engine.mode() {
+            // Only a changed `mode` in the file applies: one set with `precedent mode` stays
+            // through a reload that edits something else (a rule, say).
+            if new.mode != self.config.mode && new.mode != self.engine.mode() {
                 tracing::info!(mode = %new.mode, "mode set by reloaded config");
                 self.engine.set_mode(new.mode);
             }

@@ -926,6 +926,9 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
         "mode = \"enforce\"\n[session]\nidle_timeout = \"5m\"\n",
         "configuration reloaded",
     );
+    // A mode set at runtime stays through a reload whose file did not change the mode.
+    cli(&socket, &["mode", "detect"]);
+    assert_eq!(cli(&socket, &["mode"])["mode"], "detect");
     // A setting read only at the start is not silently ignored: the reload says so.
     let log = reload(
         "mode = \"enforce\"\nsave_every = \"7m\"\n[session]\nidle_timeout = \"5m\"\n",
@@ -939,6 +942,7 @@ fn sighup_applies_a_good_config_and_rejects_a_bad_one() {
         !log.contains("[session]"),
         "[session] applies on reload, with no warning:\n{log}"
     );
+    assert_eq!(cli(&socket, &["mode"])["mode"], "detect");
     let status = daemon.stop(Duration::from_secs(5)).unwrap();
     assert!(status.success());
 }
