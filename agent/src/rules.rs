@@ -602,11 +602,6 @@ impl RuleSet {
         if !self.by_target.contains_key(&cur) && !self.deny_by_last.contains_key(&cur) {
             return hits;
         }
-        let prev: SmallVec<[OpId; 16]> = history
-            .iter()
-            .take(history.len() - 1)
-            .map(|s| resolver.canonical(s.op))
-            .collect();
         if let Some(idx) = self.by_target.get(&cur) {
             for &i in idx {
                 let r = &self.rules[i as usize];
@@ -639,6 +634,12 @@ impl RuleSet {
             }
         }
         if let Some(idx) = self.deny_by_last.get(&cur) {
+            // The previous steps, for the forbidden sequences that end here.
+            let prev: SmallVec<[OpId; 16]> = history
+                .iter()
+                .take(history.len() - 1)
+                .map(|s| resolver.canonical(s.op))
+                .collect();
             for &i in idx {
                 let d = &self.deny[i as usize];
                 let n = d.ids.len();
