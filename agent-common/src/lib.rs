@@ -162,8 +162,9 @@ pub const ACK_FLOWS: u32 = 65_536;
 /// The egress program creates the entry from the server's SYN-ACK (or its first
 /// acknowledgement on a connection the map does not hold) and keeps `latest`; the XDP
 /// program skips a request segment whose bytes all lie before `latest` (counted `stale`) and
-/// sets `wait_for` when it captures; the egress program sends one [`ACK_RECORD`] when the
-/// server's acknowledgement reaches `wait_for`, and notes it in `reported`. Each field has one
+/// sets `wait_for` when it captures; the egress program sends an [`ACK_RECORD`] for each
+/// acknowledgement of the server's that moves past `reported` while `wait_for` lies beyond it
+/// (one, when the server acknowledges a request whole), and notes it in `reported`. Each field has one
 /// writer, so the two programs need no lock.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,7 +174,8 @@ pub struct AckWatch {
     /// The newest acknowledgement number the server sent (host order); for a connection
     /// first seen at a captured request, where that request starts until the server sends one.
     pub latest: u32,
-    /// The acknowledgement number last reported; reported again once `wait_for` passes it.
+    /// The acknowledgement number last reported; a newer one is reported while `wait_for`
+    /// lies beyond it.
     pub reported: u32,
     /// 1 once `latest` is an acknowledgement the server sent: only then does it tell which
     /// bytes the server has.

@@ -640,7 +640,15 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         (*w).from_server = 1;
         ((*w).wait_for, (*w).reported)
     };
-    if seq_reaches(seg.ack, wait_for) && !seq_reaches(reported, wait_for) {
+    // Every acknowledgement that moves past the last one reported is reported while captured
+    // bytes wait beyond it, not only the one reaching `wait_for`: `wait_for` is the end of the
+    // newest capture, and a segment the stack drops (out of its window, a bad checksum) is
+    // captured all the same. Waiting for its end alone, the client could hide a request it
+    // sent with such a segment behind it: the server acknowledges the request, that
+    // acknowledgement is never reported, and userspace drops the request as unacknowledged.
+    // Userspace releases what each reported acknowledgement covers. Once `wait_for` is
+    // reached nothing is reported, so a long upload's acknowledgements stop here.
+    if !seq_reaches(reported, wait_for) && seg.ack != reported && seq_reaches(seg.ack, reported) {
         unsafe { (*w).reported = seg.ack };
         report_ack(&seg);
     }

@@ -7,8 +7,10 @@
 //! satisfy a precedence rule ("a balance lookup came first") and, with a forged address,
 //! could get someone else's address blocked with one packet.
 //!
-//! The egress program reports when the server acknowledges the newest captured bytes of a
-//! connection (an `ACK_RECORD` in the ring, see `AckWatch` in agent-common). Here each
+//! The egress program reports the server's acknowledgements on a connection while captured
+//! bytes of it wait (an `ACK_RECORD` in the ring, see `AckWatch` in agent-common): each one
+//! that moves on, not only the one reaching the newest capture's end, since that capture may
+//! be a segment the stack dropped, which must not hold back the request before it. Here each
 //! captured record waits until an acknowledgement of its connection reaches its end; what is
 //! not acknowledged within [`ACK_WAIT`] is dropped and counted. The stack acknowledges on
 //! receipt (within its delayed-ACK time, 40 ms to 200 ms on Linux), whatever the application

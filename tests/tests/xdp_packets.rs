@@ -457,10 +457,12 @@ fn the_servers_acknowledgement_of_a_captured_request_is_reported_once() {
     let end = 1_000 + first.len() as u32;
     let o = h.run(&segment(1_000, &first));
     o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
-    // An acknowledgement short of the request's end says the server lacks some of it.
+    // An acknowledgement short of the request's end is reported (userspace releases nothing
+    // on it: the server lacks some of the request); a duplicate of it adds nothing.
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end - 1)), Some(end - 1));
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end - 1)), None);
-    // The one that reaches it is reported, once: a duplicate ACK (the server saying it again,
-    // or acknowledging later segments of no request) adds nothing.
+    // The one that reaches the end is reported, once: a duplicate ACK (the server saying it
+    // again, or acknowledging later segments of no request) adds nothing.
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), Some(end));
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), None);
     // The client resends the request (it missed the ACK): the server already has those bytes
@@ -474,6 +476,31 @@ fn the_servers_acknowledgement_of_a_captured_request_is_reported_once() {
     h.run(&segment(end, &second))
         .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end2)), Some(end2));
+    // Once nothing waits, acknowledgements of bytes not captured (a request's body, an
+    // upload) are not reported.
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end2 + 500)), None);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_segment_the_stack_drops_does_not_hold_back_the_request_before_it() {
+    let mut h = Harness::new();
+    assert_egress(&h.run_egress(&server_segment(TCP_SYN_ACK, 1_000)), None);
+    let transfer = get("/transferFunds");
+    let end = 1_000 + transfer.len() as u32;
+    h.run(&segment(1_000, &transfer))
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    // The client follows its transfer with a request far beyond the server's receive window:
+    // the stack drops it, the capture (before the stack) records it, and it is the newest
+    // capture of the connection.
+    h.run(&segment(end + 200_000, &get("/accounts/7/balance")))
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    // The server acknowledges the transfer and never the dropped bytes: that acknowledgement
+    // must still reach userspace, or the transfer is dropped there as never acknowledged.
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), Some(end));
+    // Later acknowledgements that move on are reported while the dropped bytes wait.
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), None);
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end + 40)), Some(end + 40));
 }
 
 /// Runs `bytes` at `seq` on the connection and asserts what the program made of it: passed, the
@@ -635,6 +662,8 @@ fn an_acknowledgement_on_a_connection_the_table_lost_is_still_reported() {
         .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
     let end = 500 + req.len() as u32;
     other_port.ack = end - 1;
+    let rec = ack_record(&h.run_egress(&other_port));
+    assert_eq!((rec.client.port(), rec.seq), (40_001, end - 1));
     assert!(h.run_egress(&other_port).events.is_empty());
     other_port.ack = end;
     let rec = ack_record(&h.run_egress(&other_port));
@@ -672,10 +701,10 @@ fn ipv6_acknowledgements_are_reported() {
         .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
     let mut ack = Packet::tcp("fd00:9::1", "fd00:9::2", &[]);
     (ack.sport, ack.dport) = (8080, 40_000);
-    (ack.tcp_flags, ack.ack) = (TCP_ACK, end - 1);
+    (ack.tcp_flags, ack.ack) = (TCP_ACK, 55);
     let o = h.run_egress(&ack);
     assert_eq!(o.verdict, TC_ACT_OK);
-    assert!(o.events.is_empty());
+    assert!(o.events.is_empty(), "nothing of the request acknowledged");
     ack.ack = end;
     let rec = ack_record(&h.run_egress(&ack));
     assert_eq!(rec.client.to_string(), "[fd00:9::2]:40000");
