@@ -656,11 +656,13 @@ fn chunked_len(bytes: &[u8]) -> Option<usize> {
             break;
         }
         // The chunk's data, then its CRLF.
+        // Checked: a chunk size is the sender's to choose, up to 2^64 - 1.
         let end = at.checked_add(usize::try_from(size).ok()?)?;
-        if bytes.get(end..end + 2)? != b"\r\n" {
+        let next = end.checked_add(2)?;
+        if bytes.get(end..next)? != b"\r\n" {
             return None;
         }
-        at = end + 2;
+        at = next;
     }
     // Trailer fields, then the empty line that ends the body.
     let mut trailers = [httparse::EMPTY_HEADER; 16];
@@ -921,6 +923,13 @@ mod tests {
             assert_eq!(super::tail(&chunked[..cut]), Tail::Unknown, "cut at {cut}");
         }
         assert_eq!(super::tail(chunked), Tail::Boundary);
+        // A chunk size that reaches the end of the address space is no body to follow.
+        // Its line is 18 bytes (16 digits and CRLF), so these end the data at the last offsets.
+        for size in [u64::MAX - 19, u64::MAX - 18, u64::MAX - 17, u64::MAX] {
+            let huge =
+                format!("POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{size:x}\r\nab\r\n");
+            assert_eq!(super::tail(huge.as_bytes()), Tail::Unknown, "{size}");
+        }
         for body in [
             &b"5\r\nhelloX\r\n0\r\n\r\n"[..],
             b"zz\r\nhello\r\n0\r\n\r\n",

@@ -459,7 +459,10 @@ fn the_servers_acknowledgement_of_a_captured_request_is_reported_once() {
     o.assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
     // An acknowledgement short of the request's end is reported (userspace releases nothing
     // on it: the server lacks some of the request); a duplicate of it adds nothing.
-    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end - 1)), Some(end - 1));
+    assert_egress(
+        &h.run_egress(&server_segment(TCP_ACK, end - 1)),
+        Some(end - 1),
+    );
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end - 1)), None);
     // The one that reaches the end is reported, once: a duplicate ACK (the server saying it
     // again, or acknowledging later segments of no request) adds nothing.
@@ -500,7 +503,10 @@ fn a_segment_the_stack_drops_does_not_hold_back_the_request_before_it() {
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), Some(end));
     // Later acknowledgements that move on are reported while the dropped bytes wait.
     assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), None);
-    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end + 40)), Some(end + 40));
+    assert_egress(
+        &h.run_egress(&server_segment(TCP_ACK, end + 40)),
+        Some(end + 40),
+    );
 }
 
 /// Runs `bytes` at `seq` on the connection and asserts what the program made of it: passed, the
