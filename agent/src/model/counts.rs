@@ -387,6 +387,17 @@ impl Node {
             }
             total += u64::from(e.k);
         }
+        // Every entry is found above; an index holding more ops would send a lookup past the
+        // entries.
+        if let Some(ix) = &self.index
+            && ix.len() != self.entries.len()
+        {
+            return Err(format!(
+                "its index holds {} next operations for {} entries",
+                ix.len(),
+                self.entries.len()
+            ));
+        }
         if total > u64::from(self.n) {
             return Err(format!(
                 "{} observations but its entries count {total}",
@@ -448,6 +459,10 @@ impl OpIndex {
     /// Fibonacci hashing: ops are dense small ids, the multiply spreads them.
     fn home(&self, op: Op) -> usize {
         ((u64::from(op).wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    fn len(&self) -> usize {
+        self.slots.iter().filter(|&&(tag, _)| tag != 0).count()
     }
 
     fn has_room(&self, len: usize) -> bool {
@@ -512,6 +527,26 @@ mod tests {
     use rustc_hash::FxHashMap;
 
     use super::*;
+
+    /// A loaded index that names more operations than the context has entries would answer
+    /// a lookup with a position past them (a panic): the check refuses it.
+    #[test]
+    fn an_index_with_more_operations_than_entries_is_refused() {
+        let mut n = Node::new(0, 0, 1, 1);
+        for op in 0..12 {
+            n.record(op, 1, 3);
+        }
+        assert!(n.index.is_some(), "indexed above {INDEX_ABOVE} entries");
+        assert_eq!(n.check(), Ok(()));
+        let json = serde_json::to_string(&n).unwrap();
+        // The saved index is an op → position map; one more op, at the next position.
+        let tampered = json.replacen("\"index\":{", "\"index\":{\"99\":12,", 1);
+        assert_ne!(tampered, json, "{json}");
+        let loaded: Node = serde_json::from_str(&tampered).unwrap();
+        assert!(loaded.check().is_err());
+        let loaded: Node = serde_json::from_str(&json).unwrap();
+        assert_eq!(loaded.check(), Ok(()));
+    }
 
     #[test]
     fn counts_leave_the_window_after_window_buckets() {
