@@ -815,6 +815,13 @@ impl SessionTable {
                 now_ns.saturating_sub(s.last_seen_ns) <= self.idle_ns && self.find(&s.key).is_none()
             })
             .filter_map(|mut s| s.remap(&map, history_cap).then_some(s))
+            .map(|mut s| {
+                // Stamped after now (the clock stepped back since the save, or a damaged
+                // file): as seen now. Left in the future it would head the idle list
+                // unexpired and stop the sweep of every session behind it.
+                s.last_seen_ns = s.last_seen_ns.min(now_ns);
+                s
+            })
             .collect();
         let room = self.cap().saturating_sub(self.index.len());
         let back = back.split_off(back.len().saturating_sub(room));
@@ -1435,6 +1442,21 @@ mod tests {
             .map(|s| s.op)
             .collect();
         assert_eq!(ops, [OpId(11), OpId(7)], "the live one is untouched");
+    }
+
+    /// A session saved with a time after the restart's (the clock stepped back) is restored as
+    /// seen then: it expires in its turn, and sessions behind it are swept.
+    #[test]
+    fn a_session_saved_in_the_future_is_restored_as_seen_now() {
+        let mut before = SessionTable::new(SessionConfig::default());
+        before.observe(SessionKey(1), OpId(1), IP, 100 * SEC);
+        before.observe(SessionKey(2), OpId(1), IP, 3600 * SEC);
+        let saved: Vec<Session> = before.sessions().cloned().collect();
+        let mut t = SessionTable::new(SessionConfig::default());
+        assert_eq!(t.restore(saved.into_iter().rev(), Some, 100 * SEC), 2);
+        let idle = SessionConfig::default().idle_timeout.as_nanos() as u64;
+        assert_eq!(t.sweep(100 * SEC + idle + 1), 2);
+        assert!(t.is_empty());
     }
 
     #[test]
