@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
 };
 use tokio_util::sync::CancellationToken;
@@ -180,7 +180,25 @@ struct Daemon {
     /// The last state save's error, until a save succeeds again (shown by `status`).
     state_error: Option<String>,
     shutdown: CancellationToken,
+    signals: Signals,
     started: Instant,
+}
+
+/// The signals the engine owner's loop answers.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
 }
 
 impl Daemon {
@@ -291,6 +309,9 @@ impl Daemon {
         }
         tokio::spawn(server.run(ctl_tx, shutdown.clone()));
 
+        // Before READY=1: systemd may send SIGHUP (`systemctl reload`) as soon as it has it,
+        // and a signal with no handler yet kills the process.
+        let signals = Signals::install()?;
         tracing::info!(
             interfaces = ?config.interfaces,
             mode = %config.mode,
@@ -322,15 +343,13 @@ impl Daemon {
             counters: Counters::default(),
             state_error: None,
             shutdown,
+            signals,
             started: Instant::now(),
         })
     }
 
     /// The engine owner's loop: runs until SIGTERM or SIGINT.
     async fn serve(&mut self) -> anyhow::Result<()> {
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         let every = |d: Duration| {
             let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -364,9 +383,9 @@ impl Daemon {
                 _ = save.tick() => { let _ = self.save_state(); }
                 _ = report.tick() => self.log_counters(),
                 _ = interfaces.tick() => self.check_interfaces(),
-                _ = sighup.recv() => self.reload(),
-                _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
-                _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
+                _ = self.signals.hup.recv() => self.reload(),
+                _ = self.signals.term.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = self.signals.int.recv() => { tracing::info!("SIGINT received"); break; }
             }
         }
         Ok(())

@@ -1152,3 +1152,148 @@ fn write_rule(dir: &Path) -> String {
     .unwrap();
     p.display().to_string()
 }
+
+/// A `precedent daemon` run by hand, for what [`Daemon`] does not offer: an environment of
+/// its own, or a start that is meant to fail. Its stderr is collected; SIGTERM, then SIGKILL,
+/// on drop.
+struct HandRun {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl HandRun {
+    fn spawn(args: &[&str], env: &[(&str, &Path)]) -> Self {
+        let mut child = Command::new(precedent_bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("PRECEDENT_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        HandRun { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        precedent_tests::fixtures::wait_until(timeout, || self.log().contains(needle))
+    }
+
+    /// Its exit status, if it exits within `timeout`.
+    fn exited(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The stderr thread's last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for HandRun {
+    fn drop(&mut self) {
+        self.signal(libc::SIGTERM);
+        if self.exited(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `systemctl reload` may send SIGHUP the moment the daemon says READY=1: it reloads, and
+/// does not die of a signal it had no handler for yet. systemd's notify socket is played by
+/// one whose queue is full, so the daemon is held in its READY=1 send while SIGHUP lands.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_reload_as_soon_as_the_daemon_is_ready_reloads_it() {
+    use std::os::unix::net::UnixDatagram;
+    let net = TestNet::new("dmn14", 36).unwrap();
+    let dir = Scratch::new("dmn14");
+    let config = write_config(&dir, "mode = \"learn\"\n");
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let filler = UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    let queued = (0..10_000)
+        .take_while(|_| filler.send_to(b"FILLER=1", &notify_path).is_ok())
+        .count();
+    assert!(queued < 10_000, "the notify socket's queue never filled");
+
+    let (state, socket) = (dir.join("state"), dir.join("control.sock"));
+    let (state, socket) = (state.display().to_string(), socket.display().to_string());
+    let mut daemon = HandRun::spawn(
+        &[
+            "daemon",
+            "--iface",
+            &net.host_if,
+            "--config",
+            &config,
+            "--state-dir",
+            &state,
+            "--socket",
+            &socket,
+        ],
+        &[("NOTIFY_SOCKET", &notify_path)],
+    );
+    assert!(
+        daemon.wait_for_log("precedent daemon running", Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    daemon.signal(libc::SIGHUP);
+    assert_eq!(
+        daemon.exited(Duration::from_millis(300)),
+        None,
+        "SIGHUP at READY=1 killed the daemon:\n{}",
+        daemon.log()
+    );
+    notify
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no READY=1: {e}\n{}", daemon.log()));
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    assert!(
+        daemon.wait_for_log("configuration reloaded", Duration::from_secs(5)),
+        "{}",
+        daemon.log()
+    );
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.exited(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
