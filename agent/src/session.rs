@@ -266,6 +266,12 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// Live sessions at most; beyond, the least recently active one is evicted (counted).
     pub max_sessions: usize,
+    /// Live sessions started from one client address (an IPv6 address's /64) at most; beyond,
+    /// that client's oldest session is evicted (counted in `evicted` and `evicted_per_client`).
+    /// Without it, one client minting session keys (random tokens or cookies) would push
+    /// everyone else's sessions out of the table, and with them the balance lookup a
+    /// precedence rule needs to see before a customer's transfer.
+    pub max_sessions_per_client: usize,
     /// Longest context the model uses; sessions keep `n_max + 1` steps.
     pub n_max: usize,
     /// Distinct operations remembered per session for "ever did X" questions.
@@ -280,6 +286,7 @@ impl Default for SessionConfig {
             }],
             idle_timeout: Duration::from_secs(600),
             max_sessions: 100_000,
+            max_sessions_per_client: 10_000,
             n_max: 8,
             max_ops_seen: 64,
         }
@@ -667,7 +674,10 @@ pub struct SessionCounters {
     pub live: usize,
     pub created: u64,
     pub expired: u64,
+    /// Sessions ended to make room, for either cap.
     pub evicted: u64,
+    /// Of those, sessions ended because their client had `max_sessions_per_client`.
+    pub evicted_per_client: u64,
 }
 
 /// One row of `precedent sessions`.
@@ -685,7 +695,7 @@ pub struct SessionInfo {
 /// "No slot": the end of the recency list.
 const NIL: u32 = u32::MAX;
 
-/// A session and its neighbours in the recency list.
+/// A session and its neighbours in the recency list and in its client's list.
 #[derive(Debug, Clone)]
 struct Slot {
     session: Session,
@@ -693,6 +703,37 @@ struct Slot {
     newer: u32,
     /// The next less recently active slot (`NIL` for the least recent).
     older: u32,
+    /// The client the session started from.
+    group: ClientGroup,
+    /// The client's next newer and older sessions, in the order they started.
+    group_newer: u32,
+    group_older: u32,
+}
+
+/// What the per-client cap counts sessions by: an IPv4 address, or an IPv6 address's /64
+/// (one host is routinely given a whole /64, so its addresses are one client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClientGroup {
+    V4(u32),
+    V6(u64),
+}
+
+impl ClientGroup {
+    fn of(ip: IpAddr) -> Self {
+        let ip = ip.to_canonical();
+        match ip {
+            IpAddr::V4(a) => ClientGroup::V4(a.to_bits()),
+            IpAddr::V6(a) => ClientGroup::V6((a.to_bits() >> 64) as u64),
+        }
+    }
+}
+
+/// One client's live sessions: a list through their slots, oldest started first.
+#[derive(Debug, Clone, Copy)]
+struct ClientSessions {
+    oldest: u32,
+    newest: u32,
+    count: u32,
 }
 
 /// Bounded table of live sessions, least recently active evicted first.
@@ -709,6 +750,9 @@ pub struct SessionTable {
     free: Vec<u32>,
     /// Slot indexes, hashed by their session's key.
     index: HashTable<u32>,
+    /// Each client's sessions, for the per-client cap. Seeded hashing: clients choose their
+    /// addresses (a whole IPv6 /64 of them), so a fixed hash could be steered into collisions.
+    clients: hashbrown::HashMap<ClientGroup, ClientSessions>,
     /// Most and least recently active slots (`NIL` when empty).
     newest: u32,
     oldest: u32,
@@ -738,6 +782,7 @@ impl SessionTable {
             slots: Vec::new(),
             free: Vec::new(),
             index: HashTable::new(),
+            clients: hashbrown::HashMap::new(),
             newest: NIL,
             oldest: NIL,
             counters: SessionCounters::default(),
@@ -847,12 +892,13 @@ impl SessionTable {
             .collect();
         self.free = Vec::new();
         self.index = HashTable::with_capacity(order.len());
+        self.clients = hashbrown::HashMap::new();
         self.newest = NIL;
         self.oldest = NIL;
         self.slots.reserve_exact(order.len());
         for i in order {
             if let Some(session) = old[i as usize].take() {
-                self.insert(session);
+                self.place(session);
             }
         }
     }
@@ -890,9 +936,57 @@ impl SessionTable {
         self.newest = i;
     }
 
+    /// Puts slot `i` (in no client's list) at the newest end of its client's list.
+    fn group_link(&mut self, i: u32) {
+        let group = self.slots[i as usize].group;
+        let list = self.clients.entry(group).or_insert(ClientSessions {
+            oldest: NIL,
+            newest: NIL,
+            count: 0,
+        });
+        let old_newest = list.newest;
+        list.newest = i;
+        list.count += 1;
+        if old_newest == NIL {
+            list.oldest = i;
+        } else {
+            self.slots[old_newest as usize].group_newer = i;
+        }
+        let s = &mut self.slots[i as usize];
+        s.group_newer = NIL;
+        s.group_older = old_newest;
+    }
+
+    /// Takes slot `i` out of its client's list.
+    fn group_unlink(&mut self, i: u32) {
+        let Slot {
+            group,
+            group_newer: newer,
+            group_older: older,
+            ..
+        } = self.slots[i as usize];
+        let Some(list) = self.clients.get_mut(&group) else {
+            return;
+        };
+        list.count -= 1;
+        if list.count == 0 {
+            self.clients.remove(&group);
+            return;
+        }
+        match newer {
+            NIL => list.newest = older,
+            n => self.slots[n as usize].group_older = older,
+        }
+        match older {
+            NIL => list.oldest = newer,
+            o => self.slots[o as usize].group_newer = newer,
+        }
+    }
+
     /// Drops slot `i`'s session from the index and the recency list; the slot is then free.
     fn remove(&mut self, i: u32) {
         self.unlink(i);
+        self.group_unlink(i);
         let hash = key_hash(&self.slots[i as usize].session.key);
         if let Ok(entry) = self.index.find_entry(hash, |&j| j == i) {
             entry.remove();
@@ -900,19 +994,36 @@ impl SessionTable {
         self.free.push(i);
     }
 
-    /// A slot for a new session: a free one, a new one below the cap, else the least recently
-    /// active session's (evicted). Returns the slot and whether a session was evicted.
+    /// A slot for a new session, after making room: a client at its cap loses its oldest
+    /// session, else a full table its least recently active one. Returns the slot and whether
+    /// a session was evicted (counted here).
     fn insert(&mut self, session: Session) -> (u32, bool) {
-        let mut evicted = false;
-        if self.index.len() >= self.cap() && self.oldest != NIL {
-            self.remove(self.oldest);
-            evicted = true;
+        let per_client = self.config.max_sessions_per_client.max(1);
+        let victim = match self.clients.get(&ClientGroup::of(session.client)) {
+            Some(list) if list.count as usize >= per_client => {
+                self.counters.evicted_per_client += 1;
+                Some(list.oldest)
+            }
+            _ if self.index.len() >= self.cap() && self.oldest != NIL => Some(self.oldest),
+            _ => None,
+        };
+        if let Some(i) = victim {
+            self.remove(i);
+            self.counters.evicted += 1;
         }
+        (self.place(session), victim.is_some())
+    }
+
+    /// Stores a session in a free slot or a new one; the caller made room.
+    fn place(&mut self, session: Session) -> u32 {
         let hash = key_hash(&session.key);
         let slot = Slot {
+            group: ClientGroup::of(session.client),
             session,
             newer: NIL,
             older: NIL,
+            group_newer: NIL,
+            group_older: NIL,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -936,7 +1047,8 @@ impl SessionTable {
         self.index
             .insert_unique(hash, i, |&j| key_hash(&slots[j as usize].session.key));
         self.link_newest(i);
-        (i, evicted)
+        self.group_link(i);
+        i
     }
 
     /// Records that `key` requested `op` at `now_ns`: starts a session if needed (evicting the
@@ -964,15 +1076,16 @@ impl SessionTable {
                     new_session = true;
                     self.counters.expired += 1;
                     self.counters.created += 1;
+                    // A new session: it belongs to the client it starts from now.
+                    self.group_unlink(i);
+                    self.slots[i as usize].group = ClientGroup::of(client);
+                    self.group_link(i);
                 }
                 i
             }
             None => {
                 let (i, ev) = self.insert(Session::new(key, client, now_ns));
-                if ev {
-                    evicted = true;
-                    self.counters.evicted += 1;
-                }
+                evicted = ev;
                 new_session = true;
                 self.counters.created += 1;
                 i
@@ -1329,7 +1442,8 @@ mod tests {
                 live: 1,
                 created: 3,
                 expired: 2,
-                evicted: 0
+                evicted: 0,
+                evicted_per_client: 0,
             }
         );
     }
@@ -1442,6 +1556,83 @@ mod tests {
             .map(|s| s.op)
             .collect();
         assert_eq!(ops, [OpId(11), OpId(7)], "the live one is untouched");
+    }
+
+    /// Walks every client's list and checks it against the table: each live session is in
+    /// its client's list exactly once, in the order the sessions started, with the count right.
+    fn assert_client_lists(t: &SessionTable) {
+        let mut listed = 0;
+        for (group, list) in &t.clients {
+            let (mut i, mut n, mut prev) = (list.oldest, 0, NIL);
+            while i != NIL {
+                let slot = &t.slots[i as usize];
+                assert_eq!(slot.group, *group);
+                assert_eq!(slot.group_older, prev);
+                assert!(t.find(&slot.session.key) == Some(i), "listed but not live");
+                (prev, i, n) = (i, slot.group_newer, n + 1);
+            }
+            assert_eq!((prev, n), (list.newest, list.count));
+            listed += n as usize;
+        }
+        assert_eq!(listed, t.len());
+    }
+
+    /// One client minting session keys (random bearer tokens) evicts its own oldest sessions
+    /// at the per-client cap, never another client's; an IPv6 /64 is one client.
+    #[test]
+    fn a_client_minting_session_keys_evicts_only_its_own_sessions() {
+        let mut t = SessionTable::new(SessionConfig {
+            max_sessions: 100,
+            max_sessions_per_client: 10,
+            ..Default::default()
+        });
+        let customer: IpAddr = "192.0.2.7".parse().unwrap();
+        let flooder: IpAddr = "198.51.100.9".parse().unwrap();
+        t.observe(SessionKey(1), OpId(1), customer, SEC);
+        for k in 0..1000u128 {
+            t.observe(SessionKey(1000 + k), OpId(2), flooder, 2 * SEC);
+        }
+        assert!(
+            t.get(&SessionKey(1)).is_some(),
+            "the customer's session stays"
+        );
+        assert_eq!(t.len(), 11);
+        let keys: Vec<u128> = t.sessions().take(10).map(|s| s.key.0).collect();
+        assert!(
+            keys.iter().all(|&k| k >= 1990),
+            "the flooder keeps its newest: {keys:?}"
+        );
+        let c = t.counters();
+        assert_eq!((c.evicted, c.evicted_per_client), (990, 990));
+        assert_client_lists(&t);
+        // The addresses of one IPv6 /64 are one client; another /64 is another.
+        for k in 0..30u128 {
+            let ip: IpAddr = format!("2001:db8:0:1::{:x}", k + 1).parse().unwrap();
+            t.observe(SessionKey(5000 + k), OpId(3), ip, 3 * SEC);
+        }
+        let other: IpAddr = "2001:db8:0:2::1".parse().unwrap();
+        t.observe(SessionKey(9000), OpId(3), other, 3 * SEC);
+        assert_eq!(t.len(), 11 + 10 + 1);
+        assert_eq!(t.counters().evicted_per_client, 990 + 20);
+        assert_client_lists(&t);
+        // The table's own cap still evicts the least recently active, whoever it is.
+        t.reconfigure(SessionConfig {
+            max_sessions: 5,
+            max_sessions_per_client: 10,
+            ..Default::default()
+        });
+        assert_eq!(t.len(), 5);
+        assert_client_lists(&t);
+        // A session that idled out and restarts from another address moves to that client.
+        t.observe(SessionKey(9000), OpId(3), flooder, 3 * SEC + 3600 * SEC);
+        assert_eq!(t.get(&SessionKey(9000)).unwrap().client, flooder);
+        assert_client_lists(&t);
+        while t.len() > 0 {
+            let oldest = t.oldest;
+            t.remove(oldest);
+            assert_client_lists(&t);
+        }
+        assert!(t.clients.is_empty());
     }
 
     /// A session saved with a time after the restart's (the clock stepped back) is restored as
