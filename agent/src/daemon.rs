@@ -15,7 +15,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io::Write as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -181,6 +181,8 @@ struct Daemon {
     state_error: Option<String>,
     shutdown: CancellationToken,
     signals: Signals,
+    /// Held for the daemon's life (see [`lock_state_dir`]).
+    _lock: std::fs::File,
     started: Instant,
 }
 
@@ -223,6 +225,10 @@ impl Daemon {
             }
         }
 
+        // The first thing that touches anything: a second daemon must stop before it cleans
+        // the state directory's temp files (the first one's save in progress), writes pinned
+        // maps or attaches to an interface.
+        let lock = lock_state_dir(&config.state_dir)?;
         let state = StateDir::open(&config.state_dir)
             .with_context(|| format!("state directory {}", config.state_dir.display()))?;
         let secret = state
@@ -287,8 +293,8 @@ impl Daemon {
         }
         let block_reasons = restore_blocks(&state, &mut enforcer, config.pin_maps.is_some());
 
-        // Bind the control socket before attaching: a second daemon must fail here, before it
-        // touches the interfaces the first one is using.
+        // Bind the control socket before attaching: a daemon on another state directory but
+        // this socket fails here, before it touches the interfaces the first one is using.
         let server = ControlServer::bind(ServerConfig {
             socket: config.socket.clone(),
             ..ServerConfig::default()
@@ -344,6 +350,7 @@ impl Daemon {
             state_error: None,
             shutdown,
             signals,
+            _lock: lock,
             started: Instant::now(),
         })
     }
@@ -1013,6 +1020,55 @@ impl Daemon {
             "counters"
         );
     }
+}
+
+/// In the state directory, which two daemons would share destructively (the socket can be
+/// set apart with `--socket`, the state directory seldom is).
+const LOCK_FILE: &str = "daemon.lock";
+
+/// Takes the state directory's lock (flock: the kernel releases it however the process ends,
+/// so a killed daemon leaves no stale lock) and writes our pid in the file for the next one's
+/// error message.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let context = || format!("state directory {}", dir.display());
+    // As `StateDir::open` would create it; the lock comes first.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(context)?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            // The holder writes its pid just after locking: a start racing it may read none.
+            let pid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map(|pid| format!("pid {pid}, "))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "another precedent daemon is running ({pid}holding {}); stop it first",
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing our pid in {}", path.display()))?;
+    Ok(file)
 }
 
 /// Config rules plus runtime rules, checked together (ids must stay unique).

@@ -1297,3 +1297,62 @@ fn a_reload_as_soon_as_the_daemon_is_ready_reloads_it() {
     let status = daemon.exited(Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
+
+/// A second daemon on the same state directory (even with a control socket of its own)
+/// stops at once, names the running one, and touches nothing: not the first one's save in
+/// progress (a temp file), not its interface.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_second_daemon_stops_before_touching_anything() {
+    let net = TestNet::new("dmn15", 37).unwrap();
+    let dir = Scratch::new("dmn15");
+    let state = dir.join("state");
+    let state_s = state.display().to_string();
+    let args = ["daemon", "--iface", &net.host_if, "--state-dir", &state_s];
+    let mut first = Daemon::start(&precedent_bin(), &args).unwrap();
+    let socket = first.socket().unwrap();
+    // What a save in progress leaves for a moment; a starting daemon clears such leftovers.
+    let saving = state.join(".model.state.tmp-1-1");
+    std::fs::write(&saving, "half a model").unwrap();
+
+    let other_socket = dir.join("other.sock").display().to_string();
+    let mut second = HandRun::spawn(
+        &[
+            "daemon",
+            "--iface",
+            &net.host_if,
+            "--state-dir",
+            &state_s,
+            "--socket",
+            &other_socket,
+        ],
+        &[],
+    );
+    let status = second.exited(Duration::from_secs(10));
+    let log = second.log();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "the second daemon did not fail: {status:?}\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "another precedent daemon is running (pid {}",
+            first.pid()
+        )),
+        "{log}"
+    );
+    assert!(
+        saving.exists(),
+        "the second daemon cleared the state directory"
+    );
+    assert!(!Path::new(&other_socket).exists());
+    let s = cli(&socket, &["status"]);
+    assert_eq!(s["interfaces"][0]["name"], net.host_if, "{s}");
+    assert_eq!(s["pid"], first.pid(), "{s}");
+
+    // The lock goes with its holder, however it ends: the next start is a normal one.
+    first.signal(libc::SIGKILL);
+    first.stop(Duration::from_secs(5)).unwrap();
+    let again = Daemon::start(&precedent_bin(), &args).unwrap();
+    drop(again);
+}
