@@ -567,10 +567,7 @@ impl Daemon {
                 let mut runtime = self.runtime_rules.clone();
                 runtime.rules.extend(added.rules.iter().cloned());
                 runtime.deny.extend(added.deny.iter().cloned());
-                let all = merge_rules(&self.config.rule_file(), &runtime)?;
-                self.engine.set_rules(all)?;
-                self.runtime_rules = runtime;
-                self.save_runtime_rules()?;
+                self.replace_runtime_rules(runtime)?;
                 let ids = added
                     .rules
                     .iter()
@@ -592,9 +589,7 @@ impl Daemon {
                 if !runtime.remove(id) {
                     anyhow::bail!("no rule with id {id}");
                 }
-                self.engine.set_rules(merge_rules(&config, &runtime)?)?;
-                self.runtime_rules = runtime;
-                self.save_runtime_rules()?;
+                self.replace_runtime_rules(runtime)?;
                 Response::ok(Ack {
                     message: format!("rule {id} removed"),
                 })
@@ -862,7 +857,7 @@ impl Daemon {
             let bytes = self.state.save_view::<Learned>(&self.engine.learned())?;
             self.state
                 .save_view::<SavedSessions>(&self.engine.saved_sessions())?;
-            self.save_runtime_rules()?;
+            self.save_runtime_rules(&self.runtime_rules)?;
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
@@ -905,10 +900,22 @@ impl Daemon {
         result.map(|_| ())
     }
 
-    fn save_runtime_rules(&self) -> anyhow::Result<()> {
+    fn save_runtime_rules(&self, runtime: &RuleFile) -> anyhow::Result<()> {
         self.state.save(&RuntimeRules {
-            toml: self.runtime_rules.to_toml_string(),
+            toml: runtime.to_toml_string(),
         })?;
+        Ok(())
+    }
+
+    /// `rules add` and `rules remove`: checked, saved, and only then in force, so a failed
+    /// save (a full disk) changes nothing and the rules in force are those a restart loads.
+    fn replace_runtime_rules(&mut self, runtime: RuleFile) -> anyhow::Result<()> {
+        let all = merge_rules(&self.config.rule_file(), &runtime)?;
+        self.save_runtime_rules(&runtime)
+            .context("saving the runtime rules failed, so the rules in force are unchanged")?;
+        // Checked by `merge_rules` as `set_rules` checks them: this does not fail.
+        self.engine.set_rules(all)?;
+        self.runtime_rules = runtime;
         Ok(())
     }
 

@@ -1356,3 +1356,55 @@ fn a_second_daemon_stops_before_touching_anything() {
     let again = Daemon::start(&precedent_bin(), &args).unwrap();
     drop(again);
 }
+
+/// `rules add` and `rules remove` whose save fails change nothing: the CLI says the rule is
+/// not in force, and it is not, so what runs is what a restart loads.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_rule_change_that_cannot_be_saved_is_not_applied() {
+    let net = TestNet::new("dmn16", 38).unwrap();
+    let dir = Scratch::new("dmn16");
+    let daemon = Daemon::start(&precedent_bin(), &["daemon", "--iface", &net.host_if]).unwrap();
+    let socket = daemon.socket().unwrap();
+    let rule = write_rule(&dir);
+    let ids = || {
+        cli(&socket, &["rules", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    // A directory where the rules file goes: root writes anywhere, but not over that.
+    let rules_file = daemon.dir().unwrap().join("state/rules.state");
+    let block_saves = || std::fs::create_dir_all(rules_file.join("x")).unwrap();
+    let allow_saves = || std::fs::remove_dir_all(&rules_file).unwrap();
+
+    block_saves();
+    let (ok, _, err) = cli_text(&socket, &["rules", "add", &rule]);
+    assert!(!ok, "the add was reported as done");
+    assert!(
+        ids().is_empty(),
+        "the add failed, yet the rule is in force: {:?}",
+        ids()
+    );
+    assert!(err.contains("rules in force are unchanged"), "{err}");
+
+    allow_saves();
+    let (ok, out, err) = cli_text(&socket, &["rules", "add", &rule]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "added runtime-rule");
+    assert_eq!(ids(), ["runtime-rule"]);
+
+    std::fs::rename(&rules_file, dir.join("saved")).unwrap();
+    block_saves();
+    let (ok, _, err) = cli_text(&socket, &["rules", "remove", "runtime-rule"]);
+    assert!(!ok, "the removal was reported as done");
+    assert_eq!(
+        ids(),
+        ["runtime-rule"],
+        "the removal failed, yet it applied"
+    );
+    assert!(err.contains("rules in force are unchanged"), "{err}");
+    allow_saves();
+}
