@@ -618,7 +618,7 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         // The server accepted a connection: from here on its stream position is known.
         let _ = ACKS.insert(&seg.key, &AckWatch::acknowledged(seg.ack, seg.ack), 0);
         if fast_open {
-            report_ack(&seg);
+            let _ = report_ack(&seg);
         }
         return Ok(());
     }
@@ -632,7 +632,7 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
         // holds a `wait_for` this one must not overwrite.
         let flags = u64::from(BPF_NOEXIST);
         let _ = ACKS.insert(&seg.key, &AckWatch::acknowledged(seg.ack, seg.ack), flags);
-        report_ack(&seg);
+        let _ = report_ack(&seg);
         return Ok(());
     };
     let (wait_for, reported) = unsafe {
@@ -648,19 +648,24 @@ fn watch_acks(ctx: &TcContext) -> Result<(), Skip> {
     // acknowledgement is never reported, and userspace drops the request as unacknowledged.
     // Userspace releases what each reported acknowledgement covers. Once `wait_for` is
     // reached nothing is reported, so a long upload's acknowledgements stop here.
-    if !seq_reaches(reported, wait_for) && seg.ack != reported && seq_reaches(seg.ack, reported) {
+    // Noted as reported only once in the ring: with the ring full, the next acknowledgement
+    // (a duplicate too) tries again, instead of the requests waiting out their time.
+    if !seq_reaches(reported, wait_for)
+        && seg.ack != reported
+        && seq_reaches(seg.ack, reported)
+        && report_ack(&seg)
+    {
         unsafe { (*w).reported = seg.ack };
-        report_ack(&seg);
     }
     Ok(())
 }
 
 /// An `ACK_RECORD`: a header with no payload, client side first as in request records.
 #[inline(always)]
-fn report_ack(seg: &parse::EgressSegment) {
+fn report_ack(seg: &parse::EgressSegment) -> bool {
     let Some(mut entry) = EVENTS.reserve::<EventHeader>(0) else {
         bump(Counter::RingbufFull);
-        return;
+        return false;
     };
     let hdr = entry.as_mut_ptr();
     let now = unsafe { bpf_ktime_get_ns() };
@@ -678,6 +683,7 @@ fn report_ack(seg: &parse::EgressSegment) {
         (*hdr).piece = ACK_RECORD;
     }
     entry.submit(wakeup_flags(now));
+    true
 }
 
 /// Payload bytes to capture per request: the configured length, or the default.

@@ -1183,6 +1183,53 @@ fn a_full_ring_buffer_is_counted_not_fatal() {
     assert_eq!(c.get(Counter::Captured) + c.get(Counter::RingbufFull), 300);
 }
 
+/// An acknowledgement that finds the ring full is reported by the next one, a duplicate
+/// too: otherwise the request it covers would wait out its time and be dropped.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn an_acknowledgement_lost_to_a_full_ring_is_reported_by_the_next() {
+    let mut h = Harness::with(LoadOptions {
+        ring_bytes: 64 * 1024,
+        ..LoadOptions::default()
+    });
+    assert_egress(&h.run_egress(&server_segment(TCP_SYN_ACK, 1_000)), None);
+    let req = get("/accounts/7/balance");
+    let end = 1_000 + req.len() as u32;
+    h.run(&segment(1_000, &req))
+        .assert_counters(&[(Counter::Passed, 1), (Counter::Captured, 1)]);
+    // Other connections' requests fill the ring, undrained.
+    let long = format!("GET /fill HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "p".repeat(600));
+    let mut filler = Packet::tcp("10.9.0.3", "10.9.0.1", long.as_bytes());
+    filler.sport = 41_000;
+    h.dp.test_run(PROGRAM, &filler.build(), 300).unwrap();
+    // Then acknowledgement records of connections the table does not hold (one each), the
+    // size of the one to come, until one finds no room.
+    let full = |dp: &Datapath| dp.counters().unwrap().get(Counter::RingbufFull);
+    let before = full(&h.dp);
+    for port in 20_000..30_000 {
+        let mut other = server_segment(TCP_ACK, 5);
+        other.dport = port;
+        h.dp.test_run(ACK_PROGRAM, &other.build(), 1).unwrap();
+        if full(&h.dp) > before {
+            break;
+        }
+    }
+    assert!(full(&h.dp) > before, "the ring never filled");
+    let o = h.run_egress(&server_segment(TCP_ACK, end));
+    assert_eq!(o.counters.get(Counter::RingbufFull), 1, "{:?}", o.counters);
+    assert!(
+        o.events.iter().all(|e| {
+            // SAFETY: every event starts with an EventHeader.
+            let hdr: EventHeader = unsafe { std::ptr::read_unaligned(e.as_ptr().cast()) };
+            hdr.piece != agent_common::ACK_RECORD || hdr.sport != 40_000
+        }),
+        "the acknowledgement found no room"
+    );
+    // The ring was drained: the server's next acknowledgement, the same number, gets in.
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), Some(end));
+    assert_egress(&h.run_egress(&server_segment(TCP_ACK, end)), None);
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn batch_updates_report_each_result() {
