@@ -235,13 +235,17 @@ pub struct Config {
     /// TCP header as it is); unused slots hold 0. Requests to other ports are counted, not
     /// sent to userspace.
     pub ports: [u16; KERNEL_PORTS],
+    /// 1: IP fragments of TCP segments pass (counted); 0: they are dropped (counted). A
+    /// request split over IP fragments would reach the server unread: TCP stacks send
+    /// segments that fit the path (DF set), so only an evasion or a broken path fragments.
+    pub pass_fragments: u32,
 }
 
 /// Server ports the program itself can filter on; with more configured, it captures every
 /// port and userspace filters.
 pub const KERNEL_PORTS: usize = 16;
 
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 44);
 
 /// Bits of [`Enforcement::flags`]: which block/allow tries hold entries. The XDP program
 /// skips lookups in empty maps, which keeps the common path cheap; the userspace enforcer
@@ -469,9 +473,12 @@ pub enum Counter {
     /// Segments of a followed request that came again over bytes captured as its pieces:
     /// captured again ([`COPY_PIECE`]) for the agent to compare.
     PieceCopies,
+    /// IP fragments of TCP segments (IPv4, or IPv6 with a fragment header first): no request
+    /// can be read from them, so they are dropped unless [`Config::pass_fragments`] is set.
+    TcpFragment,
 }
 
-pub const COUNTER_COUNT: u32 = 17;
+pub const COUNTER_COUNT: u32 = 18;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -492,6 +499,7 @@ impl Counter {
         Counter::Stale,
         Counter::Overlapping,
         Counter::PieceCopies,
+        Counter::TcpFragment,
     ];
 
     /// Stable snake_case name, used in logs, `status` and JSON.
@@ -514,6 +522,7 @@ impl Counter {
             Counter::Stale => "stale",
             Counter::Overlapping => "overlapping",
             Counter::PieceCopies => "piece_copies",
+            Counter::TcpFragment => "tcp_fragments",
         }
     }
 }

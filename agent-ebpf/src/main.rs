@@ -98,12 +98,17 @@ static BLANK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn precedent(ctx: XdpContext) -> u32 {
-    if inspect(&ctx) == Verdict::Drop {
-        bump(Counter::Blocked);
-        xdp_action::XDP_DROP
-    } else {
-        bump(Counter::Passed);
-        xdp_action::XDP_PASS
+    match inspect(&ctx) {
+        Verdict::Pass => {
+            bump(Counter::Passed);
+            xdp_action::XDP_PASS
+        }
+        Verdict::Drop => {
+            bump(Counter::Blocked);
+            xdp_action::XDP_DROP
+        }
+        // Counted by its reason (`tcp_fragments`), not as a blocked source.
+        Verdict::Unreadable => xdp_action::XDP_DROP,
     }
 }
 
@@ -123,7 +128,10 @@ pub fn tc_baseline(_ctx: TcContext) -> i32 {
 #[derive(PartialEq, Eq)]
 enum Verdict {
     Pass,
+    /// The source is blocked.
     Drop,
+    /// No request could be read from the packet, and the operator wants such packets dropped.
+    Unreadable,
 }
 
 #[inline(always)]
@@ -179,6 +187,15 @@ fn inspect(ctx: &XdpContext) -> Verdict {
     if h.ipv6_ext {
         bump(Counter::Ipv6ExtHeader);
         return Verdict::Pass;
+    }
+    if h.tcp_fragment {
+        bump(Counter::TcpFragment);
+        let pass = CONFIG.get(0).is_some_and(|c| c.pass_fragments != 0);
+        return if pass {
+            Verdict::Pass
+        } else {
+            Verdict::Unreadable
+        };
     }
     if let Err(skip) = capture(ctx, &h) {
         count_skip(skip);

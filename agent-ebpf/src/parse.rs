@@ -16,6 +16,7 @@ const ETH_P_IPV6: u16 = 0x86DD_u16.to_be();
 const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 const ETH_P_8021AD: u16 = 0x88A8_u16.to_be();
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_FRAGMENT: u8 = 44;
 
 /// Why a packet was not captured; each maps to a counter (or to none).
 #[derive(Clone, Copy)]
@@ -89,6 +90,9 @@ pub struct Headers {
     pub payload_len: usize,
     /// IPv6 extension headers precede the L4 header (not walked: no capture).
     pub ipv6_ext: bool,
+    /// An IP fragment of a TCP segment: its bytes are only a part of the segment (a later
+    /// fragment has no TCP header at all), so nothing is read from it.
+    pub tcp_fragment: bool,
 }
 
 impl Headers {
@@ -145,6 +149,7 @@ pub fn headers(ctx: &XdpContext) -> Result<Headers, Skip> {
         payload_off: 0,
         payload_len: 0,
         ipv6_ext: false,
+        tcp_fragment: false,
     };
     if ethertype == ETH_P_IPV4 {
         let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
@@ -154,10 +159,14 @@ pub fn headers(ctx: &XdpContext) -> Result<Headers, Skip> {
         if ver_ihl >> 4 != 4 || ihl < 20 || total_len < ihl {
             return Err(Skip::Malformed);
         }
-        // Later fragments carry no TCP header; they pass (and are still subject to blocking).
-        let later_fragment = u16::from_be(unsafe { (*ip).frag_off }) & 0x1fff != 0;
-        if unsafe { (*ip).protocol } == IPPROTO_TCP && !later_fragment {
-            tcp(ctx, &mut h, l3 + ihl, total_len - ihl)?;
+        // More fragments follow (MF), or this is a later one (an offset).
+        let fragment = u16::from_be(unsafe { (*ip).frag_off }) & 0x3fff != 0;
+        if unsafe { (*ip).protocol } == IPPROTO_TCP {
+            if fragment {
+                h.tcp_fragment = true;
+            } else {
+                tcp(ctx, &mut h, l3 + ihl, total_len - ihl)?;
+            }
         }
         Ok(h)
     } else if ethertype == ETH_P_IPV6 {
@@ -169,6 +178,10 @@ pub fn headers(ctx: &XdpContext) -> Result<Headers, Skip> {
         let payload_len = u16::from_be(unsafe { (*ip).payload_len }) as usize;
         match unsafe { (*ip).next_header } {
             IPPROTO_TCP => tcp(ctx, &mut h, l3 + 40, payload_len)?,
+            // A fragment header first: its own next header says what was fragmented.
+            IPPROTO_FRAGMENT if unsafe { *ptr_at::<u8>(ctx, l3 + 40)? } == IPPROTO_TCP => {
+                h.tcp_fragment = true
+            }
             // Hop-by-hop, routing, fragment, destination options, AH, ESP, mobility, HIP,
             // shim6, experimental: walking the chain costs more than the rare request behind
             // it is worth. The source is known, so blocking still applies.

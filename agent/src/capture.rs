@@ -567,6 +567,14 @@ impl Datapath {
         })
     }
 
+    /// Whether IP fragments of TCP segments pass (true) or are dropped (false, as loaded).
+    /// No request can be read from a fragment, so a client that fragments its requests
+    /// would have them served unread; TCP stacks do not fragment (they send segments that
+    /// fit the path with DF set), so dropping costs only such evasions and broken paths.
+    pub fn set_pass_fragments(&mut self, pass: bool) -> Result<(), CaptureError> {
+        self.update_config(|c| c.pass_fragments = u32::from(pass))
+    }
+
     /// Reads, changes and writes back the program's `CONFIG` entry. A packet racing the write
     /// may see a mix of old and new fields; each field alone is valid either way.
     fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), CaptureError> {

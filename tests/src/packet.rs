@@ -13,6 +13,9 @@ pub struct Packet {
     pub ip_options: usize,
     /// IPv6 hop-by-hop extension header before the L4 header.
     pub ipv6_hop_by_hop: bool,
+    /// IPv4 fragment offset (8-byte units) and more-fragments flag; for IPv6, a fragment
+    /// header with them before the L4 header. None: not a fragment (IPv4 sets DF).
+    pub fragment: Option<(u16, bool)>,
     /// IP protocol number (6 = TCP, 17 = UDP).
     pub protocol: u8,
     pub sport: u16,
@@ -36,6 +39,7 @@ impl Packet {
             dst: dst.parse().expect("destination address"),
             ip_options: 0,
             ipv6_hop_by_hop: false,
+            fragment: None,
             protocol: 6,
             sport: 40_000,
             dport: 8080,
@@ -52,7 +56,7 @@ impl Packet {
         let l2 = if self.vlan.is_some() { 18 } else { 14 };
         let l3 = match self.src {
             IpAddr::V4(_) => 20 + self.ip_options,
-            IpAddr::V6(_) => 40 + if self.ipv6_hop_by_hop { 8 } else { 0 },
+            IpAddr::V6(_) => 40 + self.ipv6_ext_len(),
         };
         l2 + l3 + 20 + self.tcp_options
     }
@@ -73,7 +77,12 @@ impl Packet {
                 f.push(0x40 | (ihl / 4) as u8);
                 f.push(0);
                 f.extend_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
-                f.extend_from_slice(&[0, 1, 0x40, 0]); // id, DF
+                f.extend_from_slice(&[0, 1]); // id
+                let frag_off = match self.fragment {
+                    None => 0x4000, // DF
+                    Some((offset, more)) => offset & 0x1fff | if more { 0x2000 } else { 0 },
+                };
+                f.extend_from_slice(&frag_off.to_be_bytes());
                 f.push(64);
                 f.push(self.protocol);
                 f.extend_from_slice(&[0, 0]);
@@ -88,25 +97,39 @@ impl Packet {
             (IpAddr::V6(s), IpAddr::V6(d)) => {
                 f.extend_from_slice(&0x86DDu16.to_be_bytes());
                 f.extend_from_slice(&[0x60, 0, 0, 0]);
-                let ext = if self.ipv6_hop_by_hop { 8 } else { 0 };
-                f.extend_from_slice(&((ext + l4.len()) as u16).to_be_bytes());
-                f.push(if self.ipv6_hop_by_hop {
+                f.extend_from_slice(&((self.ipv6_ext_len() + l4.len()) as u16).to_be_bytes());
+                let first = if self.ipv6_hop_by_hop {
                     0
+                } else if self.fragment.is_some() {
+                    44
                 } else {
                     self.protocol
-                });
+                };
+                f.push(first);
                 f.push(64);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
                 if self.ipv6_hop_by_hop {
                     // Next header, length 0 (8 bytes), PadN option filling the rest.
-                    f.extend_from_slice(&[self.protocol, 0, 1, 4, 0, 0, 0, 0]);
+                    let next = if self.fragment.is_some() { 44 } else { self.protocol };
+                    f.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+                }
+                if let Some((offset, more)) = self.fragment {
+                    // Next header, reserved, offset and M flag, identification.
+                    let off = (offset << 3) | u16::from(more);
+                    f.extend_from_slice(&[self.protocol, 0]);
+                    f.extend_from_slice(&off.to_be_bytes());
+                    f.extend_from_slice(&[0, 0, 0, 1]);
                 }
             }
             _ => panic!("source and destination must be the same family"),
         }
         f.extend_from_slice(&l4);
         f
+    }
+
+    fn ipv6_ext_len(&self) -> usize {
+        8 * (usize::from(self.ipv6_hop_by_hop) + usize::from(self.fragment.is_some()))
     }
 
     fn l4(&self) -> Vec<u8> {

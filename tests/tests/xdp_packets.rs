@@ -354,6 +354,43 @@ fn ipv6_extension_headers_pass_uncaptured_and_counted() {
     assert!(o.events.is_empty());
 }
 
+/// A request split over IP fragments would reach the server unread: fragments of TCP
+/// segments (the first with the request line too) are dropped and counted, or passed and
+/// counted when the operator says so; other protocols' fragments are not touched.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn ip_fragments_of_tcp_segments_are_dropped_and_counted() {
+    let mut h = Harness::new();
+    let mut cases = Vec::new();
+    for (src, dst) in [("10.9.0.2", "10.9.0.1"), ("fd00:9::2", "fd00:9::1")] {
+        for fragment in [(0, true), (3, true), (3, false)] {
+            let mut pkt = Packet::tcp(src, dst, &get("/transferFunds"));
+            pkt.fragment = Some(fragment);
+            cases.push(pkt);
+        }
+    }
+    for pkt in &cases {
+        let o = h.run(pkt);
+        assert_eq!(o.verdict, XDP_DROP, "{pkt:?}");
+        o.assert_counters(&[(Counter::TcpFragment, 1)]);
+        assert!(o.events.is_empty());
+    }
+    h.dp.set_pass_fragments(true).unwrap();
+    for pkt in &cases {
+        let o = h.run(pkt);
+        assert_eq!(o.verdict, XDP_PASS, "{pkt:?}");
+        o.assert_counters(&[(Counter::Passed, 1), (Counter::TcpFragment, 1)]);
+        assert!(o.events.is_empty());
+    }
+    h.dp.set_pass_fragments(false).unwrap();
+    // A UDP fragment is none of the program's business.
+    let mut udp = Packet::tcp("10.9.0.2", "10.9.0.1", b"datagram");
+    (udp.protocol, udp.fragment) = (17, Some((0, true)));
+    let o = h.run(&udp);
+    assert_eq!(o.verdict, XDP_PASS);
+    o.assert_counters(&[(Counter::Passed, 1)]);
+}
+
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn long_requests_are_truncated_to_the_configured_capture_length() {
