@@ -13,7 +13,7 @@
 //! interface, program detached from outside). A failing state save (full disk) is logged,
 //! counted and shown by `status` until a save succeeds; capture and blocking carry on.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write as _,
     path::{Path, PathBuf},
     sync::{
@@ -241,7 +241,8 @@ impl Daemon {
             }),
             None => RuleFile::default(),
         };
-        let rules = merge_rules(&config.rule_file(), &runtime_rules)?;
+        let (rules, shadowed) = merge_rules(&config.rule_file(), &runtime_rules)?;
+        warn_shadowed(&shadowed);
         let mut engine = match state.load::<Learned>()?.into_value() {
             Some(learned) => {
                 tracing::info!(
@@ -564,6 +565,16 @@ impl Daemon {
             Request::RulesList => Response::ok(self.rule_rows()),
             Request::RulesAdd { toml } => {
                 let added = RuleFile::from_toml_str(toml)?;
+                let config = self.config.rule_file();
+                let in_config = rule_ids(&config);
+                if let Some(id) = rule_ids(&added)
+                    .into_iter()
+                    .find(|id| in_config.contains(id))
+                {
+                    anyhow::bail!(
+                        "rule {id} is defined in the config file: give this one another id, or edit the file and reload (systemctl reload precedent)"
+                    );
+                }
                 let mut runtime = self.runtime_rules.clone();
                 runtime.rules.extend(added.rules.iter().cloned());
                 runtime.deny.extend(added.deny.iter().cloned());
@@ -577,21 +588,26 @@ impl Daemon {
                 Response::ok(RulesAdded { added: ids })
             }
             Request::RulesRemove { id } => {
-                let config = self.config.rule_file();
-                if config.rules.iter().any(|r| &r.id == id)
-                    || config.deny.iter().any(|d| &d.id == id)
-                {
-                    anyhow::bail!(
-                        "rule {id} is defined in the config file: edit the file and reload (systemctl reload precedent)"
-                    );
-                }
+                let in_config = rule_ids(&self.config.rule_file()).contains(id.as_str());
                 let mut runtime = self.runtime_rules.clone();
+                // A runtime rule the config file's shadows goes first: it is the one removable.
                 if !runtime.remove(id) {
+                    if in_config {
+                        anyhow::bail!(
+                            "rule {id} is defined in the config file: edit the file and reload (systemctl reload precedent)"
+                        );
+                    }
                     anyhow::bail!("no rule with id {id}");
                 }
                 self.replace_runtime_rules(runtime)?;
                 Response::ok(Ack {
-                    message: format!("rule {id} removed"),
+                    message: if in_config {
+                        format!(
+                            "runtime rule {id} removed; the config file's rule {id} stays in force"
+                        )
+                    } else {
+                        format!("rule {id} removed")
+                    },
                 })
             }
             Request::RulesSuggest { min_score } => {
@@ -830,10 +846,12 @@ impl Daemon {
     fn rule_rows(&self) -> Vec<RuleRow> {
         let hits = &self.engine.decider().counters().alerts_by_rule;
         let hit = |id: &str| hits.get(id).copied().unwrap_or(0);
+        let config = self.config.rule_file();
+        let in_config = rule_ids(&config);
         let mut rows = Vec::new();
         for (file, source) in [
-            (self.config.rule_file(), RuleSource::Config),
-            (self.runtime_rules.clone(), RuleSource::Runtime),
+            (&config, RuleSource::Config),
+            (&self.runtime_rules, RuleSource::Runtime),
         ] {
             rows.extend(
                 file.rules
@@ -845,6 +863,13 @@ impl Daemon {
                     .iter()
                     .map(|r| RuleRow::from_deny(r, source, hit(&r.id))),
             );
+        }
+        // A runtime rule the config file's shadows: its hits are the other's.
+        for row in &mut rows {
+            if row.source == RuleSource::Runtime && in_config.contains(row.id.as_str()) {
+                row.shadowed = true;
+                row.hits = 0;
+            }
         }
         rows
     }
@@ -910,7 +935,7 @@ impl Daemon {
     /// `rules add` and `rules remove`: checked, saved, and only then in force, so a failed
     /// save (a full disk) changes nothing and the rules in force are those a restart loads.
     fn replace_runtime_rules(&mut self, runtime: RuleFile) -> anyhow::Result<()> {
-        let all = merge_rules(&self.config.rule_file(), &runtime)?;
+        let (all, _) = merge_rules(&self.config.rule_file(), &runtime)?;
         self.save_runtime_rules(&runtime)
             .context("saving the runtime rules failed, so the rules in force are unchanged")?;
         // Checked by `merge_rules` as `set_rules` checks them: this does not fail.
@@ -929,7 +954,8 @@ impl Daemon {
         let applied = (|| -> anyhow::Result<()> {
             let mut new = Config::load(&path)?;
             self.overrides.apply(&mut new);
-            let rules = merge_rules(&new.rule_file(), &self.runtime_rules)?;
+            let (rules, shadowed) = merge_rules(&new.rule_file(), &self.runtime_rules)?;
+            warn_shadowed(&shadowed);
             self.engine.reconfigure(&new.engine())?;
             self.engine.set_rules(rules)?;
             // Only a changed `mode` in the file applies: one set with `precedent mode` stays
@@ -1078,14 +1104,64 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Config rules plus runtime rules, checked together (ids must stay unique).
-fn merge_rules(config: &RuleFile, runtime: &RuleFile) -> anyhow::Result<RuleFile> {
+/// The ids of a rules file, `[[rule]]` and `[[deny]]` alike (they share one namespace).
+fn rule_ids(file: &RuleFile) -> HashSet<&str> {
+    file.rules
+        .iter()
+        .map(|r| r.id.as_str())
+        .chain(file.deny.iter().map(|d| d.id.as_str()))
+        .collect()
+}
+
+/// The rules in force, checked together: the config file's, then the runtime ones, except
+/// those whose id the config file also uses, which are returned by id. Those are kept (saved,
+/// listed, removable) but the file's rule wins: it is what the operator wrote last, as when a
+/// rule tried with `rules add` is then written into the file. A clash must not stop a start
+/// (systemd would restart the daemon in a loop) nor a reload.
+fn merge_rules(config: &RuleFile, runtime: &RuleFile) -> anyhow::Result<(RuleFile, Vec<String>)> {
+    let in_config = rule_ids(config);
+    let mut shadowed: Vec<String> = rule_ids(runtime)
+        .into_iter()
+        .filter(|id| in_config.contains(id))
+        .map(str::to_owned)
+        .collect();
+    shadowed.sort();
     let all = RuleFile {
-        rules: config.rules.iter().chain(&runtime.rules).cloned().collect(),
-        deny: config.deny.iter().chain(&runtime.deny).cloned().collect(),
+        rules: config
+            .rules
+            .iter()
+            .chain(
+                runtime
+                    .rules
+                    .iter()
+                    .filter(|r| !in_config.contains(r.id.as_str())),
+            )
+            .cloned()
+            .collect(),
+        deny: config
+            .deny
+            .iter()
+            .chain(
+                runtime
+                    .deny
+                    .iter()
+                    .filter(|d| !in_config.contains(d.id.as_str())),
+            )
+            .cloned()
+            .collect(),
     };
     all.validate()?;
-    Ok(all)
+    Ok((all, shadowed))
+}
+
+fn warn_shadowed(ids: &[String]) {
+    if !ids.is_empty() {
+        tracing::warn!(
+            ids = ids.join(", "),
+            "rules added with `precedent rules add` have the ids of rules in the config file: \
+             the config file's are in force; `precedent rules remove ID` deletes the runtime copy"
+        );
+    }
 }
 
 fn import_openapi(engine: &mut Engine, path: &std::path::Path) -> anyhow::Result<()> {
@@ -1196,4 +1272,65 @@ fn spawn_stdout_writer() -> std_mpsc::SyncSender<String> {
         })
         .expect("spawning the stdout writer thread");
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(text: &str) -> RuleFile {
+        RuleFile::from_toml_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_runtime_rule_with_a_config_rules_id_gives_way_to_it() {
+        let config = rules(
+            r#"
+            [[rule]]
+            id = "transfer"
+            operation = "POST /transfer"
+            preceded_by = ["GET /balance"]
+            action = "block"
+            [[deny]]
+            id = "no-export"
+            sequence = ["GET /login", "GET /export"]
+            "#,
+        );
+        let runtime = rules(
+            r#"
+            [[rule]]
+            id = "transfer"
+            operation = "POST /transfer"
+            preceded_by = ["GET /accounts"]
+            [[rule]]
+            id = "no-export"
+            operation = "GET /export"
+            preceded_by = ["GET /report"]
+            [[deny]]
+            id = "own"
+            sequence = ["GET /a", "GET /b"]
+            "#,
+        );
+        let (all, shadowed) = merge_rules(&config, &runtime).unwrap();
+        assert_eq!(shadowed, ["no-export", "transfer"]);
+        assert_eq!(
+            all.rules, config.rules,
+            "the config file's rules are in force"
+        );
+        assert_eq!(all.deny.len(), 2);
+        assert_eq!(all.deny[0], config.deny[0]);
+        assert_eq!(all.deny[1].id, "own", "the others stay in force");
+    }
+
+    #[test]
+    fn runtime_rules_still_may_not_share_an_id() {
+        let one =
+            rules("[[rule]]\nid = \"r\"\noperation = \"POST /a\"\npreceded_by = [\"GET /b\"]");
+        let runtime = RuleFile {
+            rules: vec![one.rules[0].clone(), one.rules[0].clone()],
+            deny: Vec::new(),
+        };
+        let e = merge_rules(&RuleFile::default(), &runtime).unwrap_err();
+        assert!(e.to_string().contains("duplicate rule id"), "{e}");
+    }
 }

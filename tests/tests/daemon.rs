@@ -1408,3 +1408,77 @@ fn a_rule_change_that_cannot_be_saved_is_not_applied() {
     assert!(err.contains("rules in force are unchanged"), "{err}");
     allow_saves();
 }
+
+/// A rule tried with `rules add`, then written into the config file under the same id: a
+/// reload and a restart both go on with the file's rule in force (neither refuses, which under
+/// systemd was a restart loop), say so, and `rules remove` deletes the runtime copy.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_config_rule_with_a_runtime_rules_id_wins_and_the_daemon_starts() {
+    let net = TestNet::new("dmn17", 39).unwrap();
+    let dir = Scratch::new("dmn17");
+    let state = dir.join("state").display().to_string();
+    let config = write_config(&dir, "mode = \"detect\"\n");
+    let args = [
+        "daemon",
+        "--iface",
+        &net.host_if,
+        "--config",
+        &config,
+        "--state-dir",
+        &state,
+    ];
+    let in_file = "mode = \"detect\"\n[[rule]]\nid = \"runtime-rule\"\n\
+                   operation = \"POST /api/v1/transferFunds\"\n\
+                   preceded_by = [\"GET /api/v1/accounts/{id}/balance\"]\naction = \"block\"\n";
+    let warning = "have the ids of rules in the config file";
+    let rows = |socket: &Path| -> Vec<(String, String, bool)> {
+        cli(socket, &["rules", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["source"].as_str().unwrap().to_string(),
+                    r["operation"].as_str().unwrap().to_string(),
+                    r["shadowed"] == true,
+                )
+            })
+            .collect()
+    };
+    let expected = [
+        ("config".into(), "POST /api/v1/transferFunds".into(), false),
+        (
+            "runtime".into(),
+            "GET /api/v1/accounts/{id}/balance".into(),
+            true,
+        ),
+    ];
+    {
+        let mut daemon = Daemon::start(&precedent_bin(), &args).unwrap();
+        let socket = daemon.socket().unwrap();
+        cli(&socket, &["rules", "add", &write_rule(&dir)]);
+        write_config(&dir, in_file);
+        daemon.signal(libc::SIGHUP);
+        daemon
+            .wait_for_log("configuration reloaded", Duration::from_secs(5))
+            .unwrap();
+        assert!(daemon.log_text().contains(warning), "{}", daemon.log_text());
+        assert_eq!(rows(&socket), expected);
+    }
+    let daemon = Daemon::start(&precedent_bin(), &args).unwrap();
+    let socket = daemon.socket().unwrap();
+    assert!(daemon.log_text().contains(warning), "{}", daemon.log_text());
+    assert_eq!(rows(&socket), expected);
+    let (ok, out, err) = cli_text(&socket, &["rules", "list"]);
+    assert!(ok && out.contains("not in force"), "{out}{err}");
+    // The file's id is taken for new runtime rules.
+    let (ok, _, err) = cli_text(&socket, &["rules", "add", &write_rule(&dir)]);
+    assert!(!ok && err.contains("defined in the config file"), "{err}");
+    let (ok, out, err) = cli_text(&socket, &["rules", "remove", "runtime-rule"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("stays in force"), "{out}");
+    assert_eq!(rows(&socket), expected[..1]);
+    let (ok, _, err) = cli_text(&socket, &["rules", "remove", "runtime-rule"]);
+    assert!(!ok && err.contains("defined in the config file"), "{err}");
+}

@@ -124,10 +124,13 @@ fn render_rows(rows: Vec<RuleRow>, in_force: bool) -> String {
             (precedent::rules::Action::Block, None) => "block".into(),
             (precedent::rules::Action::Log, _) => "log".into(),
         };
-        let source = serde_json::to_value(r.source)
+        let mut source = serde_json::to_value(r.source)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
+        if r.shadowed {
+            source.push_str(" (not in force: the config's wins)");
+        }
         if in_force {
             t.add_row(vec![r.id, action, source, r.hits.to_string(), what]);
         } else {

@@ -150,6 +150,10 @@ pub struct RuleRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_ttl_secs: Option<u64>,
     pub source: RuleSource,
+    /// A runtime rule whose id the config file also uses: the config file's rule is in force,
+    /// this one is not (until `rules remove` deletes it or the file drops its rule).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadowed: bool,
     /// Times the rule fired since start.
     #[serde(default)]
     pub hits: u64,
@@ -169,6 +173,7 @@ impl RuleRow {
             action: rule.action,
             block_ttl_secs: rule.block_ttl.map(|d| d.as_secs()),
             source,
+            shadowed: false,
             hits,
         }
     }
@@ -186,6 +191,7 @@ impl RuleRow {
             action: rule.action,
             block_ttl_secs: rule.block_ttl.map(|d| d.as_secs()),
             source,
+            shadowed: false,
             hits,
         }
     }
