@@ -115,6 +115,14 @@ impl Persist for RuntimeRules {
     const VERSION: u32 = 1;
 }
 
+/// A reload's change to the kernel side, as the step that undoes it.
+enum Undo {
+    CaptureLen(u32),
+    Ports(Vec<u16>),
+    Allow(IpNet),
+    Disallow(IpNet),
+}
+
 /// Blocks and why they were made; the maps themselves survive restarts only when pinned.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SavedBlocks {
@@ -262,7 +270,7 @@ impl Daemon {
             None => Engine::new(&config.engine(), rules, secret, config.mode)?,
         };
         if let Some(path) = &config.openapi {
-            import_openapi(&mut engine, path)?;
+            import_openapi(&mut engine, path, &read_openapi(path)?)?;
         }
         // After the model and the templates, so sessions are renamed to what is loaded. A
         // damaged file costs the sessions only: start without them.
@@ -951,85 +959,151 @@ impl Daemon {
             return;
         };
         notify::reloading();
-        let applied = (|| -> anyhow::Result<()> {
-            let mut new = Config::load(&path)?;
-            self.overrides.apply(&mut new);
-            let (rules, shadowed) = merge_rules(&new.rule_file(), &self.runtime_rules)?;
-            warn_shadowed(&shadowed);
-            self.engine.reconfigure(&new.engine())?;
-            self.engine.set_rules(rules)?;
-            // Only a changed `mode` in the file applies: one set with `precedent mode` stays
-            // through a reload that edits something else (a rule, say).
-            if new.mode != self.config.mode && new.mode != self.engine.mode() {
-                tracing::info!(mode = %new.mode, "mode set by reloaded config");
-                self.engine.set_mode(new.mode);
+        match self.apply_config(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "configuration reloaded");
+                notify::ready("configuration reloaded");
             }
-            if new.capture_len != self.config.capture_len {
-                self.datapath.set_capture_len(new.capture_len)?;
-                self.reassembler.set_capture_len(new.capture_len as usize);
-            }
-            if new.ports != self.config.ports {
-                self.datapath.set_ports(&new.ports)?;
-            }
-            if let Some(doc) = new
-                .openapi
-                .as_ref()
-                .filter(|&d| Some(d) != self.config.openapi.as_ref())
-            {
-                import_openapi(&mut self.engine, doc)?;
-            }
-            for net in new
-                .allowlist
-                .iter()
-                .filter(|n| !self.config.allowlist.contains(n))
-            {
-                self.enforcer.allow(*net)?;
-            }
-            for net in self
-                .config
-                .allowlist
-                .iter()
-                .filter(|n| !new.allowlist.contains(n))
-            {
-                self.enforcer.disallow(*net)?;
-            }
-            // Read once at the start: the attachments, the ring's size and pinning, the state
-            // directory and socket, the log setup, the metrics listener and the save timer
-            // ([http], [session], [model] and [discovery] apply above, through `reconfigure`).
-            let c = &self.config;
-            for (key, changed) in [
-                ("interfaces", c.interfaces != new.interfaces),
-                ("attach_mode", c.attach_mode != new.attach_mode),
-                ("state_dir", c.state_dir != new.state_dir),
-                ("socket", c.socket != new.socket),
-                ("wait_for_acks", c.wait_for_acks != new.wait_for_acks),
-                (
-                    "ring_buffer_bytes",
-                    c.ring_buffer_bytes != new.ring_buffer_bytes,
-                ),
-                ("pin_maps", c.pin_maps != new.pin_maps),
-                ("save_every", c.save_every != new.save_every),
-                ("log_format", c.log_format != new.log_format),
-                ("log_requests", c.log_requests != new.log_requests),
-                ("metrics_listen", c.metrics_listen != new.metrics_listen),
-            ] {
-                if changed {
-                    tracing::warn!(
-                        key,
-                        "changed in the config file; takes effect at the next restart"
-                    );
-                }
-            }
-            self.config = new;
-            Ok(())
-        })();
-        match applied {
-            Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
             Err(e) => {
-                tracing::error!(path = %path.display(), error = %format!("{e:#}"), "reload rejected; keeping the running configuration")
+                tracing::error!(path = %path.display(), error = %format!("{e:#}"), "reload rejected; keeping the running configuration");
+                notify::ready("reload rejected; running the previous configuration");
             }
         }
-        notify::ready("configuration reloaded");
+    }
+
+    /// Applies the config file at `path` wholly or not at all. Whatever can refuse it is asked
+    /// before anything changes: the file's own checks, the rules with the runtime ones, and
+    /// the engine on a copy of its discovery (which holds templates a fresh engine, as `config
+    /// check` builds, does not). The datapath's settings and the allowlist come next, undone
+    /// if one fails; the engine's steps, which cannot be undone, come last.
+    fn apply_config(&mut self, path: &Path) -> anyhow::Result<()> {
+        let mut new = Config::load(path)?;
+        self.overrides.apply(&mut new);
+        let (rules, shadowed) = merge_rules(&new.rule_file(), &self.runtime_rules)?;
+        let openapi = match new
+            .openapi
+            .as_ref()
+            .filter(|&d| Some(d) != self.config.openapi.as_ref())
+        {
+            Some(doc) => Some((doc.clone(), read_openapi(doc)?)),
+            None => None,
+        };
+        self.try_engine_changes(&new, &rules, openapi.as_ref())?;
+        self.apply_datapath(&new)?;
+
+        // Tried above on the same state, so none of these fails.
+        self.engine.reconfigure(&new.engine())?;
+        self.engine.set_rules(rules)?;
+        warn_shadowed(&shadowed);
+        if let Some((doc, text)) = &openapi {
+            import_openapi(&mut self.engine, doc, text)?;
+        }
+        // Only a changed `mode` in the file applies: one set with `precedent mode` stays
+        // through a reload that edits something else (a rule, say).
+        if new.mode != self.config.mode && new.mode != self.engine.mode() {
+            tracing::info!(mode = %new.mode, "mode set by reloaded config");
+            self.engine.set_mode(new.mode);
+        }
+        self.reassembler.set_capture_len(new.capture_len as usize);
+        // Read once at the start: the attachments, the ring's size and pinning, the state
+        // directory and socket, the log setup, the metrics listener and the save timer
+        // ([http], [session], [model] and [discovery] apply above, through `reconfigure`).
+        let c = &self.config;
+        for (key, changed) in [
+            ("interfaces", c.interfaces != new.interfaces),
+            ("attach_mode", c.attach_mode != new.attach_mode),
+            ("state_dir", c.state_dir != new.state_dir),
+            ("socket", c.socket != new.socket),
+            ("wait_for_acks", c.wait_for_acks != new.wait_for_acks),
+            (
+                "ring_buffer_bytes",
+                c.ring_buffer_bytes != new.ring_buffer_bytes,
+            ),
+            ("pin_maps", c.pin_maps != new.pin_maps),
+            ("save_every", c.save_every != new.save_every),
+            ("log_format", c.log_format != new.log_format),
+            ("log_requests", c.log_requests != new.log_requests),
+            ("metrics_listen", c.metrics_listen != new.metrics_listen),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changed in the config file; takes effect at the next restart"
+                );
+            }
+        }
+        self.config = new;
+        Ok(())
+    }
+
+    /// What `reconfigure`, `set_rules` and the OpenAPI import would do to the engine, done to
+    /// an engine built on a copy of the live discovery (with an empty model: the model's
+    /// settings cannot fail once the file passed its checks). Silent: the real steps log.
+    fn try_engine_changes(
+        &self,
+        new: &Config,
+        rules: &RuleFile,
+        openapi: Option<&(PathBuf, String)>,
+    ) -> anyhow::Result<()> {
+        let cfg = new.engine();
+        let discovery = self.engine.discovery().clone();
+        tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
+            let model = crate::model::Model::new(cfg.model.clone())?;
+            let mut trial =
+                Engine::with_state(&cfg, rules.clone(), [0; 16], new.mode, model, discovery)?;
+            if let Some((doc, text)) = openapi {
+                import_openapi(&mut trial, doc, text)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The reload's changes to the XDP program's settings and to the allowlist. On a failure
+    /// those already made are undone, so the kernel runs as the running configuration says.
+    fn apply_datapath(&mut self, new: &Config) -> anyhow::Result<()> {
+        let mut done = Vec::new();
+        let result = self.datapath_steps(new, &mut done);
+        if result.is_err() {
+            for step in done.into_iter().rev() {
+                let undone = match step {
+                    Undo::CaptureLen(len) => self.datapath.set_capture_len(len).map_err(Into::into),
+                    Undo::Ports(ports) => self.datapath.set_ports(&ports).map_err(Into::into),
+                    Undo::Allow(net) => self.enforcer.allow(net).map_err(anyhow::Error::from),
+                    Undo::Disallow(net) => self
+                        .enforcer
+                        .disallow(net)
+                        .map(|_| ())
+                        .map_err(anyhow::Error::from),
+                };
+                if let Err(e) = undone {
+                    tracing::error!(error = %format!("{e:#}"), "undoing part of a rejected reload failed: the xdp program's settings or the allowlist differ from the running configuration until the next reload");
+                }
+            }
+        }
+        result
+    }
+
+    fn datapath_steps(&mut self, new: &Config, done: &mut Vec<Undo>) -> anyhow::Result<()> {
+        let old = &self.config;
+        if new.capture_len != old.capture_len {
+            self.datapath.set_capture_len(new.capture_len)?;
+            done.push(Undo::CaptureLen(old.capture_len));
+        }
+        if new.ports != old.ports {
+            self.datapath.set_ports(&new.ports)?;
+            done.push(Undo::Ports(old.ports.clone()));
+        }
+        // Removals first: the maps are bounded, and an address on both lists is not touched.
+        for net in old.allowlist.iter().filter(|n| !new.allowlist.contains(n)) {
+            if self.enforcer.disallow(*net)? {
+                done.push(Undo::Allow(*net));
+            }
+        }
+        for net in new.allowlist.iter().filter(|n| !old.allowlist.contains(n)) {
+            self.enforcer.allow(*net)?;
+            done.push(Undo::Disallow(*net));
+        }
+        Ok(())
     }
 
     fn log_counters(&self) {
@@ -1164,11 +1238,15 @@ fn warn_shadowed(ids: &[String]) {
     }
 }
 
-fn import_openapi(engine: &mut Engine, path: &std::path::Path) -> anyhow::Result<()> {
-    let doc = std::fs::read_to_string(path)
-        .with_context(|| format!("reading OpenAPI document {}", path.display()))?;
+fn read_openapi(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("reading OpenAPI document {}", path.display()))
+}
+
+/// `doc` is the text of the document at `path`.
+fn import_openapi(engine: &mut Engine, path: &Path, doc: &str) -> anyhow::Result<()> {
     let (added, skipped) = engine
-        .import_openapi(&doc)
+        .import_openapi(doc)
         .with_context(|| format!("OpenAPI document {}", path.display()))?;
     tracing::info!(path = %path.display(), added, skipped = skipped.len(), "OpenAPI templates imported");
     Ok(())

@@ -1482,3 +1482,79 @@ fn a_config_rule_with_a_runtime_rules_id_wins_and_the_daemon_starts() {
     let (ok, _, err) = cli_text(&socket, &["rules", "remove", "runtime-rule"]);
     assert!(!ok && err.contains("defined in the config file"), "{err}");
 }
+
+/// A reload the running daemon refuses part-way (here: the file passes `config check`, but the
+/// live discovery already holds the old rules' templates, and the OpenAPI document's would
+/// exceed `max_nodes`) changes nothing: not the mode, not the rules.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_reload_refused_part_way_changes_nothing() {
+    let net = TestNet::new("dmn18", 40).unwrap();
+    let dir = Scratch::new("dmn18");
+    let doc = dir.join("api.json");
+    std::fs::write(
+        &doc,
+        r#"{"openapi":"3.0.0","info":{"title":"t","version":"1"},
+            "paths":{"/e":{"get":{"responses":{"200":{"description":"ok"}}}}}}"#,
+    )
+    .unwrap();
+    let rule = |id: &str, op: &str, before: &str| {
+        format!(
+            "[[rule]]\nid = \"{id}\"\noperation = \"POST {op}\"\npreceded_by = [\"GET {before}\"]\n"
+        )
+    };
+    let first = format!(
+        "mode = \"detect\"\n[discovery]\nmax_nodes = 4\n{}",
+        rule("old", "/a", "/b")
+    );
+    let config = write_config(&dir, &first);
+    let mut daemon = Daemon::start(
+        &precedent_bin(),
+        &["daemon", "--iface", &net.host_if, "--config", &config],
+    )
+    .unwrap();
+    let socket = daemon.socket().unwrap();
+    let ids = |socket: &Path| -> Vec<String> {
+        cli(socket, &["rules", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let second = |max_nodes: u32| {
+        format!(
+            "mode = \"enforce\"\nopenapi = {:?}\n[discovery]\nmax_nodes = {max_nodes}\n{}",
+            doc.display().to_string(),
+            rule("new", "/c", "/d")
+        )
+    };
+    let checked = write_config(&dir, &second(4));
+    let out = Command::new(precedent_bin())
+        .args(["config", "check", &checked])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_for_log("reload rejected", Duration::from_secs(5))
+        .unwrap();
+    let log = daemon.log_text();
+    assert!(log.contains("too many templates"), "{log}");
+    assert_eq!(
+        cli(&socket, &["mode"])["mode"],
+        "detect",
+        "the refused file's mode applied"
+    );
+    assert_eq!(ids(&socket), ["old"]);
+
+    write_config(&dir, &second(100));
+    let seen = daemon.log_count("configuration reloaded");
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_for_log_count("configuration reloaded", seen + 1, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(cli(&socket, &["mode"])["mode"], "enforce");
+    assert_eq!(ids(&socket), ["new"]);
+}
