@@ -210,7 +210,7 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
+    use clap::{CommandFactory as _, Parser as _};
     use clap_complete::Shell;
 
     use super::{Cli, cli::generate};
@@ -218,6 +218,39 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `systemctl reload` runs the unit's ExecReload= lines in order and stops at the first
+    /// that fails: the config check must come first, on the file the daemon runs with, spelled
+    /// as this CLI takes it, and only then the SIGHUP.
+    #[test]
+    fn the_unit_checks_the_config_before_it_signals_a_reload() {
+        let unit = include_str!("../../dist/precedent.service");
+        let values = |key: &str| -> Vec<Vec<&str>> {
+            unit.lines()
+                .filter_map(|l| l.strip_prefix(key))
+                .map(|v| v.split_whitespace().collect())
+                .collect()
+        };
+        let start = &values("ExecStart=")[0];
+        let reload = values("ExecReload=");
+        assert_eq!(reload.len(), 2, "{reload:?}");
+        let (check, signal) = (&reload[0], &reload[1]);
+        assert_eq!(check[0], start[0], "the same binary");
+        let config = |args: &[&str]| {
+            let at = args.iter().position(|a| *a == "--config").unwrap();
+            args[at + 1].to_owned()
+        };
+        assert_eq!(config(check), config(start), "the same file");
+        let parsed =
+            Cli::try_parse_from(check.iter().copied()).unwrap_or_else(|e| panic!("{check:?}: {e}"));
+        assert!(matches!(
+            parsed.command,
+            super::Command::Config {
+                action: super::ConfigAction::Check { .. }
+            }
+        ));
+        assert_eq!(signal, &["/bin/kill", "-HUP", "$MAINPID"]);
     }
 
     #[test]
