@@ -1172,9 +1172,14 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
             return Err(e).with_context(|| format!("locking {}", path.display()));
         }
     }
-    file.set_len(0)
+    // The pid is only for that message: a full disk must not stop a start (protection goes on
+    // without saves, see `save_state`).
+    if let Err(e) = file
+        .set_len(0)
         .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .with_context(|| format!("writing our pid in {}", path.display()))?;
+    {
+        tracing::warn!(file = %path.display(), error = %e, "could not write our pid in the lock file");
+    }
     Ok(file)
 }
 

@@ -1558,3 +1558,42 @@ fn a_reload_refused_part_way_changes_nothing() {
     assert_eq!(cli(&socket, &["mode"])["mode"], "enforce");
     assert_eq!(ids(&socket), ["new"]);
 }
+
+/// A restart on a full state directory still starts (and protects; saves fail as before),
+/// even one with no lock file yet (left by a version before it): the pid written in that file
+/// is no reason to refuse.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_daemon_starts_on_a_full_state_directory() {
+    let net = TestNet::new("dmn19", 46).unwrap();
+    let dir = Scratch::new("dmn19");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&state);
+    let state_s = state.display().to_string();
+    let args = ["daemon", "--iface", &net.host_if, "--state-dir", &state_s];
+    drop(Daemon::start(&precedent_bin(), &args).unwrap());
+    std::fs::remove_file(state.join("daemon.lock")).unwrap();
+
+    let mut filler = std::fs::File::create(state.join("filler")).unwrap();
+    while filler.write_all(&[0; 4096]).is_ok() {}
+    let daemon = Daemon::start(&precedent_bin(), &args).unwrap();
+    assert!(
+        daemon.log_text().contains("could not write our pid"),
+        "{}",
+        daemon.log_text()
+    );
+    drop(daemon);
+}
