@@ -58,6 +58,11 @@ pub struct Config {
     /// checksums, data outside the window) are then never analysed. Turn off only where the
     /// server's replies leave through an interface precedent is not attached to.
     pub wait_for_acks: bool,
+    /// Let IP fragments of TCP segments through. By default the XDP program drops them: no
+    /// request can be read from a fragment, so a client that fragments its requests would
+    /// have them served unread; TCP stacks send segments that fit the path with DF set, so
+    /// only an evasion or a broken path fragments TCP. Counted (`tcp_fragments`) either way.
+    pub pass_tcp_fragments: bool,
     /// Pin the block and allow maps in this bpffs directory so blocks survive restarts.
     pub pin_maps: Option<PathBuf>,
     /// Model, endpoints, runtime rules, blocks and the session-hashing secret live here.
@@ -106,6 +111,7 @@ impl Default for Config {
             ring_buffer_bytes: 4 << 20,
             ports: Vec::new(),
             wait_for_acks: true,
+            pass_tcp_fragments: false,
             pin_maps: None,
             state_dir: PathBuf::from(crate::state::DEFAULT_STATE_DIR),
             save_every: Duration::from_secs(300),
@@ -303,6 +309,12 @@ mod tests {
         let text = include_str!("../../dist/precedent.toml");
         let c = parse(text).unwrap_or_else(|e| panic!("dist/precedent.toml: {e}"));
         assert!(!c.interfaces.is_empty());
+        // It says what the defaults are.
+        assert!(!c.pass_tcp_fragments);
+        assert_eq!(
+            c.session.max_sessions_per_client,
+            SessionConfig::default().max_sessions_per_client
+        );
     }
 
     #[test]

@@ -119,6 +119,7 @@ impl Persist for RuntimeRules {
 enum Undo {
     CaptureLen(u32),
     Ports(Vec<u16>),
+    PassFragments(bool),
     Allow(IpNet),
     Disallow(IpNet),
 }
@@ -294,6 +295,7 @@ impl Daemon {
             ports: config.ports.clone(),
             watch_acks: config.wait_for_acks,
         })?;
+        datapath.set_pass_fragments(config.pass_tcp_fragments)?;
         // The enforcer tells the kernel which (possibly pinned) maps hold entries: take it
         // before attaching so pinned blocks apply from the first packet.
         let mut enforcer = datapath.take_enforcer()?;
@@ -777,6 +779,7 @@ impl Daemon {
         userspace.insert("sessions_created".into(), sc.created);
         userspace.insert("sessions_expired".into(), sc.expired);
         userspace.insert("sessions_evicted".into(), sc.evicted);
+        userspace.insert("sessions_evicted_per_client".into(), sc.evicted_per_client);
         let ms = self.engine.model().stats();
         userspace.insert("model_contexts_evicted".into(), ms.contexts_evicted);
         userspace.insert("model_contexts_refused".into(), ms.contexts_refused);
@@ -1068,6 +1071,9 @@ impl Daemon {
                 let undone = match step {
                     Undo::CaptureLen(len) => self.datapath.set_capture_len(len).map_err(Into::into),
                     Undo::Ports(ports) => self.datapath.set_ports(&ports).map_err(Into::into),
+                    Undo::PassFragments(pass) => {
+                        self.datapath.set_pass_fragments(pass).map_err(Into::into)
+                    }
                     Undo::Allow(net) => self.enforcer.allow(net).map_err(anyhow::Error::from),
                     Undo::Disallow(net) => self
                         .enforcer
@@ -1092,6 +1098,10 @@ impl Daemon {
         if new.ports != old.ports {
             self.datapath.set_ports(&new.ports)?;
             done.push(Undo::Ports(old.ports.clone()));
+        }
+        if new.pass_tcp_fragments != old.pass_tcp_fragments {
+            self.datapath.set_pass_fragments(new.pass_tcp_fragments)?;
+            done.push(Undo::PassFragments(old.pass_tcp_fragments));
         }
         // Removals first: the maps are bounded, and an address on both lists is not touched.
         for net in old.allowlist.iter().filter(|n| !new.allowlist.contains(n)) {

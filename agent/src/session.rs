@@ -1627,7 +1627,7 @@ mod tests {
         t.observe(SessionKey(9000), OpId(3), flooder, 3 * SEC + 3600 * SEC);
         assert_eq!(t.get(&SessionKey(9000)).unwrap().client, flooder);
         assert_client_lists(&t);
-        while t.len() > 0 {
+        while !t.is_empty() {
             let oldest = t.oldest;
             t.remove(oldest);
             assert_client_lists(&t);
