@@ -111,7 +111,11 @@ impl Packet {
                 f.extend_from_slice(&d.octets());
                 if self.ipv6_hop_by_hop {
                     // Next header, length 0 (8 bytes), PadN option filling the rest.
-                    let next = if self.fragment.is_some() { 44 } else { self.protocol };
+                    let next = if self.fragment.is_some() {
+                        44
+                    } else {
+                        self.protocol
+                    };
                     f.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
                 }
                 if let Some((offset, more)) = self.fragment {
