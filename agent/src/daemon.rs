@@ -299,10 +299,18 @@ impl Daemon {
         // The enforcer tells the kernel which (possibly pinned) maps hold entries: take it
         // before attaching so pinned blocks apply from the first packet.
         let mut enforcer = datapath.take_enforcer()?;
+        // Pinned maps hold what an earlier run allowed: an address since taken off the list
+        // must not stay allowed (and so unblockable) across the restart.
+        for net in enforcer.allowlist()? {
+            if !config.allowlist.iter().any(|a| a.trunc() == net) {
+                enforcer.disallow(net)?;
+                tracing::info!(%net, "no longer in the allowlist: removed from the pinned map");
+            }
+        }
         for net in &config.allowlist {
             enforcer.allow(*net)?;
         }
-        let block_reasons = restore_blocks(&state, &mut enforcer, config.pin_maps.is_some());
+        let block_reasons = restore_blocks(&state, &mut enforcer);
 
         // Bind the control socket before attaching: a daemon on another state directory but
         // this socket fails here, before it touches the interfaces the first one is using.
@@ -1269,11 +1277,7 @@ fn import_openapi(engine: &mut Engine, path: &Path, doc: &str) -> anyhow::Result
 
 /// Re-applies saved blocks when the maps are not pinned (pinned maps kept them already), and
 /// returns the reasons either way.
-fn restore_blocks(
-    state: &StateDir,
-    enforcer: &mut Enforcer,
-    pinned: bool,
-) -> HashMap<IpNet, String> {
+fn restore_blocks(state: &StateDir, enforcer: &mut Enforcer) -> HashMap<IpNet, String> {
     let saved = match state.load::<SavedBlocks>() {
         Ok(l) => l.into_value().unwrap_or_default(),
         Err(e) => {
@@ -1285,7 +1289,21 @@ fn restore_blocks(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
+    // Pinned maps that kept a block keep its drop count and expiry; those emptied since (a
+    // reboot clears bpffs, so do pins removed by hand) get the saved blocks back.
+    let held: std::collections::HashSet<IpNet> = match enforcer.blocks() {
+        Ok(blocks) => blocks
+            .into_iter()
+            .filter(|b| !b.remaining.is_zero())
+            .map(|b| b.net)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "block maps unreadable; saved blocks applied again");
+            Default::default()
+        }
+    };
     let mut reasons = HashMap::new();
+    let mut applied = 0;
     for b in saved.blocks {
         let Ok(net) = b.net.parse::<IpNet>() else {
             continue;
@@ -1293,14 +1311,21 @@ fn restore_blocks(
         if b.expires <= now {
             continue;
         }
-        if !pinned && let Err(e) = enforcer.block(net, Duration::from_secs(b.expires - now)) {
-            tracing::warn!(%net, error = %e, "saved block not restored");
-            continue;
+        if !held.contains(&net.trunc()) {
+            if let Err(e) = enforcer.block(net, Duration::from_secs(b.expires - now)) {
+                tracing::warn!(%net, error = %e, "saved block not restored");
+                continue;
+            }
+            applied += 1;
         }
         reasons.insert(net, b.reason);
     }
     if !reasons.is_empty() {
-        tracing::info!(blocks = reasons.len(), pinned, "blocks restored");
+        tracing::info!(
+            blocks = reasons.len(),
+            from_pinned_maps = reasons.len() - applied,
+            "blocks restored"
+        );
     }
     reasons
 }

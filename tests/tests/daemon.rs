@@ -1597,3 +1597,80 @@ fn a_daemon_starts_on_a_full_state_directory() {
     );
     drop(daemon);
 }
+
+/// With pinned maps, a restart follows the config and the saved blocks, not whatever the pins
+/// hold: an address taken off the allowlist is no longer allowed (it can be blocked again),
+/// and blocks the state file keeps come back when the pins are gone (a reboot empties bpffs).
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn pinned_maps_follow_the_allowlist_and_the_saved_blocks_across_restarts() {
+    let net = TestNet::new("dmnpin", 41).unwrap();
+    let dir = Scratch::new("dmnpin");
+    let pin = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/precedent-dmnpin-{}",
+        std::process::id()
+    ));
+    struct Unpin(std::path::PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _unpin = Unpin(pin.clone());
+    let state = dir.join("state").display().to_string();
+    let start = |allowlist: &str| {
+        let config = write_config(
+            &dir,
+            &format!(
+                "pin_maps = \"{}\"\nallowlist = [{allowlist}]\n",
+                pin.display()
+            ),
+        );
+        let args = [
+            "daemon",
+            "--iface",
+            &net.host_if,
+            "--config",
+            &config,
+            "--state-dir",
+            &state,
+        ];
+        Daemon::start(&precedent_bin(), &args).unwrap()
+    };
+    let listed = |socket: &Path| -> Vec<String> {
+        cli(socket, &["blocks", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["net"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let block =
+        |socket: &Path, net: &str| cli_text(socket, &["blocks", "add", net, "--ttl", "1h"]).0;
+    {
+        let mut d = start("\"192.0.2.77/32\"");
+        let socket = d.socket().unwrap();
+        assert!(block(&socket, "198.51.100.0/24"));
+        assert!(!block(&socket, "192.0.2.77/32"), "allowlisted");
+        d.stop(Duration::from_secs(10)).unwrap();
+    }
+    {
+        // Off the allowlist in the file: no longer allowed, though the pinned map had it.
+        let mut d = start("");
+        let socket = d.socket().unwrap();
+        assert_eq!(listed(&socket), ["198.51.100.0/24"]);
+        assert!(
+            block(&socket, "192.0.2.77/32"),
+            "still allowlisted: {}",
+            d.log_text()
+        );
+        assert!(cli_text(&socket, &["blocks", "remove", "192.0.2.77/32"]).0);
+        d.stop(Duration::from_secs(10)).unwrap();
+    }
+    // A reboot: the pinned maps are gone, the state file is not.
+    std::fs::remove_dir_all(&pin).unwrap();
+    let mut d = start("");
+    let socket = d.socket().unwrap();
+    assert_eq!(listed(&socket), ["198.51.100.0/24"], "{}", d.log_text());
+    d.stop(Duration::from_secs(10)).unwrap();
+}
