@@ -695,7 +695,24 @@ impl Daemon {
                 let (learned, file) = match path {
                     // A file the operator named (`replay --model-out` writes any name): read as
                     // it is, and damage is an error that says why. Nothing is moved aside.
-                    Some(p) => (crate::state::load_from_path::<Learned>(p)?, p.clone()),
+                    Some(p) => {
+                        let learned = crate::state::load_from_path::<Learned>(p).map_err(|e| {
+                            // The shipped unit runs the daemon with PrivateTmp and ProtectHome:
+                            // a file the operator sees under /tmp or /home is not there for it.
+                            let hint = match &e {
+                                crate::state::StateError::Missing { .. }
+                                | crate::state::StateError::Io { .. } => format!(
+                                    " (the daemon sees files as its systemd unit lets it: not the \
+                                     caller's /tmp nor /home; copy the file into {} and load it \
+                                     from there)",
+                                    self.state.path().display()
+                                ),
+                                _ => String::new(),
+                            };
+                            anyhow::anyhow!("{e}{hint}")
+                        })?;
+                        (learned, p.clone())
+                    }
                     // The state directory's copy, read the way a start reads it.
                     None => {
                         let file = self.state.file_path::<Learned>();

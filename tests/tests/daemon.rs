@@ -1087,6 +1087,12 @@ fn state_survives_a_restart_and_a_corrupt_file_is_moved_aside() {
         bytes,
         "the operator's file was touched"
     );
+    // A file the daemon cannot see (under the shipped unit: the caller's /tmp or /home) is
+    // named, with where to put it instead.
+    let (ok, _, err) = cli_text(&socket, &["model", "load", "/nonexistent/model.state"]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("/nonexistent/model.state"), "{err}");
+    assert!(err.contains("copy the file into"), "{err}");
     drop(daemon);
 }
 
