@@ -686,8 +686,9 @@ pub async fn read_events(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<CapturedRequest>,
     overflow: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    timeline: clock::Timeline,
 ) -> io::Result<()> {
-    let offset = clock::mono_to_unix_offset_ns();
+    let offset = timeline.offset_ns();
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged while the AsyncFd
     // owns the RingBuf.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }

@@ -193,6 +193,10 @@ struct Daemon {
     /// Held for the daemon's life (see [`lock_state_dir`]).
     _lock: std::fs::File,
     started: Instant,
+    /// The clock of capture timestamps and of maintenance (see [`clock::Timeline`]).
+    timeline: clock::Timeline,
+    /// The wall clock's step from the timeline last logged, in whole seconds.
+    drift_logged_s: i64,
 }
 
 /// The signals the engine owner's loop answers.
@@ -238,6 +242,7 @@ impl Daemon {
         // the state directory's temp files (the first one's save in progress), writes pinned
         // maps or attaches to an interface.
         let lock = lock_state_dir(&config.state_dir)?;
+        let timeline = clock::Timeline::start();
         let state = StateDir::open(&config.state_dir)
             .with_context(|| format!("state directory {}", config.state_dir.display()))?;
         let secret = state
@@ -279,7 +284,7 @@ impl Daemon {
             Ok(loaded) => {
                 if let Some(saved) = loaded.into_value() {
                     let saved_count = saved.sessions.len();
-                    let restored = engine.restore_sessions(saved, clock::unix_ns());
+                    let restored = engine.restore_sessions(saved, timeline.now_ns());
                     tracing::info!(restored, saved = saved_count, "sessions restored");
                 }
             }
@@ -325,7 +330,12 @@ impl Daemon {
         let ring = datapath.take_events()?;
         let reader_overflow = Arc::new(AtomicU64::new(0));
         let (tx, captured) = mpsc::channel(PIPELINE_DEPTH);
-        tokio::spawn(capture::read_events(ring, tx, reader_overflow.clone()));
+        tokio::spawn(capture::read_events(
+            ring,
+            tx,
+            reader_overflow.clone(),
+            timeline,
+        ));
         let shutdown = CancellationToken::new();
         let (ctl_tx, control) = mpsc::channel(QUEUE_DEPTH);
         if let Some(addr) = config.metrics_listen {
@@ -346,6 +356,8 @@ impl Daemon {
         );
         notify::ready(&format!("watching {}", config.interfaces.join(", ")));
         Ok(Self {
+            timeline,
+            drift_logged_s: 0,
             out: spawn_stdout_writer(),
             request_log: config
                 .log_requests
@@ -394,7 +406,8 @@ impl Daemon {
                     req.respond(response);
                 }
                 _ = maintain.tick() => {
-                    let now = clock::unix_ns();
+                    self.log_clock_step();
+                    let now = self.timeline.now_ns();
                     self.acks.expire(now);
                     for req in self.reassembler.expire(now) {
                         self.on_request(req);
@@ -1139,6 +1152,20 @@ impl Daemon {
             done.push(Undo::Disallow(*net));
         }
         Ok(())
+    }
+
+    /// Says so when the wall clock was stepped since the start: the engine keeps to its
+    /// timeline (sessions and waiting requests are not expired by the step), so alert and
+    /// session times are off wall time by the step until the next restart.
+    fn log_clock_step(&mut self) {
+        let drift_s = (self.timeline.drift_ns() / 1_000_000_000) as i64;
+        if drift_s.abs() >= 2 && (drift_s - self.drift_logged_s).abs() >= 2 {
+            tracing::warn!(
+                step_secs = drift_s,
+                "the wall clock was stepped since the daemon started: times in alerts and sessions stay on the daemon's clock (off wall time by the step) until a restart"
+            );
+            self.drift_logged_s = drift_s;
+        }
     }
 
     fn log_counters(&self) {
