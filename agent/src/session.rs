@@ -728,7 +728,8 @@ impl ClientGroup {
     }
 }
 
-/// One client's live sessions: a list through their slots, oldest started first.
+/// One client's live sessions: a list through their slots, oldest started first (after a
+/// compaction, least recently active first).
 #[derive(Debug, Clone, Copy)]
 struct ClientSessions {
     oldest: u32,
@@ -886,9 +887,9 @@ impl SessionTable {
             order.push(i);
             i = self.slots[i as usize].newer;
         }
-        let mut old: Vec<Option<Session>> = std::mem::take(&mut self.slots)
+        let mut old: Vec<Option<(Session, ClientGroup)>> = std::mem::take(&mut self.slots)
             .into_iter()
-            .map(|slot| Some(slot.session))
+            .map(|slot| Some((slot.session, slot.group)))
             .collect();
         self.free = Vec::new();
         self.index = HashTable::with_capacity(order.len());
@@ -897,8 +898,9 @@ impl SessionTable {
         self.oldest = NIL;
         self.slots.reserve_exact(order.len());
         for i in order {
-            if let Some(session) = old[i as usize].take() {
-                self.place(session);
+            // Each keeps the client it started from (its address may have changed since).
+            if let Some((session, group)) = old[i as usize].take() {
+                self.place(session, group);
             }
         }
     }
@@ -999,7 +1001,8 @@ impl SessionTable {
     /// a session was evicted (counted here).
     fn insert(&mut self, session: Session) -> (u32, bool) {
         let per_client = self.config.max_sessions_per_client.max(1);
-        let victim = match self.clients.get(&ClientGroup::of(session.client)) {
+        let group = ClientGroup::of(session.client);
+        let victim = match self.clients.get(&group) {
             Some(list) if list.count as usize >= per_client => {
                 self.counters.evicted_per_client += 1;
                 Some(list.oldest)
@@ -1011,14 +1014,14 @@ impl SessionTable {
             self.remove(i);
             self.counters.evicted += 1;
         }
-        (self.place(session), victim.is_some())
+        (self.place(session, group), victim.is_some())
     }
 
-    /// Stores a session in a free slot or a new one; the caller made room.
-    fn place(&mut self, session: Session) -> u32 {
+    /// Stores a session of client `group` in a free slot or a new one; the caller made room.
+    fn place(&mut self, session: Session, group: ClientGroup) -> u32 {
         let hash = key_hash(&session.key);
         let slot = Slot {
-            group: ClientGroup::of(session.client),
+            group,
             session,
             newer: NIL,
             older: NIL,
